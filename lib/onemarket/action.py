@@ -1,0 +1,309 @@
+"""MARKET_DRIVER_ACTION_DATA: decoded once, with a hardened parser, into typed objects.
+
+The payload comes from oned (base64 of XML). It is untrusted in the sense that it may be huge or
+malformed, so the parser refuses DTDs and entities outright, never touches the network, and
+bounds the size before parsing. Everything deeper in the code uses the dataclasses below.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass, field
+
+from lxml import etree
+
+from .errors import ConfigError, PayloadError
+
+MAX_PAYLOAD_BYTES = 32 * 1024 * 1024
+"""Largest decoded action document accepted (an app template is a few KB; this bounds memory)."""
+
+APP_TYPE_IMAGE = 1
+APP_TYPE_VMTEMPLATE = 2
+APP_TYPE_SERVICE_TEMPLATE = 3
+
+_DTD_RE = re.compile(rb"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
+_B64_RE = re.compile(rb"[A-Za-z0-9+/=\s]*")
+
+_PARSER = etree.XMLParser(
+    resolve_entities=False,
+    no_network=True,
+    load_dtd=False,
+    dtd_validation=False,
+    huge_tree=False,
+    remove_comments=True,
+    remove_pis=True,
+)
+
+
+def decode_base64(payload: str | bytes) -> bytes:
+    """Strict base64 decoding with a size bound; a clear error otherwise."""
+    raw = payload.encode("ascii", "replace") if isinstance(payload, str) else payload
+    if len(raw) > MAX_PAYLOAD_BYTES * 4 // 3 + 16:
+        raise PayloadError(f"action data larger than {MAX_PAYLOAD_BYTES} bytes")
+    if not _B64_RE.fullmatch(raw):
+        raise PayloadError("action data is not valid base64")
+    try:
+        return base64.b64decode(b"".join(raw.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise PayloadError(f"action data is not valid base64 ({exc})") from None
+
+
+def parse_xml(data: bytes, what: str = "action data") -> etree._Element:
+    """Parse an XML document with DTDs, entities and network access refused."""
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise PayloadError(f"{what} larger than {MAX_PAYLOAD_BYTES} bytes")
+    if _DTD_RE.search(data):
+        raise PayloadError(f"{what} contains a DTD or entity declaration, which is refused")
+    try:
+        root = etree.fromstring(data, _PARSER)
+    except etree.XMLSyntaxError as exc:
+        raise PayloadError(f"{what} is not well-formed XML ({exc.msg})") from None
+    if root is None:
+        raise PayloadError(f"{what} is empty")
+    return root
+
+
+def _text(el: etree._Element | None, tag: str, default: str = "") -> str:
+    if el is None:
+        return default
+    child = el.find(tag)
+    if child is None or child.text is None:
+        return default
+    return child.text.strip()
+
+
+def _int(el: etree._Element | None, tag: str, default: int = -1) -> int:
+    value = _text(el, tag)
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise PayloadError(f"{tag} is not an integer: {value[:40]!r}") from None
+
+
+def template_attrs(el: etree._Element | None) -> dict[str, str]:
+    """Single-valued attributes of a TEMPLATE element (vector attributes are left out)."""
+    out: dict[str, str] = {}
+    if el is None:
+        return out
+    for child in el:
+        if not isinstance(child.tag, str) or len(child):
+            continue
+        out.setdefault(child.tag, (child.text or "").strip())
+    return out
+
+
+@dataclass(frozen=True)
+class Market:
+    """A marketplace: identity and the driver attributes of its TEMPLATE."""
+
+    id: int
+    name: str
+    driver: str
+    attrs: dict[str, str] = field(default_factory=dict)
+
+    def attr(self, name: str, default: str | None = None) -> str | None:
+        value = self.attrs.get(name, "")
+        return value if value != "" else default
+
+    def require(self, *names: str) -> list[str]:
+        missing = [n for n in names if not self.attrs.get(n)]
+        if missing:
+            raise ConfigError(
+                f"marketplace '{self.name}' ({self.driver}) is missing required attribute"
+                f"{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
+            )
+        return [self.attrs[n] for n in names]
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        value = self.attr(name)
+        if value is None:
+            return default
+        return value.strip().lower() in ("yes", "true", "1", "on")
+
+    @classmethod
+    def from_element(cls, el: etree._Element) -> Market:
+        tmpl = el.find("TEMPLATE")
+        attrs = template_attrs(tmpl)
+        driver = _text(el, "MARKET_MAD") or attrs.get("MARKET_MAD", "")
+        return cls(id=_int(el, "ID"), name=_text(el, "NAME"), driver=driver, attrs=attrs)
+
+
+@dataclass(frozen=True)
+class App:
+    """A marketplace app, as oned sends it for IMPORT and DELETE."""
+
+    id: int
+    name: str
+    source: str = ""
+    md5: str = ""
+    size_mb: int = 0
+    format: str = ""
+    type: int = APP_TYPE_IMAGE
+    origin_id: int = -1
+    attrs: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_element(cls, el: etree._Element) -> App:
+        return cls(
+            id=_int(el, "ID"),
+            name=_text(el, "NAME"),
+            source=_text(el, "SOURCE"),
+            md5=_text(el, "MD5"),
+            size_mb=max(_int(el, "SIZE", 0), 0),
+            format=_text(el, "FORMAT"),
+            type=_int(el, "TYPE", APP_TYPE_IMAGE),
+            origin_id=_int(el, "ORIGIN_ID"),
+            attrs=template_attrs(el.find("TEMPLATE")),
+        )
+
+
+@dataclass(frozen=True)
+class Image:
+    id: int
+    name: str
+    source: str
+    size_mb: int
+    format: str
+
+    @classmethod
+    def from_element(cls, el: etree._Element) -> Image:
+        return cls(
+            id=_int(el, "ID"),
+            name=_text(el, "NAME"),
+            source=_text(el, "SOURCE"),
+            size_mb=max(_int(el, "SIZE", 0), 0),
+            format=_text(el, "FORMAT") or _text(el.find("TEMPLATE"), "FORMAT"),
+        )
+
+
+@dataclass(frozen=True)
+class Datastore:
+    id: int
+    name: str
+    ds_mad: str
+    tm_mad: str
+    attrs: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_element(cls, el: etree._Element) -> Datastore:
+        tmpl = el.find("TEMPLATE")
+        return cls(
+            id=_int(el, "ID"),
+            name=_text(el, "NAME"),
+            ds_mad=_text(el, "DS_MAD") or _text(tmpl, "DS_MAD"),
+            tm_mad=_text(el, "TM_MAD") or _text(tmpl, "TM_MAD"),
+            attrs=template_attrs(tmpl),
+        )
+
+
+@dataclass(frozen=True)
+class ImportInfo:
+    """What the datastore's export action says about the image to import."""
+
+    source: str
+    md5: str = ""
+    size_mb: int = 0
+    format: str = ""
+    dispose: bool = False
+    dispose_cmd: str = ""
+
+    @classmethod
+    def from_element(cls, el: etree._Element) -> ImportInfo:
+        return cls(
+            source=_text(el, "IMPORT_SOURCE"),
+            md5=_text(el, "MD5").lower(),
+            size_mb=max(_int(el, "SIZE", 0), 0),
+            format=_text(el, "FORMAT"),
+            dispose=_text(el, "DISPOSE").upper() == "YES",
+            dispose_cmd=_text(el, "DISPOSE_CMD"),
+        )
+
+    @classmethod
+    def from_export_output(cls, data: bytes) -> ImportInfo:
+        """Parse the ``<IMPORT_INFO>`` document printed by a datastore's export action."""
+        root = parse_xml(data.strip(), "datastore export output")
+        if root.tag != "IMPORT_INFO":
+            raise PayloadError(f"datastore export printed <{root.tag}>, not <IMPORT_INFO>")
+        info = cls.from_element(root)
+        if not info.source:
+            raise PayloadError("datastore export printed no IMPORT_SOURCE")
+        return info
+
+
+IMPORT_INFO_TAGS = ("IMPORT_SOURCE", "MD5", "SIZE", "FORMAT", "DISPOSE", "DISPOSE_CMD")
+
+
+@dataclass
+class ActionData:
+    """A decoded MARKET_DRIVER_ACTION_DATA document."""
+
+    root: etree._Element
+    market: Market
+    app: App | None = None
+    image: Image | None = None
+    datastore: Datastore | None = None
+    import_info: ImportInfo | None = None
+
+    def require_app(self) -> App:
+        if self.app is None:
+            raise PayloadError("action data has no MARKETPLACEAPP")
+        return self.app
+
+    def require_import_info(self) -> ImportInfo:
+        if self.import_info is None or not self.import_info.source:
+            raise PayloadError("action data has no IMPORT_SOURCE")
+        return self.import_info
+
+    def ds_export_payload(self) -> bytes:
+        """Base64 of ``<DS_DRIVER_ACTION_DATA>`` (IMAGE and DATASTORE) for the export action."""
+        doc = etree.Element("DS_DRIVER_ACTION_DATA")
+        for tag in ("IMAGE", "DATASTORE"):
+            el = self.root.find(tag)
+            if el is None:
+                raise PayloadError(f"IMPORT action data has no {tag}")
+            doc.append(etree.fromstring(etree.tostring(el), _PARSER))
+        return base64.b64encode(etree.tostring(doc))
+
+    def with_import_info(self, info: ImportInfo) -> bytes:
+        """The document with the export's IMPORT_* children added, as base64 for the import."""
+        root = etree.fromstring(etree.tostring(self.root), _PARSER)
+        for tag in IMPORT_INFO_TAGS:
+            for old in root.findall(tag):
+                root.remove(old)
+        values = (
+            info.source,
+            info.md5,
+            str(info.size_mb),
+            info.format,
+            "YES" if info.dispose else "NO",
+            info.dispose_cmd,
+        )
+        for tag, value in zip(IMPORT_INFO_TAGS, values, strict=True):
+            etree.SubElement(root, tag).text = value
+        return base64.b64encode(etree.tostring(root))
+
+
+def decode_action(payload: str | bytes) -> ActionData:
+    """Decode base64 MARKET_DRIVER_ACTION_DATA into typed objects."""
+    root = parse_xml(decode_base64(payload))
+    if root.tag != "MARKET_DRIVER_ACTION_DATA":
+        raise PayloadError(f"action data is <{root.tag}>, not <MARKET_DRIVER_ACTION_DATA>")
+    market_el = root.find("MARKETPLACE")
+    if market_el is None:
+        raise PayloadError("action data has no MARKETPLACE")
+    app_el = root.find("MARKETPLACEAPP")
+    image_el = root.find("IMAGE")
+    ds_el = root.find("DATASTORE")
+    import_info = ImportInfo.from_element(root) if root.find("IMPORT_SOURCE") is not None else None
+    return ActionData(
+        root=root,
+        market=Market.from_element(market_el),
+        app=App.from_element(app_el) if app_el is not None else None,
+        image=Image.from_element(image_el) if image_el is not None else None,
+        datastore=Datastore.from_element(ds_el) if ds_el is not None else None,
+        import_info=import_info,
+    )

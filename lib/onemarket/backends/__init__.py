@@ -1,0 +1,1 @@
+"""Marketplace backends and the registry that maps a MARKET_MAD name to its class."""

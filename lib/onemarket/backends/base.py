@@ -1,0 +1,148 @@
+"""The one interface every driver implements, and the typed results that flow out of it."""
+
+from __future__ import annotations
+
+import base64
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from ..action import App, ImportInfo, Market
+from ..errors import NotSupportedError
+from ..installation import Installation
+from ..progress import ProgressCallback
+from ..template import write_template
+
+
+@dataclass(frozen=True)
+class Context:
+    """What an action needs from its surroundings, besides the market itself."""
+
+    installation: Installation
+    progress: ProgressCallback | None = None
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ImportRequest:
+    app: App
+    source: ImportInfo
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What import prints: oned needs all four of SOURCE, MD5, SIZE (MB) and FORMAT."""
+
+    source: str
+    md5: str
+    size_mb: int
+    format: str
+    sha256: str = ""
+
+    def to_template(self) -> str:
+        return write_template(
+            [
+                ("SOURCE", self.source),
+                ("MD5", self.md5),
+                ("SIZE", str(self.size_mb)),
+                ("FORMAT", self.format or "raw"),
+            ]
+        )
+
+
+@dataclass
+class AppEntry:
+    """One app published by a catalog monitor (``APP="<base64 template>"``)."""
+
+    name: str
+    source: str = ""
+    import_id: str = ""
+    origin_id: str = "-1"
+    type: str = "IMAGE"
+    publisher: str = ""
+    format: str = ""
+    description: str = ""
+    version: str = ""
+    tags: str = ""
+    regtime: int | None = None
+    link: str = ""
+    size_mb: int | None = None
+    md5: str = ""
+    architecture: str = ""
+    hypervisor: str = ""
+    apptemplate64: str = ""
+    vmtemplate64: str = ""
+    disks: list[dict[str, str]] = field(default_factory=list)
+    roles: list[dict[str, str]] = field(default_factory=list)
+
+    def attrs(self) -> list[tuple[str, object]]:
+        pairs: list[tuple[str, object]] = [
+            ("NAME", self.name),
+            ("SOURCE", self.source),
+            ("IMPORT_ID", self.import_id),
+            ("ORIGIN_ID", self.origin_id),
+            ("TYPE", self.type),
+            ("PUBLISHER", self.publisher),
+            ("FORMAT", self.format),
+            ("DESCRIPTION", self.description),
+            ("VERSION", self.version),
+            ("TAGS", self.tags),
+            ("REGTIME", None if self.regtime is None else str(self.regtime)),
+            ("LINK", self.link),
+            ("SIZE", None if self.size_mb is None else str(self.size_mb)),
+            ("MD5", self.md5),
+            ("ARCHITECTURE", self.architecture),
+            ("HYPERVISOR", self.hypervisor),
+            ("APPTEMPLATE64", self.apptemplate64),
+            ("VMTEMPLATE64", self.vmtemplate64),
+        ]
+        pairs = [(n, v) for n, v in pairs if v not in ("", None) or n == "NAME"]
+        pairs += [("DISK", d) for d in self.disks]
+        pairs += [("ROLE", r) for r in self.roles]
+        return pairs
+
+    def to_template(self) -> str:
+        return write_template(self.attrs())
+
+    def to_base64(self) -> str:
+        return base64.b64encode(self.to_template().encode("utf-8")).decode("ascii")
+
+
+@dataclass
+class MonitorResult:
+    used_mb: int
+    free_mb: int
+    total_mb: int
+    apps: list[AppEntry] = field(default_factory=list)
+
+    def to_template(self) -> str:
+        text = write_template(
+            [
+                ("USED_MB", str(self.used_mb)),
+                ("FREE_MB", str(self.free_mb)),
+                ("TOTAL_MB", str(self.total_mb)),
+            ]
+        )
+        return text + "".join(f'APP="{app.to_base64()}"\n' for app in self.apps)
+
+
+class Backend(ABC):
+    """A marketplace driver: small class, three actions, everything else in helpers."""
+
+    driver: str = ""
+
+    def __init__(self, market: Market, context: Context) -> None:
+        self.market = market
+        self.context = context
+
+    def import_app(self, request: ImportRequest) -> ImportResult:
+        raise NotSupportedError(
+            f"marketplace driver '{self.driver}' is a public catalog: apps cannot be imported"
+        )
+
+    def delete_app(self, app: App) -> None:
+        raise NotSupportedError(
+            f"marketplace driver '{self.driver}' is a public catalog: apps cannot be deleted"
+        )
+
+    @abstractmethod
+    def monitor(self) -> MonitorResult: ...

@@ -1,0 +1,1 @@
+"""Readers of public appliance catalogs (monitor only)."""

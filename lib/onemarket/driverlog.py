@@ -1,0 +1,88 @@
+"""Log lines of an action: ``INFO:``, ``WARN:``, ``ERROR:``, ``DEBUG:`` on stderr.
+
+The MAD turns these lines into oned ``LOG`` messages while the action runs, so each line is
+flushed at once. Stdout is reserved for the action's result. Secrets registered with
+:func:`redact` are masked in every line, and the standard ``logging`` module (boto3, urllib3)
+is routed here at WARNING level so that no library writes to stdout.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from typing import TextIO
+
+_lock = threading.Lock()
+_secrets: set[str] = set()
+_debug = False
+stream: TextIO = sys.stderr
+
+
+def redact(secret: str | None) -> None:
+    """Mask ``secret`` in every line written from now on."""
+    if secret and len(secret) >= 4:
+        _secrets.add(secret)
+
+
+def scrub(text: str) -> str:
+    for secret in _secrets:
+        text = text.replace(secret, "****")
+    return text
+
+
+def set_debug(enabled: bool) -> None:
+    global _debug
+    _debug = enabled
+
+
+def _write(prefix: str, message: str) -> None:
+    lines = scrub(str(message)).replace("\r", "\n").split("\n")
+    text = "".join(f"{prefix}: {line}\n" for line in lines if line.strip())
+    with _lock:
+        stream.write(text)
+        stream.flush()
+
+
+def info(message: str) -> None:
+    _write("INFO", message)
+
+
+def warn(message: str) -> None:
+    _write("WARN", message)
+
+
+def error(message: str) -> None:
+    _write("ERROR", message)
+
+
+def debug(message: str) -> None:
+    if _debug:
+        _write("DEBUG", message)
+
+
+class _Handler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+        except Exception:  # noqa: BLE001 - a log record must never break an action
+            return
+        if record.levelno >= logging.ERROR:
+            error(msg)
+        elif record.levelno >= logging.WARNING:
+            warn(msg)
+        else:
+            debug(msg)
+
+
+def route_std_logging() -> None:
+    """Send ``logging`` records (of any library) to stderr lines, never to stdout."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = _Handler()
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if _debug else logging.WARNING)
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if _debug else logging.WARNING)

@@ -1,0 +1,83 @@
+"""oned <-> MAD line codec: requests in, replies and LOG lines out.
+
+Request: ``ACTION STATUS ID PAYLOAD`` where oned leaves STATUS empty (``IMPORT  42 <b64>``),
+so fields are split on runs of blanks and a missing status is tolerated. Replies are
+``ACTION RESULT ID INFO`` and always exactly one line.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import one_line
+
+ACTIONS = ("INIT", "IMPORT", "DELETE", "MONITOR", "DRIVER_CANCEL", "FINALIZE")
+LOG_SEVERITIES = {"INFO": "I", "ERROR": "E", "WARN": "W", "WARNING": "W", "DEBUG": "D"}
+MAX_FAILURE_CHARS = 1000
+"""Longest failure text sent to oned (it ends up in the app's error message)."""
+
+_INT_RE = re.compile(r"-?\d+")
+
+
+@dataclass(frozen=True)
+class Request:
+    action: str
+    id: int
+    payload: str = ""
+
+
+class ProtocolError(ValueError):
+    """A line that is not a request oned would send."""
+
+
+def parse_request(line: str) -> Request:
+    """Parse one line from oned; raise ProtocolError for anything malformed."""
+    fields = line.rstrip("\r\n").split()
+    if not fields:
+        raise ProtocolError("empty line")
+    action = fields[0].upper()
+    if action not in ACTIONS:
+        raise ProtocolError(f"unknown action {fields[0][:40]!r}")
+    if action in ("INIT", "FINALIZE"):
+        return Request(action, -1)
+    rest = fields[1:]
+    # oned sends "ACTION  ID PAYLOAD" (empty status); tolerate "ACTION STATUS ID PAYLOAD" too
+    if rest and not _INT_RE.fullmatch(rest[0]) and len(rest) >= 2 and _INT_RE.fullmatch(rest[1]):
+        rest = rest[1:]
+    if not rest or not _INT_RE.fullmatch(rest[0]):
+        raise ProtocolError(f"{action} without a numeric id")
+    payload = rest[1] if len(rest) > 1 else ""
+    return Request(action, int(rest[0]), payload)
+
+
+def _clean(text: str, limit: int) -> str:
+    return one_line(text, limit) or "-"
+
+
+def success(action: str, id_: int, info: str = "-") -> str:
+    return f"{action} SUCCESS {id_} {info or '-'}\n"
+
+
+def failure(action: str, id_: int, message: str) -> str:
+    return f"{action} FAILURE {id_} {_clean(message, MAX_FAILURE_CHARS)}\n"
+
+
+def log(id_: int, severity: str, message: str) -> str:
+    sev = LOG_SEVERITIES.get(severity.upper(), severity[:1].upper() or "I")
+    return f"LOG {sev} {id_} {_clean(message, 4 * MAX_FAILURE_CHARS)}\n"
+
+
+_LOG_LINE_RE = re.compile(r"^(ERROR|INFO|WARN|WARNING|DEBUG)\s*:\s*(?:(-?\d+)\s*:\s*)?(.*)$")
+
+
+def split_log_line(line: str) -> tuple[str, str] | None:
+    """``(severity, message)`` for an ``INFO: ...``-style stderr line, else None.
+
+    The optional number after the colon (``ERROR: 42: text``) is an id in upstream's format;
+    the MAD always logs with the action's own id, so it is dropped.
+    """
+    m = _LOG_LINE_RE.match(line.rstrip("\r\n"))
+    if not m:
+        return None
+    return m.group(1), m.group(3)

@@ -1,0 +1,1 @@
+"""Moving image bytes: sources to read from, hashing while copying, progress."""

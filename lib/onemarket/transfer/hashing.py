@@ -1,0 +1,42 @@
+"""Checksums computed on the bytes as they stream past, never trusted from elsewhere."""
+
+from __future__ import annotations
+
+import hashlib
+
+from ..errors import ChecksumError
+
+
+class Digests:
+    """MD5 (what oned stores) and SHA-256 (what we keep for our own verification) of a stream."""
+
+    def __init__(self) -> None:
+        self._md5 = hashlib.md5(usedforsecurity=False)
+        self._sha256 = hashlib.sha256()
+        self.size_bytes = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._md5.update(data)
+        self._sha256.update(data)
+        self.size_bytes += len(data)
+
+    @property
+    def md5(self) -> str:
+        return self._md5.hexdigest()
+
+    @property
+    def sha256(self) -> str:
+        return self._sha256.hexdigest()
+
+    def verify_md5(self, expected: str, what: str) -> None:
+        """Fail when the export announced an MD5 and the bytes seen do not match it."""
+        expected = expected.strip().lower()
+        if expected and expected != self.md5:
+            raise ChecksumError(
+                f"{what}: MD5 mismatch (export announced {expected}, read {self.md5})"
+            )
+
+
+def size_mb(size_bytes: int) -> int:
+    """Size in MB as oned counts it: rounded up, at least 1 for a non-empty image."""
+    return (size_bytes + (1 << 20) - 1) >> 20

@@ -1,0 +1,184 @@
+"""Shared HTTP client for catalogs: connection reuse, gzip, timeouts, bounded retries with
+backoff, proxies from the environment (the MAD's ``-p`` sets ``http_proxy``), and a
+conditional-GET cache so an unchanged catalog costs the server a 304.
+
+The cache holds one file per URL (validators as a JSON first line, then the body), written to a
+temporary name and renamed, so concurrent monitors never read a half-written entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from .errors import RemoteError
+
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 60.0
+RETRY_COUNT = 3
+RETRY_BACKOFF_S = 0.5
+"""Backoff factor: waits 0.5 s, 1 s, 2 s between the attempts."""
+MAX_BODY_BYTES = 512 * 1024 * 1024
+"""Largest catalog answer accepted; it is held in memory once while parsed."""
+BODY_CHUNK_BYTES = 1 << 16
+RETRY_STATUSES = (500, 502, 503, 504)
+
+
+def make_session(user_agent: str) -> requests.Session:
+    session = requests.Session()
+    retry = Retry(
+        total=RETRY_COUNT,
+        connect=RETRY_COUNT,
+        read=RETRY_COUNT,
+        status=RETRY_COUNT,
+        backoff_factor=RETRY_BACKOFF_S,
+        status_forcelist=RETRY_STATUSES,
+        allowed_methods=frozenset({"GET", "HEAD"}),
+        raise_on_status=False,
+        respect_retry_after_header=False,
+    )
+    adapter = HTTPAdapter(max_retries=retry, pool_connections=4, pool_maxsize=8)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers["User-Agent"] = user_agent
+    session.headers["Accept-Encoding"] = "gzip, deflate"
+    return session
+
+
+def describe_request_error(exc: requests.RequestException) -> str:
+    """A short cause for a failed request (no URL repetition, no stack)."""
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "TLS error"
+    if isinstance(exc, requests.ConnectionError):
+        reason = str(exc)
+        if "Connection refused" in reason:
+            return "connection refused"
+        if "Name or service not known" in reason or "NameResolutionError" in reason:
+            return "host name not found"
+        if "Max retries exceeded" in reason and "ResponseError" in reason:
+            return "server errors after retries"
+        return "connection failed"
+    if isinstance(exc, requests.exceptions.TooManyRedirects):
+        return "too many redirects"
+    return type(exc).__name__
+
+
+@dataclass(frozen=True)
+class Fetched:
+    body: bytes
+    from_cache: bool
+    url: str
+
+
+class CachedFetcher:
+    """GET with validators remembered under ``cache_dir``; a 304 answer reuses the cached body."""
+
+    def __init__(self, session: requests.Session, cache_dir: Path | None) -> None:
+        self.session = session
+        self.cache_dir = cache_dir
+
+    def _cache_path(self, url: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        ua = self.session.headers.get("User-Agent", "")
+        key = hashlib.sha256(f"{url}\n{ua}".encode()).hexdigest()
+        return self.cache_dir / f"{key}.http"
+
+    def _read_cache(self, path: Path | None) -> tuple[dict, bytes] | None:
+        if path is None:
+            return None
+        try:
+            with path.open("rb") as f:
+                meta = json.loads(f.readline())
+                return meta, f.read()
+        except (OSError, ValueError):
+            return None
+
+    def _write_cache(self, path: Path | None, meta: dict, body: bytes) -> None:
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".http")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(json.dumps(meta).encode() + b"\n")
+                    f.write(body)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError:
+            pass  # a cache that cannot be written only costs a full download next time
+
+    def get(self, url: str, headers: dict[str, str] | None = None) -> Fetched:
+        path = self._cache_path(url)
+        cached = self._read_cache(path)
+        req_headers = dict(headers or {})
+        if cached:
+            meta = cached[0]
+            if meta.get("etag"):
+                req_headers["If-None-Match"] = meta["etag"]
+            if meta.get("last_modified"):
+                req_headers["If-Modified-Since"] = meta["last_modified"]
+        resp = self._request(url, req_headers)
+        try:
+            if resp.status_code == 304 and cached:
+                return Fetched(cached[1], True, url)
+            if resp.status_code == 304:
+                resp.close()
+                resp = self._request(url, dict(headers or {}))
+            if resp.status_code != 200:
+                reason = resp.reason or ""
+                raise RemoteError(f"{url} answered HTTP {resp.status_code} {reason}".rstrip())
+            body = self._read_body(resp, url)
+        finally:
+            resp.close()
+        meta = {
+            "url": url,
+            "etag": resp.headers.get("ETag", ""),
+            "last_modified": resp.headers.get("Last-Modified", ""),
+        }
+        if meta["etag"] or meta["last_modified"]:
+            self._write_cache(path, meta, body)
+        return Fetched(body, False, url)
+
+    def _request(self, url: str, headers: dict[str, str]) -> requests.Response:
+        try:
+            return self.session.get(
+                url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
+            )
+        except requests.RequestException as exc:
+            raise RemoteError(f"cannot fetch {url}: {describe_request_error(exc)}") from None
+
+    def _read_body(self, resp: requests.Response, url: str) -> bytes:
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            for chunk in resp.iter_content(BODY_CHUNK_BYTES):
+                total += len(chunk)
+                if total > MAX_BODY_BYTES:
+                    raise RemoteError(f"{url} answered more than {MAX_BODY_BYTES} bytes")
+                chunks.append(chunk)
+        except requests.RequestException as exc:
+            raise RemoteError(f"download of {url} failed: {describe_request_error(exc)}") from None
+        return b"".join(chunks)
+
+
+def fetch_json(fetcher: CachedFetcher, url: str) -> tuple[object, bool]:
+    """GET ``url`` and decode JSON; returns (document, from_cache)."""
+    fetched = fetcher.get(url, {"Accept": "application/json"})
+    try:
+        return json.loads(fetched.body), fetched.from_cache
+    except ValueError as exc:
+        raise RemoteError(f"{url} did not answer valid JSON ({exc.__class__.__name__})") from None
