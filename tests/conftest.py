@@ -1,4 +1,4 @@
-"""Fixtures shared across the suite. Server fixtures live in tests/servers/ and are imported here."""
+"""Shared fixtures. Server fixtures live in tests/servers/ and are imported here."""
 
 from tests.servers.httpd import httpd  # noqa: F401
 # server fixtures: one import line per module of tests/servers/ (keep this list sorted)
