@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (dev/setup.sh) and run the whole test suite with the real servers, then the linter.
+# Extra arguments go to pytest (e.g. dev/test.sh -k s3 -x).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash dev/setup.sh
+.venv/bin/ruff check lib tests bench dev
+.venv/bin/python -m pytest -ra "$@"

@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# Install the onemarket drivers onto an OpenNebula front-end (system layout) or self-contained
+# under a ONE_LOCATION. Replaces the stock one_market MAD, the market remotes of the four
+# drivers and the datastore downloader.sh, keeping every replaced original beside it as
+# <name>.orig; -r removes exactly what was installed and puts the originals back.
+set -euo pipefail
+
+SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+DRIVERS=(http s3 one linuxcontainers)
+ACTIONS=(import delete monitor)
+MARKER=onemarket
+
+usage() {
+  cat <<EOF
+Usage: $0 [-d DIR] [-u USER] [-g GROUP] [-P PYTHON] [-r] [-h]
+
+  (no option)  install into the system layout: /usr/lib/one/mads, /var/lib/one/remotes,
+               a private virtualenv in /usr/lib/one/market-python, one-market in /usr/bin
+  -d DIR       install self-contained under a ONE_LOCATION: DIR/lib/mads, DIR/var/remotes,
+               the virtualenv in DIR/lib/market-python, one-market in DIR/bin
+  -u USER      owner of the installed files (default: oneadmin when that user exists)
+  -g GROUP     group of the installed files (default: oneadmin when that group exists)
+  -P PYTHON    use this interpreter (which must already import onemarket, e.g. a development
+               venv) instead of creating the private virtualenv
+  -r           remove what a previous install put there and restore the replaced originals
+  -h           this help
+
+Run it again after an OpenNebula package upgrade: the upgrade restores the stock files.
+EOF
+}
+
+DIR="" OWNER="" GROUP="" PYTHON="" REMOVE=0
+while getopts "d:u:g:P:rh" opt; do
+  case "$opt" in
+    d) DIR=$OPTARG ;;
+    u) OWNER=$OPTARG ;;
+    g) GROUP=$OPTARG ;;
+    P) PYTHON=$OPTARG ;;
+    r) REMOVE=1 ;;
+    h) usage; exit 0 ;;
+    *) usage >&2; exit 2 ;;
+  esac
+done
+shift $((OPTIND - 1))
+[ $# -eq 0 ] || { usage >&2; exit 2; }
+
+if [ -n "$DIR" ]; then
+  mkdir -p "$DIR"
+  DIR=$(cd "$DIR" && pwd)
+  MADS=$DIR/lib/mads
+  REMOTES=$DIR/var/remotes
+  VENV=$DIR/lib/market-python
+  BIN=$DIR/bin
+  MANIFEST=$DIR/lib/onemarket.manifest
+else
+  MADS=/usr/lib/one/mads
+  REMOTES=/var/lib/one/remotes
+  VENV=/usr/lib/one/market-python
+  BIN=/usr/bin
+  MANIFEST=/usr/lib/one/onemarket.manifest
+fi
+
+say() { echo "install.sh: $*"; }
+die() { echo "install.sh: error: $*" >&2; exit 1; }
+
+# --- removal ------------------------------------------------------------------------------
+if [ "$REMOVE" = 1 ]; then
+  [ -f "$MANIFEST" ] || die "nothing to remove: no manifest at $MANIFEST"
+  while IFS=' ' read -r kind path; do
+    case "$kind" in
+      file)
+        if [ -f "$path" ] && grep -q "$MARKER" "$path" 2>/dev/null; then rm -f "$path"; fi
+        if [ -f "$path.orig" ]; then mv -f "$path.orig" "$path"; fi
+        ;;
+      venv) [ -d "$path" ] && rm -rf "$path" ;;
+    esac
+  done <"$MANIFEST"
+  for d in "${DRIVERS[@]}"; do rmdir "$REMOTES/market/$d" 2>/dev/null || true; done
+  rm -f "$MANIFEST"
+  say "removed; the stock files that were replaced are back in place"
+  exit 0
+fi
+
+# --- interpreter --------------------------------------------------------------------------
+declare -a ENTRIES=()
+if [ -n "$PYTHON" ]; then
+  command -v "$PYTHON" >/dev/null || die "interpreter $PYTHON not found"
+  PY=$(command -v "$PYTHON")
+  "$PY" -c "import onemarket" 2>/dev/null || die "$PY cannot import onemarket (pip install -e $SRC)"
+else
+  command -v python3 >/dev/null || die "python3 is required (apt-get install python3 python3-venv)"
+  python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || die "Python >= 3.11 is required, found $(python3 --version 2>&1)"
+  if [ ! -x "$VENV/bin/python" ]; then
+    mkdir -p "$(dirname "$VENV")"
+    python3 -m venv "$VENV" || die "cannot create a virtualenv (apt-get install python3-venv)"
+  fi
+  say "installing the library and its dependencies into $VENV"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "$SRC" \
+    || die "pip install into $VENV failed"
+  PY=$VENV/bin/python
+  ENTRIES+=("venv $VENV")
+fi
+
+# --- files --------------------------------------------------------------------------------
+# install_file SRC DEST MODE: keep a foreign original as DEST.orig once, then write ours with
+# the chosen interpreter in its shebang.
+install_file() {
+  local src=$1 dest=$2 mode=$3 tmp
+  [ -f "$src" ] || die "missing source file $src"
+  mkdir -p "$(dirname "$dest")"
+  tmp=$(mktemp "$dest.XXXXXX")
+  if head -n1 "$src" | grep -q '^#!.*python'; then
+    { echo "#!$PY"; tail -n +2 "$src"; } >"$tmp" || { rm -f "$tmp"; die "cannot write $dest"; }
+  else
+    cat "$src" >"$tmp" || { rm -f "$tmp"; die "cannot write $dest"; }
+  fi
+  chmod "$mode" "$tmp"
+  if [ -e "$dest" ] && ! grep -q "$MARKER" "$dest" 2>/dev/null && [ ! -e "$dest.orig" ]; then
+    mv "$dest" "$dest.orig"
+    say "kept the original $dest as $dest.orig"
+  fi
+  mv -f "$tmp" "$dest"
+  ENTRIES+=("file $dest")
+}
+
+install_file "$SRC/drivers/one_market" "$MADS/one_market" 0755
+for d in "${DRIVERS[@]}"; do
+  for a in "${ACTIONS[@]}"; do
+    install_file "$SRC/remotes/market/$d/$a" "$REMOTES/market/$d/$a" 0755
+  done
+done
+
+wrapper() {  # wrapper MODULE: a shell script running a module of ours with our interpreter
+  printf '#!/bin/sh\n# %s: installed by install.sh, runs %s\nexec "%s" -m %s "$@"\n' \
+    "$MARKER" "$1" "$PY" "$1"
+}
+tmpdir=$(mktemp -d)
+trap 'rm -rf "$tmpdir"' EXIT
+wrapper onemarket.downloader >"$tmpdir/downloader.sh"
+install_file "$tmpdir/downloader.sh" "$REMOTES/datastore/downloader.sh" 0755
+wrapper onemarket.cli >"$tmpdir/one-market"
+install_file "$tmpdir/one-market" "$BIN/one-market" 0755
+
+# --- owners -------------------------------------------------------------------------------
+if [ -z "$OWNER" ] && id oneadmin >/dev/null 2>&1; then OWNER=oneadmin; fi
+if [ -z "$GROUP" ] && getent group oneadmin >/dev/null 2>&1; then GROUP=oneadmin; fi
+if [ -n "$OWNER$GROUP" ]; then
+  for e in "${ENTRIES[@]}"; do
+    path=${e#* }
+    [ "${e%% *}" = file ] && { chown "${OWNER}${GROUP:+:$GROUP}" "$path" || die "chown $path failed"; }
+  done
+  for d in "${DRIVERS[@]}"; do chown "${OWNER}${GROUP:+:$GROUP}" "$REMOTES/market/$d"; done
+fi
+
+# --- manifest (merged with a previous install, so -r after two installs removes all) -------
+mkdir -p "$(dirname "$MANIFEST")"
+{ [ -f "$MANIFEST" ] && cat "$MANIFEST"; printf '%s\n' "${ENTRIES[@]}"; } | sort -u >"$MANIFEST.new"
+mv -f "$MANIFEST.new" "$MANIFEST"
+
+cat <<EOF
+install.sh: installed onemarket (interpreter $PY)
+  MAD:        $MADS/one_market
+  remotes:    $REMOTES/market/{$(IFS=,; echo "${DRIVERS[*]}")}
+  downloader: $REMOTES/datastore/downloader.sh (original kept as downloader.sh.orig)
+  command:    $BIN/one-market
+
+oned.conf needs no change when it already uses the stock driver. Otherwise add:
+
+MARKET_MAD = [
+    EXECUTABLE = "one_market",
+    ARGUMENTS  = "-t 15 -m http,s3,one,linuxcontainers -w 7200"
+]
+MARKET_MAD_CONF = [ NAME = "one", SUNSTONE_NAME = "OpenNebula.org Marketplace",
+    REQUIRED_ATTRS = "", APP_ACTIONS = "monitor", PUBLIC = "yes" ]
+MARKET_MAD_CONF = [ NAME = "http", SUNSTONE_NAME = "HTTP server",
+    REQUIRED_ATTRS = "BASE_URL,PUBLIC_DIR", APP_ACTIONS = "create, delete, monitor" ]
+MARKET_MAD_CONF = [ NAME = "s3", SUNSTONE_NAME = "Amazon S3",
+    REQUIRED_ATTRS = "ACCESS_KEY_ID,SECRET_ACCESS_KEY,REGION,BUCKET",
+    APP_ACTIONS = "create, delete, monitor" ]
+MARKET_MAD_CONF = [ NAME = "linuxcontainers", SUNSTONE_NAME = "LinuxContainers.org",
+    REQUIRED_ATTRS = "", APP_ACTIONS = "monitor", PUBLIC = "yes" ]
+
+Note: an OpenNebula package upgrade restores the stock files: run install.sh again after it.
+EOF
