@@ -1,4 +1,5 @@
 """Shared fixtures. Server fixtures live in tests/servers/ and are imported here."""
 
+from tests.servers.fake_oned import fake_oned  # noqa: F401
 from tests.servers.httpd import httpd  # noqa: F401
 # server fixtures: one import line per module of tests/servers/ (keep this list sorted)
