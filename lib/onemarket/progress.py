@@ -54,10 +54,13 @@ class Progress:
         self,
         total_bytes: int | None,
         callback: ProgressCallback | None,
-        interval_s: float = PROGRESS_INTERVAL_S,
+        interval_s: float | None = None,
     ) -> None:
         self.total_bytes = total_bytes
         self.callback = callback
+        if interval_s is None:
+            # a callback may ask for more frequent reports (the CLI's terminal bar does)
+            interval_s = float(getattr(callback, "interval_s", PROGRESS_INTERVAL_S))
         self.interval_s = interval_s
         self.done_bytes = 0
         self.started = time.monotonic()
