@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import re
+import threading
 from dataclasses import dataclass, field
 
 from lxml import etree
@@ -23,18 +25,37 @@ APP_TYPE_IMAGE = 1
 APP_TYPE_VMTEMPLATE = 2
 APP_TYPE_SERVICE_TEMPLATE = 3
 
+_PROLOG_RE = re.compile(rb"(?:\xef\xbb\xbf)?\s*(?:<\?.*?\?>\s*|<!--.*?-->\s*)*", re.DOTALL)
+"""What may precede a DOCTYPE: BOM, XML declaration, processing instructions, comments."""
 _DTD_RE = re.compile(rb"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
 _B64_RE = re.compile(rb"[A-Za-z0-9+/=\s]*")
 
-_PARSER = etree.XMLParser(
-    resolve_entities=False,
-    no_network=True,
-    load_dtd=False,
-    dtd_validation=False,
-    huge_tree=False,
-    remove_comments=True,
-    remove_pis=True,
-)
+
+def _new_parser() -> etree.XMLParser:
+    return etree.XMLParser(
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        dtd_validation=False,
+        huge_tree=False,
+        remove_comments=True,
+        remove_pis=True,
+    )
+
+
+_local = threading.local()
+
+
+def _parser() -> etree.XMLParser:
+    """One hardened parser per thread (an lxml parser object must not be shared by threads)."""
+    parser = getattr(_local, "parser", None)
+    if parser is None:
+        parser = _local.parser = _new_parser()
+    return parser
+
+
+_PARSER = _new_parser()
+"""Kept for callers that imported it; new code uses :func:`_parser`."""
 
 
 def decode_base64(payload: str | bytes) -> bytes:
@@ -54,14 +75,22 @@ def parse_xml(data: bytes, what: str = "action data") -> etree._Element:
     """Parse an XML document with DTDs, entities and network access refused."""
     if len(data) > MAX_PAYLOAD_BYTES:
         raise PayloadError(f"{what} larger than {MAX_PAYLOAD_BYTES} bytes")
-    if _DTD_RE.search(data):
-        raise PayloadError(f"{what} contains a DTD or entity declaration, which is refused")
+    refused = PayloadError(f"{what} contains a DTD or entity declaration, which is refused")
+    # A DTD can only come before the root element; looking there only keeps a CDATA value
+    # such as "<!DOCTYPE html>" in an app description from being refused.
+    if _DTD_RE.match(data, _PROLOG_RE.match(data).end()):  # type: ignore[union-attr]
+        raise refused
     try:
-        root = etree.fromstring(data, _PARSER)
-    except etree.XMLSyntaxError as exc:
-        raise PayloadError(f"{what} is not well-formed XML ({exc.msg})") from None
+        root = etree.fromstring(data, _parser())
+    except (etree.XMLSyntaxError, etree.ParserError, ValueError) as exc:
+        msg = getattr(exc, "msg", None) or str(exc)
+        raise PayloadError(f"{what} is not well-formed XML ({msg})") from None
     if root is None:
         raise PayloadError(f"{what} is empty")
+    # Other encodings (UTF-16...) hide a DTD from the byte check: refuse it after the parse,
+    # which neither expanded nor fetched anything (entities off, no DTD loading, no network).
+    if root.getroottree().docinfo.internalDTD is not None or root.getroottree().docinfo.doctype:
+        raise refused
     return root
 
 
@@ -265,12 +294,12 @@ class ActionData:
             el = self.root.find(tag)
             if el is None:
                 raise PayloadError(f"IMPORT action data has no {tag}")
-            doc.append(etree.fromstring(etree.tostring(el), _PARSER))
+            doc.append(copy.deepcopy(el))
         return base64.b64encode(etree.tostring(doc))
 
     def with_import_info(self, info: ImportInfo) -> bytes:
         """The document with the export's IMPORT_* children added, as base64 for the import."""
-        root = etree.fromstring(etree.tostring(self.root), _PARSER)
+        root = copy.deepcopy(self.root)
         for tag in IMPORT_INFO_TAGS:
             for old in root.findall(tag):
                 root.remove(old)

@@ -16,7 +16,8 @@ from typing import TextIO
 _lock = threading.Lock()
 _secrets: set[str] = set()
 _debug = False
-stream: TextIO = sys.stderr
+stream: TextIO | None = None
+"""Where lines go; ``None`` means the current ``sys.stderr`` (looked up at each write)."""
 
 
 def redact(secret: str | None) -> None:
@@ -26,7 +27,8 @@ def redact(secret: str | None) -> None:
 
 
 def scrub(text: str) -> str:
-    for secret in _secrets:
+    """``text`` with every registered secret masked (longest first, so none leaks partly)."""
+    for secret in sorted(_secrets, key=len, reverse=True):
         text = text.replace(secret, "****")
     return text
 
@@ -39,9 +41,12 @@ def set_debug(enabled: bool) -> None:
 def _write(prefix: str, message: str) -> None:
     lines = scrub(str(message)).replace("\r", "\n").split("\n")
     text = "".join(f"{prefix}: {line}\n" for line in lines if line.strip())
+    if not text:
+        return
+    out = stream if stream is not None else sys.stderr
     with _lock:
-        stream.write(text)
-        stream.flush()
+        out.write(text)
+        out.flush()
 
 
 def info(message: str) -> None:

@@ -7,6 +7,7 @@ cause and never carry secrets, payloads or tracebacks.
 from __future__ import annotations
 
 import errno
+import re
 
 
 class MarketError(Exception):
@@ -61,11 +62,14 @@ class ActionTimeout(MarketError):
 
 
 MAX_MESSAGE_CHARS = 2000
+"""Longest failure line sent to oned (it ends up in the app's error message)."""
+_CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f\x85\u2028\u2029]")
 
 
 def one_line(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     """Collapse ``text`` to one line (lines joined with ``; ``), cut to ``limit`` characters."""
-    parts = [p.strip() for p in str(text).replace("\r", "\n").split("\n")]
+    text = _CONTROL_RE.sub(" ", str(text).replace("\r", "\n"))
+    parts = [p.strip() for p in text.split("\n")]
     line = "; ".join(p for p in parts if p)
     if len(line) > limit:
         line = line[: limit - 3] + "..."

@@ -10,6 +10,7 @@ result.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -42,9 +43,12 @@ def _perform(driver: str, action: str, data: ActionData, context: Context) -> st
         backend.delete_app(app)
         return ""
     info = data.require_import_info()
-    result = backend.import_app(ImportRequest(app=app, source=info))
-    if info.dispose and info.dispose_cmd:
-        _dispose(info.dispose_cmd)
+    try:
+        result = backend.import_app(ImportRequest(app=app, source=info))
+    finally:
+        # The export's temporary copy is useless once the import ended, even a failed one.
+        if info.dispose and info.dispose_cmd:
+            _dispose(info.dispose_cmd)
     return result.to_template()
 
 
@@ -77,6 +81,7 @@ def run_action(
     """Run one action: result to ``result_fd``, failure line to stderr; returns the exit code."""
     driverlog.set_debug(os.environ.get("ONE_MARKET_DEBUG", "") not in ("", "0", "no"))
     driverlog.route_std_logging()
+    _flush_quietly(sys.__stdout__)
     saved = os.dup(result_fd)
     os.dup2(2, result_fd)
     sys.stdout = sys.stderr
@@ -97,17 +102,28 @@ def run_action(
         _fail(str(exc))
     except KeyboardInterrupt:
         _fail(f"{driver} {action} interrupted")
+    except SystemExit as exc:
+        # a library calling sys.exit() must not turn into an exit 0 with no result
+        _fail(f"internal error in {driver} {action}: unexpected exit ({exc.code})")
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line, never a traceback
         driverlog.debug(traceback.format_exc())
         _fail(f"internal error in {driver} {action}: {type(exc).__name__}: {exc}")
     finally:
-        sys.stdout.flush()
+        # Whatever was written to sys.stdout or sys.__stdout__ during the action is flushed
+        # while fd 1 still points at stderr, so it can never follow the result on stdout.
+        _flush_quietly(sys.stdout)
+        _flush_quietly(sys.__stdout__)
         sys.stdout = sys.__stdout__
         os.dup2(saved, result_fd)
         os.close(saved)
     if code == EXIT_OK and result:
         _write_all(result_fd, result.encode("utf-8"))
     return code
+
+
+def _flush_quietly(stream: object) -> None:
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        stream.flush()  # type: ignore[attr-defined]
 
 
 def _fail(message: str) -> None:

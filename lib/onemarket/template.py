@@ -4,14 +4,21 @@ oned parses driver output with its template lexer (section 5 of the protocol ref
 writer always double-quotes values and applies these documented sanitising rules, in order, to
 text that the lexer cannot carry:
 
-1. bytes that are not UTF-8 are decoded with U+FFFD replacement characters;
+1. bytes that are not UTF-8, and lone surrogate code points in text (what ``surrogateescape``
+   decoding leaves), become U+FFFD replacement characters;
 2. NUL characters are removed (oned's parser stops reading at the first NUL);
 3. every ``]]>`` becomes ``]] >`` (oned aborts the whole parse on ``]]>``);
 4. a value ending with a backslash gets one space appended (the lexer has no escape for ``\\``,
    so a final backslash would swallow the closing quote).
 
 Everything else, including quotes, newlines, CR, tabs and non-ASCII text, round-trips exactly:
-``"`` is written as ``\\"`` and read back as ``"``.
+``"`` is written as ``\\"`` and read back as ``"``. Each attribute starts on its own line and
+every quoted value is followed by a newline, ``,`` or `` ]``, so that oned's longest-match rule
+for bare words can never extend a value past its closing quote.
+
+The reader accepts the subset of oned's syntax that the writer produces plus bare words and
+comment lines, and follows oned where they differ from a naive reading: ``\\"`` is the only
+escape, and inside a vector the first of two equal keys wins.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ Value = str | dict[str, str]
 _NAME_RE = re.compile(r"[A-Za-z0-9_]+")
 _BAREWORD_RE = re.compile(r'[^\s=,\[\]#"]+')
 _BLANKS = " \t\n"
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
 def sanitize(value: str | bytes | int | float | bool) -> str:
@@ -37,8 +45,7 @@ def sanitize(value: str | bytes | int | float | bool) -> str:
         text = "YES" if value else "NO"
     else:
         text = str(value)
-    # lone surrogates (from surrogateescape decoding) cannot be written as UTF-8
-    text = text.encode("utf-8", errors="replace").decode("utf-8")
+    text = _SURROGATE_RE.sub("\ufffd", text)
     text = text.replace("\x00", "")
     while "]]>" in text:
         text = text.replace("]]>", "]] >")
@@ -190,7 +197,7 @@ class _Reader:
                 return out
             key = self.name()
             self.expect("=")
-            out[key] = self.scalar()
+            out.setdefault(key, self.scalar())  # oned keeps the first of two equal keys
             self.skip_blanks()
             if self.text.startswith(",", self.pos):
                 self.pos += 1

@@ -2,16 +2,22 @@
 backoff, proxies from the environment (the MAD's ``-p`` sets ``http_proxy``), and a
 conditional-GET cache so an unchanged catalog costs the server a 304.
 
-The cache holds one file per URL (validators as a JSON first line, then the body), written to a
-temporary name and renamed, so concurrent monitors never read a half-written entry.
+The cache holds one file per URL (validators and body length as a JSON first line, then the
+body), written to a temporary name and renamed, so concurrent monitors never read a half-written
+entry; an entry whose body does not have the recorded length is ignored.
+
+Timeouts and retry settings are module constants read at each call, so tests can shorten them;
+:class:`CachedFetcher` also takes per-instance timeouts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +28,19 @@ from urllib3.util.retry import Retry
 from .errors import RemoteError
 
 CONNECT_TIMEOUT_S = 10.0
+"""Longest wait for a TCP connection to a catalog server."""
 READ_TIMEOUT_S = 60.0
+"""Longest silence while waiting for a catalog server's answer or the next bytes of its body."""
 RETRY_COUNT = 3
+"""Extra attempts after a connection error, a read timeout or a 5xx answer."""
 RETRY_BACKOFF_S = 0.5
-"""Backoff factor: waits 0.5 s, 1 s, 2 s between the attempts."""
+"""urllib3 backoff factor: no wait before the first retry, then 1 s, then 2 s."""
 MAX_BODY_BYTES = 512 * 1024 * 1024
 """Largest catalog answer accepted; it is held in memory once while parsed."""
 BODY_CHUNK_BYTES = 1 << 16
+"""Read size while receiving a body (memory: one chunk on top of the body being collected)."""
+STALE_TMP_S = 3600.0
+"""Age after which a temporary cache file (left by a killed monitor) is removed."""
 RETRY_STATUSES = (500, 502, 503, 504)
 
 
@@ -70,6 +82,10 @@ def describe_request_error(exc: requests.RequestException) -> str:
         return "connection failed"
     if isinstance(exc, requests.exceptions.TooManyRedirects):
         return "too many redirects"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return "connection closed before the end of the answer (truncated)"
+    if isinstance(exc, requests.exceptions.ContentDecodingError):
+        return "answer body could not be decompressed"
     return type(exc).__name__
 
 
@@ -83,9 +99,22 @@ class Fetched:
 class CachedFetcher:
     """GET with validators remembered under ``cache_dir``; a 304 answer reuses the cached body."""
 
-    def __init__(self, session: requests.Session, cache_dir: Path | None) -> None:
+    def __init__(
+        self,
+        session: requests.Session,
+        cache_dir: Path | None,
+        connect_timeout_s: float | None = None,
+        read_timeout_s: float | None = None,
+    ) -> None:
         self.session = session
         self.cache_dir = cache_dir
+        self.connect_timeout_s = connect_timeout_s
+        self.read_timeout_s = read_timeout_s
+
+    def _timeouts(self) -> tuple[float, float]:
+        connect = CONNECT_TIMEOUT_S if self.connect_timeout_s is None else self.connect_timeout_s
+        read = READ_TIMEOUT_S if self.read_timeout_s is None else self.read_timeout_s
+        return connect, read
 
     def _cache_path(self, url: str) -> Path | None:
         if self.cache_dir is None:
@@ -100,15 +129,20 @@ class CachedFetcher:
         try:
             with path.open("rb") as f:
                 meta = json.loads(f.readline())
-                return meta, f.read()
+                body = f.read()
         except (OSError, ValueError):
             return None
+        if not isinstance(meta, dict) or meta.get("length") != len(body):
+            return None
+        return meta, body
 
     def _write_cache(self, path: Path | None, meta: dict, body: bytes) -> None:
         if path is None:
             return
+        meta = {**meta, "length": len(body)}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_tmp(path.parent)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".http")
             try:
                 with os.fdopen(fd, "wb") as f:
@@ -120,6 +154,19 @@ class CachedFetcher:
                 raise
         except OSError:
             pass  # a cache that cannot be written only costs a full download next time
+
+    @staticmethod
+    def _remove_stale_tmp(folder: Path) -> None:
+        now = time.time()
+        for tmp in folder.glob(".tmp-*.http"):
+            with contextlib.suppress(OSError):
+                if now - tmp.stat().st_mtime > STALE_TMP_S:
+                    tmp.unlink()
+
+    def _drop_cache(self, path: Path | None) -> None:
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
 
     def get(self, url: str, headers: dict[str, str] | None = None) -> Fetched:
         path = self._cache_path(url)
@@ -151,13 +198,13 @@ class CachedFetcher:
         }
         if meta["etag"] or meta["last_modified"]:
             self._write_cache(path, meta, body)
+        elif cached:
+            self._drop_cache(path)  # its validators no longer describe what the server sends
         return Fetched(body, False, url)
 
     def _request(self, url: str, headers: dict[str, str]) -> requests.Response:
         try:
-            return self.session.get(
-                url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
-            )
+            return self.session.get(url, headers=headers, stream=True, timeout=self._timeouts())
         except requests.RequestException as exc:
             raise RemoteError(f"cannot fetch {url}: {describe_request_error(exc)}") from None
 
