@@ -6,6 +6,10 @@ import hashlib
 
 from ..errors import ChecksumError
 
+ZERO_BLOCK_BYTES = 1 << 20
+"""Size of the shared all-zero buffer used to hash holes (1 MiB, allocated once per process)."""
+_ZEROS = memoryview(bytes(ZERO_BLOCK_BYTES))
+
 
 class Digests:
     """MD5 (what oned stores) and SHA-256 (what we keep for our own verification) of a stream."""
@@ -19,6 +23,13 @@ class Digests:
         self._md5.update(data)
         self._sha256.update(data)
         self.size_bytes += len(data)
+
+    def update_zeros(self, count: int) -> None:
+        """Hash ``count`` zero bytes (a hole of a sparse source) without allocating them."""
+        while count > 0:
+            piece = _ZEROS[: min(count, ZERO_BLOCK_BYTES)]
+            self.update(piece)
+            count -= len(piece)
 
     @property
     def md5(self) -> str:

@@ -25,12 +25,23 @@ CHUNK_BYTES = 1 << 20
 HTTP_CONNECT_TIMEOUT_S = 15
 HTTP_READ_TIMEOUT_S = 120
 SSH_CONNECT_TIMEOUT_S = 15
+SSH_CONFIG_ENV = "ONE_MARKET_SSH_CONFIG"
+"""Environment variable naming an ssh_config file passed as ``ssh -F`` (tests, odd setups)."""
 SSH_OPTIONS = (
     "-o", "BatchMode=yes",
     "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT_S}",
     "-o", "ServerAliveInterval=15",
     "-o", "ServerAliveCountMax=4",
 )  # fmt: skip
+
+
+def ssh_argv(host: str, command: str) -> list[str]:
+    """``ssh`` argv running ``command`` on ``host`` without a terminal, never prompting."""
+    argv = ["ssh"]
+    config = os.environ.get(SSH_CONFIG_ENV, "")
+    if config:
+        argv += ["-F", config]
+    return [*argv, *SSH_OPTIONS, "-T", host, command]
 
 
 class Source(Protocol):
@@ -53,6 +64,10 @@ class FileSource:
             return self.stream.read(n)
         except OSError as exc:
             raise SourceError(f"cannot read {self.description}: {exc.strerror or exc}") from None
+
+    def fileno(self) -> int:
+        """The descriptor, so a copier can skip the holes of a local sparse file."""
+        return self.stream.fileno()
 
 
 class ProcessSource:
@@ -132,7 +147,7 @@ def parse_ssh_source(source: str) -> tuple[str, str]:
     if not sep:
         host, sep, path = rest.partition("/")
         path = "/" + path
-    if not host or not path.startswith("/"):
+    if not host or host.startswith("-") or not path.startswith("/"):
         raise SourceError(f"cannot understand ssh source {source!r}")
     return host, path
 
@@ -161,7 +176,7 @@ def open_source(source: str, installation: Installation | None = None) -> Iterat
         return
     if scheme == "ssh":
         host, path = parse_ssh_source(source)
-        argv = ["ssh", *SSH_OPTIONS, host, f"cat {shlex.quote(path)}"]
+        argv = ssh_argv(host, f"cat -- {shlex.quote(path)}")
         proc_src = ProcessSource(argv, source)
         try:
             yield proc_src
