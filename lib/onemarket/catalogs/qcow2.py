@@ -25,8 +25,8 @@ from pathlib import Path
 
 import requests
 
+from .. import web
 from ..errors import RemoteError
-from ..web import CONNECT_TIMEOUT_S, describe_request_error
 
 QCOW2_MAGIC = b"QFI\xfb"
 HEADER_BYTES = 104
@@ -55,7 +55,7 @@ class Qcow2HeaderError(ValueError):
 def parse_virtual_size(header: bytes) -> int:
     """Virtual disk size in bytes from the first bytes of a qcow2 image."""
     if len(header) < _HEADER.size:
-        raise Qcow2HeaderError(f"only {len(header)} bytes, a qcow2 header needs {_HEADER.size}")
+        raise Qcow2HeaderError(f"not a qcow2 image (only {len(header)} bytes)")
     magic, version, _backing_off, _backing_len, cluster_bits, size = _HEADER.unpack_from(header)
     if magic != QCOW2_MAGIC:
         raise Qcow2HeaderError("not a qcow2 image (bad magic)")
@@ -73,11 +73,11 @@ def fetch_virtual_size(session: requests.Session, url: str) -> int:
     headers = {"Range": f"bytes=0-{HEADER_BYTES - 1}", "Accept-Encoding": "identity"}
     try:
         resp = session.get(
-            url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT_S, RANGE_READ_TIMEOUT_S)
+            url, headers=headers, stream=True, timeout=(web.CONNECT_TIMEOUT_S, RANGE_READ_TIMEOUT_S)
         )
     except requests.RequestException as exc:
         raise RemoteError(
-            f"cannot read the qcow2 header of {url}: {describe_request_error(exc)}"
+            f"cannot read the qcow2 header of {url}: {web.describe_request_error(exc)}"
         ) from None
     try:
         if resp.status_code not in (200, 206):
@@ -90,7 +90,7 @@ def fetch_virtual_size(session: requests.Session, url: str) -> int:
                 break
     except requests.RequestException as exc:
         raise RemoteError(
-            f"reading the qcow2 header of {url} failed: {describe_request_error(exc)}"
+            f"reading the qcow2 header of {url} failed: {web.describe_request_error(exc)}"
         ) from None
     finally:
         resp.close()
