@@ -18,6 +18,7 @@ MAX_FAILURE_CHARS = 1000
 """Longest failure text sent to oned (it ends up in the app's error message)."""
 
 _INT_RE = re.compile(r"-?\d+")
+_WORD_RE = re.compile(r"[A-Za-z_]{1,24}")
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,9 @@ def parse_request(line: str) -> Request:
         raise ProtocolError("empty line")
     action = fields[0].upper()
     if action not in ACTIONS:
-        raise ProtocolError(f"unknown action {fields[0][:40]!r}")
+        # the word is shown only when it looks like an action name: never echo payload bytes
+        shown = repr(fields[0]) if _WORD_RE.fullmatch(fields[0]) else f"({len(fields[0])} chars)"
+        raise ProtocolError(f"unknown action {shown}")
     if action in ("INIT", "FINALIZE"):
         return Request(action, -1)
     rest = fields[1:]
@@ -53,6 +56,11 @@ def parse_request(line: str) -> Request:
 
 def _clean(text: str, limit: int) -> str:
     return one_line(text, limit) or "-"
+
+
+def init_success() -> str:
+    """The answer to ``INIT`` (oned reads ``INIT SUCCESS`` with no id)."""
+    return "INIT SUCCESS\n"
 
 
 def success(action: str, id_: int, info: str = "-") -> str:
