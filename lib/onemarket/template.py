@@ -197,6 +197,9 @@ class _Reader:
                 return out
             key = self.name()
             self.expect("=")
+            self.skip_blanks(newlines=False)
+            if self.pos >= len(self.text) or self.text[self.pos] == "\n":
+                raise self.error("value expected in vector")
             out.setdefault(key, self.scalar())  # oned keeps the first of two equal keys
             self.skip_blanks()
             if self.text.startswith(",", self.pos):
@@ -211,8 +214,10 @@ class _Reader:
                 return
             key = self.name()
             self.expect("=")
-            self.skip_blanks()
-            if self.text.startswith("[", self.pos):
+            self.skip_blanks(newlines=False)
+            if self.pos >= len(self.text) or self.text[self.pos] == "\n":
+                yield key, ""  # ``NAME =`` at the end of a line: oned's empty value
+            elif self.text.startswith("[", self.pos):
                 yield key, self.vector()
             else:
                 yield key, self.scalar()
