@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -87,6 +88,49 @@ def stdout_to_stderr() -> Iterator[None]:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+class CliInstallation(Installation):
+    """The installation, with catalog caches in the user's own folder unless they own var.
+
+    An administrator running ``one-market`` as root must not leave root-owned files in the
+    cache the MAD (oneadmin) keeps updating.
+    """
+
+    @property
+    def cache_dir(self) -> Path:
+        try:
+            owner: int | None = self.var_dir.stat().st_uid
+        except OSError:
+            owner = None
+        if owner == os.geteuid():
+            return super().cache_dir
+        xdg = os.environ.get("XDG_CACHE_HOME", "") or str(Path.home() / ".cache")
+        folder = Path(xdg) / "onemarket"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise from_os_error(exc, f"cache folder {folder}") from None
+        return folder
+
+
+def installation() -> Installation:
+    base = Installation.detect()
+    return CliInstallation(base.one_location, base.remotes, base.var_dir, base.mads_dir)
+
+
+def context(progress: Any = None) -> Context:
+    return Context(installation=installation(), progress=progress)
+
+
+_APP_ID_RE = re.compile(r"^(?:app|marketapp)-(\d{1,18})(?:-|$)")
+
+
+def app_id_from_source(source: str) -> int:
+    """The app id our drivers put in a SOURCE's last component (``app-<id>-...``,
+    ``marketapp-<id>``), or -1. With BRIDGE_LIST the id picks the host holding the file."""
+    m = _APP_ID_RE.match(source.rstrip("/").rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else -1
 
 
 # ---------------------------------------------------------------------------- check
@@ -302,7 +346,9 @@ class Checker:
             return
         if not self.s3_bucket(client, s3config, settings):
             return
-        key = f"onemarket-check-{secrets.token_hex(8)}"
+        # under the app prefix, so that the monitor's clean-up of stale uploads covers it
+        prefix = (self.market.attr("APP_PREFIX") or "marketapp").strip()
+        key = f"{prefix}-onemarket-check-{secrets.token_hex(8)}"
 
         def multipart() -> str:
             try:
@@ -313,7 +359,7 @@ class Checker:
                 client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
             except Exception as exc:  # noqa: BLE001
                 err = s3config.s3_error(exc, f"abort of test upload s3://{bucket}/{key}", where)
-                raise type(err)(f"{err} (the next monitor aborts it)") from None
+                raise type(err)(f"{err} (monitors abort it after a day)") from None
             return "a multipart upload can be created and aborted"
 
         self.attempt("multipart", multipart)
@@ -345,6 +391,8 @@ class Checker:
         try:
             client.create_bucket(**kwargs)
         except Exception as exc:  # noqa: BLE001
+            if s3config.client_error_code(exc) == "BucketAlreadyOwnedByYou":
+                return self.add(label, True, f"{bucket} reachable")
             err = s3config.s3_error(
                 exc, f"bucket {bucket} is missing and creating it", settings.where
             )
@@ -459,8 +507,7 @@ def push(
     )
     info = ImportInfo(source=str(path.resolve()), size_mb=size_mb, format=image_format)
     callback = TerminalBar(f"push {app.name}") if progress else None
-    context = Context(installation=Installation.detect(), progress=callback)
-    backend = load_backend(market.driver, market, context)
+    backend = load_backend(market.driver, market, context(callback))
     with stdout_to_stderr():
         result = backend.import_app(ImportRequest(app=app, source=info))
     return app, result
@@ -505,7 +552,7 @@ def market_json(market: Market) -> dict[str, Any]:
 
 def cmd_check(args: argparse.Namespace) -> int:
     market = load_market(args.market)
-    checker = Checker(market, Context(installation=Installation.detect()), echo=not args.json)
+    checker = Checker(market, context(), echo=not args.json)
     if not args.json:
         print(f"marketplace '{printable(market.name)}' (MARKET_MAD={market.driver})", flush=True)
     checker.run()
@@ -525,7 +572,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_apps(args: argparse.Namespace) -> int:
     market = load_market(args.market)
-    backend = load_backend(market.driver, market, Context(installation=Installation.detect()))
+    backend = load_backend(market.driver, market, context())
     with stdout_to_stderr():
         result = backend.monitor()
     if args.json:
@@ -558,9 +605,10 @@ def cmd_rm(args: argparse.Namespace) -> int:
     source = args.source.strip()
     if not source:
         raise ConfigError("no SOURCE given")
-    backend = load_backend(market.driver, market, Context(installation=Installation.detect()))
+    app_id = app_id_from_source(source) if args.id is None else args.id
+    backend = load_backend(market.driver, market, context())
     with stdout_to_stderr():
-        backend.delete_app(App(id=-1, name="", source=source, type=APP_TYPE_IMAGE))
+        backend.delete_app(App(id=app_id, name="", source=source, type=APP_TYPE_IMAGE))
     if args.json:
         emit_json({"market": market_json(market), "deleted": source})
     else:
@@ -609,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rm", parents=[common], help="remove an app by its SOURCE")
     p.add_argument("market", metavar="MARKET")
     p.add_argument("source", metavar="SOURCE")
+    p.add_argument("--id", type=int, help="app id (default: read from SOURCE, else -1)")
     p.set_defaults(func=cmd_rm)
     return parser
 

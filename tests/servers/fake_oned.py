@@ -139,6 +139,8 @@ class FakeOned:
     markets: list[FakeMarket] = field(default_factory=list)
     hosts: list[FakeHost] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    """Every XML document answered, in order (tests validate them against the XSD)."""
 
     def start(self) -> None:
         self.server = SimpleXMLRPCServer(
@@ -172,16 +174,20 @@ class FakeOned:
             return denied
         for m in self.markets:
             if m.id == market_id:
-                return [True, to_text(market_element(m)), 0]
+                return self._ok(to_text(market_element(m)))
         return [False, f"[one.market.info] Error getting marketplace [{market_id}].", ONE_NO_EXISTS]
 
     def _marketpool_info(self, session: str, *_: object) -> list:
         denied = self._auth("one.marketpool.info", session)
-        return denied or [True, to_text(market_pool_element(self.markets)), 0]
+        return denied or self._ok(to_text(market_pool_element(self.markets)))
 
     def _hostpool_info(self, session: str, *_: object) -> list:
         denied = self._auth("one.hostpool.info", session)
-        return denied or [True, to_text(host_pool_element(self.hosts)), 0]
+        return denied or self._ok(to_text(host_pool_element(self.hosts)))
+
+    def _ok(self, document: str) -> list:
+        self.answers.append(document)
+        return [True, document, 0]
 
 
 @pytest.fixture

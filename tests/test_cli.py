@@ -1,0 +1,450 @@
+"""``one-market`` against real servers: nginx (http), a catalog web server (one,
+linuxcontainers), Ceph RGW (s3), and a fake oned over XML-RPC for markets read with pyone."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+from onemarket import cli
+from onemarket.progress import ProgressEvent
+from onemarket.template import parse_template, write_template
+
+from tests.servers.fake_oned import FakeMarket, FakeOned, validate
+from tests.servers.httpd import StaticHttpServer
+from tests.servers.nginx import Nginx
+
+REPO = Path(__file__).resolve().parents[1]
+ONE_CATALOG = REPO / "tests" / "data" / "one-community-appliance.json"
+MIB = 1 << 20
+VDI_HEAD = b"<<< Oracle VM VirtualBox Disk Image >>>\n".ljust(0x40, b"\0") + b"\x7f\x10\xda\xbe"
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No oned, no real OpenNebula folders, caches in the test's folder."""
+    monkeypatch.setenv("ONE_LOCATION", str(tmp_path / "one"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for name in ("ONE_AUTH", "ONE_XMLRPC", "ONE_MARKET_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def run(capfd: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = cli.main(list(args))
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def template_file(tmp_path: Path, name: str, **attrs: str) -> str:
+    path = tmp_path / f"{name}.tmpl"
+    path.write_text(write_template([("NAME", name), *attrs.items()]))
+    return str(path)
+
+
+def image_file(tmp_path: Path, size: int, name: str = "disk.img", head: bytes = b"") -> Path:
+    path = tmp_path / name
+    data = head + os.urandom(size - len(head))
+    path.write_bytes(data)
+    return path
+
+
+def one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert lines[0].startswith("one-market: ")
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- http + nginx
+
+
+@pytest.fixture
+def http_market(tmp_path: Path, nginx: Nginx) -> str:
+    return template_file(
+        tmp_path,
+        "web",
+        MARKET_MAD="http",
+        BASE_URL=nginx.base_url,
+        PUBLIC_DIR=str(nginx.public_dir),
+    )
+
+
+def test_http_check_passes(capfd, http_market: str, nginx: Nginx) -> None:
+    code, out, _ = run(capfd, "check", http_market)
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[0] == "marketplace 'web' (MARKET_MAD=http)"
+    names = [line.split(":")[0] for line in lines[1:-1]]
+    assert names == ["PASS  driver", "PASS  attributes", "PASS  PUBLIC_DIR", "PASS  BASE_URL",
+                     "PASS  monitor"]  # fmt: skip
+    assert lines[-1] == "5 checks, 0 failed"
+    assert list(nginx.public_dir.iterdir()) == []  # the probe is gone
+
+
+def test_http_check_finds_base_url_not_serving_public_dir(
+    capfd, tmp_path: Path, nginx: Nginx
+) -> None:
+    market = template_file(
+        tmp_path,
+        "web",
+        MARKET_MAD="http",
+        BASE_URL=nginx.base_url + "/elsewhere",
+        PUBLIC_DIR=str(nginx.public_dir),
+    )
+    code, out, _ = run(capfd, "check", market)
+    assert code == 1
+    (line,) = [x for x in out.splitlines() if "BASE_URL" in x]
+    assert line.startswith("FAIL  BASE_URL: a probe written to")
+    assert "HTTP 404" in line
+    assert list(nginx.public_dir.iterdir()) == []
+
+
+def test_http_check_json_and_missing_dir(capfd, tmp_path: Path) -> None:
+    market = template_file(
+        tmp_path,
+        "web",
+        MARKET_MAD="http",
+        BASE_URL="http://127.0.0.1:9/x",
+        PUBLIC_DIR=str(tmp_path / "absent"),
+    )
+    code, out, _ = run(capfd, "check", market, "--json")
+    assert code == 1
+    data = json.loads(out)
+    assert data["ok"] is False
+    assert data["market"] == {"id": -1, "name": "web", "driver": "http"}
+    by_name = {c["name"]: c for c in data["checks"]}
+    assert by_name["PUBLIC_DIR"]["ok"] is False
+    assert "does not exist" in by_name["PUBLIC_DIR"]["detail"]
+    assert by_name["monitor"]["ok"] is False
+
+
+def test_http_check_missing_attributes(capfd, tmp_path: Path) -> None:
+    market = template_file(tmp_path, "web", MARKET_MAD="http", BASE_URL="http://127.0.0.1:9/")
+    code, out, _ = run(capfd, "check", market)
+    assert code == 1
+    assert "FAIL  attributes: missing required PUBLIC_DIR" in out
+
+
+def test_http_push_apps_rm(capfd, tmp_path: Path, http_market: str, nginx: Nginx) -> None:
+    image = image_file(tmp_path, 3 * MIB + 123, head=b"QFI\xfb")
+    code, out, err = run(capfd, "push", http_market, str(image), "--name", "my app")
+    assert code == 0, err
+    result = parse_template(out)
+    md5 = hashlib.md5(image.read_bytes()).hexdigest()
+    assert result.get("MD5") == md5
+    assert result.get("SIZE") == "4"
+    assert result.get("FORMAT") == "qcow2"
+    source = result.get("SOURCE")
+    assert source is not None and source.startswith(nginx.base_url + "/")
+    served = requests.get(source, timeout=10)
+    assert hashlib.md5(served.content).hexdigest() == md5
+    assert "\r" not in err  # no progress bar when stderr is not a terminal
+
+    code, out, _ = run(capfd, "apps", http_market)
+    assert code == 0
+    assert out.splitlines()[-1].startswith("0 apps, USED_MB=")
+
+    code, out, _ = run(capfd, "rm", http_market, source)
+    assert code == 0
+    assert out == f"deleted {source}\n"
+    assert list(nginx.public_dir.iterdir()) == []
+
+
+def test_http_push_json(capfd, tmp_path: Path, http_market: str) -> None:
+    image = image_file(tmp_path, 1000)
+    code, out, _ = run(capfd, "--json", "push", http_market, str(image), "--id", "42")
+    assert code == 0
+    data = json.loads(out)
+    assert data["md5"] == hashlib.md5(image.read_bytes()).hexdigest()
+    assert (data["app_id"], data["name"], data["format"], data["size_mb"]) == (
+        42,
+        "disk.img",
+        "raw",
+        1,
+    )
+    assert "/app-42-" in data["source"]
+    code, out, _ = run(capfd, "rm", http_market, data["source"], "--json")
+    assert code == 0
+    assert json.loads(out)["deleted"] == data["source"]
+
+
+def test_http_rm_refuses_traversal(capfd, tmp_path: Path, http_market: str, nginx: Nginx) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    code, _, err = run(capfd, "rm", http_market, nginx.base_url + "/../victim")
+    assert code == 1
+    assert "PUBLIC_DIR" in one_line_error(err)
+    assert victim.exists()
+
+
+def test_push_errors_are_one_line(capfd, tmp_path: Path, http_market: str) -> None:
+    code, _, err = run(capfd, "push", http_market, str(tmp_path / "nope.img"))
+    assert code == 1
+    assert "cannot read" in one_line_error(err)
+    code, _, err = run(capfd, "push", http_market, str(tmp_path))
+    assert code == 1
+    assert "directory" in one_line_error(err)
+
+
+# --------------------------------------------------------------------------- public catalogs
+
+
+@pytest.fixture
+def one_market(tmp_path: Path, httpd: StaticHttpServer) -> str:
+    httpd.routes["/appliance"] = ONE_CATALOG.read_bytes()
+    return template_file(tmp_path, "community", MARKET_MAD="one", ENDPOINT=httpd.url)
+
+
+def test_one_catalog_check_and_apps(capfd, one_market: str) -> None:
+    appliances = json.loads(ONE_CATALOG.read_bytes())["appliances"]
+    code, out, _ = run(capfd, "check", one_market)
+    assert code == 0, out
+    (line,) = [x for x in out.splitlines() if x.startswith("PASS  monitor")]
+    assert "apps" in line
+
+    code, out, _ = run(capfd, "apps", one_market, "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["apps"]
+    assert len(data["apps"]) <= len(appliances)
+    names = {a["name"] for a in data["apps"]}
+    assert appliances[0]["name"] in " ".join(names)
+
+    code, out, _ = run(capfd, "apps", one_market)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["NAME", "VERSION", "TYPE", "ARCH", "HYPERVISOR", "SIZE", "FORMAT"]
+    assert lines[-1].startswith(f"{len(data['apps'])} apps, ")
+    assert len(lines) == len(data["apps"]) + 2
+
+
+def test_one_catalog_unreachable(capfd, tmp_path: Path, httpd: StaticHttpServer) -> None:
+    market = template_file(tmp_path, "community", MARKET_MAD="one", ENDPOINT=httpd.url)
+    code, out, _ = run(capfd, "check", market)  # no /appliance route: 404
+    assert code == 1
+    assert [x for x in out.splitlines() if x.startswith("FAIL  monitor")]
+    code, _, err = run(capfd, "apps", market)
+    assert code == 1
+    one_line_error(err)
+
+
+def test_public_catalog_refuses_push_and_rm(capfd, tmp_path: Path, one_market: str) -> None:
+    image = image_file(tmp_path, 100)
+    code, _, err = run(capfd, "push", one_market, str(image))
+    assert code == 1
+    assert "public catalog" in one_line_error(err)
+    code, _, err = run(capfd, "rm", one_market, "https://example.invalid/x")
+    assert code == 1
+    assert "public catalog" in one_line_error(err)
+
+
+def test_linuxcontainers_check_and_apps(capfd, tmp_path: Path, httpd: StaticHttpServer) -> None:
+    from tests.tools import gen_images_json
+
+    out_dir = tmp_path / "lxc"
+    gen_images_json.main(["--only", "alpine:3.19|debian:bookworm", "-o", str(out_dir)])
+    capfd.readouterr()
+    for name in ("images.json", "index.json"):
+        httpd.routes[f"/streams/v1/{name}"] = (out_dir / "streams" / "v1" / name).read_bytes()
+    market = template_file(tmp_path, "lxc", MARKET_MAD="linuxcontainers", ENDPOINT=httpd.url)
+    code, out, _ = run(capfd, "check", market)
+    assert code == 0, out
+    code, out, _ = run(capfd, "apps", market, "--json")
+    assert code == 0
+    apps = json.loads(out)["apps"]
+    assert apps
+    assert all("alpine" in a["name"].lower() or "debian" in a["name"].lower() for a in apps)
+
+
+# --------------------------------------------------------------------------- s3 + Ceph RGW
+
+
+@pytest.fixture
+def s3_market(tmp_path: Path, rgw) -> str:
+    return template_file(
+        tmp_path,
+        "ceph",
+        MARKET_MAD="s3",
+        ENDPOINT=rgw.endpoint,
+        ACCESS_KEY_ID=rgw.access_key,
+        SECRET_ACCESS_KEY=rgw.secret_key,
+        REGION="default",
+        BUCKET=f"cli-{os.urandom(4).hex()}",
+        AWS="no",
+    )
+
+
+def test_s3_check_push_apps_rm(capfd, tmp_path: Path, s3_market: str, rgw) -> None:
+    code, out, _ = run(capfd, "check", s3_market)
+    assert code == 0, out
+    assert "PASS  credentials" in out
+    assert "has been created" in out  # the bucket did not exist yet
+    assert "PASS  multipart" in out
+    code, out, _ = run(capfd, "check", s3_market)
+    assert code == 0 and "reachable" in out
+
+    image = image_file(tmp_path, 2 * MIB)
+    code, out, err = run(capfd, "push", s3_market, str(image), "--id", "7")
+    assert code == 0, err
+    result = parse_template(out)
+    assert result.get("MD5") == hashlib.md5(image.read_bytes()).hexdigest()
+    source = result.get("SOURCE") or ""
+    assert source.endswith("/marketapp-7")
+
+    code, out, _ = run(capfd, "apps", s3_market, "--json")
+    assert code == 0
+    assert json.loads(out)["used_mb"] >= 2
+
+    code, out, _ = run(capfd, "rm", s3_market, source)
+    assert code == 0, out
+
+
+def test_s3_check_wrong_secret(capfd, tmp_path: Path, rgw) -> None:
+    secret = "Wrong-Secret-Key-0123456789"
+    market = template_file(
+        tmp_path,
+        "ceph",
+        MARKET_MAD="s3",
+        ENDPOINT=rgw.endpoint,
+        ACCESS_KEY_ID=rgw.access_key,
+        SECRET_ACCESS_KEY=secret,
+        REGION="default",
+        BUCKET="cli-wrong",
+        AWS="no",
+    )
+    code, out, err = run(capfd, "check", market)
+    assert code == 1
+    assert "FAIL  credentials" in out
+    assert secret not in out + err
+    code, out, err = run(capfd, "check", market, "--json", "--debug")
+    assert secret not in out + err
+
+
+# --------------------------------------------------------------------------- oned via pyone
+
+
+def test_markets_from_oned_by_id_and_name(
+    capfd, fake_oned: FakeOned, nginx: Nginx, httpd: StaticHttpServer
+) -> None:
+    httpd.routes["/appliance"] = ONE_CATALOG.read_bytes()
+    fake_oned.markets = [
+        FakeMarket(0, "OpenNebula Public", "one", {"ENDPOINT": httpd.url}, app_ids=[0, 1]),
+        FakeMarket(
+            100,
+            "Private web",
+            "http",
+            {"BASE_URL": nginx.base_url, "PUBLIC_DIR": str(nginx.public_dir)},
+        ),
+    ]
+    code, out, _ = run(capfd, "check", "100")
+    assert code == 0, out
+    assert out.startswith("marketplace 'Private web' (MARKET_MAD=http)")
+    code, out, _ = run(capfd, "--json", "check", "OpenNebula Public")
+    assert code == 0, out
+    assert json.loads(out)["market"] == {"id": 0, "name": "OpenNebula Public", "driver": "one"}
+    assert fake_oned.calls == ["one.market.info", "one.marketpool.info"]
+    schemas = {"MARKETPLACE": "marketplace.xsd", "MARKETPLACE_POOL": "marketplace_pool.xsd"}
+    for document in fake_oned.answers[:2]:
+        root = document[1 : document.index(">")]
+        validate(document, schemas[root])
+
+
+def test_oned_errors_are_one_line(capfd, fake_oned: FakeOned, tmp_path: Path, monkeypatch) -> None:
+    fake_oned.markets = [FakeMarket(3, "web", "http")]
+    code, _, err = run(capfd, "check", "9")
+    assert code == 1
+    assert "no marketplace with id 9" in one_line_error(err)
+    code, _, err = run(capfd, "apps", "missing")
+    assert code == 1
+    assert "no marketplace named 'missing'" in one_line_error(err)
+    bad = tmp_path / "bad_auth"
+    bad.write_text("oneadmin:Not-The-Password-1\n")
+    monkeypatch.setenv("ONE_AUTH", str(bad))
+    code, _, err = run(capfd, "check", "3", "--debug")
+    assert code == 1
+    assert "refused the credentials" in err
+    assert "Traceback" in err  # --debug shows it
+    assert "Not-The-Password-1" not in err
+
+
+def test_no_oned_configured(capfd) -> None:
+    code, _, err = run(capfd, "check", "Ceph")
+    assert code == 1
+    assert "oned is not configured" in one_line_error(err)
+
+
+def test_bad_template_file(capfd, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.tmpl"
+    bad.write_text('NAME = "unterminated\n')
+    code, _, err = run(capfd, "check", str(bad))
+    assert code == 1
+    assert "syntax error" in one_line_error(err)
+    nomad = tmp_path / "nomad.tmpl"
+    nomad.write_text('NAME = "x"\n')
+    code, _, err = run(capfd, "apps", str(nomad))
+    assert code == 1
+    assert "MARKET_MAD is missing" in one_line_error(err)
+    odd = template_file(tmp_path, "odd", MARKET_MAD="ftp")
+    code, out, _ = run(capfd, "check", odd)
+    assert code == 1
+    assert "FAIL  driver: unknown MARKET_MAD 'ftp'" in out
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_console_script_usage_and_version() -> None:
+    exe = Path(sys.executable).parent / "one-market"
+    proc = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("one-market ")
+    proc = subprocess.run([exe, "frobnicate"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+
+
+@pytest.mark.parametrize(
+    ("head", "fmt"),
+    [
+        (b"QFI\xfb\x00\x00\x00\x03", "qcow2"),
+        (b"KDMV\x01\x00", "vmdk"),
+        (b"# Disk DescriptorFile\n", "vmdk"),
+        (b"vhdxfile", "vhdx"),
+        (b"conectix", "vpc"),
+        (VDI_HEAD, "vdi"),
+        (b"\0" * 600, "raw"),
+    ],
+)
+def test_sniff_format(tmp_path: Path, head: bytes, fmt: str) -> None:
+    path = tmp_path / "img"
+    path.write_bytes(head + b"\0" * 64)
+    assert cli.sniff_format(path) == fmt
+
+
+def test_terminal_bar_draws_one_line() -> None:
+    buf = io.StringIO()
+    bar = cli.TerminalBar("push x", buf)
+    bar(ProgressEvent(50 * MIB, 100 * MIB, 1.0))
+    bar(ProgressEvent(100 * MIB, 100 * MIB, 2.0, final=True))
+    text = buf.getvalue()
+    assert text.startswith("\rpush x [")
+    assert "(50%)" in text and "(100%)" in text
+    assert text.endswith("\n") and text.count("\n") == 1
+    assert cli.TerminalBar.interval_s < 1
+
+
+def test_printable_strips_terminal_controls() -> None:
+    assert cli.printable("evil\x1b[2Jname\nnext\x07") == "evil [2Jname next"
+
+
+def test_app_id_from_source() -> None:
+    assert cli.app_id_from_source("http://h/market/app-42-0123abcd") == 42
+    assert cli.app_id_from_source("s3://bucket/marketapp-7") == 7
+    assert cli.app_id_from_source("http://h/market/5f3c1d") == -1
