@@ -79,6 +79,8 @@ def describe_request_error(exc: requests.RequestException) -> str:
             return "host name not found"
         if "Max retries exceeded" in reason and "ResponseError" in reason:
             return "server errors after retries"
+        if "Read timed out" in reason:
+            return "timed out"
         return "connection failed"
     if isinstance(exc, requests.exceptions.TooManyRedirects):
         return "too many redirects"
