@@ -67,9 +67,8 @@ def one_line_error(proc: subprocess.CompletedProcess[bytes]) -> str:
 
 def test_options_like_the_stock_script() -> None:
     opts = dl.parse_args(["-m", "ABC", "-n", "--limit", "2M", "-o", "s3://b/k", "/tmp/x"])
-    assert (opts.hash_type, opts.hash_value, opts.nodecomp, opts.noretry) == (
-        "md5",
-        "ABC",
+    assert (opts.hashes, opts.nodecomp, opts.noretry) == (
+        (("md5", "abc"),),
         True,
         True,
     )
@@ -77,9 +76,8 @@ def test_options_like_the_stock_script() -> None:
     assert (opts.source, opts.dest, opts.to_stdout) == ("s3://b/k", "/tmp/x", False)
     # GNU getopt: options after the operands, long forms, "=value"
     opts = dl.parse_args(["s3://b/k", "-", "--sha1=f00", "--nodec"])
-    assert (opts.hash_type, opts.hash_value, opts.nodecomp, opts.to_stdout) == (
-        "sha1",
-        "f00",
+    assert (opts.hashes, opts.nodecomp, opts.to_stdout) == (
+        (("sha1", "f00"),),
         True,
         True,
     )
@@ -681,8 +679,12 @@ def test_rgw_md5_right_and_wrong(apps: dict[str, Any], tmp_path: Path) -> None:
     assert "MD5 mismatch" in line and md5 in line
     assert list(tmp_path.iterdir()) == []  # the destination is removed
     sha1 = hashlib.sha1(data).hexdigest()
-    proc = run_downloader("-s", sha1, source, "-", env=apps["env"])
+    proc = run_downloader("--md5", md5, "--sha1", sha1, source, "-", env=apps["env"])
     assert proc.returncode == 0 and proc.stdout == data
+    # both are checked when the datastore passes both (the stock script checks only the last)
+    proc = run_downloader("--md5", "0" * 32, "--sha1", sha1, source, str(dest), env=apps["env"])
+    assert "MD5 mismatch" in one_line_error(proc)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_rgw_partial_read(apps: dict[str, Any]) -> None:

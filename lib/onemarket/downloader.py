@@ -104,8 +104,9 @@ class Options:
 
     source: str
     dest: str
-    hash_type: str | None = None
-    hash_value: str = ""
+    hashes: tuple[tuple[str, str], ...] = ()
+    """(algorithm, expected hex) from ``-m``/``-s``. The datastore scripts pass both when the
+    image has both; the stock script checks only the last one given, this one checks each."""
     nodecomp: bool = False
     limit_bps: float | None = None
     max_size: int | None = None
@@ -143,11 +144,12 @@ def parse_args(argv: list[str]) -> Options:
     except getopt.GetoptError as exc:
         raise UsageError(f"Arguments error: {exc}") from None
     values: dict[str, Any] = {}
+    hashes: dict[str, str] = {}
     for name, value in opts:
         if name in ("-m", "--md5"):
-            values["hash_type"], values["hash_value"] = "md5", value
+            hashes["md5"] = value.strip().lower()
         elif name in ("-s", "--sha1"):
-            values["hash_type"], values["hash_value"] = "sha1", value
+            hashes["sha1"] = value.strip().lower()
         elif name in ("-n", "--nodecomp"):
             values["nodecomp"] = True
         elif name in ("-l", "--limit"):
@@ -158,9 +160,9 @@ def parse_args(argv: list[str]) -> Options:
             values["noretry"] = True
     if len(args) < 2 or not args[0] or not args[1]:
         raise UsageError("Arguments error: usage: downloader.sh [options] FROM TO")
-    if values.get("hash_type") and values.get("max_size") is not None:
+    if hashes and values.get("max_size") is not None:
         raise UsageError("Hash check not supported for partial downloads")
-    return Options(source=args[0], dest=args[1], **values)
+    return Options(source=args[0], dest=args[1], hashes=tuple(hashes.items()), **values)
 
 
 def is_s3_request(argv: list[str]) -> bool:
@@ -457,10 +459,8 @@ class Checks:
     def __init__(self, what: str, opts: Options, meta_md5: str, meta_sha256: str) -> None:
         self.what = what
         self.expected: list[tuple[str, str, str]] = []
-        if opts.hash_type:
-            self.expected.append(
-                (opts.hash_type, opts.hash_value.strip().lower(), f"--{opts.hash_type}")
-            )
+        for name, value in opts.hashes:
+            self.expected.append((name, value, f"--{name}"))
         if meta_md5:
             self.expected.append(("md5", meta_md5.strip().lower(), "object metadata md5"))
         if meta_sha256:
