@@ -3,5 +3,7 @@
 from tests.servers.fake_oned import fake_oned  # noqa: F401
 from tests.servers.httpd import httpd  # noqa: F401
 from tests.servers.nginx import nginx  # noqa: F401
+from tests.servers.oned import oned  # noqa: F401
+from tests.servers.rgw import rgw  # noqa: F401
 from tests.servers.sshd import sshd  # noqa: F401
 # server fixtures: one import line per module of tests/servers/ (keep this list sorted)

@@ -1,0 +1,711 @@
+"""The s3 private marketplace: appliances are objects in one bucket of AWS S3 or a compatible
+service (Ceph RGW, MinIO...), named ``<APP_PREFIX or "marketapp">-<app id>``.
+
+Import streams the source once, sequentially, hashing as it reads. A source smaller than one
+part goes up in a single PUT; a larger one as a multipart upload whose parts are sent by a small
+pool of threads while the next part is read, so memory is bounded by the number of parts in
+flight, whatever the image size. Every request body carries Content-MD5, so the server refuses
+a corrupted part. Any failure (source, network, server, checksum, timeout, SIGTERM) aborts the
+multipart upload and leaves nothing under the key.
+
+Checksum metadata on multipart objects: S3 metadata is fixed when the upload is created, before
+the first byte is read, but the md5/sha256 of the whole stream are only known after the last
+one. So the object is first completed without them, checked (its multipart ETag must be the MD5
+of our part MD5s, and its MD5 must match the export's), and then copied onto itself server-side
+with ``MetadataDirective=REPLACE``, which rewrites metadata without moving data through us (RGW
+and S3 copy within the bucket; objects over 5 GiB, beyond CopyObject's limit, are copied with
+UploadPartCopy). A copy guarded by ``CopySourceIfMatch`` cannot pick up anybody else's object.
+If that step fails, the object is deleted: no object ever exists under the key without its
+checksums once the import has returned.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from .. import driverlog
+from ..action import App, Market
+from ..errors import (
+    ActionTimeout,
+    ChecksumError,
+    ConfigError,
+    MarketError,
+    SourceError,
+    StorageError,
+    UnsafePathError,
+)
+from ..progress import Progress
+from ..s3config import (
+    METADATA_MD5,
+    METADATA_SHA256,
+    S3Settings,
+    client_error_code,
+    make_client,
+    s3_error,
+)
+from ..transfer.hashing import Digests, size_mb
+from ..transfer.sources import CHUNK_BYTES, Source, open_source
+from .base import Backend, Context, ImportRequest, ImportResult, MonitorResult
+
+MIB = 1 << 20
+DEFAULT_PART_SIZE_MB = 32
+"""Part size when READ_LENGTH is not set (upstream's default)."""
+MIN_PART_SIZE_MB = 5
+"""S3's smallest part (all but the last)."""
+MAX_PART_BYTES = 5 << 30
+"""S3's largest part."""
+MAX_PARTS = 10_000
+"""S3's most parts per upload: the part size grows so a known size always fits."""
+UPLOAD_WORKERS = 4
+"""Parts sent at the same time. Each holds one part in memory while it is sent."""
+PARTS_IN_MEMORY = UPLOAD_WORKERS + 1
+"""Parts held at once: one per worker plus the one being read. Peak memory of an import is
+about PARTS_IN_MEMORY x part size (5 x 32 MiB = 160 MiB with the defaults)."""
+GROWTH_FROM_PART = 4_000
+"""With no size known in advance, parts keep the planned size up to this part number, then
+double every GROWTH_STEP_PARTS parts (memory grows with them), so any stream fits 10,000 parts."""
+GROWTH_STEP_PARTS = 500
+MAX_COPY_BYTES = 5 << 30
+"""Largest object CopyObject accepts; larger ones are copied part by part."""
+COPY_PART_BYTES = 1 << 30
+"""Part size of a server-side multipart copy (no data goes through us, so no memory cost)."""
+SLOT_POLL_S = 0.2
+"""How often the reader checks for a failed part while waiting for a free slot."""
+ABORT_ATTEMPTS = 3
+"""Tries to abort a multipart upload (each with botocore's own retries) before leaving it to
+the next monitor, which aborts uploads older than STALE_UPLOAD_AGE_S."""
+ABORT_RETRY_WAIT_S = 1.0
+STALE_UPLOAD_AGE_S = 24 * 3600
+"""Multipart uploads under our prefix older than this are leftovers of a crash: monitor aborts
+them. (An import running longer than a day would lose its upload.)"""
+DEFAULT_TOTAL_MB = 1_048_576
+DEFAULT_PREFIX = "marketapp"
+USAGE_HEADER = "x-rgw-bytes-used"
+"""Ceph RGW reports the bucket's bytes in its HEAD answer: no listing needed."""
+CONTENT_TYPE = "application/octet-stream"
+
+
+def md5_b64(data: bytes | bytearray | memoryview) -> tuple[str, bytes]:
+    """Content-MD5 header value and raw digest of ``data``."""
+    digest = hashlib.md5(data, usedforsecurity=False).digest()
+    return base64.b64encode(digest).decode("ascii"), digest
+
+
+def plan_part_size(read_length_mb: int, expected_bytes: int | None) -> int:
+    """Part size in bytes: READ_LENGTH (at least 5 MiB), grown so ``expected_bytes`` fits in
+    MAX_PARTS parts, rounded to whole MiB."""
+    part = max(read_length_mb, MIN_PART_SIZE_MB) * MIB
+    if expected_bytes:
+        needed = math.ceil(expected_bytes / MAX_PARTS)
+        part = max(part, math.ceil(needed / MIB) * MIB)
+    return min(part, MAX_PART_BYTES)
+
+
+def part_size_for(number: int, base: int, exact_size: bool) -> int:
+    """Size of part ``number`` (1-based): constant for a known size, growing late otherwise."""
+    if exact_size or number <= GROWTH_FROM_PART:
+        return base
+    doublings = (number - GROWTH_FROM_PART - 1) // GROWTH_STEP_PARTS + 1
+    return min(base << doublings, MAX_PART_BYTES)
+
+
+def multipart_etag(part_md5s: list[bytes]) -> str:
+    """The ETag S3 gives a completed multipart object: MD5 of the part MD5s, dash, count."""
+    joined = hashlib.md5(b"".join(part_md5s), usedforsecurity=False).hexdigest()
+    return f"{joined}-{len(part_md5s)}"
+
+
+class _Interrupted(BaseException):
+    """Raised in the main thread by SIGTERM (the MAD's time limit) or by our own alarm.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on the way (a
+    source reader turning any failure into a SourceError) can swallow it; it becomes an
+    :class:`ActionTimeout` when it leaves :func:`interruptible`.
+    """
+
+
+@contextmanager
+def interruptible(what: str, timeout_s: float | None) -> Iterator[None]:
+    """Turn SIGTERM (and the optional time limit) into an exception in the main thread, so the
+    clean-up code (abort of the multipart upload) runs. Only the first signal raises: a second
+    one cannot interrupt the clean-up. Outside the main thread this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = False
+
+    def handler(signum: int, _frame: object) -> None:
+        nonlocal fired
+        if fired:
+            return
+        fired = True
+        if signum == signal.SIGALRM:
+            raise _Interrupted(f"{what}: time limit of {timeout_s:.0f} s reached")
+        raise _Interrupted(f"{what}: interrupted by {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGALRM)}
+    if timeout_s:
+        signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        yield
+    except _Interrupted as exc:
+        raise ActionTimeout(str(exc)) from None
+    finally:
+        if timeout_s:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@dataclass
+class _Reader:
+    """The source, read once and sequentially into part buffers, hashed on the way."""
+
+    source: Source
+    digests: Digests
+    what: str
+    eof: bool = False
+
+    def read_part(self, size: int) -> bytearray:
+        buf = bytearray(size)
+        view = memoryview(buf)
+        filled = 0
+        while filled < size:
+            chunk = self.source.read(min(CHUNK_BYTES, size - filled))
+            if not chunk:
+                self.eof = True
+                break
+            view[filled : filled + len(chunk)] = chunk
+            self.digests.update(chunk)
+            filled += len(chunk)
+            expected = self.source.size_bytes
+            if expected is not None and self.digests.size_bytes > expected:
+                view.release()
+                raise SourceError(f"{self.what}: source grew beyond its size of {expected} bytes")
+        view.release()
+        if filled < size:
+            del buf[filled:]
+        return buf
+
+    def check_complete(self) -> None:
+        expected = self.source.size_bytes
+        if expected is not None and self.digests.size_bytes != expected:
+            raise SourceError(
+                f"{self.what}: source ended after {self.digests.size_bytes} of {expected} bytes"
+            )
+
+
+class S3Backend(Backend):
+    driver = "s3"
+    upload_workers: int = UPLOAD_WORKERS
+    stale_upload_age_s: float = STALE_UPLOAD_AGE_S
+    use_usage_header: bool = True
+    client_options: dict[str, float | int] = {}
+    """botocore overrides (timeouts, attempts) passed to :func:`make_client`; tests use them."""
+
+    def __init__(self, market: Market, context: Context) -> None:
+        super().__init__(market, context)
+        self.settings = S3Settings.from_market(market)
+        self.bucket = self.settings.bucket
+        self.prefix = self._prefix(market)
+        self._client: Any = None
+
+    # ---- configuration -----------------------------------------------------------------------
+
+    @staticmethod
+    def _prefix(market: Market) -> str:
+        prefix = (market.attr("APP_PREFIX") or DEFAULT_PREFIX).strip()
+        if not prefix or "/" in prefix or any(ord(c) < 32 or ord(c) == 127 for c in prefix):
+            raise ConfigError(
+                f"marketplace '{market.name}': APP_PREFIX {prefix!r} must be a non-empty name "
+                "without '/' (the datastore downloader reads keys as a file name)"
+            )
+        return prefix
+
+    def _read_length_mb(self) -> int:
+        raw = self.market.attr("READ_LENGTH")
+        if raw is None:
+            return DEFAULT_PART_SIZE_MB
+        try:
+            value = math.ceil(float(raw))
+        except ValueError:
+            raise ConfigError(
+                f"marketplace '{self.market.name}': READ_LENGTH must be a number of MB, "
+                f"not {raw[:40]!r}"
+            ) from None
+        if value < MIN_PART_SIZE_MB:
+            driverlog.info(
+                f"READ_LENGTH {raw} MB is below S3's minimum part size: using {MIN_PART_SIZE_MB}"
+            )
+        return max(value, MIN_PART_SIZE_MB)
+
+    def _total_mb(self) -> int:
+        raw = self.market.attr("TOTAL_MB")
+        if raw is None:
+            return DEFAULT_TOTAL_MB
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(
+                f"marketplace '{self.market.name}': TOTAL_MB must be an integer, not {raw[:40]!r}"
+            ) from None
+        if value < 0:
+            raise ConfigError(f"marketplace '{self.market.name}': TOTAL_MB is negative")
+        return value
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = make_client(self.settings, **self.client_options)
+        return self._client
+
+    def key_for(self, app: App) -> str:
+        if app.id < 0:
+            raise StorageError(f"app '{app.name}' has no id: cannot name its object")
+        return f"{self.prefix}-{app.id}"
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def _error(self, exc: BaseException, what: str) -> MarketError:
+        return s3_error(self._explain(exc), what, self.settings.where)
+
+    def _explain(self, exc: BaseException) -> BaseException:
+        """A HEAD answer has no body, so a 403 does not say whether the credentials are wrong
+        or the bucket is not ours: ask once more with a request whose error has a body."""
+        if client_error_code(exc) != "403":
+            return exc
+        try:
+            self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+        except Exception as probe:  # noqa: BLE001 - only used to pick the better message
+            if client_error_code(probe) not in ("", "403"):
+                return probe
+        return exc
+
+    # ---- import ------------------------------------------------------------------------------
+
+    def import_app(self, request: ImportRequest) -> ImportResult:
+        app, info = request.app, request.source
+        key = self.key_for(app)
+        uri = self.uri(key)
+        what = f"import of app {app.id} to {uri}"
+        with interruptible(what, self.context.timeout_s):
+            self._ensure_bucket()
+            self._refuse_existing(key, uri)
+            with open_source(info.source, self.context.installation) as src:
+                digests = Digests()
+                reader = _Reader(src, digests, what)
+                exact = src.size_bytes is not None
+                expected = src.size_bytes if exact else (info.size_mb * MIB or None)
+                part_size = plan_part_size(self._read_length_mb(), expected)
+                progress = Progress(src.size_bytes, self.context.progress)
+                first = reader.read_part(part_size)
+                if reader.eof:
+                    reader.check_complete()
+                    digests.verify_md5(info.md5, what)
+                    self._put_single(key, uri, first, digests)
+                    progress.update(len(first))
+                else:
+                    driverlog.info(
+                        f"uploading {src.description} to {uri} in parts of "
+                        f"{part_size // MIB} MiB, {self.upload_workers} at a time"
+                    )
+                    self._put_multipart(
+                        key, uri, first, reader, part_size, exact, info.md5, progress
+                    )
+                progress.finish()
+        return ImportResult(
+            source=uri,
+            md5=digests.md5,
+            size_mb=size_mb(digests.size_bytes),
+            format=info.format or app.format or "raw",
+            sha256=digests.sha256,
+        )
+
+    def _ensure_bucket(self) -> None:
+        what = f"bucket '{self.bucket}' of marketplace '{self.market.name}'"
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            return
+        except Exception as exc:  # noqa: BLE001 - mapped to one line below
+            if client_error_code(exc) not in ("404", "NoSuchBucket", "NotFound"):
+                raise self._error(exc, what) from None
+        driverlog.info(f"creating {what}")
+        params: dict[str, Any] = {"Bucket": self.bucket}
+        if self.settings.aws and self.settings.region != "us-east-1":
+            params["CreateBucketConfiguration"] = {"LocationConstraint": self.settings.region}
+        try:
+            self.client.create_bucket(**params)
+        except Exception as exc:  # noqa: BLE001 - mapped to one line below
+            code = client_error_code(exc)
+            if code == "BucketAlreadyOwnedByYou":
+                return
+            if code == "BucketAlreadyExists":
+                raise StorageError(
+                    f"{what} does not exist and its name is taken by another account"
+                ) from None
+            if code in ("AccessDenied", "TooManyBuckets", "403"):
+                raise StorageError(
+                    f"{what} does not exist and these credentials may not create it ({code})"
+                ) from None
+            raise self._error(exc, f"creation of {what}") from None
+
+    def _refuse_existing(self, key: str, uri: str) -> None:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001 - mapped to one line below
+            if client_error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return
+            raise self._error(exc, f"check of {uri}") from None
+        raise StorageError(
+            f"an object already exists at {uri}: delete the old app (or the object) first"
+        )
+
+    def _metadata(self, digests: Digests) -> dict[str, str]:
+        return {METADATA_MD5: digests.md5, METADATA_SHA256: digests.sha256}
+
+    def _put_single(self, key: str, uri: str, body: bytearray, digests: Digests) -> None:
+        content_md5, _ = md5_b64(body)
+        try:
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=body,
+                ContentLength=len(body),
+                ContentMD5=content_md5,
+                ContentType=CONTENT_TYPE,
+                Metadata=self._metadata(digests),
+            )
+        except BaseException as exc:
+            # a PUT whose answer was lost (or was interrupted) may still have stored the object
+            self._delete_quietly(key)
+            if isinstance(exc, Exception):
+                raise self._error(exc, f"upload of {uri}") from None
+            raise
+
+    def _put_multipart(
+        self,
+        key: str,
+        uri: str,
+        first: bytearray,
+        reader: _Reader,
+        part_size: int,
+        exact: bool,
+        expected_md5: str,
+        progress: Progress,
+    ) -> None:
+        try:
+            upload_id = self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=key, ContentType=CONTENT_TYPE
+            )["UploadId"]
+        except Exception as exc:  # noqa: BLE001 - mapped to one line below
+            raise self._error(exc, f"start of multipart upload to {uri}") from None
+        completed = False
+        try:
+            part_md5s = self._send_parts(
+                key, uri, upload_id, first, reader, part_size, exact, progress
+            )
+            reader.check_complete()
+            reader.digests.verify_md5(expected_md5, f"import to {uri}")
+            try:
+                answer = self.client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={
+                        "Parts": [
+                            {"PartNumber": n, "ETag": f'"{md5.hex()}"'}
+                            for n, md5 in enumerate(part_md5s, start=1)
+                        ]
+                    },
+                )
+            except Exception as exc:  # noqa: BLE001 - mapped to one line
+                raise self._error(exc, f"completion of multipart upload to {uri}") from None
+            completed = True
+            etag = str(answer.get("ETag", "")).strip('"') or self._etag_of(key, uri)
+            wanted = multipart_etag(part_md5s)
+            if etag != wanted:
+                raise ChecksumError(f"{uri}: server assembled ETag {etag}, expected {wanted}")
+            self._set_metadata(key, uri, etag, reader.digests)
+        except BaseException:
+            if completed:
+                self._delete_quietly(key)
+            else:
+                self._abort(key, upload_id)
+            raise
+
+    def _send_parts(
+        self,
+        key: str,
+        uri: str,
+        upload_id: str,
+        first: bytearray,
+        reader: _Reader,
+        part_size: int,
+        exact: bool,
+        progress: Progress,
+    ) -> list[bytes]:
+        """Read parts in order and hand each to a worker; at most PARTS_IN_MEMORY exist at once."""
+        slots = threading.Semaphore(max(self.upload_workers, 1) + 1)
+        stop = threading.Event()
+        md5s: dict[int, bytes] = {}
+        pending: dict[Future[tuple[int, bytes]], int] = {}
+
+        def send(number: int, body: bytearray) -> tuple[int, bytes]:
+            try:
+                if stop.is_set():
+                    raise StorageError("cancelled")
+                content_md5, digest = md5_b64(body)
+                self.client.upload_part(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=body,
+                    ContentLength=len(body),
+                    ContentMD5=content_md5,
+                )
+                return len(body), digest
+            finally:
+                slots.release()
+
+        def harvest(block: bool) -> None:
+            if not pending:
+                return
+            done, _ = wait(list(pending), timeout=None if block else 0, return_when=FIRST_COMPLETED)
+            for fut in done:
+                number = pending.pop(fut)
+                exc = fut.exception()
+                if exc is not None:
+                    raise self._error(exc, f"upload of part {number} of {uri}") from None
+                sent, digest = fut.result()
+                md5s[number] = digest
+                progress.update(sent)
+
+        pool = ThreadPoolExecutor(
+            max_workers=max(self.upload_workers, 1), thread_name_prefix="s3-part"
+        )
+        try:
+            body: bytearray | None = first
+            slots.acquire()
+            number = 1
+            while True:
+                if body is None:
+                    while not slots.acquire(timeout=SLOT_POLL_S):
+                        harvest(block=False)
+                    if reader.eof:
+                        slots.release()
+                        break
+                    size = part_size_for(number, part_size, exact)
+                    body = reader.read_part(size)
+                    if not body:
+                        slots.release()
+                        break
+                if number > MAX_PARTS:
+                    slots.release()
+                    raise SourceError(f"import to {uri}: more than {MAX_PARTS} parts needed")
+                pending[pool.submit(send, number, body)] = number
+                body = None
+                number += 1
+                harvest(block=False)
+            while pending:
+                harvest(block=True)
+        except BaseException:
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        return [md5s[n] for n in sorted(md5s)]
+
+    def _etag_of(self, key: str, uri: str) -> str:
+        """ETag of an object (Ceph RGW 16 answers CompleteMultipartUpload with an empty one)."""
+        try:
+            return str(self.client.head_object(Bucket=self.bucket, Key=key)["ETag"]).strip('"')
+        except Exception as exc:  # noqa: BLE001 - mapped to one line
+            raise self._error(exc, f"check of {uri}") from None
+
+    def _set_metadata(self, key: str, uri: str, etag: str, digests: Digests) -> None:
+        """Copy the completed object onto itself with its checksums as metadata."""
+        source = {"Bucket": self.bucket, "Key": key}
+        meta = self._metadata(digests)
+        if digests.size_bytes <= MAX_COPY_BYTES:
+            try:
+                self.client.copy_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    CopySource=source,
+                    CopySourceIfMatch=f'"{etag}"',
+                    Metadata=meta,
+                    MetadataDirective="REPLACE",
+                    ContentType=CONTENT_TYPE,
+                )
+            except Exception as exc:  # noqa: BLE001 - mapped to one line
+                raise self._error(exc, f"setting checksum metadata on {uri}") from None
+            return
+        try:
+            upload_id = self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=key, ContentType=CONTENT_TYPE, Metadata=meta
+            )["UploadId"]
+        except Exception as exc:  # noqa: BLE001 - mapped to one line
+            raise self._error(exc, f"setting checksum metadata on {uri}") from None
+        try:
+            parts = []
+            offset, number = 0, 1
+            while offset < digests.size_bytes:
+                end = min(offset + COPY_PART_BYTES, digests.size_bytes) - 1
+                answer = self.client.upload_part_copy(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    CopySource=source,
+                    CopySourceIfMatch=f'"{etag}"',
+                    CopySourceRange=f"bytes={offset}-{end}",
+                )
+                parts.append({"PartNumber": number, "ETag": answer["CopyPartResult"]["ETag"]})
+                offset, number = end + 1, number + 1
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        except Exception as exc:  # noqa: BLE001 - mapped to one line
+            self._abort(key, upload_id)
+            raise self._error(exc, f"setting checksum metadata on {uri}") from None
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        """Abort a multipart upload (its parts are freed); a WARN if the server cannot be told."""
+        last: BaseException | None = None
+        for attempt in range(ABORT_ATTEMPTS):
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+                return
+            except Exception as exc:  # noqa: BLE001 - reported below, the import already failed
+                if client_error_code(exc) in ("NoSuchUpload", "404"):
+                    return
+                last = exc
+                if attempt + 1 < ABORT_ATTEMPTS:
+                    time.sleep(ABORT_RETRY_WAIT_S)
+        reason = self._error(last, "abort") if last else ""
+        driverlog.warn(
+            f"could not abort the multipart upload of {self.uri(key)} ({reason}); the marketplace "
+            f"monitor aborts it once it is {self.stale_upload_age_s / 3600:g} h old"
+        )
+
+    def _delete_quietly(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001 - reported, the import already failed
+            driverlog.warn(f"could not remove {self.uri(key)}: {self._error(exc, 'delete')}")
+
+    # ---- delete ------------------------------------------------------------------------------
+
+    def delete_app(self, app: App) -> None:
+        source = app.source.strip()
+        scheme, sep, rest = source.partition("://")
+        if not sep or scheme.lower() != "s3":
+            raise UnsafePathError(f"app {app.id}: SOURCE {source[:200]!r} is not an s3:// URL")
+        bucket, _, key = rest.partition("/")
+        if bucket != self.bucket:
+            raise UnsafePathError(
+                f"app {app.id}: SOURCE {source[:200]!r} is outside the marketplace's bucket "
+                f"'{self.bucket}': refused"
+            )
+        if not key or "/" in key or key in (".", ".."):
+            raise UnsafePathError(
+                f"app {app.id}: SOURCE {source[:200]!r} does not name an object of the "
+                "marketplace (a key without '/'): refused"
+            )
+        uri = self.uri(key)
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001 - mapped below
+            if client_error_code(exc) in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
+                driverlog.warn(f"{uri} does not exist: nothing to delete")
+                return
+            raise self._error(exc, f"delete of {uri}") from None
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001 - mapped below
+            raise self._error(exc, f"delete of {uri}") from None
+        driverlog.info(f"deleted {uri}")
+
+    # ---- monitor -----------------------------------------------------------------------------
+
+    def monitor(self) -> MonitorResult:
+        total_mb = self._total_mb()
+        used_bytes = self.used_bytes()
+        if used_bytes is None:
+            return MonitorResult(used_mb=0, free_mb=total_mb, total_mb=total_mb)
+        self.abort_stale_uploads()
+        used_mb = size_mb(used_bytes)
+        return MonitorResult(used_mb=used_mb, free_mb=max(total_mb - used_mb, 0), total_mb=total_mb)
+
+    def used_bytes(self) -> int | None:
+        """Bytes stored in the bucket (None when it does not exist yet)."""
+        what = f"usage of bucket '{self.bucket}'"
+        try:
+            answer = self.client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:  # noqa: BLE001 - mapped below
+            if client_error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
+                driverlog.info(f"bucket '{self.bucket}' does not exist yet (made at first import)")
+                return None
+            raise self._error(exc, what) from None
+        headers = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        reported = str(headers.get(USAGE_HEADER, "")).strip()
+        if self.use_usage_header and reported.isdigit():
+            return int(reported)
+        total = 0
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
+            for page in pages:
+                total += sum(int(obj.get("Size", 0)) for obj in page.get("Contents", []))
+        except Exception as exc:  # noqa: BLE001 - mapped below
+            raise self._error(exc, what) from None
+        return total
+
+    def abort_stale_uploads(self) -> int:
+        """Abort multipart uploads under our prefix older than ``stale_upload_age_s`` (crash
+        leftovers: their parts take space and cost money). Failures are WARN lines."""
+        now = datetime.now(UTC)
+        aborted = 0
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=f"{self.prefix}-"
+            )
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    started = upload.get("Initiated")
+                    key = str(upload.get("Key", ""))
+                    if not isinstance(started, datetime):
+                        continue
+                    age_s = (now - started).total_seconds()
+                    if age_s < self.stale_upload_age_s:
+                        continue
+                    try:
+                        self.client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=key, UploadId=upload["UploadId"]
+                        )
+                    except Exception as exc:  # noqa: BLE001 - one WARN, keep going
+                        driverlog.warn(
+                            f"could not abort stale upload of {self.uri(key)}: "
+                            f"{self._error(exc, 'abort')}"
+                        )
+                        continue
+                    aborted += 1
+                    driverlog.info(
+                        f"aborted multipart upload of {self.uri(key)} started "
+                        f"{started.isoformat(timespec='seconds')} (left by a failed import)"
+                    )
+        except Exception as exc:  # noqa: BLE001 - the usage is still worth reporting
+            driverlog.warn(f"could not list multipart uploads: {self._error(exc, 'list')}")
+        return aborted

@@ -1,0 +1,626 @@
+"""The s3 backend against a real Ceph RGW on loopback (tests/servers/rgw.py).
+
+Every test uses its own bucket, so tests are independent while sharing one cluster. Faults
+are real: a source that stops mid-stream, radosgw killed or frozen while parts are in flight,
+a wrong secret, a second RGW user without access to the bucket, a closed port.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import redirect_stdout
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import boto3
+import pytest
+import requests
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.config import Config
+from botocore.credentials import Credentials
+from onemarket import driverlog
+from onemarket.action import App, ImportInfo, Market
+from onemarket.backends import s3 as s3mod
+from onemarket.backends.base import Context, ImportRequest
+from onemarket.backends.s3 import S3Backend
+from onemarket.errors import (
+    ActionTimeout,
+    ChecksumError,
+    ConfigError,
+    RemoteError,
+    SourceError,
+    StorageError,
+    UnsafePathError,
+)
+from onemarket.installation import Installation
+from onemarket.progress import ProgressEvent
+from onemarket.template import parse_template
+
+from tests.servers import free_port
+from tests.servers.rgw import OTHER_ACCESS_KEY, OTHER_SECRET_KEY, CephRgw
+
+MIB = 1 << 20
+REPO = Path(__file__).resolve().parents[2]
+_bucket_numbers = itertools.count(1)
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+
+def new_bucket() -> str:
+    return f"onemarket-test-{os.getpid()}-{next(_bucket_numbers)}"
+
+
+def market_attrs(rgw: CephRgw, bucket: str, **extra: str) -> dict[str, str]:
+    attrs = {
+        "ACCESS_KEY_ID": rgw.access_key,
+        "SECRET_ACCESS_KEY": rgw.secret_key,
+        "REGION": "us-east-1",
+        "BUCKET": bucket,
+        "ENDPOINT": rgw.endpoint,
+        "FORCE_PATH_STYLE": "YES",
+        "AWS": "no",
+    }
+    attrs.update(extra)
+    return attrs
+
+
+def make_backend(
+    attrs: dict[str, str],
+    tmp_path: Path,
+    progress: Callable[[ProgressEvent], None] | None = None,
+    timeout_s: float | None = None,
+    **client_options: float | int,
+) -> S3Backend:
+    market = Market(id=100, name="s3 test market", driver="s3", attrs=attrs)
+    inst = Installation(None, tmp_path / "remotes", tmp_path / "var", tmp_path / "mads")
+    backend = S3Backend(market, Context(installation=inst, progress=progress, timeout_s=timeout_s))
+    backend.client_options = {"max_attempts": 2, "connect_timeout_s": 3, **client_options}
+    return backend
+
+
+def raw_client(rgw: CephRgw, access_key: str | None = None, secret: str | None = None):
+    """A plain boto3 client, independent of the code under test, for checking results."""
+    return boto3.client(
+        "s3",
+        endpoint_url=rgw.endpoint,
+        aws_access_key_id=access_key or rgw.access_key,
+        aws_secret_access_key=secret or rgw.secret_key,
+        region_name="us-east-1",
+        config=Config(
+            s3={"addressing_style": "path"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            retries={"mode": "standard", "max_attempts": 3},
+            max_pool_connections=20,
+        ),
+    )
+
+
+def write_random(path: Path, size: int) -> tuple[str, str]:
+    """Write ``size`` random bytes; return their md5 and sha256."""
+    md5, sha = hashlib.md5(), hashlib.sha256()
+    with path.open("wb") as f:
+        left = size
+        while left:
+            chunk = os.urandom(min(MIB, left))
+            f.write(chunk)
+            md5.update(chunk)
+            sha.update(chunk)
+            left -= len(chunk)
+    return md5.hexdigest(), sha.hexdigest()
+
+
+def app(app_id: int = 7) -> App:
+    return App(id=app_id, name=f"app {app_id}", format="qcow2")
+
+
+def do_import(backend: S3Backend, source: str, md5: str = "", app_id: int = 7):
+    info = ImportInfo(source=source, md5=md5, size_mb=0, format="qcow2")
+    return backend.import_app(ImportRequest(app=app(app_id), source=info))
+
+
+def uploads_left(client, bucket: str) -> list[dict]:
+    return client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+
+
+def object_exists(client, bucket: str, key: str) -> bool:
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+    except client.exceptions.ClientError as exc:
+        if exc.response["ResponseMetadata"]["HTTPStatusCode"] == 404:
+            return False
+        raise
+    return True
+
+
+def pattern_stream(
+    total: int, hook_at: int | None = None, hook: Callable[[], None] | None = None, stop_at=None
+) -> Callable[[BaseHTTPRequestHandler], None]:
+    """An httpd route announcing ``total`` bytes, calling ``hook`` once ``hook_at`` bytes are
+    out, and closing the connection at ``stop_at`` bytes when given (a vanishing source)."""
+
+    def handler(h: BaseHTTPRequestHandler) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", str(total))
+        h.end_headers()
+        sent, fired = 0, False
+        chunk = bytes(range(256)) * 4096
+        try:
+            while sent < total:
+                if stop_at is not None and sent >= stop_at:
+                    h.close_connection = True
+                    return
+                if hook is not None and hook_at is not None and sent >= hook_at and not fired:
+                    fired = True
+                    hook()
+                piece = chunk[: min(len(chunk), total - sent)]
+                h.wfile.write(piece)
+                sent += len(piece)
+        except OSError:
+            h.close_connection = True
+
+    return handler
+
+
+@pytest.fixture(scope="module")
+def other_user(rgw: CephRgw) -> tuple[str, str]:
+    """A second RGW user, who owns nothing and is granted nothing."""
+    rgw.create_user("onemarket-other", OTHER_ACCESS_KEY, OTHER_SECRET_KEY)
+    return OTHER_ACCESS_KEY, OTHER_SECRET_KEY
+
+
+@pytest.fixture
+def bucket() -> str:
+    return new_bucket()
+
+
+@pytest.fixture
+def s3(rgw: CephRgw) -> Iterator:
+    yield raw_client(rgw)
+
+
+# ---- import ---------------------------------------------------------------------------------
+
+
+def test_single_put_1mib_roundtrip(rgw: CephRgw, s3, bucket: str, tmp_path: Path) -> None:
+    image = tmp_path / "one.img"
+    md5, sha = write_random(image, MIB)
+    events: list[ProgressEvent] = []
+    backend = make_backend(market_attrs(rgw, bucket), tmp_path, progress=events.append)
+
+    result = do_import(backend, str(image), md5=md5)
+
+    assert result.source == f"s3://{bucket}/marketapp-7"
+    assert (result.md5, result.size_mb, result.format, result.sha256) == (md5, 1, "qcow2", sha)
+    obj = s3.get_object(Bucket=bucket, Key="marketapp-7")
+    assert obj["Body"].read() == image.read_bytes()
+    assert obj["Metadata"] == {"md5": md5, "sha256": sha}
+    assert obj["ETag"].strip('"') == md5
+    assert events and events[-1].final and events[-1].done_bytes == MIB
+    printed = parse_template(result.to_template()).as_dict()
+    assert printed == {"SOURCE": result.source, "MD5": md5, "SIZE": "1", "FORMAT": "qcow2"}
+
+
+def test_stock_downloader_style_get(rgw: CephRgw, bucket: str, tmp_path: Path) -> None:
+    """The datastore downloader splits s3://BUCKET/KEY and GETs ENDPOINT/BUCKET/KEY signed
+    with SigV4 (as curl --aws-sigv4 does, plus the content hash header RGW needs)."""
+    image = tmp_path / "img"
+    write_random(image, 3 * MIB + 5)
+    backend = make_backend(market_attrs(rgw, bucket, APP_PREFIX="myapps"), tmp_path)
+    result = do_import(backend, f"file://{image}", app_id=42)
+    assert result.source == f"s3://{bucket}/myapps-42"
+
+    bucket_name, key = Path(result.source[len("s3://") :]).parent.name, Path(result.source).name
+    url = f"{rgw.endpoint}/{bucket_name}/{key}"
+    req = AWSRequest(method="GET", url=url, headers={"x-amz-content-sha256": "UNSIGNED-PAYLOAD"})
+    S3SigV4Auth(Credentials(rgw.access_key, rgw.secret_key), "s3", "us-east-1").add_auth(req)
+    got = requests.get(url, headers=dict(req.headers.items()), timeout=30)
+    assert got.status_code == 200
+    assert got.content == image.read_bytes()
+
+
+@pytest.mark.slow
+def test_multipart_200mib_parallel_roundtrip(rgw: CephRgw, s3, bucket: str, tmp_path: Path) -> None:
+    image = tmp_path / "big.img"
+    md5, sha = write_random(image, 200 * MIB)
+    backend = make_backend(market_attrs(rgw, bucket, READ_LENGTH="8"), tmp_path)
+    real_upload_part = backend.client.upload_part
+    lock = threading.Lock()
+    state = {"now": 0, "max": 0, "parts": 0}
+
+    def counting_upload_part(**kwargs):
+        assert kwargs["ContentMD5"] and kwargs["ContentLength"] == len(kwargs["Body"])
+        with lock:
+            state["now"] += 1
+            state["parts"] += 1
+            state["max"] = max(state["max"], state["now"])
+        try:
+            return real_upload_part(**kwargs)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    backend.client.upload_part = counting_upload_part
+    result = do_import(backend, str(image), md5=md5)
+
+    assert (result.md5, result.size_mb) == (md5, 200)
+    assert state["parts"] == 25
+    assert 2 <= state["max"] <= s3mod.UPLOAD_WORKERS
+    head = s3.head_object(Bucket=bucket, Key="marketapp-7")
+    assert head["ContentLength"] == 200 * MIB
+    assert head["Metadata"] == {"md5": md5, "sha256": sha}
+    got_md5 = hashlib.md5()
+    body = s3.get_object(Bucket=bucket, Key="marketapp-7")["Body"]
+    for chunk in iter(lambda: body.read(4 * MIB), b""):
+        got_md5.update(chunk)
+    assert got_md5.hexdigest() == md5
+    assert uploads_left(s3, bucket) == []
+
+
+def test_existing_object_is_an_error(rgw: CephRgw, s3, bucket: str, tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    write_random(image, 1000)
+    backend = make_backend(market_attrs(rgw, bucket), tmp_path)
+    do_import(backend, str(image))
+    s3.put_object(Bucket=bucket, Key="marketapp-7", Body=b"someone else's")
+    with pytest.raises(StorageError, match="already exists"):
+        do_import(backend, str(image))
+    assert s3.get_object(Bucket=bucket, Key="marketapp-7")["Body"].read() == b"someone else's"
+
+
+def test_part_size_planning() -> None:
+    assert s3mod.plan_part_size(32, None) == 32 * MIB
+    assert s3mod.plan_part_size(1, None) == 5 * MIB
+    # 1 TiB at 32 MiB would need 32,768 parts: grown to fit 10,000
+    size = 1 << 40
+    part = s3mod.plan_part_size(32, size)
+    assert part % MIB == 0 and -(-size // part) <= s3mod.MAX_PARTS
+    # without a known size, parts grow late and any stream up to S3's 5 TiB limit fits
+    total = sum(s3mod.part_size_for(n, 5 * MIB, False) for n in range(1, s3mod.MAX_PARTS + 1))
+    assert total >= 5 << 40
+    assert s3mod.part_size_for(s3mod.MAX_PARTS, 5 * MIB, True) == 5 * MIB
+
+
+def test_bad_prefix_and_read_length(rgw: CephRgw, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="APP_PREFIX"):
+        make_backend(market_attrs(rgw, "bkt", APP_PREFIX="a/b"), tmp_path)
+    backend = make_backend(market_attrs(rgw, "bkt", READ_LENGTH="lots"), tmp_path)
+    with pytest.raises(ConfigError, match="READ_LENGTH"):
+        backend._read_length_mb()
+
+
+# ---- faults during import -------------------------------------------------------------------
+
+
+def assert_nothing_left(s3, bucket: str, key: str = "marketapp-7") -> None:
+    assert uploads_left(s3, bucket) == []
+    assert not object_exists(s3, bucket, key)
+
+
+@pytest.mark.parametrize("size", [2 * MIB, 12 * MIB], ids=["single", "multipart"])
+def test_checksum_mismatch_aborts(rgw: CephRgw, s3, bucket: str, tmp_path: Path, size: int) -> None:
+    image = tmp_path / "img"
+    write_random(image, size)
+    backend = make_backend(market_attrs(rgw, bucket, READ_LENGTH="5"), tmp_path)
+    with pytest.raises(ChecksumError, match="MD5 mismatch"):
+        do_import(backend, str(image), md5="0" * 32)
+    assert_nothing_left(s3, bucket)
+
+
+def test_source_vanishing_mid_upload(rgw: CephRgw, s3, httpd, bucket: str, tmp_path: Path) -> None:
+    httpd.routes["/img"] = pattern_stream(64 * MIB, stop_at=23 * MIB)
+    backend = make_backend(market_attrs(rgw, bucket, READ_LENGTH="5"), tmp_path)
+    with pytest.raises(SourceError):
+        do_import(backend, f"{httpd.url}/img")
+    assert_nothing_left(s3, bucket)
+
+
+def test_sigterm_mid_upload_aborts(rgw: CephRgw, s3, httpd, bucket: str, tmp_path: Path) -> None:
+    """The MAD stops a hung action with SIGTERM: the handler turns it into a clean abort."""
+    pid = os.getpid()
+    httpd.routes["/img"] = pattern_stream(
+        64 * MIB, hook_at=21 * MIB, hook=lambda: os.kill(pid, signal.SIGTERM)
+    )
+    backend = make_backend(market_attrs(rgw, bucket, READ_LENGTH="5"), tmp_path)
+    with pytest.raises(ActionTimeout, match="SIGTERM"):
+        do_import(backend, f"{httpd.url}/img")
+    assert_nothing_left(s3, bucket)
+    assert signal.getsignal(signal.SIGTERM) is not None
+
+
+def test_action_time_limit_aborts(rgw: CephRgw, s3, httpd, bucket: str, tmp_path: Path) -> None:
+    """A source that stalls after a few parts: the action's time limit ends it cleanly."""
+    release = threading.Event()
+    httpd.routes["/img"] = pattern_stream(64 * MIB, hook_at=16 * MIB, hook=lambda: release.wait(30))
+    backend = make_backend(market_attrs(rgw, bucket, READ_LENGTH="5"), tmp_path, timeout_s=3)
+    try:
+        with pytest.raises(ActionTimeout, match="time limit"):
+            do_import(backend, f"{httpd.url}/img")
+    finally:
+        release.set()
+    assert_nothing_left(s3, bucket)
+
+
+@pytest.mark.slow
+def test_server_read_timeout_aborts(rgw: CephRgw, s3, httpd, bucket: str, tmp_path: Path) -> None:
+    """radosgw frozen (SIGSTOP) while parts are in flight: the read timeout fails the import,
+    and the abort gets through once the gateway answers again."""
+    timer: list[threading.Timer] = []
+
+    def freeze() -> None:
+        rgw.pause_rgw()
+        t = threading.Timer(3.0, rgw.resume_rgw)
+        timer.append(t)
+        t.start()
+
+    httpd.routes["/img"] = pattern_stream(40 * MIB, hook_at=11 * MIB, hook=freeze)
+    backend = make_backend(
+        market_attrs(rgw, bucket, READ_LENGTH="5"), tmp_path, read_timeout_s=1.5, max_attempts=1
+    )
+    try:
+        with pytest.raises((ActionTimeout, RemoteError), match=r"did not answer|failed"):
+            do_import(backend, f"{httpd.url}/img")
+    finally:
+        for t in timer:
+            t.join(10)
+        rgw.resume_rgw()
+    assert_nothing_left(s3, bucket)
+
+
+@pytest.mark.slow
+def test_radosgw_killed_mid_upload_then_monitor_cleans(
+    rgw: CephRgw, s3, httpd, bucket: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    httpd.routes["/img"] = pattern_stream(48 * MIB, hook_at=16 * MIB, hook=rgw.kill_rgw)
+    backend = make_backend(
+        market_attrs(rgw, bucket, READ_LENGTH="5"), tmp_path, max_attempts=2, read_timeout_s=5
+    )
+    backend.client  # noqa: B018 - create the client (and its bucket check) while RGW is up
+    try:
+        with pytest.raises(RemoteError, match=r"cannot reach|failed"):
+            do_import(backend, f"{httpd.url}/img")
+    finally:
+        rgw.start_rgw()
+    assert "could not abort the multipart upload" in capsys.readouterr().err
+    assert len(uploads_left(s3, bucket)) == 1
+    assert not object_exists(s3, bucket, "marketapp-7")
+
+    monitor = make_backend(market_attrs(rgw, bucket), tmp_path)
+    monitor.monitor()
+    assert len(uploads_left(s3, bucket)) == 1, "a fresh upload may be a running import"
+    monitor.stale_upload_age_s = 0
+    monitor.monitor()
+    assert "aborted multipart upload of s3://" in capsys.readouterr().err
+    assert_nothing_left(s3, bucket)
+
+
+# ---- configuration and permission faults: one line, no secret -------------------------------
+
+
+def one_clear_line(exc: BaseException, secret: str) -> str:
+    text = str(exc)
+    assert "\n" not in text and secret not in text and "Traceback" not in text
+    return text
+
+
+def test_wrong_credentials(rgw: CephRgw, bucket: str, tmp_path: Path) -> None:
+    secret = "wrongSecretThatMustNeverBePrinted000001"
+    attrs = market_attrs(rgw, bucket, SECRET_ACCESS_KEY=secret)
+    image = tmp_path / "img"
+    write_random(image, 1000)
+    backend = make_backend(attrs, tmp_path)
+    with pytest.raises(ConfigError) as err:
+        do_import(backend, str(image))
+    assert "rejected the credentials" in one_clear_line(err.value, secret)
+    with pytest.raises(ConfigError) as err:
+        backend.monitor()
+    one_clear_line(err.value, secret)
+    attrs["ACCESS_KEY_ID"] = "NOSUCHKEY00000000000"
+    with pytest.raises(ConfigError) as err:
+        make_backend(attrs, tmp_path).monitor()
+    assert "InvalidAccessKeyId" in one_clear_line(err.value, secret)
+
+
+def test_wrong_bucket_permissions(
+    rgw: CephRgw, s3, other_user: tuple[str, str], bucket: str, tmp_path: Path
+) -> None:
+    s3.create_bucket(Bucket=bucket)
+    key, secret = other_user
+    attrs = market_attrs(rgw, bucket, ACCESS_KEY_ID=key, SECRET_ACCESS_KEY=secret)
+    image = tmp_path / "img"
+    write_random(image, 1000)
+    backend = make_backend(attrs, tmp_path)
+    with pytest.raises(StorageError) as err:
+        do_import(backend, str(image))
+    assert "access denied" in one_clear_line(err.value, secret)
+    with pytest.raises(StorageError) as err:
+        backend.monitor()
+    assert "access denied" in one_clear_line(err.value, secret)
+    with pytest.raises(StorageError) as err:
+        backend.delete_app(App(id=7, name="a", source=f"s3://{bucket}/marketapp-7"))
+    assert "access denied" in one_clear_line(err.value, secret)
+
+
+def test_bucket_creation_not_permitted(rgw: CephRgw, tmp_path: Path) -> None:
+    access, secret = "ONEMARKETNOBUCKETS01", "noBucketsSecret000000000000000000000001"
+    rgw.create_user("onemarket-nobuckets", access, secret, max_buckets=-1)
+    attrs = market_attrs(rgw, new_bucket(), ACCESS_KEY_ID=access, SECRET_ACCESS_KEY=secret)
+    image = tmp_path / "img"
+    write_random(image, 1000)
+    with pytest.raises(StorageError) as err:
+        do_import(make_backend(attrs, tmp_path), str(image))
+    assert "may not create it" in one_clear_line(err.value, secret)
+
+
+def test_unreachable_endpoint(rgw: CephRgw, tmp_path: Path) -> None:
+    attrs = market_attrs(rgw, "bkt-x", ENDPOINT=f"http://127.0.0.1:{free_port()}")
+    backend = make_backend(attrs, tmp_path, max_attempts=1)
+    with pytest.raises(RemoteError) as err:
+        backend.monitor()
+    assert "cannot reach S3 at http://127.0.0.1:" in one_clear_line(err.value, rgw.secret_key)
+
+
+# ---- delete ---------------------------------------------------------------------------------
+
+
+def test_delete(rgw: CephRgw, s3, bucket: str, tmp_path: Path, capsys) -> None:
+    image = tmp_path / "img"
+    write_random(image, 1000)
+    backend = make_backend(market_attrs(rgw, bucket), tmp_path)
+    result = do_import(backend, str(image))
+    backend.delete_app(App(id=7, name="a", source=result.source))
+    assert not object_exists(s3, bucket, "marketapp-7")
+    backend.delete_app(App(id=7, name="a", source=result.source))
+    assert f"WARN: s3://{bucket}/marketapp-7 does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["s3://another-bucket/marketapp-7", "s3://{b}/dir/marketapp-7", "s3://{b}/", "http://x/y"],
+)
+def test_delete_refuses_foreign_sources(
+    rgw: CephRgw, s3, bucket: str, tmp_path: Path, source: str
+) -> None:
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="dir/marketapp-7", Body=b"x")
+    backend = make_backend(market_attrs(rgw, bucket), tmp_path)
+    with pytest.raises(UnsafePathError, match=r"refused|not an s3"):
+        backend.delete_app(App(id=7, name="a", source=source.format(b=bucket)))
+    assert object_exists(s3, bucket, "dir/marketapp-7")
+
+
+# ---- monitor --------------------------------------------------------------------------------
+
+
+def test_usage_over_1200_objects_exact(rgw: CephRgw, s3, bucket: str, tmp_path: Path) -> None:
+    s3.create_bucket(Bucket=bucket)
+    sizes = [1000 + (i * 37) % 4000 for i in range(1200)]
+
+    def put(i: int) -> None:
+        s3.put_object(Bucket=bucket, Key=f"obj-{i:05d}", Body=b"z" * sizes[i])
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, range(len(sizes))))
+    backend = make_backend(market_attrs(rgw, bucket, TOTAL_MB="100"), tmp_path)
+
+    assert backend.used_bytes() == sum(sizes)  # RGW's x-rgw-bytes-used
+    calls: list[str] = []
+    real = backend.client.get_paginator
+    backend.client.get_paginator = lambda name: calls.append(name) or real(name)
+    backend.use_usage_header = False
+    assert backend.used_bytes() == sum(sizes)  # listed, 1,000 keys a page
+    assert calls == ["list_objects_v2"]
+    assert sum(sizes[:1000]) < sum(sizes)
+
+    result = backend.monitor()
+    used_mb = -(-sum(sizes) // MIB)
+    assert (result.used_mb, result.total_mb, result.free_mb) == (used_mb, 100, 100 - used_mb)
+    assert result.apps == []
+    printed = parse_template(result.to_template()).as_dict()
+    assert printed == {"USED_MB": str(used_mb), "FREE_MB": str(100 - used_mb), "TOTAL_MB": "100"}
+
+
+def test_monitor_defaults_and_missing_bucket(rgw: CephRgw, tmp_path: Path) -> None:
+    backend = make_backend(market_attrs(rgw, new_bucket()), tmp_path)
+    result = backend.monitor()
+    assert (result.used_mb, result.free_mb, result.total_mb) == (0, 1048576, 1048576)
+
+
+# ---- nothing on stdout, no secret anywhere, even in debug mode -----------------------------
+
+
+def action_payload(attrs: dict[str, str], source: str = "", md5: str = "", src_id: int = 7) -> str:
+    tmpl = "".join(f"<{k}><![CDATA[{v}]]></{k}>" for k, v in attrs.items())
+    doc = (
+        "<MARKET_DRIVER_ACTION_DATA>"
+        f"<MARKETPLACEAPP><ID>{src_id}</ID><NAME>app</NAME><TYPE>1</TYPE>"
+        f"<SOURCE>s3://{attrs['BUCKET']}/marketapp-{src_id}</SOURCE></MARKETPLACEAPP>"
+        f"<MARKETPLACE><ID>100</ID><NAME>m</NAME><MARKET_MAD>s3</MARKET_MAD>"
+        f"<TEMPLATE>{tmpl}</TEMPLATE></MARKETPLACE>"
+    )
+    if source:
+        doc += (
+            f"<IMPORT_SOURCE>{source}</IMPORT_SOURCE><MD5>{md5}</MD5><SIZE>1</SIZE>"
+            "<FORMAT>raw</FORMAT><DISPOSE>NO</DISPOSE><DISPOSE_CMD></DISPOSE_CMD>"
+        )
+    doc += "</MARKET_DRIVER_ACTION_DATA>"
+    return base64.b64encode(doc.encode()).decode()
+
+
+def run_action(action: str, payload: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, ONE_MARKET_DEBUG="1", ONE_LOCATION=str(tmp_path / "one"))
+    return subprocess.run(
+        [sys.executable, "-m", "onemarket.runner", "s3", action, payload],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        timeout=240,
+        check=False,
+    )
+
+
+def test_no_secret_and_clean_stdout_in_debug_mode(
+    rgw: CephRgw, bucket: str, tmp_path: Path
+) -> None:
+    image = tmp_path / "img"
+    md5, _ = write_random(image, 7 * MIB)
+    attrs = market_attrs(rgw, bucket, READ_LENGTH="5")
+    secrets = [rgw.secret_key]
+
+    done = run_action("import", action_payload(attrs, str(image), md5), tmp_path)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    printed = parse_template(done.stdout).as_dict()
+    assert printed == {
+        "SOURCE": f"s3://{bucket}/marketapp-7",
+        "MD5": md5,
+        "SIZE": "7",
+        "FORMAT": "raw",
+    }
+    assert b"DEBUG:" in done.stderr, "debug mode shows botocore's log lines"
+    runs = [done]
+    runs.append(run_action("monitor", action_payload(attrs), tmp_path))
+    assert runs[-1].returncode == 0
+    assert parse_template(runs[-1].stdout).as_dict()["USED_MB"] == "7"
+    runs.append(run_action("delete", action_payload(attrs), tmp_path))
+    assert runs[-1].returncode == 0 and runs[-1].stdout == b""
+
+    wrong = dict(attrs, SECRET_ACCESS_KEY="anotherSecretNeverShown0000000000000009")
+    secrets.append(wrong["SECRET_ACCESS_KEY"])
+    failed = run_action("import", action_payload(wrong, str(image), md5), tmp_path)
+    assert failed.returncode != 0 and failed.stdout == b""
+    assert "rejected the credentials" in failed.stderr.decode().strip().splitlines()[-1]
+    runs.append(failed)
+    for run in runs:
+        for secret in secrets:
+            assert secret.encode() not in run.stdout + run.stderr
+            assert base64.b64encode(secret.encode()) not in run.stdout + run.stderr
+
+
+def test_in_process_logging_never_reaches_stdout(rgw: CephRgw, bucket: str, tmp_path: Path) -> None:
+    driverlog.set_debug(True)
+    driverlog.route_std_logging()
+    out, err = io.StringIO(), io.StringIO()
+    old = driverlog.stream
+    driverlog.stream = err
+    try:
+        with redirect_stdout(out):
+            make_backend(market_attrs(rgw, bucket), tmp_path).monitor()
+    finally:
+        driverlog.stream = old
+        driverlog.set_debug(False)
+        driverlog.route_std_logging()
+    assert out.getvalue() == ""
+    assert "DEBUG: botocore" in err.getvalue()
+    assert rgw.secret_key not in err.getvalue()
