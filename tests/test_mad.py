@@ -1,0 +1,445 @@
+"""The one_market MAD, spawned for real from a ``install.sh -d`` layout, driven like oned."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.servers.oned import (
+    OneLocation,
+    action_data,
+    app_xml,
+    datastore_xml,
+    image_xml,
+    import_info_xml,
+    market_xml,
+    parse_reply,
+)
+
+WAIT_S = 20.0
+"""Bound of every wait for something a script does (it signals through a file)."""
+
+MONITOR_OK = '#!/bin/sh\necho "USED_MB=1"\necho "FREE_MB=2"\necho "TOTAL_MB=3"\n'
+
+
+def wait_for(path: Path) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def gate_script(tmp: Path, before: str = "", after: str = "") -> str:
+    """A script that runs ``before``, says it started, waits for a 'go' file, runs ``after``."""
+    return (
+        "#!/bin/sh\n"
+        f"{before}\n"
+        f'touch "{tmp}/started.$2"\n'
+        f"i=0; while [ ! -e '{tmp}/go' ] && [ $i -lt 1000 ]; do sleep 0.02; i=$((i+1)); done\n"
+        f"{after}\n"
+    )
+
+
+def pid_gone(pid: int) -> bool:
+    """True once ``pid`` no longer runs (gone, or a zombie waiting for init)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def monitor_payload(driver: str, **attrs: str) -> str:
+    return action_data(market_xml(driver, **attrs))
+
+
+# ------------------------------------------------------------------------------------------
+# protocol basics
+
+
+def test_init_and_finalize_exit_zero(oned: OneLocation) -> None:
+    mad = oned.start("-t", "4")
+    mad.send("INIT")
+    assert mad.next_line() == "INIT SUCCESS\n"
+    assert mad.finalize(timeout_s=5) == 0
+    assert mad.rest() == []
+
+
+def test_eof_exits_zero(oned: OneLocation) -> None:
+    mad = oned.start()
+    mad.send("INIT")
+    assert mad.next_line() == "INIT SUCCESS\n"
+    mad.close_stdin()
+    assert mad.wait(timeout_s=5) == 0
+
+
+def test_invalid_base64_and_xml_get_one_line_failures(oned: OneLocation) -> None:
+    mad = oned.start("-t", "4")
+    not_xml = base64.b64encode(b"<MARKET_DRIVER_ACTION_DATA><oops").decode()
+    wrong_root = base64.b64encode(b"<OTHER/>").decode()
+    mad.request("MONITOR", 11, "!!not*base64!!")
+    mad.request("MONITOR", 12, not_xml)
+    mad.request("DELETE", 13, wrong_root)
+    mad.request("IMPORT", 14, "")
+    replies = {r.id: r for r in mad.replies(4)}
+    assert replies[11].action == "MONITOR" and replies[11].result == "FAILURE"
+    assert "base64" in replies[11].info
+    assert "XML" in replies[12].info
+    assert replies[13].action == "DELETE" and not replies[13].ok
+    assert replies[14].action == "IMPORT" and not replies[14].ok
+    assert mad.finalize() == 0
+    assert mad.rest() == []
+
+
+def test_malformed_lines_are_skipped_and_logged(oned: OneLocation) -> None:
+    mad = oned.start()
+    secret_b64 = base64.b64encode(b"<x>SECRET_ACCESS_KEY</x>" * 4).decode()
+    mad.send("", "   ", "BOGUS 1 abc", "MONITOR abc", "MONITOR", secret_b64, "\r", "INIT")
+    assert mad.next_line() == "INIT SUCCESS\n"
+    assert mad.finalize() == 0
+    assert mad.rest() == []
+    log = mad.log_text()
+    assert "ignored a line" in log and "BOGUS" in log
+    assert secret_b64 not in log and secret_b64[:20] not in log
+
+
+def test_unknown_option_is_a_usage_error(oned: OneLocation) -> None:
+    mad = oned.start("--bogus")
+    assert mad.wait() == 2
+    assert "usage" in mad.log_text()
+
+
+def test_driver_not_enabled_gets_exactly_one_failure(oned: OneLocation) -> None:
+    marker = oned.root / "ran"
+    oned.add_driver("tiny", {"monitor": f"#!/bin/sh\ntouch {marker}\n"})
+    mad = oned.start("-m", "http")
+    mad.request("MONITOR", 5, monitor_payload("tiny"))
+    mad.request("MONITOR", 6, monitor_payload("../../../bin"))
+    first, second = mad.replies(2)
+    assert first == parse_reply("MONITOR FAILURE 5 Marketplace driver 'tiny' not available\n")
+    assert second.id == 6 and not second.ok and "not available" in second.info
+    assert mad.finalize() == 0
+    assert mad.rest() == []
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------
+# custom driver folders: executed as upstream does
+
+
+def test_200_monitors_at_once_get_200_replies(oned: OneLocation) -> None:
+    oned.add_driver("tiny", {"monitor": MONITOR_OK})
+    mad = oned.start("-t", "4")
+    payload = monitor_payload("tiny")
+    mad.send("INIT", *(f"MONITOR  {i} {payload}" for i in range(200)))
+    assert mad.next_line() == "INIT SUCCESS\n"
+    replies = mad.replies(200)
+    assert sorted(r.id for r in replies) == list(range(200))
+    for r in replies:
+        assert r.action == "MONITOR" and r.ok, r
+        assert r.decoded() == b"USED_MB=1\nFREE_MB=2\nTOTAL_MB=3\n"
+    assert mad.finalize(timeout_s=5) == 0
+    assert mad.rest() == []
+
+
+def test_custom_script_gets_upstream_arguments(oned: OneLocation) -> None:
+    args = oned.root / "args"
+    oned.add_driver(
+        "tiny",
+        {
+            "delete": f'#!/bin/sh\nprintf "%s\\n" "$#" "$1" "$2" > {args}\n',
+            "monitor": "#!/bin/sh\necho first problem >&2\necho second >&2\nexit 3\n",
+        },
+    )
+    mad = oned.start()
+    payload = action_data(app_xml(id_=9), market_xml("tiny"))
+    mad.request("DELETE", 9, payload)
+    assert mad.reply() == parse_reply("DELETE SUCCESS 9 -\n")
+    assert args.read_text().split("\n")[:3] == ["2", payload, "9"]
+    mad.request("MONITOR", 4, monitor_payload("tiny"))
+    assert mad.reply() == parse_reply("MONITOR FAILURE 4 first problem; second\n")
+
+
+def test_script_without_shebang_runs_through_a_shell(oned: OneLocation) -> None:
+    oned.add_driver("tiny", {"monitor": "echo USED_MB=5\n"})
+    mad = oned.start()
+    mad.request("MONITOR", 1, monitor_payload("tiny"))
+    assert mad.reply().decoded() == b"USED_MB=5\n"
+
+
+def test_silent_failure_names_driver_and_exit_code(oned: OneLocation) -> None:
+    oned.add_driver("tiny", {"monitor": "#!/bin/sh\nexit 7\n"})
+    mad = oned.start()
+    mad.request("MONITOR", 1, monitor_payload("tiny"))
+    reply = mad.reply()
+    assert not reply.ok and "tiny monitor" in reply.info and "7" in reply.info
+
+
+def test_missing_action_script(oned: OneLocation) -> None:
+    oned.add_driver("tiny", {"monitor": MONITOR_OK})
+    mad = oned.start()
+    mad.request("DELETE", 2, action_data(app_xml(), market_xml("tiny")))
+    reply = mad.reply()
+    assert not reply.ok and "has no delete action" in reply.info
+
+
+def test_delete_of_template_apps_runs_nothing(oned: OneLocation) -> None:
+    marker = oned.root / "ran"
+    oned.add_driver("tiny", {"delete": f"#!/bin/sh\ntouch {marker}\n"})
+    mad = oned.start()
+    for app_type in (2, 3):
+        mad.request("DELETE", app_type, action_data(app_xml(type_=app_type), market_xml("tiny")))
+        assert mad.reply() == parse_reply(f"DELETE SUCCESS {app_type} -\n")
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------
+# stderr: LOG lines and failure text
+
+
+def test_log_lines_are_forwarded_while_the_action_runs(oned: OneLocation, tmp_path: Path) -> None:
+    script = gate_script(tmp_path, before='echo "INFO: downloading 10%" >&2', after="echo OK=1")
+    oned.add_driver("tiny", {"monitor": script})
+    mad = oned.start()
+    mad.request("MONITOR", 21, monitor_payload("tiny"))
+    assert mad.next_line() == "LOG I 21 downloading 10%\n"
+    assert not (tmp_path / "go").exists()  # the action is still waiting: the LOG came live
+    (tmp_path / "go").touch()
+    reply = mad.reply()
+    assert reply.ok and reply.decoded() == b"OK=1\n"
+
+
+def test_error_lines_logged_once_and_failure_joined(oned: OneLocation) -> None:
+    script = (
+        "#!/bin/sh\n"
+        'echo "ERROR: disk on fire" >&2\n'
+        'echo "WARN: 12: smoke" >&2\n'
+        'echo "DEBUG: details" >&2\n'
+        'echo "cannot write" >&2\n'
+        'echo "  " >&2\n'
+        'printf "no space left" >&2\n'
+        "exit 1\n"
+    )
+    oned.add_driver("tiny", {"monitor": script})
+    mad = oned.start()
+    mad.request("MONITOR", 3, monitor_payload("tiny"))
+    reply = mad.reply()
+    assert reply.info == "cannot write; no space left"
+    assert mad.finalize() == 0
+    mad.rest()
+    log_lines = [line for line in mad.lines if line.startswith("LOG")]
+    assert log_lines == ["LOG E 3 disk on fire\n", "LOG W 3 smoke\n", "LOG D 3 details\n"]
+
+
+def test_payload_never_reaches_logs_or_failures(oned: OneLocation) -> None:
+    secret = "Zm9vYmFyc2VjcmV0a2V5MTIzNDU2Nzg5MA"
+    loud = (
+        '#!/bin/sh\necho "INFO: got $1" >&2\necho "ERROR: $1" >&2\n'
+        'echo "failed on $1 here" >&2\nexit 1\n'
+    )
+    oned.add_driver("tiny", {"monitor": loud, "import": loud})
+    oned.add_datastore("fakeds", '#!/bin/sh\nread p\necho "export of $p failed" >&2\nexit 1\n')
+    mad = oned.start()
+    payload = monitor_payload("tiny", SECRET_ACCESS_KEY=secret)
+    mad.request("MONITOR", 1, payload)
+    first = mad.reply()
+    imp = action_data(
+        app_xml(), market_xml("tiny", SECRET=secret), image_xml(), datastore_xml("fakeds")
+    )
+    mad.request("IMPORT", 2, imp)
+    second = mad.reply()
+    mad.request("MONITOR", 3, "x" * 300 + "!")
+    mad.reply()
+    assert mad.finalize() == 0
+    mad.rest()
+    assert "failed on <action data> here" in first.info
+    assert "export of <action data> failed" in second.info
+    everything = "".join(mad.lines) + mad.log_text()
+    for needle in (payload, imp, payload[40:80], imp[40:80], "x" * 300):
+        assert needle not in everything
+
+
+# ------------------------------------------------------------------------------------------
+# IMPORT: datastore export, then market import
+
+
+def test_import_runs_export_then_import(oned: OneLocation, tmp_path: Path) -> None:
+    info = import_info_xml("/var/tmp/image.qcow2", md5="0" * 32, size_mb=42, fmt="qcow2")
+    oned.add_datastore(
+        "fakeds",
+        f'#!/bin/sh\ncat > {tmp_path}/export.stdin\necho "$#:$1" > {tmp_path}/export.args\n'
+        f'echo "INFO: exporting" >&2\necho "{info}"\n',
+    )
+    oned.add_driver(
+        "tiny",
+        {
+            "import": f'#!/bin/sh\necho "$1" > {tmp_path}/import.arg\n'
+            'echo SOURCE=\\"http://x/app\\"\necho MD5=\\"abc\\"\necho SIZE=\\"42\\"\n'
+            'echo FORMAT=\\"qcow2\\"\n'
+        },
+    )
+    mad = oned.start()
+    mad.request(
+        "IMPORT",
+        8,
+        action_data(app_xml(id_=8), market_xml("tiny"), image_xml(), datastore_xml("fakeds")),
+    )
+    reply = mad.reply()
+    assert reply.ok, reply
+    assert reply.decoded() == b'SOURCE="http://x/app"\nMD5="abc"\nSIZE="42"\nFORMAT="qcow2"\n'
+    assert mad.logs[0].message == "exporting" and mad.logs[0].id == 8
+    assert (tmp_path / "export.args").read_text() == "1:8\n"
+    ds_doc = base64.b64decode((tmp_path / "export.stdin").read_text())
+    assert ds_doc.startswith(b"<DS_DRIVER_ACTION_DATA><IMAGE>") and b"<DATASTORE>" in ds_doc
+    market_doc = base64.b64decode((tmp_path / "import.arg").read_text()).decode()
+    for expected in (
+        "<IMPORT_SOURCE>/var/tmp/image.qcow2</IMPORT_SOURCE>",
+        f"<MD5>{'0' * 32}</MD5>",
+        "<SIZE>42</SIZE>",
+        "<FORMAT>qcow2</FORMAT>",
+        "<DISPOSE>NO</DISPOSE>",
+    ):
+        assert expected in market_doc
+
+
+def test_import_failures(oned: OneLocation) -> None:
+    oned.add_driver("tiny", {"import": "#!/bin/sh\nexit 9\n"})
+    oned.add_datastore("garbage", "#!/bin/sh\necho not xml\n")
+    mad = oned.start()
+
+    def imp(id_: int, *parts: str) -> str:
+        mad.request("IMPORT", id_, action_data(*parts))
+        reply = mad.reply()
+        assert not reply.ok and reply.id == id_
+        return reply.info
+
+    market = market_xml("tiny")
+    assert "DS_MAD" in imp(1, app_xml(), market, image_xml(), datastore_xml(""))
+    assert "'nods' not available" in imp(2, app_xml(), market, image_xml(), datastore_xml("nods"))
+    assert "not available" in imp(3, app_xml(), market, image_xml(), datastore_xml("../tiny"))
+    assert "XML" in imp(4, app_xml(), market, image_xml(), datastore_xml("garbage"))
+    assert "only images" in imp(5, app_xml(type_=2), market, image_xml(), datastore_xml("x"))
+    assert "IMAGE" in imp(6, app_xml(), market, datastore_xml("garbage"))
+
+
+# ------------------------------------------------------------------------------------------
+# timeouts, cancel, concurrency, shutdown
+
+
+def test_hung_action_and_its_children_are_killed(oned: OneLocation, tmp_path: Path) -> None:
+    # the script and its child ignore SIGTERM: only the SIGKILL after the grace period ends them
+    script = f"#!/bin/sh\ntrap '' TERM\nsleep 300 &\necho $! > {tmp_path}/child\nwait\n"
+    oned.add_driver("tiny", {"monitor": script})
+    mad = oned.start("-w", "1")
+    mad.request("MONITOR", 31, monitor_payload("tiny"))
+    reply = mad.reply()
+    assert reply == parse_reply("MONITOR FAILURE 31 tiny monitor timed out after 1 s\n")
+    child = int((tmp_path / "child").read_text())
+    deadline = time.monotonic() + WAIT_S
+    while not pid_gone(child):
+        assert time.monotonic() < deadline, "the hung action's child survived"
+        time.sleep(0.05)
+
+
+def test_driver_cancel_kills_the_action(oned: OneLocation, tmp_path: Path) -> None:
+    oned.add_driver("tiny", {"monitor": gate_script(tmp_path)})
+    mad = oned.start()
+    mad.request("MONITOR", 41, monitor_payload("tiny"))
+    wait_for(tmp_path / "started.41")
+    mad.send("DRIVER_CANCEL 41")
+    reply = mad.reply()
+    assert reply.id == 41 and not reply.ok and "cancel" in reply.info
+
+
+def test_concurrency_limit_queues_requests(oned: OneLocation, tmp_path: Path) -> None:
+    oned.add_driver("tiny", {"monitor": gate_script(tmp_path, after="echo A=1")})
+    mad = oned.start("-t", "2")
+    payload = monitor_payload("tiny")
+    mad.send(*(f"MONITOR  {i} {payload}" for i in range(5)))
+    wait_for(tmp_path / "started.0")
+    wait_for(tmp_path / "started.1")
+    mad.send("INIT")  # a round trip: the MAD has read and queued all five by now
+    assert mad.next_line() == "INIT SUCCESS\n"
+    assert sorted(p.name for p in tmp_path.glob("started.*")) == ["started.0", "started.1"]
+    (tmp_path / "go").touch()
+    assert sorted(r.id for r in mad.replies(5)) == list(range(5))
+
+
+def test_finalize_lets_running_actions_finish(oned: OneLocation, tmp_path: Path) -> None:
+    oned.add_driver("tiny", {"monitor": gate_script(tmp_path, after="echo DONE=1")})
+    mad = oned.start()
+    mad.request("MONITOR", 51, monitor_payload("tiny"))
+    wait_for(tmp_path / "started.51")
+    mad.send("FINALIZE", "MONITOR  52 ignored-after-finalize")
+    (tmp_path / "go").touch()
+    assert mad.wait() == 0
+    lines = mad.rest()
+    assert [parse_reply(x).id for x in lines] == [51]
+    assert parse_reply(lines[0]).decoded() == b"DONE=1\n"
+
+
+def test_sigterm_kills_running_actions_and_answers(oned: OneLocation, tmp_path: Path) -> None:
+    oned.add_driver("tiny", {"monitor": gate_script(tmp_path)})
+    mad = oned.start("-t", "1")
+    payload = monitor_payload("tiny")
+    mad.send(f"MONITOR  61 {payload}", f"MONITOR  62 {payload}")
+    wait_for(tmp_path / "started.61")
+    mad.proc.send_signal(signal.SIGTERM)
+    assert mad.wait() == 0
+    replies = [parse_reply(x) for x in mad.rest()]
+    assert sorted(r.id for r in replies) == [61, 62]
+    assert all(not r.ok and "stopped" in r.info for r in replies)
+
+
+# ------------------------------------------------------------------------------------------
+# our own drivers: forked from the MAD, no interpreter start
+
+
+def test_http_monitor_runs_in_a_forked_child(oned: OneLocation, tmp_path: Path) -> None:
+    public = tmp_path / "public"
+    public.mkdir()
+    mad = oned.start("-t", "4", "-m", "http,one")
+    payload = monitor_payload("http", BASE_URL="http://127.0.0.1:9/", PUBLIC_DIR=str(public))
+    mad.send(*(f"MONITOR  {i} {payload}" for i in range(20)))
+    replies = mad.replies(20)
+    assert sorted(r.id for r in replies) == list(range(20))
+    for r in replies:
+        assert r.ok, r
+        assert b"TOTAL_MB" in r.decoded() and b"APP" not in r.decoded()
+    mad.request("MONITOR", 99, monitor_payload("http", BASE_URL="http://127.0.0.1:9/"))
+    failure = mad.reply()
+    assert not failure.ok and "PUBLIC_DIR" in failure.info
+    assert mad.finalize() == 0
+    assert payload not in mad.log_text()
+
+
+def test_forked_action_is_killed_on_timeout(oned: OneLocation, tmp_path: Path) -> None:
+    fifo = tmp_path / "never"
+    os.mkfifo(fifo)  # reading the image source blocks forever: nobody opens the other end
+    oned.add_datastore("fakeds", f'#!/bin/sh\necho "{import_info_xml(str(fifo))}"\n')
+    public = tmp_path / "public"
+    public.mkdir()
+    mad = oned.start("-w", "1", "-m", "http")
+    market = market_xml("http", BASE_URL="http://127.0.0.1:9/", PUBLIC_DIR=str(public))
+    mad.request(
+        "IMPORT", 71, action_data(app_xml(id_=71), market, image_xml(), datastore_xml("fakeds"))
+    )
+    reply = mad.reply()
+    assert reply == parse_reply("IMPORT FAILURE 71 http import timed out after 1 s\n")
+    assert list(public.iterdir()) == [] or all(p.is_dir() for p in public.iterdir())
+
+
+@pytest.mark.parametrize("proxy", ["http://127.0.0.1:3128"])
+def test_proxy_option_reaches_actions(oned: OneLocation, tmp_path: Path, proxy: str) -> None:
+    oned.add_driver(
+        "tiny",
+        {"monitor": '#!/bin/sh\necho "P=$http_proxy,$https_proxy,$HTTP_PROXY,$HTTPS_PROXY"\n'},
+    )
+    mad = oned.start("-p", proxy)
+    mad.request("MONITOR", 1, monitor_payload("tiny"))
+    assert mad.reply().decoded() == f"P={proxy},{proxy},{proxy},{proxy}\n".encode()
