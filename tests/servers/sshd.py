@@ -8,6 +8,7 @@ host aliases (``bridge1``, ``bridge2``) all lead to it. The driver finds that co
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import signal
@@ -139,10 +140,8 @@ class Sshd:
         """Cut every open connection (the listener stays up); how many were cut."""
         pids = self.session_pids()
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         return len(pids)
 
     def stop(self) -> None:

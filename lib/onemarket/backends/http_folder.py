@@ -50,7 +50,7 @@ if [ -L "$p" ] || [ -f "$p" ]; then rm -f -- "$p"; else exit {not_file}; fi
 
 _MONITOR_SCRIPT = """d={dir}
 [ -d "$d" ] || exit {no_folder}
-df -P -B1M -- "$d" | tail -n 1
+stat -f -c '%S %b %f %a' -- "$d"
 """
 
 
@@ -259,10 +259,7 @@ class HttpFolderBackend(Backend):
                 st = os.statvfs(folder)
             except OSError as exc:
                 raise from_os_error(exc, f"cannot read the size of PUBLIC_DIR {folder}") from None
-            total = st.f_blocks * st.f_frsize // MIB
-            free = st.f_bavail * st.f_frsize // MIB
-            used = (st.f_blocks - st.f_bfree) * st.f_frsize // MIB
-            return MonitorResult(used_mb=used, free_mb=free, total_mb=total)
+            return _sizes(st.f_frsize, st.f_blocks, st.f_bfree, st.f_bavail)
         hosts = available_hosts(cfg.bridge_list)
         last: Exception | None = None
         for host in hosts_in_turn(hosts, 0):
@@ -283,13 +280,21 @@ class HttpFolderBackend(Backend):
             if _exit_code(exc) == EXIT_NO_FOLDER:
                 raise StorageError(f"PUBLIC_DIR {folder} does not exist on {host}") from None
             raise
-        fields = out.split()
-        # df -P: filesystem, 1M-blocks, used, available, capacity, mount point
+        # statvfs fields: fundamental block size, total blocks, free blocks, available blocks
         try:
-            total, used, free = int(fields[1]), int(fields[2]), int(fields[3])
-        except (IndexError, ValueError):
-            raise RemoteError(f"cannot read df output from {host}: {out[:100]!r}") from None
-        return MonitorResult(used_mb=used, free_mb=free, total_mb=total)
+            block, total, free, avail = (int(f) for f in out.split())
+        except ValueError:
+            raise RemoteError(f"cannot read filesystem sizes from {host}: {out[:100]!r}") from None
+        return _sizes(block, total, free, avail)
+
+
+def _sizes(block: int, total: int, free: int, avail: int) -> MonitorResult:
+    """MB as ``df`` shows them: used excludes reserved blocks, free is what users may fill."""
+    return MonitorResult(
+        used_mb=(total - free) * block // MIB,
+        free_mb=avail * block // MIB,
+        total_mb=total * block // MIB,
+    )
 
 
 def _exit_code(exc: Exception) -> int | None:

@@ -39,7 +39,7 @@ MAX_STDERR_BYTES = 64 * 1024
 
 _WRITE_SCRIPT = """umask 022
 d={dir}; t={tmp}
-[ -d "$d" ] || {{ echo "no such folder" >&2; exit {no_folder}; }}
+[ -d "$d" ] || {{ echo "folder $d does not exist" >&2; exit {no_folder}; }}
 trap 'rm -f -- "$t"; exit 1' HUP INT TERM PIPE
 dd of="$t" bs={block} iflag=fullblock conv=sparse status=none || {{ rm -f -- "$t"; exit {failed}; }}
 sync -- "$t" 2>/dev/null || sync

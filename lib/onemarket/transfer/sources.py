@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import stat
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -117,8 +118,12 @@ class HttpSource:
         self.description = url
         self._session = session or requests.Session()
         try:
+            # Identity: the image's own bytes (what its MD5 covers), never a compressed form.
             self._resp = self._session.get(
-                url, stream=True, timeout=(HTTP_CONNECT_TIMEOUT_S, HTTP_READ_TIMEOUT_S)
+                url,
+                stream=True,
+                timeout=(HTTP_CONNECT_TIMEOUT_S, HTTP_READ_TIMEOUT_S),
+                headers={"Accept-Encoding": "identity"},
             )
         except requests.RequestException as exc:
             raise SourceError(f"cannot download {url}: {type(exc).__name__}") from None
@@ -128,11 +133,12 @@ class HttpSource:
         length = self._resp.headers.get("Content-Length")
         encoded = self._resp.headers.get("Content-Encoding", "identity") != "identity"
         self.size_bytes = int(length) if length and length.isdigit() and not encoded else None
+        self._decode = encoded
         self._raw = self._resp.raw
 
     def read(self, n: int = CHUNK_BYTES) -> bytes:
         try:
-            return self._raw.read(n, decode_content=False)
+            return self._raw.read(n, decode_content=self._decode)
         except Exception as exc:  # noqa: BLE001 - urllib3 raises many types for a dropped link
             raise SourceError(f"download of {self.description} failed: {exc}") from None
 
@@ -163,7 +169,10 @@ def open_source(source: str, installation: Installation | None = None) -> Iterat
         except OSError as exc:
             raise SourceError(f"cannot open {path}: {exc.strerror or exc}") from None
         try:
-            yield FileSource(stream, str(path), os.fstat(stream.fileno()).st_size)
+            st = os.fstat(stream.fileno())
+            # Only a regular file has a meaningful size (a FIFO or a device reports 0).
+            size = st.st_size if stat.S_ISREG(st.st_mode) else None
+            yield FileSource(stream, str(path), size)
         finally:
             stream.close()
         return
