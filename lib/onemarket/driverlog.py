@@ -8,6 +8,7 @@ is routed here at WARNING level so that no library writes to stdout.
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 import threading
@@ -64,6 +65,46 @@ def error(message: str) -> None:
 def debug(message: str) -> None:
     if _debug:
         _write("DEBUG", message)
+
+
+class ScrubbingStream(io.TextIOBase):
+    """A text stream that masks registered secrets before writing to ``target``.
+
+    Text is passed on a line at a time (a secret printed in several ``write`` calls is still
+    masked); :meth:`flush` passes on what is left. It covers Python-level writes only: bytes a
+    child process writes to the file descriptor cannot be seen here.
+    """
+
+    def __init__(self, target: TextIO) -> None:
+        self._target = target
+        self._pending = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        if "\n" in self._pending:
+            done, _, self._pending = self._pending.rpartition("\n")
+            self._target.write(scrub(done + "\n"))
+            self._target.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            self._target.write(scrub(self._pending))
+            self._pending = ""
+        self._target.flush()
+
+    def fileno(self) -> int:
+        return self._target.fileno()
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._target, "encoding", "utf-8")
 
 
 class _Handler(logging.Handler):

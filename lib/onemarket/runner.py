@@ -84,7 +84,10 @@ def run_action(
     _flush_quietly(sys.__stdout__)
     saved = os.dup(result_fd)
     os.dup2(2, result_fd)
-    sys.stdout = sys.stderr
+    saved_stdout, saved_stderr = sys.stdout, sys.stderr
+    # Python-level output of the action goes to stderr with secrets masked: the MAD turns
+    # stderr into log lines and the failure text.
+    sys.stdout = sys.stderr = driverlog.ScrubbingStream(saved_stderr)
     result = ""
     code = EXIT_FAILED
     try:
@@ -112,8 +115,9 @@ def run_action(
         # Whatever was written to sys.stdout or sys.__stdout__ during the action is flushed
         # while fd 1 still points at stderr, so it can never follow the result on stdout.
         _flush_quietly(sys.stdout)
+        _flush_quietly(sys.stderr)
         _flush_quietly(sys.__stdout__)
-        sys.stdout = sys.__stdout__
+        sys.stdout, sys.stderr = saved_stdout, saved_stderr
         os.dup2(saved, result_fd)
         os.close(saved)
     if code == EXIT_OK and result:
