@@ -17,9 +17,11 @@ from onemarket import cli
 from onemarket.progress import ProgressEvent
 from onemarket.template import parse_template, write_template
 
-from tests.servers.fake_oned import FakeMarket, FakeOned, validate
+from tests.servers import free_port
+from tests.servers.fake_oned import FakeHost, FakeMarket, FakeOned, validate
 from tests.servers.httpd import StaticHttpServer
 from tests.servers.nginx import Nginx
+from tests.servers.sshd import Sshd
 
 REPO = Path(__file__).resolve().parents[1]
 ONE_CATALOG = REPO / "tests" / "data" / "one-community-appliance.json"
@@ -193,6 +195,60 @@ def test_push_errors_are_one_line(capfd, tmp_path: Path, http_market: str) -> No
     code, _, err = run(capfd, "push", http_market, str(tmp_path))
     assert code == 1
     assert "directory" in one_line_error(err)
+
+
+# --------------------------------------------------------------------------- http + BRIDGE_LIST
+
+
+def bridge_market(tmp_path: Path, nginx: Nginx, hosts: str) -> str:
+    return template_file(
+        tmp_path,
+        "bridged",
+        MARKET_MAD="http",
+        BASE_URL=nginx.base_url,
+        PUBLIC_DIR=str(nginx.public_dir),
+        BRIDGE_LIST=hosts,
+    )
+
+
+def test_http_bridge_check_push_rm(capfd, tmp_path: Path, nginx: Nginx, sshd: Sshd) -> None:
+    market = bridge_market(tmp_path, nginx, "bridge1 bridge2")
+    code, out, _ = run(capfd, "check", market)
+    assert code == 0, out
+    for host in ("bridge1", "bridge2"):
+        assert f"PASS  ssh {host}: reachable" in out
+        assert f"PASS  PUBLIC_DIR on {host}:" in out
+        assert f"PASS  BASE_URL: serves {host}:" in out
+    assert list(nginx.public_dir.iterdir()) == []
+
+    image = image_file(tmp_path, 300_000)
+    code, out, err = run(capfd, "push", market, str(image), "--id", "3")
+    assert code == 0, err
+    source = parse_template(out).get("SOURCE") or ""
+    assert requests.get(source, timeout=10).content == image.read_bytes()
+    code, out, _ = run(capfd, "rm", market, source)
+    assert code == 0, out
+    assert list(nginx.public_dir.iterdir()) == []
+
+
+def test_http_bridge_check_reports_dead_and_disabled_hosts(
+    capfd, tmp_path: Path, nginx: Nginx, sshd: Sshd, fake_oned: FakeOned, monkeypatch
+) -> None:
+    config = tmp_path / "ssh_config"
+    dead_port = free_port()
+    config.write_text(
+        f"Host deadbridge\n    HostName 127.0.0.1\n    Port {dead_port}\n\n"
+        + sshd.config.read_text()
+    )
+    monkeypatch.setenv("ONE_MARKET_SSH_CONFIG", str(config))
+    fake_oned.hosts = [FakeHost(0, "bridge1", 2), FakeHost(1, "bridge2", 4)]
+    market = bridge_market(tmp_path, nginx, "bridge1 bridge2 deadbridge")
+    code, out, _ = run(capfd, "check", market)
+    assert code == 1
+    assert "PASS  oned hosts: imports skip bridge2 (oned state)" in out
+    assert "PASS  ssh bridge1" in out
+    (dead,) = [x for x in out.splitlines() if x.startswith("FAIL  ssh deadbridge")]
+    assert "ssh failed" in dead
 
 
 # --------------------------------------------------------------------------- public catalogs
@@ -448,3 +504,43 @@ def test_app_id_from_source() -> None:
     assert cli.app_id_from_source("http://h/market/app-42-0123abcd") == 42
     assert cli.app_id_from_source("s3://bucket/marketapp-7") == 7
     assert cli.app_id_from_source("http://h/market/5f3c1d") == -1
+
+
+def test_push_shows_a_bar_on_a_terminal_only(tmp_path: Path, http_market: str) -> None:
+    """The console script with stderr on a pseudo-terminal draws the bar; stdout stays clean."""
+    import pty
+    import select
+
+    exe = Path(sys.executable).parent / "one-market"
+    image = image_file(tmp_path, 2 * MIB)
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [exe, "push", http_market, str(image)],
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            stdin=subprocess.DEVNULL,
+        )
+        os.close(slave)
+        slave = -1
+        seen = b""
+        for _ in range(600):  # bounded: 600 x 0.1 s
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+            elif proc.poll() is not None:
+                break
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert proc.returncode == 0, seen
+    assert b"(100%)" in seen and b"[" in seen
+    assert parse_template(out.decode()).get("MD5") == hashlib.md5(image.read_bytes()).hexdigest()

@@ -32,6 +32,7 @@ import requests
 from . import __version__, driverlog, oneclient
 from .action import APP_TYPE_IMAGE, App, ImportInfo, Market
 from .backends.base import Backend, Context, ImportRequest, ImportResult, MonitorResult
+from .bridge import parse_bridge_list
 from .errors import ConfigError, MarketError, SourceError, from_os_error, one_line
 from .installation import Installation
 from .markets import PUBLIC_DRIVERS, load_market, missing_attrs
@@ -61,6 +62,10 @@ SNIFF_BYTES = 512
 NAME_COLUMN_MAX_CHARS = 60
 """Widest NAME column of the ``apps`` table (longer names are cut; ``--json`` has them whole)."""
 MB = 1024 * 1024
+SSH_FAILED = 255
+"""Exit status of ssh itself failing (connection, authentication, host key)."""
+SSH_TIMED_OUT = -1
+SSH_NOT_RUN = -2
 
 
 # ---------------------------------------------------------------------------- output helpers
@@ -221,7 +226,11 @@ class Checker:
         if not base_url.startswith(("http://", "https://")):
             self.add("BASE_URL", False, f"BASE_URL must be an http(s) URL, not {base_url!r}")
             return
-        hosts = (self.market.attr("BRIDGE_LIST") or "").split()
+        try:
+            hosts = parse_bridge_list(self.market.attr("BRIDGE_LIST"))
+        except MarketError as exc:
+            self.add("BRIDGE_LIST", False, str(exc))
+            return
         if not hosts:
             self.check_local_dir(public_dir, base_url)
             return
@@ -237,8 +246,7 @@ class Checker:
             else:
                 self.add("oned hosts", True, "no BRIDGE_LIST host is disabled, offline or in error")
         for host in hosts:
-            if self.check_ssh(host):
-                self.check_remote_dir(host, public_dir, base_url)
+            self.check_remote_dir(host, public_dir, base_url)
 
     def check_local_dir(self, public_dir: str, base_url: str) -> None:
         folder = Path(public_dir)
@@ -272,19 +280,18 @@ class Checker:
             with contextlib.suppress(OSError):
                 path.unlink()
 
-    def check_ssh(self, host: str) -> bool:
-        code, err = run_ssh(host, "true")
-        if code == 0:
-            return self.add(f"ssh {host}", True, "reachable (BatchMode)")
-        return self.add(f"ssh {host}", False, f"ssh failed ({err or f'exit {code}'})")
-
     def check_remote_dir(self, host: str, public_dir: str, base_url: str) -> None:
+        """One ssh session logs in, checks the folder and writes the probe (ssh is slow to open)."""
         name, data = probe()
         q = shell_quote(public_dir)
         script = (
             f"test -d {q} || exit 3; test -w {q} || exit 4; umask 022; cat > {q}/{name} || exit 5"
         )
         code, err = run_ssh(host, script, data)
+        if code in (SSH_FAILED, SSH_TIMED_OUT, SSH_NOT_RUN):
+            self.add(f"ssh {host}", False, f"ssh failed ({err or f'exit {code}'})")
+            return
+        self.add(f"ssh {host}", True, "reachable (BatchMode)")
         label = f"PUBLIC_DIR on {host}"
         if code != 0:
             why = {3: "does not exist", 4: "is not writable by the ssh user"}.get(
@@ -422,9 +429,9 @@ def run_ssh(host: str, command: str, data: bytes = b"") -> tuple[int, str]:
             check=False,
         )
     except subprocess.TimeoutExpired:
-        return 124, f"no answer within {SSH_CHECK_TIMEOUT_S:.0f} s"
+        return SSH_TIMED_OUT, f"no answer within {SSH_CHECK_TIMEOUT_S:.0f} s"
     except OSError as exc:
-        return 127, f"cannot run ssh ({exc.strerror or exc})"
+        return SSH_NOT_RUN, f"cannot run ssh ({exc.strerror or exc})"
     return proc.returncode, one_line(proc.stderr.decode("utf-8", "replace"), 300)
 
 
