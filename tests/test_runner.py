@@ -131,9 +131,7 @@ def _failure_lines(err: str) -> list[str]:
 def test_monitor_result_only_on_stdout(capfd, fake_driver) -> None:
     code, out, err = _run(capfd, fake_driver, "monitor", monitor_payload("fake", {"MODE": "noisy"}))
     assert code == 0, err
-    expected = MonitorResult(
-        1, 2, 3, [AppEntry(name='app "one"', description="line\nbreak ]]> \\")]
-    )
+    expected = MonitorResult(1, 2, 3, [FAKE_APP])
     assert out == expected.to_template()
     tmpl = parse_template(out)
     assert tmpl.get("TOTAL_MB") == "3" and len(tmpl.get_all("APP")) == 1
@@ -339,9 +337,7 @@ def test_subprocess_noisy_backend_keeps_stdout_clean(tmp_path) -> None:
     script = _launcher(tmp_path, "fake", "monitor", FAKE_TARGET)
     proc = _spawn(script, [monitor_payload("fake", {"MODE": "noisy"}), "5"], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    expected = MonitorResult(
-        1, 2, 3, [AppEntry(name='app "one"', description="line\nbreak ]]> \\")]
-    )
+    expected = MonitorResult(1, 2, 3, [FAKE_APP])
     assert proc.stdout == expected.to_template()
     assert "stray child stdout" in proc.stderr and "unflushed" in proc.stderr
 
