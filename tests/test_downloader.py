@@ -773,3 +773,50 @@ def test_rgw_access_denied(apps: dict[str, Any]) -> None:
     line = one_line_error(run_downloader(source, "-", env=env))
     assert "access denied" in line
     assert OTHER_SECRET_KEY not in line
+
+
+def test_installed_wrapper_end_to_end(apps: dict[str, Any], tmp_path: Path) -> None:
+    """install.sh over a ONE_LOCATION holding a stock downloader.sh: the datastore scripts'
+    ``downloader.sh`` now reads s3:// itself and still hands everything else to the original."""
+    root = Path(__file__).resolve().parents[1]
+    one = tmp_path / "one"
+    record = tmp_path / "record"
+    record.mkdir()
+    stock = one / "var" / "remotes" / "datastore" / "downloader.sh"
+    stock.parent.mkdir(parents=True)
+    stock.write_text(STAND_IN.format(record=record), encoding="utf-8")
+    stock.chmod(0o755)
+    proc = subprocess.run(
+        ["bash", str(root / "install.sh"), "-d", str(one), "-P", sys.executable],
+        capture_output=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    env = {**apps["env"], "ONE_LOCATION": str(one)}
+    env.pop(dl.STOCK_ENV, None)
+    run = subprocess.run(
+        [str(stock), "--md5", "abc", "http://example.invalid/img", str(tmp_path / "x")],
+        capture_output=True,
+        env=env,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert run.returncode == 7, run.stderr
+    assert (record / "argv").read_bytes().split(b"\0")[:-1] == [
+        os.fsencode(stock.with_name("downloader.sh.orig")),
+        b"--md5",
+        b"abc",
+        b"http://example.invalid/img",
+        os.fsencode(tmp_path / "x"),
+    ]
+    source, data = apps["plain"]
+    run = subprocess.run(
+        [str(stock), "--md5", hashlib.md5(data).hexdigest(), source, "-"],
+        capture_output=True,
+        env=env,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == data
