@@ -92,6 +92,14 @@ def test_http_check_passes(capfd, http_market: str, nginx: Nginx) -> None:
     assert list(nginx.public_dir.iterdir()) == []  # the probe is gone
 
 
+def test_check_lines_go_to_stdout_of_the_console_script(http_market: str) -> None:
+    exe = Path(sys.executable).parent / "one-market"
+    proc = subprocess.run([exe, "check", http_market], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("PASS  ") == 5
+    assert "PASS" not in proc.stderr
+
+
 def test_http_check_finds_base_url_not_serving_public_dir(
     capfd, tmp_path: Path, nginx: Nginx
 ) -> None:

@@ -196,19 +196,19 @@ class Checker:
             self.add("attributes", False, f"missing required {', '.join(missing)}")
             return
         self.add("attributes", True, "required attributes set")
-        with stdout_to_stderr():
-            if market.driver == "http":
-                self.check_http()
-            elif market.driver == "s3":
-                self.check_s3()
-            self.check_monitor()
+        if market.driver == "http":
+            self.check_http()
+        elif market.driver == "s3":
+            self.check_s3()
+        self.check_monitor()
 
     def backend(self) -> Backend:
         return load_backend(self.market.driver, self.market, self.context)
 
     def check_monitor(self) -> None:
         def monitor() -> str:
-            result = self.backend().monitor()
+            with stdout_to_stderr():
+                result = self.backend().monitor()
             usage = f"USED_MB={result.used_mb} FREE_MB={result.free_mb} TOTAL_MB={result.total_mb}"
             if self.market.driver in PUBLIC_DRIVERS:
                 if not result.apps:
