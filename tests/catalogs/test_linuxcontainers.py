@@ -244,10 +244,11 @@ def expected_apps(
                     "MACHINE": "virt",
                 }
             else:
+                secure = req.get("secureboot") != "false"
                 os_section = {
                     "ARCH": "x86_64",
-                    "FIRMWARE": "UEFI",
-                    "FIRMWARE_SECURE": "no" if req.get("secureboot") == "false" else "yes",
+                    "FIRMWARE": "/usr/share/OVMF/OVMF_CODE" + (".secboot.fd" if secure else ".fd"),
+                    "FIRMWARE_SECURE": "yes" if secure else "no",
                     "MACHINE": "q35",
                 }
             out[f"{base} - KVM{suffix}"] = {
@@ -435,6 +436,14 @@ def test_real_bytes_sizes_and_downloads(httpd, real_catalog: Path, tmp_path: Pat
     check_apps(run, expected)
     kinds = {a.get("HYPERVISOR") for a in run.apps}
     assert kinds == {"lxc", "kvm"}
+    secure = {
+        parse_template(base64.b64decode(a.get("VMTEMPLATE64") or "")).get_all("OS")[0][
+            "FIRMWARE_SECURE"
+        ]
+        for a in run.apps
+        if a.get("HYPERVISOR") == "kvm" and a.get("ARCHITECTURE") == "x86_64"
+    }
+    assert secure == {"yes", "no"}  # ubuntu boots with secure boot, alpine cannot
     sha_by_path = {
         item["path"]: item["sha256"]
         for p in catalog["products"].values()

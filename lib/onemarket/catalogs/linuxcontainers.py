@@ -92,8 +92,11 @@ SERIAL_FORMATS = ("%Y%m%d_%H:%M", "%Y%m%d_%H%M")
 
 LXC_SCHED_HYPERVISOR = 'HYPERVISOR="lx*"'
 KVM_DEV_PREFIX = "vd"
-UEFI_FIRMWARE_X86_64 = "UEFI"
-"""x86_64 VMs: let libvirt pick the UEFI firmware (secure or not, per FIRMWARE_SECURE)."""
+OVMF_CODE_X86_64 = "/usr/share/OVMF/OVMF_CODE.fd"
+OVMF_SECBOOT_CODE_X86_64 = "/usr/share/OVMF/OVMF_CODE.secboot.fd"
+"""x86_64 UEFI firmware: oned accepts only paths listed in OVMF_UEFIS (vmm_exec_kvm.conf), and
+these two are in its default list; the secure-boot build is used unless the image says it
+cannot boot with secure boot (``requirements.secureboot: "false"``)."""
 AARCH64_OS = {
     "ARCH": "aarch64",
     "FIRMWARE": "/usr/share/AAVMF/AAVMF_CODE.fd",
@@ -450,7 +453,7 @@ def kvm_os_section(build: Build) -> dict[str, str]:
         secure = build.requirements.get("secureboot", "").lower() != "false"
         return {
             "ARCH": "x86_64",
-            "FIRMWARE": UEFI_FIRMWARE_X86_64,
+            "FIRMWARE": OVMF_SECBOOT_CODE_X86_64 if secure else OVMF_CODE_X86_64,
             "FIRMWARE_SECURE": "yes" if secure else "no",
             "MACHINE": "q35",
         }
