@@ -210,6 +210,14 @@ def client_error_code(exc: BaseException) -> str:
     return ""
 
 
+def _timed_out(exc: BaseException) -> bool:
+    """A request body that could not be sent in time surfaces as ConnectionClosedError."""
+    if not isinstance(exc, bexc.ConnectionClosedError):
+        return False
+    cause = exc.kwargs.get("error")
+    return isinstance(cause, TimeoutError) or "timed out" in str(cause)
+
+
 def s3_error(exc: BaseException, what: str, where: str = "") -> MarketError:
     """One line for an administrator saying what failed against S3 and why, secret-free.
 
@@ -246,7 +254,7 @@ def s3_error(exc: BaseException, what: str, where: str = "") -> MarketError:
         return ConfigError(f"{what}: no S3 credentials (ACCESS_KEY_ID, SECRET_ACCESS_KEY)")
     if isinstance(exc, bexc.ParamValidationError):
         return ConfigError(f"{what}: invalid S3 request ({driverlog.scrub(str(exc))})")
-    if isinstance(exc, bexc.ReadTimeoutError | bexc.ConnectTimeoutError):
+    if isinstance(exc, bexc.ReadTimeoutError | bexc.ConnectTimeoutError) or _timed_out(exc):
         return ActionTimeout(f"{what}: S3{at} did not answer in time ({type(exc).__name__})")
     if isinstance(exc, bexc.EndpointConnectionError | bexc.ConnectionClosedError):
         return RemoteError(f"{what}: cannot reach S3{at} ({type(exc).__name__})")
