@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -117,8 +118,6 @@ def test_usable_hosts_none_on_wrong_credentials(
 
 def test_usable_hosts_bounded_when_oned_hangs(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """A listener that accepts but never answers: None after the timeout, not a hang."""
-    import socket
-
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -137,6 +136,7 @@ def test_find_market_by_id_and_name(fake_oned: FakeOned) -> None:
     server = oneclient.connect()
     assert server is not None
     by_id = oneclient.find_market(server, "100")
+    assert socket.getdefaulttimeout() is None  # pyone's timeout would set it process-wide
     assert (by_id.id, by_id.name, by_id.driver) == (100, "Private http", "http")
     assert by_id.attrs["PUBLIC_DIR"] == "/srv/apps"
     by_name = oneclient.find_market(server, "Ceph")

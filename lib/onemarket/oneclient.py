@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pyone
 import requests
-from pyone import server_xrpc
 
 from . import driverlog
 from .action import Market
 from .errors import ConfigError, RemoteError, one_line
 
 DEFAULT_ENDPOINT = "http://localhost:2633/RPC2"
+USER_AGENT = "onemarket"
 CONNECT_TIMEOUT_S = 3.0
 """Default bound on every XML-RPC call (connect and each read) of :func:`connect`."""
 HOSTS_TIMEOUT_S = 3.0
@@ -52,27 +52,28 @@ UNUSABLE_HOST_STATES = frozenset(
 """oned host states (``one.hostpool.info`` STATE) in which a bridge host must not be used."""
 
 
-class _TimeoutTransport(server_xrpc.RequestsTransport):
-    """pyone's requests-based transport, with connect/read timeouts on every call."""
+class _TimeoutTransport(xmlrpc.client.Transport):
+    """XML-RPC over requests, with connect/read timeouts on every call."""
 
     def __init__(self, timeout_s: float, https: bool) -> None:
         super().__init__()
         self.timeout_s = timeout_s
-        self.set_https(https)
-        self.set_https_verify(True)
+        self.scheme = "https" if https else "http"
 
     def request(self, host, handler, request_body, verbose=False):  # type: ignore[override]
-        url = self._build_url(host, handler)
+        url = f"{self.scheme}://{host}/{handler.lstrip('/')}"
         resp = requests.post(
             url,
             data=request_body,
-            headers=self.headers,
-            verify=self.https_verify,
+            headers={"Content-Type": "text/xml", "User-Agent": USER_AGENT},
             timeout=(self.timeout_s, self.timeout_s),
         )
         if resp.status_code >= 400:
             raise xmlrpc.client.ProtocolError(url, resp.status_code, resp.reason, resp.headers)
-        return self.parse_response(resp)
+        parser, unmarshaller = self.getparser()
+        parser.feed(resp.content)
+        parser.close()
+        return unmarshaller.close()
 
 
 def _home() -> Path | None:
@@ -128,7 +129,7 @@ def read_session(environ: Mapping[str, str] | None = None) -> str | None:
 
 def connect(
     timeout_s: float = CONNECT_TIMEOUT_S, environ: Mapping[str, str] | None = None
-) -> server_xrpc.OneServerXRPC | None:
+) -> xmlrpc.client.ServerProxy | None:
     """A pyone client for oned, or None when no credentials are configured.
 
     Nothing is sent here: an unreachable oned shows up on the first call, bounded by
@@ -140,7 +141,10 @@ def connect(
     uri = endpoint(environ)
     if not uri.startswith(("http://", "https://")):
         return None
-    server = pyone.OneServer(uri, session=session, timeout=None, protocol="xmlrpc")
+    # timeout=None: pyone would otherwise set the process-wide socket default timeout
+    server = pyone.OneServer(uri, session=session, timeout=None)
+    if not isinstance(server, xmlrpc.client.ServerProxy):
+        return None  # ONEAPI_PROTOCOL asked for gRPC, which this client does not speak
     # ServerProxy keeps its transport in a private attribute; swap in the bounded one.
     server._ServerProxy__transport = _TimeoutTransport(timeout_s, uri.startswith("https"))  # type: ignore[attr-defined]
     return server
@@ -182,7 +186,7 @@ def market_from_pyone(obj: object) -> Market:
     )
 
 
-def find_market(server: server_xrpc.OneServerXRPC, ref: str) -> Market:
+def find_market(server: xmlrpc.client.ServerProxy, ref: str) -> Market:
     """The marketplace ``ref`` (an id, or a name) as oned describes it."""
     try:
         if ref.strip().isdigit():
