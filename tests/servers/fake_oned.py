@@ -150,7 +150,9 @@ class FakeOned:
         self.server.register_function(self._marketpool_info, "one.marketpool.info")
         self.server.register_function(self._hostpool_info, "one.hostpool.info")
         self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
 
     def stop(self) -> None:
