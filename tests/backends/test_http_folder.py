@@ -320,7 +320,6 @@ def test_configuration_errors_are_one_line(tmp_path: Path, image: Path) -> None:
 
 
 def test_unknown_scheme_names_it(nginx: Nginx, attrs: dict[str, str], tmp_path: Path) -> None:
-    os.environ.pop("ONE_LOCATION", None)
     b = HttpFolderBackend(
         Market(1, "m", "http", attrs),
         Context(Installation.detect({"ONE_LOCATION": str(tmp_path)})),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 from ..errors import ChecksumError
 
@@ -23,6 +24,15 @@ class Digests:
         self._md5.update(data)
         self._sha256.update(data)
         self.size_bytes += len(data)
+
+    def feeders(self) -> list[Callable[[bytes | memoryview], None]]:
+        """The ``update`` of each hash, to be fed from separate threads (hashlib releases the
+        GIL on large buffers, so MD5 and SHA-256 then run in parallel). Whoever feeds them
+        records the byte count with :meth:`count`."""
+        return [self._md5.update, self._sha256.update]
+
+    def count(self, n: int) -> None:
+        self.size_bytes += n
 
     def update_zeros(self, count: int) -> None:
         """Hash ``count`` zero bytes (a hole of a sparse source) without allocating them."""

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import MarketError, from_os_error
+from ..errors import from_os_error
 from ..progress import Progress
 from .hashing import Digests
 from .interrupt import Deadline, sigterm_raises
@@ -55,6 +55,7 @@ def write_atomically(
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise from_os_error(exc, what) from None
+        renamed = False
         try:
             try:
                 sink = SparseFileSink(fd)
@@ -66,11 +67,13 @@ def write_atomically(
             finally:
                 os.close(fd)
             os.rename(tmp, final)
+            renamed = True
             _fsync_dir(folder)
         except BaseException as exc:
+            # Interrupted even after the rename: oned records a failure, so nothing stays.
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            if isinstance(exc, OSError) and not isinstance(exc, MarketError):
+                os.unlink(final if renamed else tmp)
+            if isinstance(exc, OSError):
                 raise from_os_error(exc, what) from None
             raise
     return WriteResult(final, digests)

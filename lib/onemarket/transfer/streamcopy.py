@@ -1,11 +1,12 @@
 """Copy a source into a sink while hashing every byte, keeping holes as holes.
 
-The reading thread reads and hashes; a writer thread writes, so hashing and disk (or ssh)
-writes overlap and an import costs about the slower of the two, not their sum. Between them
-a bounded queue holds at most ``WRITE_QUEUE_CHUNKS`` chunks: memory stays flat whatever the
-image size. A local regular file is read with ``SEEK_DATA``/``SEEK_HOLE`` so its holes are never
-read (they are still hashed, MD5 must cover every byte); any other source is read sequentially
-and its all-zero blocks become holes at the sink.
+The calling thread reads; MD5, SHA-256 and the writes run in three threads fed the same
+chunks (hashlib and os.write release the GIL), so an import costs about its slowest part (MD5,
+usually), not the sum of all. Bounded queues of ``QUEUE_CHUNKS`` chunks sit between them:
+memory stays flat whatever the image size. A local regular file is read with
+``SEEK_DATA``/``SEEK_HOLE`` so its holes are never read (they are still hashed: MD5 must cover
+every byte); any other source is read sequentially and its all-zero blocks become holes at the
+sink.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import queue
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from ..errors import SourceError
@@ -28,14 +29,18 @@ from .sources import CHUNK_BYTES, Source
 SPARSE_BLOCK_BYTES = 4096
 """Granularity of hole detection: an all-zero block of this size is seeked over, not written
 (the usual filesystem block; what ``cp --sparse=always`` uses)."""
-WRITE_QUEUE_CHUNKS = 8
-"""Chunks in flight between reader and writer: at most this many x CHUNK_BYTES (8 MiB) held."""
-WRITER_JOIN_S = 30.0
-"""Longest wait for the writer thread to stop after a failure (it is told to abort first)."""
+QUEUE_CHUNKS = 8
+"""Chunks queued for each worker (MD5, SHA-256, writer). They share the same chunk objects,
+so at most about this many + 1 chunks (9 MiB) are held whatever the image size."""
+WORKER_JOIN_S = 30.0
+"""Longest wait for a worker thread to stop after a failure (the writer is aborted first)."""
+HOLE_PIECE_BYTES = 64 << 20
+"""Largest hole handed to the workers at once (hashing 64 MiB of zeros takes ~0.1 s)."""
 QUEUE_POLL_S = 0.5
 """How often a blocked reader re-checks whether the writer failed."""
 
 _ZERO_CHUNK = bytes(CHUNK_BYTES)
+_ZERO_VIEW = memoryview(_ZERO_CHUNK)
 _ZERO_BLOCK = bytes(SPARSE_BLOCK_BYTES)
 
 Segment = bytes | int
@@ -91,9 +96,11 @@ def file_segments(fd: int, description: str) -> Iterator[Segment]:
                 raise SourceError(f"cannot read {description}: {exc.strerror}") from None
         data_at = min(max(data_at, offset), size)
         hole_at = min(hole_at, size) if hole_at > data_at else size
-        if data_at > offset:
-            yield data_at - offset
-            offset = data_at
+        while offset < data_at:
+            # Holes go by in bounded pieces so that progress, deadlines and cancel stay timely.
+            piece = min(data_at - offset, HOLE_PIECE_BYTES)
+            yield piece
+            offset += piece
         while offset < hole_at:
             try:
                 data = os.pread(fd, min(CHUNK_BYTES, hole_at - offset), offset)
@@ -122,13 +129,14 @@ def source_segments(source: Source) -> Iterator[Segment]:
         yield data
 
 
-class _Writer(threading.Thread):
-    """Applies segments to the sink in order; the first error stops writing and is kept."""
+class _Worker(threading.Thread):
+    """Applies segments in order with ``apply``; the first error stops it and is kept."""
 
-    def __init__(self, sink: Sink) -> None:
-        super().__init__(name="onemarket-writer", daemon=True)
-        self.sink = sink
-        self.items: queue.Queue[Segment | None] = queue.Queue(maxsize=WRITE_QUEUE_CHUNKS)
+    def __init__(self, name: str, apply: Callable[[Segment], None], abort: Callable[[], None]):
+        super().__init__(name=f"onemarket-{name}", daemon=True)
+        self.apply = apply
+        self.abort = abort
+        self.items: queue.Queue[Segment | None] = queue.Queue(maxsize=QUEUE_CHUNKS)
         self.error: BaseException | None = None
         self.cancelled = threading.Event()
 
@@ -140,10 +148,7 @@ class _Writer(threading.Thread):
             if self.error is not None or self.cancelled.is_set():
                 continue
             try:
-                if isinstance(item, int):
-                    self.sink.skip(item)
-                else:
-                    self.sink.write(item)
+                self.apply(item)
             except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
                 self.error = exc
 
@@ -165,7 +170,7 @@ class _Writer(threading.Thread):
 
     def cancel(self) -> None:
         self.cancelled.set()
-        self.sink.abort()
+        self.abort()
         while True:
             try:
                 self.items.get_nowait()
@@ -173,7 +178,34 @@ class _Writer(threading.Thread):
                 break
         with contextlib.suppress(queue.Full):
             self.items.put_nowait(None)
-        self.join(WRITER_JOIN_S)
+        self.join(WORKER_JOIN_S)
+
+
+def _hash_segment(update: Callable[[bytes | memoryview], None]) -> Callable[[Segment], None]:
+    def apply(segment: Segment) -> None:
+        if isinstance(segment, int):
+            while segment > 0:
+                piece = min(segment, CHUNK_BYTES)
+                update(_ZERO_VIEW[:piece])
+                segment -= piece
+        else:
+            update(segment)
+
+    return apply
+
+
+def _sink_segment(sink: Sink) -> Callable[[Segment], None]:
+    def apply(segment: Segment) -> None:
+        if isinstance(segment, int):
+            sink.skip(segment)
+        else:
+            sink.write(segment)
+
+    return apply
+
+
+def _nothing() -> None:
+    pass
 
 
 def copy_stream(
@@ -185,27 +217,33 @@ def copy_stream(
 ) -> Digests:
     """Copy every byte of ``source`` to ``sink``; returns the digests of what was read.
 
-    Fails when a source that announced its size delivers fewer or more bytes.
+    The calling thread reads; MD5, SHA-256 and the sink each run in their own thread, fed the
+    same chunks in order. Fails when a source that announced its size delivers another.
     """
     digests = Digests()
-    writer = _Writer(sink)
-    writer.start()
+    md5_update, sha256_update = digests.feeders()
+    workers = [
+        _Worker("md5", _hash_segment(md5_update), _nothing),
+        _Worker("sha256", _hash_segment(sha256_update), _nothing),
+        _Worker("writer", _sink_segment(sink), sink.abort),
+    ]
+    for worker in workers:
+        worker.start()
     try:
         for segment in source_segments(source):
             if deadline is not None:
                 deadline.check()
-            if isinstance(segment, int):
-                digests.update_zeros(segment)
-                count = segment
-            else:
-                digests.update(segment)
-                count = len(segment)
-            writer.put(segment)
+            count = segment if isinstance(segment, int) else len(segment)
+            for worker in workers:
+                worker.put(segment)
+            digests.count(count)
             if progress is not None:
                 progress.update(count)
-        writer.finish()
+        for worker in workers:
+            worker.finish()
     except BaseException:
-        writer.cancel()
+        for worker in workers:
+            worker.cancel()
         raise
     expected = source.size_bytes
     if expected is not None and digests.size_bytes != expected:
