@@ -667,6 +667,30 @@ def test_rgw_download_to_a_file_and_to_stdout(apps: dict[str, Any], tmp_path: Pa
     assert proc.stderr == b""
 
 
+def test_rgw_rate_limited_download(apps: dict[str, Any]) -> None:
+    source, data = apps["plain"]
+    proc = run_downloader("--limit", "64M", source, "-", env=apps["env"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == data
+
+
+def test_rgw_reader_closing_stdout_early(apps: dict[str, Any]) -> None:
+    """``downloader.sh ... - | head -c 10``: one error line, no traceback, no noise at exit."""
+    source, data = apps["plain"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "onemarket.downloader", source, "-"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=apps["env"],
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(10) == data[:10]
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=TIMEOUT_S) == dl.EXIT_FAILURE
+    assert err.splitlines() == ["ERROR: standard output closed by its reader"]
+
+
 def test_rgw_md5_right_and_wrong(apps: dict[str, Any], tmp_path: Path) -> None:
     source, data = apps["plain"]
     md5 = hashlib.md5(data).hexdigest()

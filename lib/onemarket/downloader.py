@@ -3,10 +3,9 @@
 oned exports a marketplace app into a datastore by running the datastore's ``cp`` action, which
 calls ``remotes/datastore/downloader.sh [options] FROM TO`` with the datastore action document
 (``<DS_DRIVER_ACTION_DATA>`` holding IMAGE, DATASTORE and, for an export, the MARKETPLACE with its
-credentials) base64-encoded in the ``DRV_ACTION`` environment variable. The stock script signs
-S3 requests with ``curl --aws-sigv4`` without ``x-amz-content-sha256``, which Ceph RGW rejects,
-so install.sh puts a wrapper running this module in its place and keeps the original as
-``downloader.sh.orig``.
+credentials) base64-encoded in the ``DRV_ACTION`` environment variable. Ceph RGW answers the
+stock script's hand-signed curl requests with 403 SignatureDoesNotMatch, so install.sh puts a
+wrapper running this module in its place and keeps the original as ``downloader.sh.orig``.
 
 - ``s3://`` sources are read here: a streaming GET with bounded memory, resumed with a ranged GET
   (pinned to the object's ETag) after a dropped connection, the md5/sha256 our importer stores in
@@ -513,8 +512,16 @@ class StdoutSink:
             raise from_os_error(exc, "writing to standard output") from None
 
     def abort(self) -> None:
-        with contextlib.suppress(OSError):
+        """Flush what can be; when the reader is gone, point fd 1 at /dev/null so that no later
+        flush (the interpreter's own at exit included) reports the broken pipe again."""
+        try:
             self._out.flush()
+        except OSError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.close(devnull)
+            with contextlib.suppress(OSError):
+                self._out.flush()
 
 
 class FileSink:
@@ -546,9 +553,7 @@ class FileSink:
                     prefix=f".{self.dest.name}.", suffix=".part", dir=self.dest.parent
                 )
                 self._tmp = Path(tmp)
-                umask = os.umask(0)
-                os.umask(umask)
-                os.fchmod(fd, 0o666 & ~umask)
+                os.fchmod(fd, 0o666 & ~_umask())
                 self._fh = os.fdopen(fd, "wb", buffering=WRITE_BUFFER_BYTES)
         except OSError as exc:
             raise from_os_error(exc, f"destination {dest}") from None
