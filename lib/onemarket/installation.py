@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
@@ -48,7 +49,9 @@ class Installation:
         except OSError:
             pass
         fallback = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "onemarket"
-        fallback.mkdir(parents=True, exist_ok=True)
+        # a cache that cannot be created only costs full downloads: the fetcher copes with it
+        with contextlib.suppress(OSError):
+            fallback.mkdir(parents=True, exist_ok=True)
         return fallback
 
     def one_version(self) -> str:

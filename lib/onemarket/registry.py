@@ -30,7 +30,10 @@ def backend_class(driver: str) -> type[Backend]:
             raise NotSupportedError(
                 f"marketplace driver '{driver}' is not built in this version of onemarket"
             ) from None
-        raise
+        raise NotSupportedError(
+            f"marketplace driver '{driver}' needs the Python module '{exc.name}', "
+            "which is not installed"
+        ) from None
     return getattr(module, class_name)
 
 
