@@ -644,7 +644,17 @@ def apps(rgw: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     plain = os.urandom(3 << 20) + b"tail"
     packed_payload = (b"compressible disk block " * 200_000) + os.urandom(1000)
     packed = gzip.compress(packed_payload, compresslevel=1)
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=rgw.endpoint,
+        aws_access_key_id=rgw.access_key,
+        aws_secret_access_key=rgw.secret_key,
+        region_name="default",
+    )
     return {
+        "client": client,
         "rgw": rgw,
         "plain": (import_app(rgw, tmp, plain, 9001), plain),
         "gzip": (import_app(rgw, tmp, packed, 9002), packed, packed_payload),
@@ -844,3 +854,38 @@ def test_installed_wrapper_end_to_end(apps: dict[str, Any], tmp_path: Path) -> N
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout == data
+
+
+def test_rgw_objects_from_elsewhere(apps: dict[str, Any], tmp_path: Path) -> None:
+    """Objects not written by our importer: no metadata (nothing to verify but -m), an empty
+    object, and metadata that disagrees with the bytes (the download fails, nothing left)."""
+    client = apps["client"]
+    data = os.urandom(100_000)
+    client.put_object(Bucket=BUCKET, Key="foreign-plain", Body=data)
+    client.put_object(Bucket=BUCKET, Key="foreign-empty", Body=b"")
+    client.put_object(
+        Bucket=BUCKET,
+        Key="foreign-corrupt",
+        Body=data,
+        Metadata={"md5": hashlib.md5(data).hexdigest(), "sha256": "ab" * 32},
+    )
+    dest = tmp_path / "image"
+    proc = run_downloader(f"s3://{BUCKET}/foreign-plain", str(dest), env=apps["env"])
+    assert proc.returncode == 0, proc.stderr
+    assert dest.read_bytes() == data
+    proc = run_downloader(f"s3://{BUCKET}/foreign-empty", str(dest), env=apps["env"])
+    assert proc.returncode == 0, proc.stderr
+    assert dest.read_bytes() == b""
+    proc = run_downloader(f"s3://{BUCKET}/foreign-corrupt", str(dest), env=apps["env"])
+    assert "SHA256 mismatch (object metadata sha256 abab" in one_line_error(proc)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rgw_legacy_signature(apps: dict[str, Any]) -> None:
+    """SIGNATURE_VERSION=s3 (SigV2), which old gateways need and RGW still accepts."""
+    rgw = apps["rgw"]
+    source, data = apps["plain"]
+    attrs = market_attrs(rgw.endpoint, rgw.access_key, rgw.secret_key, SIGNATURE_VERSION="s3")
+    proc = run_downloader(source, "-", env=env_with(drv_action(attrs)))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == data
