@@ -29,8 +29,9 @@ from tests import payloads
 from tests.servers import free_port
 
 TIMEOUT_S = 120
-BUCKET = "downloader-tests"
 """Bound on every downloader process run by these tests."""
+BUCKET = "downloader-tests"
+"""The RGW bucket of these tests' market (apps 9001 and 9002, keys ``dl-<id>``)."""
 
 
 def run_downloader(
