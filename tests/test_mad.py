@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import signal
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from onemarket import mad as mad_mod
 
 from tests.servers.oned import (
     OneLocation,
@@ -443,3 +445,83 @@ def test_proxy_option_reaches_actions(oned: OneLocation, tmp_path: Path, proxy: 
     mad = oned.start("-p", proxy)
     mad.request("MONITOR", 1, monitor_payload("tiny"))
     assert mad.reply().decoded() == f"P={proxy},{proxy},{proxy},{proxy}\n".encode()
+
+
+# ------------------------------------------------------------------------------------------
+# units of onemarket.mad, in process
+
+
+def test_parse_args() -> None:
+    assert mad_mod.parse_args([]) == mad_mod.Options()
+    opts = mad_mod.parse_args(["-t", "4", "-m", "http, s3,", "-w", "7200", "-p", "http://p:3128"])
+    assert opts == mad_mod.Options(4, ("http", "s3"), 7200.0, "http://p:3128")
+    assert mad_mod.parse_args(["--timeout", "0"]).timeout_s is None
+    for bad in (["-t", "0"], ["-t", "x"], ["-w", "-1"], ["-w", "nan"], ["--what"], ["extra"]):
+        with pytest.raises(SystemExit) as exc:
+            mad_mod.parse_args(bad)
+        assert exc.value.code == 2
+
+
+def test_installed_scripts_are_recognised_as_ours(oned: OneLocation) -> None:
+    for driver in ("http", "s3", "one", "linuxcontainers"):
+        assert mad_mod.is_ours(oned.remotes / "market" / driver / "monitor")
+    custom = oned.add_driver("tiny", {"monitor": MONITOR_OK}) / "monitor"
+    assert not mad_mod.is_ours(custom)
+    assert not mad_mod.is_ours(oned.root / "missing")
+
+
+def test_scrubber_hides_action_data() -> None:
+    data = base64.b64encode(b"<MARKET_DRIVER_ACTION_DATA>secret</MARKET_DRIVER_ACTION_DATA>")
+    scrub = mad_mod.Scrubber([data, "short"])
+    assert scrub(f"bad {data.decode()}!") == "bad <action data>!"
+    assert scrub("short stays") == "short stays"
+    assert scrub("x" + "QUJD" * 40) == "<base64 data>"
+    assert scrub("https://example.org/a/b/c.qcow2 sha256 " + "a" * 64).endswith("a" * 64)
+
+
+def test_outcome_failure_text() -> None:
+    assert mad_mod.Outcome(1, errors=["a", "b"]).failure_text("x y") == "a; b"
+    assert mad_mod.Outcome(1, killed="x y timed out").failure_text("x y") == "x y timed out"
+    assert "exit code 4" in mad_mod.Outcome(4).failure_text("x y")
+    assert "SIGKILL" in mad_mod.Outcome(-signal.SIGKILL).failure_text("x y")
+    assert not mad_mod.Outcome(0, killed="cancelled").ok and mad_mod.Outcome(0).ok
+
+
+def test_line_reader_bounds_long_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mad_mod, "MAX_LINE_BYTES", 1000)
+    got: list[tuple[bytes, bool]] = []
+    read_fd, write_fd = os.pipe()
+    data = b"INIT\nMONITOR  5 " + b"A" * 5000 + b"\nDELETE  6 abc\r\nlast"
+    os.write(write_fd, data)
+    os.close(write_fd)
+
+    async def run() -> None:
+        done = asyncio.Event()
+        mad_mod.LineReader(asyncio.get_running_loop(), read_fd, lambda *a: got.append(a), done.set)
+        await asyncio.wait_for(done.wait(), WAIT_S)
+
+    try:
+        asyncio.run(run())
+    finally:
+        os.close(read_fd)
+    assert got[0] == (b"INIT", False)
+    assert got[1][1] is True and got[1][0].startswith(b"MONITOR  5 AAA")
+    assert len(got[1][0]) <= mad_mod.LINE_PREFIX_BYTES + 1000
+    assert got[2:] == [(b"DELETE  6 abc\r", False), (b"last", False)]
+
+
+def test_line_reader_reads_regular_files(tmp_path: Path) -> None:
+    path = tmp_path / "requests"
+    path.write_bytes(b"INIT\n" * 3)
+    got: list[tuple[bytes, bool]] = []
+
+    async def run() -> None:
+        done = asyncio.Event()
+        with open(path, "rb") as f:
+            mad_mod.LineReader(
+                asyncio.get_running_loop(), f.fileno(), lambda *a: got.append(a), done.set
+            )
+            await asyncio.wait_for(done.wait(), WAIT_S)
+
+    asyncio.run(run())
+    assert got == [(b"INIT", False)] * 3

@@ -238,13 +238,15 @@ class Child:
         self._signal(signal.SIGTERM)
         self._timers.append(self._loop.call_later(KILL_GRACE_S, self._signal, signal.SIGKILL))
 
-    def _signal(self, sig: int) -> None:
+    def _signal(self, sig: int, leader_alive: bool = True) -> None:
         try:
             os.killpg(self.pid, sig)
         except ProcessLookupError:
-            # a forked child may not have called setsid() yet: signal it alone
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, sig)
+            # a forked child may not have called setsid() yet: signal it alone (only while it
+            # is not reaped, so that a recycled pid is never hit)
+            if leader_alive:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, sig)
         except PermissionError:
             pass
 
@@ -386,7 +388,7 @@ class Child:
         for timer in self._timers:
             timer.cancel()
         if self._killed:
-            self._signal(signal.SIGKILL)  # whatever is left of its process group
+            self._signal(signal.SIGKILL, leader_alive=False)  # what is left of its group
         self._drain()
         self._close_out()
         self._close_err()
@@ -584,18 +586,19 @@ class LineReader:
         start = 0
         while not self.closed:
             nl = data.find(b"\n", start)
+            self._take(data[start : len(data) if nl < 0 else nl])
             if nl < 0:
-                break
-            if not self._skipping:
-                self._buf += data[start:nl]
+                return
             line, truncated = bytes(self._buf), self._skipping
             self._buf.clear()
             self._skipping = False
             start = nl + 1
             self._on_line(line, truncated)
-        if self.closed or self._skipping:
+
+    def _take(self, chunk: bytes) -> None:
+        if self._skipping:
             return
-        self._buf += data[start:]
+        self._buf += chunk
         if len(self._buf) > MAX_LINE_BYTES:
             del self._buf[LINE_PREFIX_BYTES:]
             self._skipping = True
