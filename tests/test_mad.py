@@ -6,12 +6,17 @@ import asyncio
 import base64
 import os
 import signal
+import subprocess
+import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 from onemarket import mad as mad_mod
 
+from tests.servers.httpd import Handler, StaticHttpServer
 from tests.servers.oned import (
     OneLocation,
     action_data,
@@ -188,6 +193,24 @@ def test_missing_action_script(oned: OneLocation) -> None:
     mad.request("DELETE", 2, action_data(app_xml(), market_xml("tiny")))
     reply = mad.reply()
     assert not reply.ok and "has no delete action" in reply.info
+
+
+def test_without_one_location_the_system_layout_is_used(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "ONE_LOCATION"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "onemarket.mad", "-m", "nosuchdriver"],
+        input=f"INIT\nMONITOR  1 {monitor_payload('nosuchdriver')}\nFINALIZE\n".encode(),
+        capture_output=True,
+        env=env,
+        timeout=WAIT_S,
+        check=False,
+    )
+    assert proc.returncode == 0
+    lines = proc.stdout.decode().splitlines()
+    assert lines[0] == "INIT SUCCESS"
+    assert lines[1].startswith("MONITOR FAILURE 1 Marketplace driver 'nosuchdriver' has no")
+    assert "/var/lib/one/remotes/market/nosuchdriver/monitor" in lines[1]
+    assert len(lines) == 2
 
 
 def test_delete_of_template_apps_runs_nothing(oned: OneLocation) -> None:
@@ -420,20 +443,62 @@ def test_http_monitor_runs_in_a_forked_child(oned: OneLocation, tmp_path: Path) 
     assert payload not in mad.log_text()
 
 
-def test_forked_action_is_killed_on_timeout(oned: OneLocation, tmp_path: Path) -> None:
-    fifo = tmp_path / "never"
-    os.mkfifo(fifo)  # reading the image source blocks forever: nobody opens the other end
-    oned.add_datastore("fakeds", f'#!/bin/sh\necho "{import_info_xml(str(fifo))}"\n')
+def children_of(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def stalled(sent: bytes, announced: int, release: threading.Event) -> Handler:
+    """A route that sends ``sent`` of ``announced`` bytes, then stalls until ``release``."""
+
+    def handler(h: BaseHTTPRequestHandler) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", str(announced))
+        h.end_headers()
+        h.wfile.write(sent)
+        h.wfile.flush()
+        release.wait(WAIT_S)
+        h.close_connection = True
+
+    return handler
+
+
+def test_forked_import_killed_on_timeout_cleans_up(
+    oned: OneLocation, tmp_path: Path, httpd: StaticHttpServer
+) -> None:
+    release = threading.Event()
+    httpd.routes["/image"] = stalled(b"x" * (1024 * 1024), 8 * 1024 * 1024, release)
+    source = f"{httpd.url}/image"
+    oned.add_datastore("fakeds", f'#!/bin/sh\necho "{import_info_xml(source)}"\n')
     public = tmp_path / "public"
     public.mkdir()
-    mad = oned.start("-w", "1", "-m", "http")
+    mad = oned.start("-w", "3", "-m", "http")
     market = market_xml("http", BASE_URL="http://127.0.0.1:9/", PUBLIC_DIR=str(public))
-    mad.request(
-        "IMPORT", 71, action_data(app_xml(id_=71), market, image_xml(), datastore_xml("fakeds"))
-    )
-    reply = mad.reply()
-    assert reply == parse_reply("IMPORT FAILURE 71 http import timed out after 1 s\n")
-    assert list(public.iterdir()) == [] or all(p.is_dir() for p in public.iterdir())
+    try:
+        mad.request(
+            "IMPORT", 71, action_data(app_xml(id_=71), market, image_xml(), datastore_xml("fakeds"))
+        )
+        # our import runs in a fork of the MAD (same command line), not in a new interpreter
+        mad_cmdline = Path(f"/proc/{mad.proc.pid}/cmdline").read_bytes()
+        deadline = time.monotonic() + WAIT_S
+        while not any(
+            Path(f"/proc/{c}/cmdline").read_bytes() == mad_cmdline
+            for c in children_of(mad.proc.pid)
+        ):
+            assert time.monotonic() < deadline, "no forked child seen"
+            time.sleep(0.01)
+        reply = mad.reply()
+    finally:
+        release.set()
+    assert reply == parse_reply("IMPORT FAILURE 71 http import timed out after 3 s\n")
+    assert [p for p in public.rglob("*") if not p.is_dir()] == []
 
 
 @pytest.mark.parametrize("proxy", ["http://127.0.0.1:3128"])

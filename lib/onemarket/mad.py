@@ -836,7 +836,8 @@ class Mad:
         path = self.market_dir / driver / action
         label = f"{driver} {action}"
         if not path.is_file():
-            return Outcome(127, errors=[f"Marketplace driver '{driver}' has no {action} action"])
+            why = f"Marketplace driver '{driver}' has no {action} action ({path} not found)"
+            return Outcome(127, errors=[why])
         if is_ours(path):
             spawn = lambda: fork_runner(driver, action, payload, self._env)  # noqa: E731
         else:
