@@ -36,6 +36,8 @@ class Run:
     seconds: float
     peak_rss_mb: float
     stdout: bytes
+    cpu_s: float = 0.0
+    """User + system CPU time: less sensitive than wall time to other load on the machine."""
 
 
 def timed(argv: list[str], env: dict[str, str] | None = None) -> Run:
@@ -51,7 +53,7 @@ def timed(argv: list[str], env: dict[str, str] | None = None) -> Run:
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"{argv[0]} failed ({proc.returncode}): {err.decode(errors='replace')[-500:]}")
-    return Run(seconds, usage.ru_maxrss / 1024, out)
+    return Run(seconds, usage.ru_maxrss / 1024, out, usage.ru_utime + usage.ru_stime)
 
 
 def random_file(path: Path, size_bytes: int) -> None:
@@ -123,7 +125,10 @@ def main() -> None:
         mib = args.size_mib
         for name, r in best.items():
             rate = mib / r.seconds
-            print(f"{name:8s} {r.seconds:8.2f} s  {rate:8.1f} MiB/s  rss {r.peak_rss_mb:6.1f} MB")
+            print(
+                f"{name:8s} {r.seconds:8.2f} s  {rate:8.1f} MiB/s  cpu {r.cpu_s:6.2f} s  "
+                f"rss {r.peak_rss_mb:6.1f} MB"
+            )
         print(f"import / cp              = {imp.seconds / cp.seconds:.2f}")
         print(f"import / md5sum          = {imp.seconds / md5sum.seconds:.2f}")
         ratio = imp.seconds / baseline

@@ -77,7 +77,10 @@ def main() -> None:
         mib = args.size_mib
         for name, r in (("cp", cp), ("md5sum", md5sum), ("import", imp)):
             rate = mib / r.seconds
-            print(f"{name:8s} {r.seconds:8.2f} s  {rate:8.1f} MiB/s  rss {r.peak_rss_mb:6.1f} MB")
+            print(
+                f"{name:8s} {r.seconds:8.2f} s  {rate:8.1f} MiB/s  cpu {r.cpu_s:6.2f} s  "
+                f"rss {r.peak_rss_mb:6.1f} MB"
+            )
         print(f"allocated: cp {cp_blocks} KiB, import {imp_blocks} KiB, size ok: {size_ok}")
         ratio = imp.seconds / cp.seconds
         print(f"import / cp --sparse=always = {ratio:.2f}  (target <= {TARGET_TIME_RATIO})")
