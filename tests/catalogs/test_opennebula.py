@@ -14,6 +14,8 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onemarket import driverlog, web
 from onemarket.action import App, Market
 from onemarket.backends.base import Context, MonitorResult
@@ -44,6 +46,17 @@ def installation(tmp_path: Path) -> Installation:
     inst.remotes.mkdir(parents=True)
     (inst.remotes / "VERSION").write_text("7.0.0\n")
     return inst
+
+
+PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_from_outside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loopback tests must not go through a proxy configured on the machine running them."""
+    for name in PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
 
 
 @pytest.fixture
@@ -505,6 +518,17 @@ def test_304_reuses_the_cached_catalog(httpd, installation, log):
     assert len(cached) == 1 and not cached[0].name.startswith(".tmp")
 
 
+def test_http_proxy_from_the_environment(httpd, installation, log, monkeypatch):
+    """The MAD's -p sets http_proxy; the loopback server plays the proxy (absolute-URI path)."""
+    endpoint = "http://catalog.example"
+    httpd.routes[f"{endpoint}/appliance"] = CATALOG_BYTES
+    monkeypatch.setenv("http_proxy", httpd.url)
+    _, apps = parse_output(run(installation, endpoint))
+    assert len(apps) == 14
+    assert httpd.requests[0].path == f"{endpoint}/appliance"
+    assert apps[0].get("SOURCE", "").startswith(f"{endpoint}/appliance/")
+
+
 def test_gzip_answer(httpd, installation, log):
     httpd.routes[ROUTE] = CATALOG_BYTES
     run(installation, httpd.url)
@@ -565,3 +589,70 @@ def test_action_script_end_to_end(httpd, tmp_path):
     assert proc.returncode != 0
     assert proc.stdout == b""
     assert proc.stderr.decode() == f"{httpd.url}/appliance answered HTTP 404 Not Found\n"
+
+
+# --------------------------------------------------------------------------- property tests
+
+json_leaf = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.sampled_from(["]]>", "\\", '"', "\n", "\x00", "arm64", "ALL", "{}", "[1]", "IMAGE"]),
+)
+json_any = st.recursive(
+    json_leaf,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+FIELDS = [
+    "_id",
+    "name",
+    "version",
+    "publisher",
+    "short_description",
+    "tags",
+    "format",
+    "creation_time",
+    "os-arch",
+    "hypervisor",
+    "opennebula_template",
+    "type",
+    "files",
+    "disks",
+    "roles",
+]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 13), st.sampled_from(FIELDS), json_any), max_size=6))
+def test_any_mutation_of_the_catalog_never_breaks_the_output(mutations):
+    appliances = copy.deepcopy(APPLIANCES)
+    for index, field_name, value in mutations:
+        appliances[index][field_name] = value
+    buf = io.StringIO()
+    saved, driverlog.stream = driverlog.stream, buf
+    try:
+        apps, skipped, _ = opennebula.build_apps(appliances, "http://127.0.0.1:1")
+    finally:
+        driverlog.stream = saved
+    result = MonitorResult(0, 0, 0, apps)
+    _, parsed = parse_output(result)
+    for t in parsed:
+        for name in ("APPTEMPLATE64", "VMTEMPLATE64"):
+            if t.get(name) and t.get("TYPE") != "SERVICE_TEMPLATE":
+                parse_template(decoded(t, name))
+    assert len(parsed) + skipped == len(appliances)
+    assert len([ln for ln in buf.getvalue().splitlines() if "skipping" in ln]) == skipped
+
+
+def test_skip_warnings_are_capped(log):
+    broken = [{"name": f"n{i}"} for i in range(opennebula.MAX_SKIP_WARNINGS + 7)]
+    apps, skipped, _ = opennebula.build_apps(broken, "http://127.0.0.1:1")
+    assert apps == [] and skipped == len(broken)
+    lines = warns(log)
+    assert len(lines) == opennebula.MAX_SKIP_WARNINGS + 1
+    assert lines[-1] == "WARN: 7 more appliances skipped (not listed)"

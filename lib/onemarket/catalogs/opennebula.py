@@ -57,6 +57,9 @@ DISK_NAME_HEX_CHARS = 10
 derived from the appliance so that the output is the same on every monitor)."""
 LABEL_CHARS = 80
 """Longest appliance name quoted in a WARN line."""
+MAX_SKIP_WARNINGS = 50
+"""WARN lines about skipped appliances per monitor; the rest are only counted (oned logs every
+line of every monitor, every 10 minutes by default)."""
 
 FILTER_ARCHITECTURES = "ARCHITECTURES"
 FILTER_HYPERVISORS = "HYPERVISORS"
@@ -369,27 +372,33 @@ def build_apps(
     apps: list[AppEntry] = []
     names: set[str] = set()
     skipped = filtered = 0
+
+    def skip(label: str, why: str) -> None:
+        nonlocal skipped
+        skipped += 1
+        if skipped <= MAX_SKIP_WARNINGS:
+            driverlog.warn(f"skipping {label}: {why}")
+
     for index, raw in enumerate(appliances):
         label = _label(raw, index)
         try:
             app = appliance_to_app(raw, base_url, label)
         except MarketError as exc:
-            driverlog.warn(f"skipping {label}: {exc}")
-            skipped += 1
+            skip(label, str(exc))
             continue
         except Exception as exc:  # noqa: BLE001 - one entry must never abort the monitor
-            driverlog.warn(f"skipping {label}: unexpected {type(exc).__name__}")
-            skipped += 1
+            skip(label, f"unexpected {type(exc).__name__}")
             continue
         if not flt.admits(app):
             filtered += 1
             continue
         if app.name in names:
-            driverlog.warn(f"skipping {label}: another appliance already has this name")
-            skipped += 1
+            skip(label, "another appliance already has this name")
             continue
         names.add(app.name)
         apps.append(app)
+    if skipped > MAX_SKIP_WARNINGS:
+        driverlog.warn(f"{skipped - MAX_SKIP_WARNINGS} more appliances skipped (not listed)")
     return apps, skipped, filtered
 
 
