@@ -567,3 +567,27 @@ def test_bridge_list_parsing_and_choice() -> None:
     assert [host_for_app(hosts, i) for i in range(4)] == ["a", "b", "c", "a"]
     with pytest.raises(ConfigError):
         parse_bridge_list("good -oProxyCommand=evil")
+
+
+def leftovers(folder: Path) -> tuple[Path, Path, Path]:
+    """An old temporary file of ours, a fresh one and an old file that is not ours."""
+    old = folder / f".app-3-{'a' * 32}.part"
+    fresh = folder / f".app-4-{'b' * 32}.part"
+    foreign = folder / ".other.part"
+    for p in (old, fresh, foreign):
+        p.write_bytes(b"partial")
+    two_days_ago = time.time() - 2 * 86400
+    for p in (old, foreign):
+        os.utime(p, (two_days_ago, two_days_ago))
+    return old, fresh, foreign
+
+
+@pytest.mark.parametrize("bridge", [False, True])
+def test_monitor_removes_only_old_leftovers_of_ours(nginx: Nginx, sshd: Sshd, bridge: bool) -> None:
+    old, fresh, foreign = leftovers(nginx.public_dir)
+    attrs = {"BASE_URL": nginx.base_url, "PUBLIC_DIR": str(nginx.public_dir)}
+    if bridge:
+        attrs["BRIDGE_LIST"] = "bridge2"
+    backend(attrs).monitor()
+    assert not old.exists()
+    assert fresh.exists() and foreign.exists()

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import shlex
 import stat
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -51,7 +53,14 @@ if [ -L "$p" ] || [ -f "$p" ]; then rm -f -- "$p"; else exit {not_file}; fi
 _MONITOR_SCRIPT = """d={dir}
 [ -d "$d" ] || exit {no_folder}
 stat -f -c '%S %b %f %a' -- "$d"
+find "$d" -maxdepth 1 -type f -name '.app-[0-9]*-*.part' -mmin +{stale_min} -delete \
+    2>/dev/null || true
 """
+
+STALE_TEMP_S = 24 * 3600
+"""Age after which a temporary file of ours is a leftover (its import was SIGKILLed or its
+host unreachable at clean-up) and monitor removes it; no import runs that long."""
+_TEMP_RE = re.compile(r"\.app-\d+-[0-9a-f]{32}\.part")
 
 
 @dataclass(frozen=True)
@@ -259,6 +268,7 @@ class HttpFolderBackend(Backend):
                 st = os.statvfs(folder)
             except OSError as exc:
                 raise from_os_error(exc, f"cannot read the size of PUBLIC_DIR {folder}") from None
+            _remove_stale_temps(folder)
             return _sizes(st.f_frsize, st.f_blocks, st.f_bfree, st.f_bavail)
         hosts = available_hosts(cfg.bridge_list)
         last: Exception | None = None
@@ -273,7 +283,9 @@ class HttpFolderBackend(Backend):
 
     def _monitor_remote(self, host: str) -> MonitorResult:
         folder = str(self.config.public_dir)
-        script = _MONITOR_SCRIPT.format(dir=shlex.quote(folder), no_folder=EXIT_NO_FOLDER)
+        script = _MONITOR_SCRIPT.format(
+            dir=shlex.quote(folder), no_folder=EXIT_NO_FOLDER, stale_min=STALE_TEMP_S // 60
+        )
         try:
             out = run_remote(host, script)
         except StorageError as exc:
@@ -286,6 +298,24 @@ class HttpFolderBackend(Backend):
         except ValueError:
             raise RemoteError(f"cannot read filesystem sizes from {host}: {out[:100]!r}") from None
         return _sizes(block, total, free, avail)
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    """Remove our own temporary files older than STALE_TEMP_S (best effort, never fails)."""
+    limit = time.time() - STALE_TEMP_S
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        if not _TEMP_RE.fullmatch(entry.name):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < limit:
+                os.unlink(entry.path)
+                driverlog.info(f"removed leftover temporary file {entry.name} from {folder}")
+        except OSError:
+            continue
 
 
 def _sizes(block: int, total: int, free: int, avail: int) -> MonitorResult:
