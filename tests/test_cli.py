@@ -7,8 +7,10 @@ import hashlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -552,3 +554,38 @@ def test_push_shows_a_bar_on_a_terminal_only(tmp_path: Path, http_market: str) -
     assert proc.returncode == 0, seen
     assert b"(100%)" in seen and b"[" in seen
     assert parse_template(out.decode()).get("MD5") == hashlib.md5(image.read_bytes()).hexdigest()
+
+
+def test_push_interrupted_leaves_nothing(tmp_path: Path, http_market: str, nginx: Nginx) -> None:
+    """Ctrl-C mid-copy: exit 130, one line, no partial or temporary file in PUBLIC_DIR.
+
+    The image is a named pipe fed by the test, so the signal lands mid-copy without timing.
+    """
+    exe = Path(sys.executable).parent / "one-market"
+    fifo = tmp_path / "image.fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        [exe, "push", http_market, str(fifo)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        with open(fifo, "wb") as writer:  # returns once the CLI has opened the pipe
+            writer.write(os.urandom(4 * MIB))
+            writer.flush()
+            for _ in range(400):  # bounded wait for the temporary file to appear
+                if any(nginx.public_dir.iterdir()) or proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+            assert any(nginx.public_dir.iterdir()), "the copy never started"
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == cli.EXIT_INTERRUPTED, err
+    assert err.decode().strip() == "one-market: interrupted"
+    assert out == b""
+    assert list(nginx.public_dir.iterdir()) == []

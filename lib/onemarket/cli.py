@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -463,8 +464,14 @@ class TerminalBar:
 
 
 def sniff_format(path: Path) -> str:
-    """The image format of a file from its header, as OpenNebula names it (raw by default)."""
+    """The image format of a file from its header, as OpenNebula names it (raw by default).
+
+    Only regular files and block devices are read: a pipe's header would be consumed.
+    """
     try:
+        mode = path.stat().st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            return "raw"
         with open(path, "rb") as fh:
             head = fh.read(SNIFF_BYTES)
     except OSError:
