@@ -252,42 +252,34 @@ class Child:
 
     # -- pipes
     def _read_out(self) -> int:
-        """Read one chunk of stdout; the number of bytes read (0: nothing now, or closed)."""
-        data = self._read(self._out_fd)
-        if data is None:
+        return self._pump(self._out_fd, self._take_out, self._close_out)
+
+    def _read_err(self) -> int:
+        return self._pump(self._err_fd, self._feed_err, self._close_err)
+
+    @staticmethod
+    def _pump(fd: int | None, consume: Callable[[bytes], None], close: Callable[[], None]) -> int:
+        """Read one chunk and hand it over; the bytes read (0: nothing now, or closed)."""
+        if fd is None:
             return 0
+        try:
+            data = os.read(fd, READ_CHUNK_BYTES)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            data = b""
         if not data:
-            self._close_out()
+            close()
             return 0
+        consume(data)
+        return len(data)
+
+    def _take_out(self, data: bytes) -> None:
         self._stdout += data
         if len(self._stdout) > MAX_RESULT_BYTES:
             self._stdout.clear()
             self._close_out()
             self.kill(f"action output larger than {MAX_RESULT_BYTES // (1024 * 1024)} MB")
-        return len(data)
-
-    def _read_err(self) -> int:
-        """Read one chunk of stderr and handle its complete lines; bytes read as _read_out."""
-        data = self._read(self._err_fd)
-        if data is None:
-            return 0
-        if not data:
-            self._close_err()
-            return 0
-        self._feed_err(data)
-        return len(data)
-
-    @staticmethod
-    def _read(fd: int | None) -> bytes | None:
-        """A chunk, b"" at end of file (or on error), None when nothing is there now."""
-        if fd is None:
-            return None
-        try:
-            return os.read(fd, READ_CHUNK_BYTES)
-        except BlockingIOError:
-            return None
-        except OSError:
-            return b""
 
     def _feed_err(self, data: bytes) -> None:
         start = 0
@@ -444,6 +436,7 @@ def _child_main(
     code = runner.EXIT_FAILED
     try:
         os.setsid()
+        asyncio._set_running_loop(None)  # what Python >= 3.12 does at fork: the loop is ours
         signal.set_wakeup_fd(-1)
         for sig in _STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
@@ -642,6 +635,8 @@ class Pending:
 
 
 class Mad:
+    """The driver: reads requests, runs at most ``-t`` of them at once, answers each once."""
+
     def __init__(
         self, options: Options, installation: Installation, out_fd: int, in_fd: int = 0
     ) -> None:
