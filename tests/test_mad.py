@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from onemarket import mad as mad_mod
+from onemarket.installation import Installation
 
 from tests.servers.httpd import Handler, StaticHttpServer
 from tests.servers.oned import (
@@ -106,7 +107,9 @@ def test_invalid_base64_and_xml_get_one_line_failures(oned: OneLocation) -> None
 def test_malformed_lines_are_skipped_and_logged(oned: OneLocation) -> None:
     mad = oned.start()
     secret_b64 = base64.b64encode(b"<x>SECRET_ACCESS_KEY</x>" * 4).decode()
-    mad.send("", "   ", "BOGUS 1 abc", "MONITOR abc", "MONITOR", secret_b64, "\r", "INIT")
+    mad.send("", "   ", "BOGUS 1 abc", "MONITOR abc", "MONITOR", secret_b64, "\r")
+    mad.send_raw(b"\x00\xff\xfe\x80 1 2\n" + b"\xc3" * 100_000 + b"\nMONITOR \x00 x\n")
+    mad.send("INIT")
     assert mad.next_line() == "INIT SUCCESS\n"
     assert mad.finalize() == 0
     assert mad.rest() == []
@@ -590,3 +593,23 @@ def test_line_reader_reads_regular_files(tmp_path: Path) -> None:
 
     asyncio.run(run())
     assert got == [(b"INIT", False)] * 3
+
+
+def test_oversized_request_gets_one_failure(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(mad_mod, "MAX_LINE_BYTES", 1000)
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    os.write(in_w, b"INIT\nMONITOR  5 " + b"A" * 5000 + b"\nFINALIZE\n")
+    os.close(in_w)
+    installation = Installation.detect({"ONE_LOCATION": str(tmp_path)})
+    mad = mad_mod.Mad(mad_mod.Options(), installation, out_w, in_r)
+    try:
+        assert asyncio.run(asyncio.wait_for(mad.run(), WAIT_S)) == 0
+        os.close(out_w)
+        with os.fdopen(out_r, "rb") as f:
+            out = f.read().decode()
+    finally:
+        os.close(in_r)
+    assert out == "INIT SUCCESS\nMONITOR FAILURE 5 action data larger than 1000 bytes\n"

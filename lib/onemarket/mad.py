@@ -704,8 +704,8 @@ class Mad:
         elif req.action == "DRIVER_CANCEL":
             self.cancel(req.id, "action cancelled by oned")
         elif truncated:
-            size = f"{MAX_LINE_BYTES // (1024 * 1024)} MB"
-            self.reply(protocol.failure(req.action, req.id, f"action data larger than {size}"))
+            why = f"action data larger than {MAX_LINE_BYTES} bytes"
+            self.reply(protocol.failure(req.action, req.id, why))
         else:
             pending = Pending(req)
             self._pending.setdefault(req.id, []).append(pending)

@@ -164,6 +164,12 @@ class MadProcess:
         self.proc.stdin.write("".join(f"{line}\n" for line in lines).encode())
         self.proc.stdin.flush()
 
+    def send_raw(self, data: bytes) -> None:
+        """Write bytes as they are (garbage, invalid UTF-8, NUL...)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
     def request(self, action: str, id_: int, payload: str) -> None:
         """A request the way oned writes it: empty status, so two blanks after the action."""
         self.send(f"{action}  {id_} {payload}")
