@@ -769,7 +769,10 @@ def download_s3(opts: Options, environ: dict[str, str] | os._Environ[str]) -> Co
         first = get(0)
     except (bexc.BotoCoreError, OSError) as exc:
         raise s3config.s3_error(exc, what, where) from None
-    size = int(first.get("ContentLength") or 0)
+    if first.get("ContentLength") is None:
+        first["Body"].close()
+        raise RemoteError(f"{what}: S3 at {where} sent no Content-Length for the object")
+    size = int(first["ContentLength"])
     state["etag"] = str(first.get("ETag") or "")
     metadata = first.get("Metadata") or {}
     checks = Checks(
