@@ -702,6 +702,30 @@ def test_rgw_reader_closing_stdout_early(apps: dict[str, Any]) -> None:
     assert err.splitlines() == ["ERROR: standard output closed by its reader"]
 
 
+def test_rgw_download_stopped_by_sigterm(apps: dict[str, Any], tmp_path: Path) -> None:
+    """The datastore action's time limit (SIGTERM) leaves no partial file behind."""
+    source, _ = apps["plain"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "onemarket.downloader", "-l", "256k", source, str(tmp_path / "i")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=apps["env"],
+    )
+    for _ in range(600):  # bounded wait (60 s) for the download to start writing
+        if list(tmp_path.iterdir()) or proc.poll() is not None:
+            break
+        threading.Event().wait(0.1)
+    assert [p.name.endswith(".part") for p in tmp_path.iterdir()] == [True]
+    proc.terminate()
+    out, err = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == dl.EXIT_FAILURE
+    assert out == b""
+    assert err.decode().splitlines() == [
+        "ERROR: s3:// download stopped by SIGTERM (action timeout or driver shutdown)"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_rgw_md5_right_and_wrong(apps: dict[str, Any], tmp_path: Path) -> None:
     source, data = apps["plain"]
     md5 = hashlib.md5(data).hexdigest()

@@ -815,9 +815,12 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not is_s3_request(args):
         return exec_stock(args)
+    from .transfer.interrupt import sigterm_raises
+
     driverlog.route_std_logging()
     try:
-        download_s3(parse_args(args), os.environ)
+        with sigterm_raises("s3:// download"):
+            download_s3(parse_args(args), os.environ)
     except MarketError as exc:
         driverlog.error(str(exc))
         return EXIT_FAILURE
