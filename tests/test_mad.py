@@ -504,6 +504,25 @@ def test_forked_import_killed_on_timeout_cleans_up(
     assert [p for p in public.rglob("*") if not p.is_dir()] == []
 
 
+def test_large_action_data_reaches_our_drivers_but_not_argv(
+    oned: OneLocation, tmp_path: Path
+) -> None:
+    oned.add_driver("tiny", {"monitor": MONITOR_OK})
+    public = tmp_path / "public"
+    public.mkdir()
+    big = "d" * 300_000  # over Linux's 128 KiB limit for one command-line argument
+    mad = oned.start("-m", "http,tiny")
+    mad.request("MONITOR", 1, monitor_payload("tiny", DESCRIPTION=big))
+    too_big = mad.reply()
+    assert not too_big.ok and "too large for a command-line argument" in too_big.info
+    mad.request(
+        "MONITOR",
+        2,
+        monitor_payload("http", BASE_URL="http://x/", PUBLIC_DIR=str(public), DESCRIPTION=big),
+    )
+    assert mad.reply().ok
+
+
 @pytest.mark.parametrize("proxy", ["http://127.0.0.1:3128"])
 def test_proxy_option_reaches_actions(oned: OneLocation, tmp_path: Path, proxy: str) -> None:
     oned.add_driver(

@@ -736,7 +736,8 @@ class Mad:
                 else:
                     line = await self._handle(pending)
         except Exception as exc:  # noqa: BLE001 - one request must never stop the MAD
-            log(f"internal error on {req.action} {req.id}: {type(exc).__name__}: {exc}")
+            detail = Scrubber([req.payload])(f"{type(exc).__name__}: {exc}")
+            log(f"internal error on {req.action} {req.id}: {detail}")
             line = protocol.failure(
                 req.action,
                 req.id,
