@@ -802,7 +802,7 @@ class Mad:
             label,
             lambda: spawn_program(str(export), [str(req.id)], self._child_env(), ds_payload),
             [ds_payload],
-            stdin_data=ds_payload,
+            stdin_data=ds_payload + b"\n",  # a whole line, for scripts that `read` it
         )
         if not outcome.ok:
             return fail(f"Error exporting image to file: {outcome.failure_text(label)}")
