@@ -458,6 +458,13 @@ def children_of(pid: int) -> list[int]:
     return out
 
 
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def stalled(sent: bytes, announced: int, release: threading.Event) -> Handler:
     """A route that sends ``sent`` of ``announced`` bytes, then stalls until ``release``."""
 
@@ -491,10 +498,7 @@ def test_forked_import_killed_on_timeout_cleans_up(
         # our import runs in a fork of the MAD (same command line), not in a new interpreter
         mad_cmdline = Path(f"/proc/{mad.proc.pid}/cmdline").read_bytes()
         deadline = time.monotonic() + WAIT_S
-        while not any(
-            Path(f"/proc/{c}/cmdline").read_bytes() == mad_cmdline
-            for c in children_of(mad.proc.pid)
-        ):
+        while not any(cmdline(c) == mad_cmdline for c in children_of(mad.proc.pid)):
             assert time.monotonic() < deadline, "no forked child seen"
             time.sleep(0.01)
         reply = mad.reply()
