@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import secrets
 import shlex
 import stat
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
@@ -98,7 +98,7 @@ class HttpFolderConfig:
 
 def new_file_name(app_id: int) -> str:
     """A flat, unique name: the app id for humans, 128 random bits against collisions."""
-    return f"app-{max(app_id, 0)}-{uuid.uuid4().hex}"
+    return f"app-{max(app_id, 0)}-{secrets.token_hex(16)}"
 
 
 def relative_path(source: str, base_url: str) -> PurePosixPath:

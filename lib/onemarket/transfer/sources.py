@@ -13,13 +13,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
-
-import requests
 
 from ..errors import SourceError
 from ..installation import Installation
+
+if TYPE_CHECKING:
+    import requests
 
 CHUNK_BYTES = 1 << 20
 """Read size for every source: 1 MiB keeps syscalls few and memory flat."""
@@ -115,6 +116,8 @@ class ProcessSource:
 
 class HttpSource:
     def __init__(self, url: str, session: requests.Session | None = None) -> None:
+        import requests  # only http sources pay for importing it
+
         self.description = url
         self._session = session or requests.Session()
         try:

@@ -11,7 +11,6 @@ sink.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import queue
@@ -32,7 +31,7 @@ SPARSE_BLOCK_BYTES = 4096
 QUEUE_CHUNKS = 8
 """Chunks queued for each worker (MD5, SHA-256, writer). They share the same chunk objects,
 so at most about this many + 1 chunks (9 MiB) are held whatever the image size."""
-WORKER_JOIN_S = 30.0
+WORKER_JOIN_S = 10.0
 """Longest wait for a worker thread to stop after a failure (the writer is aborted first)."""
 HOLE_PIECE_BYTES = 64 << 20
 """Largest hole handed to the workers at once (hashing 64 MiB of zeros takes ~0.1 s)."""
@@ -141,11 +140,16 @@ class _Worker(threading.Thread):
         self.cancelled = threading.Event()
 
     def run(self) -> None:
-        while True:
-            item = self.items.get()
+        # Polling, not a blocking get: a cancel needs no queue operation (and so no queue lock,
+        # which a KeyboardInterrupt may have caught the reading thread holding).
+        while not self.cancelled.is_set():
+            try:
+                item = self.items.get(timeout=QUEUE_POLL_S)
+            except queue.Empty:
+                continue
             if item is None:
                 return
-            if self.error is not None or self.cancelled.is_set():
+            if self.error is not None:
                 continue
             try:
                 self.apply(item)
@@ -169,15 +173,9 @@ class _Worker(threading.Thread):
             raise self.error
 
     def cancel(self) -> None:
+        """Stop soon, whatever is queued; bounded wait (the thread is a daemon anyway)."""
         self.cancelled.set()
         self.abort()
-        while True:
-            try:
-                self.items.get_nowait()
-            except queue.Empty:
-                break
-        with contextlib.suppress(queue.Full):
-            self.items.put_nowait(None)
         self.join(WORKER_JOIN_S)
 
 
