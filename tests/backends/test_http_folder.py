@@ -344,6 +344,15 @@ def test_delete_removes_the_file_and_tolerates_a_missing_one(
     assert "WARN:" in capsys.readouterr().err
 
 
+def test_delete_of_an_app_without_source_is_a_warning(
+    nginx: Nginx, attrs: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    (nginx.public_dir / "x").write_bytes(b"x")
+    backend(attrs).delete_app(App(id=7, name="a", source=""))
+    assert "WARN:" in capsys.readouterr().err
+    assert listing(nginx.public_dir) == {"x": b"x"}
+
+
 def test_delete_of_a_stock_driver_file(nginx: Nginx, attrs: dict[str, str]) -> None:
     stock = hashlib.md5(b"1700000000:7").hexdigest()
     (nginx.public_dir / stock).write_bytes(b"x")

@@ -199,6 +199,9 @@ class HttpFolderBackend(Backend):
 
     def delete_app(self, app: App) -> None:
         cfg = self.config
+        if not app.source.strip():
+            driverlog.warn(f"app {app.id} has no SOURCE (its import failed?): nothing to delete")
+            return
         rel = relative_path(app.source, cfg.base_url)
         if cfg.bridge_list:
             hosts = available_hosts(cfg.bridge_list)
