@@ -86,6 +86,8 @@ declare -a ENTRIES=()
 if [ -n "$PYTHON" ]; then
   command -v "$PYTHON" >/dev/null || die "interpreter $PYTHON not found"
   PY=$(command -v "$PYTHON")
+  # absolute, but not through symlinks: a venv's python is a link that must stay one
+  PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")
   "$PY" -c "import onemarket" 2>/dev/null || die "$PY cannot import onemarket (pip install -e $SRC)"
 else
   command -v python3 >/dev/null || die "python3 is required (apt-get install python3 python3-venv)"
@@ -132,12 +134,25 @@ for d in "${DRIVERS[@]}"; do
 done
 
 wrapper() {  # wrapper MODULE: a shell script running a module of ours with our interpreter
-  printf '#!/bin/sh\n# %s: installed by install.sh, runs %s\nexec "%s" -m %s "$@"\n' \
+  # -I: the caller's working directory and PYTHON* variables never change what is imported
+  printf '#!/bin/sh\n# %s: installed by install.sh, runs %s\nexec "%s" -I -m %s "$@"\n' \
     "$MARKER" "$1" "$PY" "$1"
+}
+downloader_wrapper() {
+  # remotes are copied to hosts by onehost sync, where our interpreter may not exist: there the
+  # stock script kept beside this one does the work, as before the install
+  cat <<EOF
+#!/bin/sh
+# $MARKER: installed by install.sh; reads s3:// sources itself, hands others to downloader.sh.orig
+if [ -x "$PY" ]; then
+  exec "$PY" -I -m onemarket.downloader "\$@"
+fi
+exec "\$(dirname "\$0")/downloader.sh.orig" "\$@"
+EOF
 }
 tmpdir=$(mktemp -d)
 trap 'rm -rf "$tmpdir"' EXIT
-wrapper onemarket.downloader >"$tmpdir/downloader.sh"
+downloader_wrapper >"$tmpdir/downloader.sh"
 install_file "$tmpdir/downloader.sh" "$REMOTES/datastore/downloader.sh" 0755
 wrapper onemarket.cli >"$tmpdir/one-market"
 install_file "$tmpdir/one-market" "$BIN/one-market" 0755
