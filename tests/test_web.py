@@ -140,6 +140,39 @@ def test_truncated_body(httpd: StaticHttpServer) -> None:
         f"download of {httpd.url}/t failed: "
         "connection closed before the end of the answer (truncated)"
     )
+    assert httpd.count("/t") == web.BODY_RETRY_COUNT + 1
+
+
+def test_body_cut_once_is_fetched_again(httpd: StaticHttpServer) -> None:
+    body = CATALOG.encode()
+    cut = truncated(body, keep=100)
+    calls = {"n": 0}
+
+    def once(h: BaseHTTPRequestHandler) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            cut(h)
+        else:
+            httpd.serve_bytes(h, body)
+
+    httpd.routes["/t"] = once
+    assert fetcher().get(f"{httpd.url}/t").body == body
+    assert httpd.count("/t") == 2
+
+
+def test_stalled_body_times_out(httpd: StaticHttpServer) -> None:
+    def stall(h: BaseHTTPRequestHandler) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", "1000")
+        h.end_headers()
+        h.wfile.write(b"x" * 10)
+        h.wfile.flush()
+        time.sleep(2.0)
+
+    httpd.routes["/stall"] = stall
+    with pytest.raises(RemoteError) as err:
+        fetcher(read_timeout_s=0.2).get(f"{httpd.url}/stall")
+    assert str(err.value) == f"download of {httpd.url}/stall failed: timed out"
 
 
 def test_corrupt_gzip_body(httpd: StaticHttpServer) -> None:
@@ -177,6 +210,7 @@ def test_describe_request_error() -> None:
         == "host name not found"
     )
     assert describe_request_error(requests.TooManyRedirects()) == "too many redirects"
+    assert describe_request_error(requests.ConnectionError("Read timed out.")) == "timed out"
     assert describe_request_error(requests.exceptions.InvalidURL()) == "InvalidURL"
 
 

@@ -42,6 +42,8 @@ BODY_CHUNK_BYTES = 1 << 16
 STALE_TMP_S = 3600.0
 """Age after which a temporary cache file (left by a killed monitor) is removed."""
 RETRY_STATUSES = (500, 502, 503, 504)
+BODY_RETRY_COUNT = 1
+"""Extra full GETs when the connection drops while the body is being received."""
 
 
 def make_session(user_agent: str) -> requests.Session:
@@ -73,6 +75,8 @@ def describe_request_error(exc: requests.RequestException) -> str:
         return "TLS error"
     if isinstance(exc, requests.ConnectionError):
         reason = str(exc)
+        if "timed out" in reason:
+            return "timed out"
         if "Connection refused" in reason:
             return "connection refused"
         if "Name or service not known" in reason or "NameResolutionError" in reason:
@@ -89,6 +93,10 @@ def describe_request_error(exc: requests.RequestException) -> str:
     if isinstance(exc, requests.exceptions.ContentDecodingError):
         return "answer body could not be decompressed"
     return type(exc).__name__
+
+
+class _BodyReadError(RemoteError):
+    """The connection failed while the body was being received."""
 
 
 @dataclass(frozen=True)
@@ -180,19 +188,25 @@ class CachedFetcher:
                 req_headers["If-None-Match"] = meta["etag"]
             if meta.get("last_modified"):
                 req_headers["If-Modified-Since"] = meta["last_modified"]
-        resp = self._request(url, req_headers)
-        try:
-            if resp.status_code == 304 and cached:
-                return Fetched(cached[1], True, url)
-            if resp.status_code == 304:
+        for attempt in range(BODY_RETRY_COUNT + 1):
+            resp = self._request(url, req_headers)
+            try:
+                if resp.status_code == 304 and cached:
+                    return Fetched(cached[1], True, url)
+                if resp.status_code == 304:
+                    resp.close()
+                    resp = self._request(url, dict(headers or {}))
+                if resp.status_code != 200:
+                    reason = resp.reason or ""
+                    raise RemoteError(f"{url} answered HTTP {resp.status_code} {reason}".rstrip())
+                body = self._read_body(resp, url)
+                break
+            except _BodyReadError:
+                # urllib3 retries failed requests, not an answer cut in the middle of its body
+                if attempt == BODY_RETRY_COUNT:
+                    raise
+            finally:
                 resp.close()
-                resp = self._request(url, dict(headers or {}))
-            if resp.status_code != 200:
-                reason = resp.reason or ""
-                raise RemoteError(f"{url} answered HTTP {resp.status_code} {reason}".rstrip())
-            body = self._read_body(resp, url)
-        finally:
-            resp.close()
         meta = {
             "url": url,
             "etag": resp.headers.get("ETag", ""),
@@ -220,7 +234,9 @@ class CachedFetcher:
                     raise RemoteError(f"{url} answered more than {MAX_BODY_BYTES} bytes")
                 chunks.append(chunk)
         except requests.RequestException as exc:
-            raise RemoteError(f"download of {url} failed: {describe_request_error(exc)}") from None
+            raise _BodyReadError(
+                f"download of {url} failed: {describe_request_error(exc)}"
+            ) from None
         return b"".join(chunks)
 
 
