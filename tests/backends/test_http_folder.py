@@ -275,9 +275,17 @@ def test_full_filesystem_leaves_nothing(small_fs: Path, tmp_path: Path) -> None:
     assert listing(small_fs) == {"existing": b"keep"}
 
 
+@pytest.mark.parametrize("bridge", [False, True])
 def test_sigterm_mid_copy_leaves_nothing(
-    nginx: Nginx, attrs: dict[str, str], tmp_path: Path
+    nginx: Nginx,
+    attrs: dict[str, str],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    bridge: bool,
 ) -> None:
+    if bridge:
+        request.getfixturevalue("sshd")  # sets ONE_MARKET_SSH_CONFIG, inherited by the action
+        attrs = {**attrs, "BRIDGE_LIST": "bridge1"}
     fifo = SlowFifo(tmp_path / "fifo", total=64 * MIB, pause_s=0.05)
     payload = import_payload(
         "http", attrs, app=app_xml(id=3), import_info=import_info_xml(source=str(fifo.path))

@@ -112,7 +112,7 @@ def write_remote_atomically(
         no_folder=EXIT_NO_FOLDER,
         failed=EXIT_WRITE_FAILED,
     )
-    started = False
+    started = committing = False
     with (
         sigterm_raises(f"import into {host}:{folder}"),
         tempfile.TemporaryFile() as out,
@@ -149,6 +149,7 @@ def write_remote_atomically(
                     f"of {digests.size_bytes} to {final}"
                 )
             digests.verify_md5(expected_md5, f"import of {source.description}")
+            committing = True
             run_remote(
                 host,
                 _COMMIT_SCRIPT.format(
@@ -158,7 +159,8 @@ def write_remote_atomically(
         except BaseException:
             if started:
                 _stop(proc)
-                _cleanup(host, tmp)
+                # Interrupted while renaming: the name is ours alone, and oned records a failure.
+                _cleanup(host, [tmp, final] if committing else [tmp])
             raise
     return digests
 
@@ -195,9 +197,10 @@ def _stop(proc: subprocess.Popen[bytes], grace_s: float = 0.0) -> None:
             proc.stdin.close()
 
 
-def _cleanup(host: str, tmp: str) -> None:
-    """Remove the remote temporary file; a host that cannot be reached gets a WARN line."""
+def _cleanup(host: str, paths: list[str]) -> None:
+    """Remove what a failed import wrote; a host that cannot be reached gets a WARN line."""
+    quoted = " ".join(shlex.quote(p) for p in paths)
     try:
-        run_remote(host, f"rm -f -- {shlex.quote(tmp)}", timeout_s=CLEANUP_TIMEOUT_S)
+        run_remote(host, f"rm -f -- {quoted}", timeout_s=CLEANUP_TIMEOUT_S)
     except MarketError as exc:
-        driverlog.warn(f"temporary file {host}:{tmp} may be left behind: {exc}")
+        driverlog.warn(f"{host}:{paths[0]} may be left behind: {exc}")
