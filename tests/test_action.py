@@ -189,13 +189,28 @@ def test_ds_export_payload_needs_image_and_datastore() -> None:
         (b"", "not well-formed|empty"),
         (
             b"<IMPORT_INFO><IMPORT_SOURCE>a</IMPORT_SOURCE><SIZE>big</SIZE></IMPORT_INFO>",
-            "SIZE is not an integer",
+            "SIZE is not a size in MB",
         ),
     ],
 )
 def test_export_output_errors(output: bytes, match: str) -> None:
     with pytest.raises(PayloadError, match=match):
         ImportInfo.from_export_output(output)
+
+
+@pytest.mark.parametrize(
+    ("size", "mb"), [("", 0), ("0", 0), ("12", 12), ("12.0", 12), ("12.1", 13), ("-3", 0)]
+)
+def test_sizes_in_mb(size: str, mb: int) -> None:
+    out = export_output("/x").replace("<SIZE><![CDATA[0]]></SIZE>", f"<SIZE>{size}</SIZE>")
+    assert ImportInfo.from_export_output(out.encode()).size_mb == mb
+
+
+@pytest.mark.parametrize("size", ["1e9", "12 MB", "0x10", "1" * 5000])
+def test_bad_sizes(size: str) -> None:
+    out = export_output("/x").replace("<SIZE><![CDATA[0]]></SIZE>", f"<SIZE>{size}</SIZE>")
+    with pytest.raises(PayloadError, match="SIZE is not a size in MB"):
+        ImportInfo.from_export_output(out.encode())
 
 
 def test_integer_fields_and_defaults() -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import math
 import re
 import threading
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from lxml import etree
 
@@ -29,6 +31,8 @@ _PROLOG_RE = re.compile(rb"(?:\xef\xbb\xbf)?\s*(?:<\?.*?\?>\s*|<!--.*?-->\s*)*",
 """What may precede a DOCTYPE: BOM, XML declaration, processing instructions, comments."""
 _DTD_RE = re.compile(rb"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
 _B64_RE = re.compile(rb"[A-Za-z0-9+/=\s]*")
+_DECIMAL_RE = re.compile(r"[+-]?\d{1,18}(\.\d{0,18})?")
+"""A size: at most 18 digits (an exabyte is 10^12 MB), so it always fits everywhere."""
 
 
 def _new_parser() -> etree.XMLParser:
@@ -113,6 +117,16 @@ def _int(el: etree._Element | None, tag: str, default: int = -1) -> int:
         raise PayloadError(f"{tag} is not an integer: {value[:40]!r}") from None
 
 
+def _size_mb(el: etree._Element | None, tag: str) -> int:
+    """A size in MB: an integer, or a decimal rounded up (never below 0)."""
+    value = _text(el, tag)
+    if not value:
+        return 0
+    if not _DECIMAL_RE.fullmatch(value):
+        raise PayloadError(f"{tag} is not a size in MB: {value[:40]!r}")
+    return max(math.ceil(Decimal(value)), 0)
+
+
 def template_attrs(el: etree._Element | None) -> dict[str, str]:
     """Single-valued attributes of a TEMPLATE element (vector attributes are left out)."""
     out: dict[str, str] = {}
@@ -182,7 +196,7 @@ class App:
             name=_text(el, "NAME"),
             source=_text(el, "SOURCE"),
             md5=_text(el, "MD5"),
-            size_mb=max(_int(el, "SIZE", 0), 0),
+            size_mb=_size_mb(el, "SIZE"),
             format=_text(el, "FORMAT"),
             type=_int(el, "TYPE", APP_TYPE_IMAGE),
             origin_id=_int(el, "ORIGIN_ID"),
@@ -204,7 +218,7 @@ class Image:
             id=_int(el, "ID"),
             name=_text(el, "NAME"),
             source=_text(el, "SOURCE"),
-            size_mb=max(_int(el, "SIZE", 0), 0),
+            size_mb=_size_mb(el, "SIZE"),
             format=_text(el, "FORMAT") or _text(el.find("TEMPLATE"), "FORMAT"),
         )
 
@@ -245,7 +259,7 @@ class ImportInfo:
         return cls(
             source=_text(el, "IMPORT_SOURCE"),
             md5=_text(el, "MD5").lower(),
-            size_mb=max(_int(el, "SIZE", 0), 0),
+            size_mb=_size_mb(el, "SIZE"),
             format=_text(el, "FORMAT"),
             dispose=_text(el, "DISPOSE").upper() == "YES",
             dispose_cmd=_text(el, "DISPOSE_CMD"),

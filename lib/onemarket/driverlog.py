@@ -103,6 +103,11 @@ class ScrubbingStream(io.TextIOBase):
         return False
 
     @property
+    def buffer(self) -> object:
+        """The target's byte stream, for libraries that write bytes (those are not masked)."""
+        return self._target.buffer  # type: ignore[attr-defined]
+
+    @property
     def encoding(self) -> str:  # type: ignore[override]
         return getattr(self._target, "encoding", "utf-8")
 

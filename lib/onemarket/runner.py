@@ -79,7 +79,8 @@ def run_action(
     result_fd: int = 1,
 ) -> int:
     """Run one action: result to ``result_fd``, failure line to stderr; returns the exit code."""
-    driverlog.set_debug(os.environ.get("ONE_MARKET_DEBUG", "") not in ("", "0", "no"))
+    debug = os.environ.get("ONE_MARKET_DEBUG", "").strip().lower()
+    driverlog.set_debug(debug not in ("", "0", "no", "false", "off"))
     driverlog.route_std_logging()
     _flush_quietly(sys.__stdout__)
     saved = os.dup(result_fd)
