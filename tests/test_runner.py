@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -107,10 +108,20 @@ def fake_driver(monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """Each test gets its own ONE_LOCATION, secrets, log stream and root logger set-up."""
     monkeypatch.setenv("ONE_LOCATION", str(tmp_path / "one"))
     monkeypatch.delenv("ONE_MARKET_DEBUG", raising=False)
     monkeypatch.setattr(driverlog, "stream", None)
+    monkeypatch.setattr(driverlog, "_secrets", ())
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        driverlog.set_debug(False)
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 def _run(capfd: pytest.CaptureFixture[str], driver: str, action: str, payload: str):
@@ -428,3 +439,82 @@ def test_real_http_monitor_missing_attributes(tmp_path) -> None:
     assert (proc.returncode, proc.stdout) == (1, "")
     lines = _failure_lines(proc.stderr)
     assert len(lines) == 1 and "PUBLIC_DIR" in lines[0], proc.stderr
+
+
+# --------------------------------------------------------------------------- driverlog
+
+
+def test_log_lines_prefixed_split_and_masked(monkeypatch) -> None:
+    import io
+
+    out = io.StringIO()
+    monkeypatch.setattr(driverlog, "stream", out)
+    monkeypatch.setattr(driverlog, "_secrets", ())
+    driverlog.redact("abc")  # too short to mask without masking everything
+    driverlog.redact("secret")
+    driverlog.redact("secret-longer")
+    driverlog.info("one\ntwo\r\n\nsecret-longer and secret")
+    driverlog.warn("w")
+    driverlog.error("e")
+    driverlog.debug("hidden")
+    assert out.getvalue().splitlines() == [
+        "INFO: one",
+        "INFO: two",
+        "INFO: **** and ****",
+        "WARN: w",
+        "ERROR: e",
+    ]
+
+
+def test_scrubbing_stream_masks_secrets_split_across_writes(monkeypatch) -> None:
+    import io
+
+    monkeypatch.setattr(driverlog, "_secrets", ())
+    driverlog.redact(SECRET)
+    target = io.StringIO()
+    s = driverlog.ScrubbingStream(target)
+    half = len(SECRET) // 2
+    s.write("key=" + SECRET[:half])
+    s.write(SECRET[half:] + "\nnext ")
+    assert target.getvalue() == "key=****\n"
+    s.write(SECRET)
+    s.flush()
+    assert target.getvalue() == "key=****\nnext ****"
+
+
+def test_redact_while_other_threads_log(monkeypatch) -> None:
+    import io
+    import threading
+
+    monkeypatch.setattr(driverlog, "_secrets", ())
+    monkeypatch.setattr(driverlog, "stream", io.StringIO())
+    errors: list[BaseException] = []
+
+    def logger() -> None:
+        try:
+            for i in range(2000):
+                driverlog.info(f"line {i} secret-{i % 50:04d}")
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=logger) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for i in range(50):
+        driverlog.redact(f"secret-{i:04d}")
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert driverlog.scrub("secret-0049") == "****"
+
+
+def test_std_logging_goes_to_stderr_lines(capfd) -> None:
+    driverlog.route_std_logging()
+    logging.getLogger("boto3.resources").error("bad thing")
+    logging.getLogger("botocore.hooks").debug("chatter")
+    logging.getLogger("some.lib").warning("careful")
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert "ERROR: boto3.resources: bad thing" in err
+    assert "WARN: some.lib: careful" in err
+    assert "chatter" not in err

@@ -15,7 +15,8 @@ import threading
 from typing import TextIO
 
 _lock = threading.Lock()
-_secrets: set[str] = set()
+_secrets: tuple[str, ...] = ()
+"""Registered secrets, longest first; replaced (never mutated) so readers need no lock."""
 _debug = False
 stream: TextIO | None = None
 """Where lines go; ``None`` means the current ``sys.stderr`` (looked up at each write)."""
@@ -23,13 +24,16 @@ stream: TextIO | None = None
 
 def redact(secret: str | None) -> None:
     """Mask ``secret`` in every line written from now on."""
+    global _secrets
     if secret and len(secret) >= 4:
-        _secrets.add(secret)
+        with _lock:
+            if secret not in _secrets:
+                _secrets = tuple(sorted({*_secrets, secret}, key=len, reverse=True))
 
 
 def scrub(text: str) -> str:
     """``text`` with every registered secret masked (longest first, so none leaks partly)."""
-    for secret in sorted(_secrets, key=len, reverse=True):
+    for secret in _secrets:
         text = text.replace(secret, "****")
     return text
 
