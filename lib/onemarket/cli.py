@@ -32,7 +32,7 @@ import requests
 
 from . import __version__, driverlog, oneclient
 from .action import APP_TYPE_IMAGE, App, ImportInfo, Market
-from .backends.base import Backend, Context, ImportRequest, ImportResult, MonitorResult
+from .backends.base import AppEntry, Backend, Context, ImportRequest, ImportResult, MonitorResult
 from .bridge import parse_bridge_list
 from .errors import ConfigError, MarketError, SourceError, from_os_error, one_line
 from .installation import Installation
@@ -501,6 +501,7 @@ def default_app_id() -> int:
 def push(
     market: Market, file: str, name: str | None, app_id: int | None, fmt: str | None, progress: bool
 ) -> tuple[App, ImportResult]:
+    """Import a local file (or block device, or pipe) through the market's backend."""
     path = Path(file)
     try:
         st = path.stat()
@@ -532,7 +533,7 @@ def push(
 APP_COLUMNS = ("NAME", "VERSION", "TYPE", "ARCH", "HYPERVISOR", "SIZE", "FORMAT")
 
 
-def app_row(app: Any) -> tuple[str, ...]:
+def app_row(app: AppEntry) -> tuple[str, ...]:
     size = "-" if app.size_mb is None else human_bytes(app.size_mb * MB)
     name = printable(app.name)
     if len(name) > NAME_COLUMN_MAX_CHARS:
