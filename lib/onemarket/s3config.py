@@ -138,9 +138,16 @@ def client_config(
     read_timeout_s: float = READ_TIMEOUT_S,
     max_attempts: int = MAX_ATTEMPTS,
     max_pool_connections: int = MAX_POOL_CONNECTIONS,
+    sign_payload: bool | None = None,
 ) -> Config:
-    """The botocore Config for ``settings`` (timeouts and attempts overridable for tests)."""
+    """The botocore Config for ``settings`` (timeouts and attempts overridable for tests).
+
+    ``sign_payload=False`` sends bodies as UNSIGNED-PAYLOAD even over plain http; only for
+    clients whose every body carries a (signed) Content-MD5 header, which the server checks.
+    """
     s3_opts: dict[str, object] = {}
+    if sign_payload is not None:
+        s3_opts["payload_signing_enabled"] = sign_payload
     if settings.path_style is not None:
         s3_opts["addressing_style"] = "path" if settings.path_style else "virtual"
     extra: dict[str, object] = {}
@@ -162,16 +169,22 @@ def client_config(
     )
 
 
-def make_client(settings: S3Settings | Market, **config_overrides: float | int) -> Any:
+def make_client(
+    settings: S3Settings | Market,
+    session: boto3.session.Session | None = None,
+    **config_overrides: float | int | bool,
+) -> Any:
     """A boto3 S3 client for ``settings`` (or straight from a Market).
 
-    A private boto3 Session is used, so nothing from the default session, the environment's
-    AWS_* credentials or ``~/.aws`` changes which account or endpoint is used.
+    A private boto3 Session is used (pass the same one for several clients: each session
+    loads its own copy of the S3 service model, about 10 MB), so nothing from the default
+    session, the environment's AWS_* credentials or ``~/.aws`` changes which account or
+    endpoint is used.
     """
     if isinstance(settings, Market):
         settings = S3Settings.from_market(settings)
     driverlog.redact(settings.secret_access_key)
-    session = boto3.session.Session()
+    session = session or boto3.session.Session()
     try:
         return session.client(
             "s3",

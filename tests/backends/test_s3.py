@@ -236,7 +236,7 @@ def test_multipart_200mib_parallel_roundtrip(rgw: CephRgw, s3, bucket: str, tmp_
     image = tmp_path / "big.img"
     md5, sha = write_random(image, 200 * MIB)
     backend = make_backend(market_attrs(rgw, bucket, READ_LENGTH="8"), tmp_path)
-    real_upload_part = backend.client.upload_part
+    real_upload_part = backend.data_client.upload_part
     lock = threading.Lock()
     state = {"now": 0, "max": 0, "parts": 0}
 
@@ -252,7 +252,7 @@ def test_multipart_200mib_parallel_roundtrip(rgw: CephRgw, s3, bucket: str, tmp_
             with lock:
                 state["now"] -= 1
 
-    backend.client.upload_part = counting_upload_part
+    backend.data_client.upload_part = counting_upload_part
     result = do_import(backend, str(image), md5=md5)
 
     assert (result.md5, result.size_mb) == (md5, 200)
@@ -374,7 +374,7 @@ def test_server_read_timeout_aborts(rgw: CephRgw, s3, httpd, bucket: str, tmp_pa
         rgw.resume_rgw()
         return real_abort(**kwargs)
 
-    real_upload_part = backend.client.upload_part
+    real_upload_part = backend.data_client.upload_part
 
     def freeze_at_part_3(**kwargs):
         if kwargs["PartNumber"] == 3:
@@ -382,7 +382,7 @@ def test_server_read_timeout_aborts(rgw: CephRgw, s3, httpd, bucket: str, tmp_pa
         return real_upload_part(**kwargs)
 
     backend.client.abort_multipart_upload = abort_after_recovery
-    backend.client.upload_part = freeze_at_part_3
+    backend.data_client.upload_part = freeze_at_part_3
     safety.start()
     try:
         with pytest.raises(ActionTimeout, match="did not answer in time"):

@@ -76,6 +76,7 @@ class CephRgw:
     mon_port_v1: int = 0
     access_key: str = ACCESS_KEY
     secret_key: str = SECRET_KEY
+    store_bytes: int = STORE_BYTES
     startup_s: float = 0.0
     _owns_base: bool = field(default=False, repr=False)
 
@@ -314,9 +315,9 @@ osd objectstore = {self.store}
 osd class load list = *
 osd class default list = *
 osd crush update on start = false
-memstore device bytes = {STORE_BYTES}
+memstore device bytes = {self.store_bytes}
 bluestore block create = true
-bluestore block size = {STORE_BYTES}
+bluestore block size = {self.store_bytes}
 bluestore fsck on mkfs = false
 bluestore fsck on mount = false
 osd memory target = 1073741824

@@ -27,12 +27,14 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+import boto3
 
 from .. import driverlog
 from ..action import App, Market
@@ -170,40 +172,85 @@ def interruptible(what: str, timeout_s: float | None) -> Iterator[None]:
 
 @dataclass
 class _Reader:
-    """The source, read once and sequentially into part buffers, hashed on the way."""
+    """The source, read once and sequentially into part buffers (hashing is done elsewhere,
+    in order, so reading, hashing and sending overlap)."""
 
     source: Source
-    digests: Digests
     what: str
+    size_bytes: int = 0
     eof: bool = False
 
-    def read_part(self, size: int) -> bytearray:
-        buf = bytearray(size)
+    def read_part(self, size: int, buf: bytearray | None = None) -> bytearray:
+        """Fill ``buf`` (reused, resized to ``size``) or a new buffer with the next part."""
+        if buf is None or len(buf) != size:
+            buf = bytearray(size)
         view = memoryview(buf)
         filled = 0
-        while filled < size:
-            chunk = self.source.read(min(CHUNK_BYTES, size - filled))
-            if not chunk:
-                self.eof = True
-                break
-            view[filled : filled + len(chunk)] = chunk
-            self.digests.update(chunk)
-            filled += len(chunk)
-            expected = self.source.size_bytes
-            if expected is not None and self.digests.size_bytes > expected:
-                view.release()
-                raise SourceError(f"{self.what}: source grew beyond its size of {expected} bytes")
-        view.release()
+        try:
+            while filled < size:
+                chunk = self.source.read(min(CHUNK_BYTES, size - filled))
+                if not chunk:
+                    self.eof = True
+                    break
+                view[filled : filled + len(chunk)] = chunk
+                filled += len(chunk)
+        finally:
+            view.release()
+        self.size_bytes += filled
+        expected = self.source.size_bytes
+        if expected is not None and self.size_bytes > expected:
+            raise SourceError(f"{self.what}: source grew beyond its size of {expected} bytes")
         if filled < size:
             del buf[filled:]
         return buf
 
     def check_complete(self) -> None:
         expected = self.source.size_bytes
-        if expected is not None and self.digests.size_bytes != expected:
+        if expected is not None and self.size_bytes != expected:
             raise SourceError(
-                f"{self.what}: source ended after {self.digests.size_bytes} of {expected} bytes"
+                f"{self.what}: source ended after {self.size_bytes} of {expected} bytes"
             )
+
+
+class _BufferPool:
+    """At most ``count`` part buffers, reused: memory stays at count x part size, and large
+    buffers are not freed and re-allocated for every part (which fragments the heap when
+    several threads are involved and lets the RSS creep up)."""
+
+    def __init__(self, count: int) -> None:
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+        self._slots = threading.Semaphore(count)
+
+    def acquire(self, timeout_s: float) -> bytearray | bool | None:
+        """A free buffer, None when a new one may be allocated, False on timeout."""
+        if not self._slots.acquire(timeout=timeout_s):
+            return False
+        with self._lock:
+            return self._free.pop() if self._free else None
+
+    def release(self, buf: bytearray | None) -> None:
+        if buf is not None:
+            with self._lock:
+                self._free.append(buf)
+        self._slots.release()
+
+
+class _Countdown:
+    """Calls ``action`` once all of ``n`` futures are done (a part's slot is free once the
+    part is both hashed into the whole-stream digests and sent)."""
+
+    def __init__(self, n: int, action: Callable[[], None]) -> None:
+        self._left = n
+        self._lock = threading.Lock()
+        self._action = action
+
+    def __call__(self, _future: Future[Any]) -> None:
+        with self._lock:
+            self._left -= 1
+            fire = self._left == 0
+        if fire:
+            self._action()
 
 
 class S3Backend(Backend):
@@ -219,7 +266,9 @@ class S3Backend(Backend):
         self.settings = S3Settings.from_market(market)
         self.bucket = self.settings.bucket
         self.prefix = self._prefix(market)
+        self._session = boto3.session.Session()
         self._client: Any = None
+        self._data_client: Any = None
 
     # ---- configuration -----------------------------------------------------------------------
 
@@ -267,8 +316,20 @@ class S3Backend(Backend):
     @property
     def client(self) -> Any:
         if self._client is None:
-            self._client = make_client(self.settings, **self.client_options)
+            self._client = make_client(self.settings, self._session, **self.client_options)
         return self._client
+
+    @property
+    def data_client(self) -> Any:
+        """The client for object bodies (PutObject, UploadPart). Every body it sends carries a
+        Content-MD5 header, which is signed and checked by the server, so the body itself is
+        sent as UNSIGNED-PAYLOAD: hashing each part once more with SHA-256 for the signature
+        (what botocore does over plain http) would add nothing but CPU time."""
+        if self._data_client is None:
+            self._data_client = make_client(
+                self.settings, self._session, sign_payload=False, **self.client_options
+            )
+        return self._data_client
 
     def key_for(self, app: App) -> str:
         if app.id < 0:
@@ -305,7 +366,7 @@ class S3Backend(Backend):
             self._refuse_existing(key, uri)
             with open_source(info.source, self.context.installation) as src:
                 digests = Digests()
-                reader = _Reader(src, digests, what)
+                reader = _Reader(src, what)
                 exact = src.size_bytes is not None
                 expected = src.size_bytes if exact else (info.size_mb * MIB or None)
                 part_size = plan_part_size(self._read_length_mb(), expected)
@@ -313,6 +374,7 @@ class S3Backend(Backend):
                 first = reader.read_part(part_size)
                 if reader.eof:
                     reader.check_complete()
+                    digests.update(first)
                     digests.verify_md5(info.md5, what)
                     self._put_single(key, uri, first, digests)
                     progress.update(len(first))
@@ -322,7 +384,7 @@ class S3Backend(Backend):
                         f"{part_size // MIB} MiB, {self.upload_workers} at a time"
                     )
                     self._put_multipart(
-                        key, uri, first, reader, part_size, exact, info.md5, progress
+                        key, uri, first, reader, digests, part_size, exact, info.md5, progress
                     )
                 progress.finish()
         return ImportResult(
@@ -378,7 +440,7 @@ class S3Backend(Backend):
     def _put_single(self, key: str, uri: str, body: bytearray, digests: Digests) -> None:
         content_md5, _ = md5_b64(body)
         try:
-            self.client.put_object(
+            self.data_client.put_object(
                 Bucket=self.bucket,
                 Key=key,
                 Body=body,
@@ -400,6 +462,7 @@ class S3Backend(Backend):
         uri: str,
         first: bytearray,
         reader: _Reader,
+        digests: Digests,
         part_size: int,
         exact: bool,
         expected_md5: str,
@@ -414,10 +477,10 @@ class S3Backend(Backend):
         completed = False
         try:
             part_md5s = self._send_parts(
-                key, uri, upload_id, first, reader, part_size, exact, progress
+                key, uri, upload_id, first, reader, digests, part_size, exact, progress
             )
             reader.check_complete()
-            reader.digests.verify_md5(expected_md5, f"import to {uri}")
+            digests.verify_md5(expected_md5, f"import to {uri}")
             try:
                 answer = self.client.complete_multipart_upload(
                     Bucket=self.bucket,
@@ -437,7 +500,7 @@ class S3Backend(Backend):
             wanted = multipart_etag(part_md5s)
             if etag != wanted:
                 raise ChecksumError(f"{uri}: server assembled ETag {etag}, expected {wanted}")
-            self._set_metadata(key, uri, etag, reader.digests)
+            self._set_metadata(key, uri, etag, digests)
         except BaseException:
             if completed:
                 self._delete_quietly(key)
@@ -452,35 +515,39 @@ class S3Backend(Backend):
         upload_id: str,
         first: bytearray,
         reader: _Reader,
+        digests: Digests,
         part_size: int,
         exact: bool,
         progress: Progress,
     ) -> list[bytes]:
-        """Read parts in order and hand each to a worker; at most PARTS_IN_MEMORY exist at once."""
-        slots = threading.Semaphore(max(self.upload_workers, 1) + 1)
+        """Read parts in order; each goes to the (single, in-order) whole-stream hasher and to
+        an upload worker, and its buffer is dropped once both are done. At most
+        PARTS_IN_MEMORY buffers exist at once. Returns the parts' MD5s in order."""
+        workers = max(self.upload_workers, 1)
+        buffers = _BufferPool(workers + 1)
         stop = threading.Event()
         md5s: dict[int, bytes] = {}
         pending: dict[Future[tuple[int, bytes]], int] = {}
+        hashed: list[Future[None]] = []
 
         def send(number: int, body: bytearray) -> tuple[int, bytes]:
-            try:
-                if stop.is_set():
-                    raise StorageError("cancelled")
-                content_md5, digest = md5_b64(body)
-                self.client.upload_part(
-                    Bucket=self.bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    Body=body,
-                    ContentLength=len(body),
-                    ContentMD5=content_md5,
-                )
-                return len(body), digest
-            finally:
-                slots.release()
+            if stop.is_set():
+                raise StorageError("cancelled")
+            content_md5, digest = md5_b64(body)
+            self.data_client.upload_part(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=body,
+                ContentLength=len(body),
+                ContentMD5=content_md5,
+            )
+            return len(body), digest
 
         def harvest(block: bool) -> None:
+            while hashed and hashed[0].done():
+                hashed.pop(0).result()
             if not pending:
                 return
             done, _ = wait(list(pending), timeout=None if block else 0, return_when=FIRST_COMPLETED)
@@ -493,39 +560,47 @@ class S3Backend(Backend):
                 md5s[number] = digest
                 progress.update(sent)
 
-        pool = ThreadPoolExecutor(
-            max_workers=max(self.upload_workers, 1), thread_name_prefix="s3-part"
-        )
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3-part")
+        hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3-hash")
         try:
             body: bytearray | None = first
-            slots.acquire()
+            buffers.acquire(timeout_s=0)
             number = 1
             while True:
                 if body is None:
-                    while not slots.acquire(timeout=SLOT_POLL_S):
+                    free = buffers.acquire(SLOT_POLL_S)
+                    while free is False:
                         harvest(block=False)
-                    if reader.eof:
-                        slots.release()
-                        break
+                        free = buffers.acquire(SLOT_POLL_S)
                     size = part_size_for(number, part_size, exact)
-                    body = reader.read_part(size)
+                    body = b"" if reader.eof else reader.read_part(size, free or None)
                     if not body:
-                        slots.release()
+                        buffers.release(None)
                         break
                 if number > MAX_PARTS:
-                    slots.release()
+                    buffers.release(None)
                     raise SourceError(f"import to {uri}: more than {MAX_PARTS} parts needed")
-                pending[pool.submit(send, number, body)] = number
+                part = body
+                countdown = _Countdown(2, lambda part=part: buffers.release(part))
+                hashed.append(hasher.submit(digests.update, body))
+                hashed[-1].add_done_callback(countdown)
+                upload = pool.submit(send, number, body)
+                upload.add_done_callback(countdown)
+                pending[upload] = number
                 body = None
                 number += 1
                 harvest(block=False)
             while pending:
                 harvest(block=True)
+            for fut in hashed:
+                fut.result()
         except BaseException:
             stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
+            hasher.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
+        hasher.shutdown(wait=True)
         return [md5s[n] for n in sorted(md5s)]
 
     def _etag_of(self, key: str, uri: str) -> str:
