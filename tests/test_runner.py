@@ -518,3 +518,18 @@ def test_std_logging_goes_to_stderr_lines(capfd) -> None:
     assert "ERROR: boto3.resources: bad thing" in err
     assert "WARN: some.lib: careful" in err
     assert "chatter" not in err
+
+
+def test_text_buffered_before_the_action_never_reaches_the_result(
+    capfd, fake_driver, monkeypatch
+) -> None:
+    import io
+
+    # a buffered stdout whatever PYTHONUNBUFFERED says, as a forked MAD child may inherit it
+    buffered = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False), 1 << 16))
+    monkeypatch.setattr(sys, "__stdout__", buffered)
+    buffered.write("buffered before the action\n")
+    code, out, err = _run(capfd, fake_driver, "monitor", monitor_payload("fake"))
+    assert code == 0
+    assert out == MonitorResult(1, 2, 3, [FAKE_APP]).to_template()
+    assert "buffered before the action" in err

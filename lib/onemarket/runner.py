@@ -82,9 +82,10 @@ def run_action(
     debug = os.environ.get("ONE_MARKET_DEBUG", "").strip().lower()
     driverlog.set_debug(debug not in ("", "0", "no", "false", "off"))
     driverlog.route_std_logging()
-    _flush_quietly(sys.__stdout__)
     saved = os.dup(result_fd)
     os.dup2(2, result_fd)
+    # text buffered before the action (e.g. inherited through a fork) is not the result
+    _flush_quietly(sys.__stdout__)
     saved_stdout, saved_stderr = sys.stdout, sys.stderr
     # Python-level output of the action goes to stderr with secrets masked: the MAD turns
     # stderr into log lines and the failure text.
