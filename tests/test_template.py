@@ -381,3 +381,79 @@ def test_normalize_name() -> None:
     assert normalize_name("Xml") == "ONE_XML"
     with pytest.raises(TemplateError):
         normalize_name("a.b")
+
+
+template_soup = st.lists(
+    st.sampled_from(
+        [
+            "A",
+            "b",
+            "1",
+            "_",
+            "xml",
+            " ",
+            "\t",
+            "\n",
+            "=",
+            " = ",
+            '"',
+            '\\"',
+            "\\",
+            "[",
+            "]",
+            ",",
+            "#",
+            "]]>",
+            "\r",
+            "é",
+            "\0",
+            '"v"',
+        ]
+    ),
+    max_size=40,
+).map("".join)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(template_soup)
+def test_reader_accepts_nothing_that_oned_reads_differently(text: str) -> None:
+    """The strict reader is a sound subset of oned's syntax."""
+    try:
+        mine = parse_template(text).items
+    except TemplateError:
+        return
+    assert oned_parse(text) == mine
+
+
+_blank = st.sampled_from(["", " ", "\t", "  ", "\n", " \n "])
+_inner = st.lists(
+    st.sampled_from(
+        ["a", " ", '"', '\\"', "\\", "\n", "]]>", "]", "[", ",", "=", "#", "\r", "é", "\0"]
+    ),
+    max_size=8,
+).map("".join)
+_value = st.one_of(
+    _inner.map(lambda s: f'"{s}"'),
+    st.sampled_from(["x", "1.5", "a_b", 'x"y', "x\\", "a#b", "", "é", "a\rb"]),
+)
+_name = st.sampled_from(["A", "b", "2c", "xml", "N_1", "a-b"])
+_pair = st.tuples(_name, _blank, _blank, _value).map(lambda t: f"{t[0]}{t[1]}={t[2]}{t[3]}")
+_vector = st.tuples(
+    _blank, st.lists(_pair, max_size=3), st.sampled_from([",", ", ", "\n,", ",\n", " "]), _blank
+).map(lambda t: "[" + t[0] + t[2].join(t[1]) + t[3] + "]")
+_attr = st.tuples(
+    _name, _blank, _blank, st.one_of(_value, _vector), st.sampled_from(["\n", " \n", "", "\r\n"])
+).map(lambda t: f"{t[0]}{t[1]}={t[2]}{t[3]}{t[4]}")
+structured_templates = st.lists(
+    st.one_of(_attr, st.sampled_from(["# c\n", "  #x\n", "\n", "#"])), max_size=6
+).map("".join)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(structured_templates)
+def test_reader_agrees_with_oned_on_template_shaped_text(text: str) -> None:
+    try:
+        mine = parse_template(text).items
+    except TemplateError:
+        return
+    assert oned_parse(text) == mine

@@ -137,7 +137,9 @@ class _Reader:
                 self.pos += 1
             elif ch == "#" and self._at_line_start():
                 end = self.text.find("\n", self.pos)
-                self.pos = len(self.text) if end < 0 else end
+                if end < 0:  # oned only knows comments that end with a newline
+                    raise self.error("comment without a final newline")
+                self.pos = end
             else:
                 break
 
@@ -215,7 +217,7 @@ class _Reader:
             key = self.name()
             self.expect("=")
             self.skip_blanks(newlines=False)
-            if self.pos >= len(self.text) or self.text[self.pos] == "\n":
+            if self.text.startswith("\n", self.pos):
                 yield key, ""  # ``NAME =`` at the end of a line: oned's empty value
             elif self.text.startswith("[", self.pos):
                 yield key, self.vector()
