@@ -608,3 +608,22 @@ def test_monitor_removes_only_old_leftovers_of_ours(nginx: Nginx, sshd: Sshd, br
     backend(attrs).monitor()
     assert not old.exists()
     assert fresh.exists() and foreign.exists()
+
+
+def test_concurrent_bridge_imports_never_collide(
+    nginx: Nginx, bridge_attrs: dict[str, str], tmp_path: Path
+) -> None:
+    """Eight at once (two ssh connections each): names come from the same generator as the
+    local twenty-at-once test, this checks the remote rename side."""
+    sources = []
+    for i in range(8):
+        path = tmp_path / f"img{i}"
+        path.write_bytes(os.urandom(100_000 + i))
+        sources.append(path)
+    b = backend(bridge_attrs)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda p: do_import(b, str(p), app_id=9), sources))
+    assert len({r.source for r in results}) == 8
+    for path, r in zip(sources, results, strict=True):
+        assert requests.get(r.source, timeout=10).content == path.read_bytes()
+    assert temp_files(nginx.public_dir) == []
