@@ -337,6 +337,27 @@ def test_unknown_scheme_names_it(nginx: Nginx, attrs: dict[str, str], tmp_path: 
     assert listing(nginx.public_dir) == {}
 
 
+def test_other_schemes_go_through_the_stock_downloader(
+    nginx: Nginx, attrs: dict[str, str], tmp_path: Path, image: Path
+) -> None:
+    """A stand-in downloader.sh (``<url> -`` writes the image on stdout, as the stock one)."""
+    remotes = tmp_path / "one" / "var" / "remotes" / "datastore"
+    remotes.mkdir(parents=True)
+    script = remotes / "downloader.sh"
+    script.write_text(f'#!/bin/sh\n[ "$1" = "rbd://pool/img" ] && [ "$2" = - ] && cat {image}\n')
+    script.chmod(0o755)
+    b = HttpFolderBackend(
+        Market(1, "m", "http", attrs),
+        Context(Installation.detect({"ONE_LOCATION": str(tmp_path / "one")})),
+    )
+    data = image.read_bytes()
+    result = do_import(b, "rbd://pool/img", md5=md5(data))
+    assert requests.get(result.source, timeout=10).content == data
+    with pytest.raises(SourceError):
+        do_import(b, "rbd://pool/other")
+    assert len(list(nginx.public_dir.iterdir())) == 1
+
+
 # delete -------------------------------------------------------------------------------------
 
 
