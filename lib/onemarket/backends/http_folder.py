@@ -119,9 +119,13 @@ def relative_path(source: str, base_url: str) -> PurePosixPath:
         raise UnsafePathError(f"SOURCE {source[:200]!r} does not name a file under BASE_URL")
     parts = decoded.split("/")
     for part in parts:
-        if part in ("", ".", "..") or not set(part) <= _SAFE_COMPONENT:
+        if part in ("", ".", ".."):
             raise UnsafePathError(
                 f"SOURCE {source[:200]!r} names a path that would leave PUBLIC_DIR"
+            )
+        if not set(part) <= _SAFE_COMPONENT:
+            raise UnsafePathError(
+                f"SOURCE {source[:200]!r} holds characters outside [A-Za-z0-9._+~-]: refused"
             )
     return PurePosixPath(*parts)
 
