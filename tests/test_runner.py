@@ -533,3 +533,13 @@ def test_text_buffered_before_the_action_never_reaches_the_result(
     assert code == 0
     assert out == MonitorResult(1, 2, 3, [FAKE_APP]).to_template()
     assert "buffered before the action" in err
+
+
+def test_subprocess_payload_larger_than_an_argument_can_be(tmp_path) -> None:
+    """Linux caps one argument at 128 KiB: big payloads travel on stdin with ``-``."""
+    script = _launcher(tmp_path, "fake", "monitor", FAKE_TARGET)
+    payload = monitor_payload("fake", {"BIG": "x" * 2_000_000})
+    assert len(payload) > 2 * 131072
+    proc = _spawn(script, ["-", "8"], tmp_path, stdin=payload)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    assert parse_template(proc.stdout).get("TOTAL_MB") == "3"
