@@ -186,7 +186,7 @@ def make_client(
     driverlog.redact(settings.secret_access_key)
     session = session or boto3.session.Session()
     try:
-        return session.client(
+        client = session.client(
             "s3",
             endpoint_url=settings.endpoint,
             aws_access_key_id=settings.access_key_id,
@@ -198,6 +198,19 @@ def make_client(
             f"marketplace '{settings.market_name}': cannot configure the S3 client "
             f"({driverlog.scrub(str(exc))})"
         ) from None
+    if settings.signature_version == "s3":
+        client.meta.events.register("before-sign.s3", _match_v2_auth_path)
+    return client
+
+
+def _match_v2_auth_path(request: Any, **_: Any) -> None:
+    """SigV2 signs ``auth_path``; for path-style bucket requests botocore signs ``/bucket/``
+    while it sends ``/bucket``, and the server (Ceph RGW) rejects the signature. Sign what is
+    sent."""
+    auth_path = getattr(request, "auth_path", None)
+    url_path = urlsplit(request.url).path
+    if auth_path and auth_path == url_path + "/":
+        request.auth_path = url_path
 
 
 _CREDENTIAL_CODES = {

@@ -29,7 +29,13 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
-from onemarket import driverlog
+from botocore.exceptions import (
+    ClientError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
+from onemarket import driverlog, s3config
 from onemarket.action import App, ImportInfo, Market
 from onemarket.backends import s3 as s3mod
 from onemarket.backends.base import Context, ImportRequest
@@ -45,6 +51,7 @@ from onemarket.errors import (
 )
 from onemarket.installation import Installation
 from onemarket.progress import ProgressEvent
+from onemarket.s3config import S3Settings, client_config, s3_error
 from onemarket.template import parse_template
 
 from tests.servers import free_port
@@ -639,3 +646,104 @@ def test_in_process_logging_never_reaches_stdout(rgw: CephRgw, bucket: str, tmp_
     assert out.getvalue() == ""
     assert "DEBUG: botocore" in err.getvalue()
     assert rgw.secret_key not in err.getvalue()
+
+
+# ---- client configuration (no server needed) -----------------------------------------------
+
+
+def settings_for(**attrs: str) -> S3Settings:
+    base = {
+        "ACCESS_KEY_ID": "AKIDEXAMPLE",
+        "SECRET_ACCESS_KEY": "configSecretNeverShown000000000000000001",
+        "REGION": "eu-west-3",
+        "BUCKET": "bucket-one",
+    }
+    base.update(attrs)
+    return S3Settings.from_market(Market(id=1, name="cfg", driver="s3", attrs=base))
+
+
+def test_settings_for_aws_and_compatible_endpoints() -> None:
+    aws = client_config(settings_for())
+    assert aws.signature_version == "s3v4" and aws.region_name == "eu-west-3"
+    assert aws.request_checksum_calculation != "when_required"
+    assert aws.retries == {"mode": "standard", "max_attempts": s3config.MAX_ATTEMPTS}
+    assert (aws.connect_timeout, aws.read_timeout) == (
+        s3config.CONNECT_TIMEOUT_S,
+        s3config.READ_TIMEOUT_S,
+    )
+    assert aws.max_pool_connections >= s3mod.UPLOAD_WORKERS + 1
+
+    ceph = settings_for(ENDPOINT="http://127.0.0.1:7480/", AWS="no", SIGNATURE_VERSION="s3")
+    cfg = client_config(ceph)
+    assert ceph.endpoint == "http://127.0.0.1:7480" and not ceph.aws
+    assert cfg.signature_version == "s3"
+    assert cfg.request_checksum_calculation == "when_required"
+    assert cfg.response_checksum_validation == "when_required"
+    assert cfg.s3 == {"addressing_style": "path"}
+    # an endpoint outside amazonaws.com is not AWS even without AWS=no
+    assert not settings_for(ENDPOINT="https://s3.example.org").aws
+    assert settings_for(ENDPOINT="https://s3.eu-west-3.amazonaws.com").aws
+    assert client_config(settings_for(FORCE_PATH_STYLE="NO", ENDPOINT="https://x.org")).s3 == {
+        "addressing_style": "virtual"
+    }
+    assert client_config(ceph, sign_payload=False).s3["payload_signing_enabled"] is False
+
+
+@pytest.mark.parametrize(
+    ("attrs", "match"),
+    [
+        ({"REGION": ""}, "REGION"),
+        ({"SIGNATURE_VERSION": "v3"}, "SIGNATURE_VERSION"),
+        ({"ENDPOINT": "ftp://host"}, "ENDPOINT"),
+        ({"BUCKET": "a/b"}, "BUCKET"),
+    ],
+)
+def test_settings_errors(attrs: dict[str, str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        settings_for(**attrs)
+
+
+def test_secret_registered_and_kept_out_of_repr() -> None:
+    settings = settings_for()
+    assert settings.secret_access_key not in repr(settings)
+    assert driverlog.scrub(f"x {settings.secret_access_key} y") == "x **** y"
+
+
+def test_error_mapping_is_one_line_without_secret() -> None:
+    secret = settings_for().secret_access_key
+
+    def client_error(code: str, status: int, message: str = "") -> ClientError:
+        return ClientError(
+            {
+                "Error": {"Code": code, "Message": message},
+                "ResponseMetadata": {"HTTPStatusCode": status},
+            },
+            "PutObject",
+        )
+
+    cases = [
+        (client_error("SignatureDoesNotMatch", 403, f"bad {secret}"), ConfigError, "credentials"),
+        (client_error("AccessDenied", 403), StorageError, "access denied"),
+        (client_error("403", 403, "Forbidden"), StorageError, "access denied"),
+        (client_error("BadDigest", 400), ChecksumError, "corrupted"),
+        (client_error("QuotaExceeded", 403), StorageError, "access denied"),
+        (client_error("NoSuchBucket", 404), StorageError, "not found"),
+        (client_error("InternalError", 500, "boom\nline two"), RemoteError, "boom; line two"),
+        (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), RemoteError, "cannot reach"),
+        (ReadTimeoutError(endpoint_url="http://127.0.0.1:1"), ActionTimeout, "in time"),
+        (NoCredentialsError(), ConfigError, "credentials"),
+    ]
+    for exc, kind, words in cases:
+        err = s3_error(exc, "upload of s3://b/k", "http://127.0.0.1:1")
+        assert isinstance(err, kind), (exc, err)
+        assert words in str(err) and "\n" not in str(err) and secret not in str(err)
+        assert str(err).startswith("upload of s3://b/k: ")
+
+
+def test_signature_v2_against_rgw(rgw: CephRgw, s3, bucket: str, tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    md5, _ = write_random(image, 6 * MIB)
+    attrs = market_attrs(rgw, bucket, SIGNATURE_VERSION="s3", READ_LENGTH="5")
+    result = do_import(make_backend(attrs, tmp_path), str(image), md5=md5)
+    assert s3.head_object(Bucket=bucket, Key="marketapp-7")["Metadata"]["md5"] == md5
+    assert result.size_mb == 6
