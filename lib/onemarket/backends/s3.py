@@ -474,13 +474,15 @@ class S3Backend(Backend):
             )["UploadId"]
         except Exception as exc:  # noqa: BLE001 - mapped to one line below
             raise self._error(exc, f"start of multipart upload to {uri}") from None
-        completed = False
+        completing = completed = False
+        inflight: list[Future[Any]] = []
         try:
             part_md5s = self._send_parts(
-                key, uri, upload_id, first, reader, digests, part_size, exact, progress
+                key, uri, upload_id, first, reader, digests, part_size, exact, progress, inflight
             )
             reader.check_complete()
             digests.verify_md5(expected_md5, f"import to {uri}")
+            completing = True
             try:
                 answer = self.client.complete_multipart_upload(
                     Bucket=self.bucket,
@@ -502,11 +504,25 @@ class S3Backend(Backend):
                 raise ChecksumError(f"{uri}: server assembled ETag {etag}, expected {wanted}")
             self._set_metadata(key, uri, etag, digests)
         except BaseException:
-            if completed:
+            if not completed:
+                self._abort_with_inflight(key, upload_id, inflight)
+            if completed or completing:
+                # a completion whose answer was lost may still have made the object
                 self._delete_quietly(key)
-            else:
-                self._abort(key, upload_id)
             raise
+
+    def _abort_with_inflight(self, key: str, upload_id: str, inflight: list[Future[Any]]) -> None:
+        """Abort at once (a SIGTERM'd import should not wait for parts in flight first), let
+        the parts in flight end (bounded by the client's timeouts), and abort once more if one
+        of them still got stored: S3 may keep a part that was being received during an abort.
+        """
+        self._abort(key, upload_id)
+        running = [f for f in inflight if not f.done()]
+        if not running:
+            return
+        wait(running)
+        if any(not f.cancelled() and f.exception() is None for f in running):
+            self._abort(key, upload_id)
 
     def _send_parts(
         self,
@@ -519,10 +535,13 @@ class S3Backend(Backend):
         part_size: int,
         exact: bool,
         progress: Progress,
+        inflight: list[Future[Any]],
     ) -> list[bytes]:
         """Read parts in order; each goes to the (single, in-order) whole-stream hasher and to
         an upload worker, and its buffer is dropped once both are done. At most
-        PARTS_IN_MEMORY buffers exist at once. Returns the parts' MD5s in order."""
+        PARTS_IN_MEMORY buffers exist at once. Returns the parts' MD5s in order. On failure,
+        queued parts are cancelled and the ones being sent are left in ``inflight`` for the
+        caller, which aborts the upload without waiting for them first."""
         workers = max(self.upload_workers, 1)
         buffers = _BufferPool(workers + 1)
         stop = threading.Event()
@@ -587,6 +606,7 @@ class S3Backend(Backend):
                 upload = pool.submit(send, number, body)
                 upload.add_done_callback(countdown)
                 pending[upload] = number
+                inflight.append(upload)
                 body = None
                 number += 1
                 harvest(block=False)
@@ -596,8 +616,8 @@ class S3Backend(Backend):
                 fut.result()
         except BaseException:
             stop.set()
-            pool.shutdown(wait=True, cancel_futures=True)
-            hasher.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=False, cancel_futures=True)
+            hasher.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
         hasher.shutdown(wait=True)
