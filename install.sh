@@ -115,7 +115,7 @@ install_file() {
   if head -n1 "$src" | grep -q '^#!.*python'; then
     { echo "#!$PY"; tail -n +2 "$src"; } >"$tmp" || { rm -f "$tmp"; die "cannot write $dest"; }
   else
-    cat "$src" >"$tmp" || { rm -f "$tmp"; die "cannot write $dest"; }
+    sed "s|@PYTHON@|$PY|g" "$src" >"$tmp" || { rm -f "$tmp"; die "cannot write $dest"; }
   fi
   chmod "$mode" "$tmp"
   if [ -e "$dest" ] && ! grep -q "$MARKER" "$dest" 2>/dev/null && [ ! -e "$dest.orig" ]; then

@@ -72,8 +72,8 @@ def test_install_over_stock_keeps_originals_and_remove_restores(tmp_path: Path) 
     assert "MARKET_MAD" in res.stdout and "run install.sh again" in res.stdout
 
     mad = tmp_path / "lib/mads/one_market"
-    assert mad.read_text().startswith(f"#!{sys.executable}\n")
-    assert "onemarket" in mad.read_text()
+    assert f'PY="{sys.executable}"' in mad.read_text()
+    assert "onemarket.mad" in mad.read_text()
     assert (
         tmp_path / "lib/mads/one_market.orig"
     ).read_text() == "#!/bin/bash\nexec ruby one_market.rb\n"

@@ -490,6 +490,8 @@ def test_forked_import_killed_on_timeout_cleans_up(
     public = tmp_path / "public"
     public.mkdir()
     mad = oned.start("-w", "3", "-m", "http")
+    mad.send("INIT")  # once answered, the wrapper has exec'd the MAD: its cmdline is final
+    assert mad.next_line() == "INIT SUCCESS\n"
     market = market_xml("http", BASE_URL="http://127.0.0.1:9/", PUBLIC_DIR=str(public))
     try:
         mad.request(
@@ -636,3 +638,41 @@ def test_oversized_request_gets_one_failure(
     finally:
         os.close(in_r)
     assert out == "INIT SUCCESS\nMONITOR FAILURE 5 action data larger than 1000 bytes\n"
+
+
+def test_upstream_error_block_is_the_failure_text(oned: OneLocation) -> None:
+    script = (
+        "#!/bin/sh\necho 'noise before' >&2\necho 'ERROR MESSAGE --8<------' >&2\n"
+        "echo 'Error deleting the app' >&2\necho 'ERROR MESSAGE ------>8--' >&2\nexit 1\n"
+    )
+    oned.add_driver("tiny", {"delete": script})
+    mad = oned.start()
+    mad.request("DELETE", 4, action_data(app_xml(id_=4), market_xml("tiny")))
+    assert mad.reply() == parse_reply("DELETE FAILURE 4 Error deleting the app\n")
+
+
+def test_failure_text_keeps_the_last_lines(oned: OneLocation) -> None:
+    lines = "".join(f"echo 'warning {i}' >&2\n" for i in range(150))
+    oned.add_driver("tiny", {"monitor": f"#!/bin/sh\n{lines}echo 'the real cause' >&2\nexit 1\n"})
+    mad = oned.start()
+    mad.request("MONITOR", 5, action_data(market_xml("tiny")))
+    reply = mad.reply()
+    assert not reply.ok
+    assert "the real cause" in reply.info
+
+
+def test_template_app_delete_succeeds_even_for_a_disabled_driver(oned: OneLocation) -> None:
+    mad = oned.start("-m", "http")
+    mad.request("DELETE", 6, action_data(app_xml(id_=6, type_=2), market_xml("one")))
+    assert mad.reply() == parse_reply("DELETE SUCCESS 6 -\n")
+
+
+def test_defaultrc_variables_reach_the_actions(oned: OneLocation, tmp_path: Path) -> None:
+    out = tmp_path / "env.txt"
+    (oned.root / "etc").mkdir(exist_ok=True)
+    (oned.root / "etc" / "defaultrc").write_text("ONE_MARKET_TEST_RC=from-defaultrc\n")
+    oned.add_driver("tiny", {"monitor": f'#!/bin/sh\necho "$ONE_MARKET_TEST_RC" > "{out}"\n'})
+    mad = oned.start()
+    mad.request("MONITOR", 8, action_data(market_xml("tiny")))
+    assert mad.reply().ok
+    assert out.read_text().strip() == "from-defaultrc"

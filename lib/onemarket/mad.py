@@ -38,8 +38,9 @@ from .registry import DRIVERS, backend_class
 
 DEFAULT_CONCURRENCY = 15
 """Actions run at once (``-t``); each is a process, so this bounds processes and memory."""
-KILL_GRACE_S = 2.0
-"""Time a timed-out or cancelled action gets between SIGTERM and SIGKILL."""
+KILL_GRACE_S = 10.0
+"""Time a timed-out or cancelled action gets between SIGTERM and SIGKILL: enough for an import
+to remove its temporary file or abort its multipart upload (a few requests)."""
 MAX_LINE_BYTES = 48 * 1024 * 1024
 """Longest request line buffered from oned (the largest action data, base64); held in memory."""
 LINE_PREFIX_BYTES = 256
@@ -49,7 +50,12 @@ MAX_RESULT_BYTES = 64 * 1024 * 1024
 MAX_STDERR_LINE_BYTES = 64 * 1024
 """Longest stderr line buffered from an action; the rest of a longer line is dropped."""
 MAX_ERROR_LINES = 100
-"""Plain stderr lines kept for the failure text (which is cut to protocol.MAX_FAILURE_CHARS)."""
+"""Plain stderr lines kept for the failure text, the last ones (the cause usually comes last);
+the text is then cut to protocol.MAX_FAILURE_CHARS."""
+ERROR_BLOCK_START = "ERROR MESSAGE --8<------"
+ERROR_BLOCK_END = "ERROR MESSAGE ------>8--"
+"""Markers of the error block that upstream scripts write (scripts_common.sh error_message):
+when present, only the text between them is the failure, as in the stock MAD."""
 READ_CHUNK_BYTES = 64 * 1024
 """Bytes read from a pipe at a time (one pipe buffer)."""
 DRAIN_LIMIT_BYTES = 4 * 1024 * 1024
@@ -64,6 +70,16 @@ PROXY_VARIABLES = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")
 _SAFE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}")
 _LONG_BASE64_RE = re.compile(r"[A-Za-z0-9+/=]{120,}")
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def error_block(lines: list[str]) -> list[str]:
+    """The lines inside upstream's ``ERROR MESSAGE --8<--`` block when there is one, else all."""
+    try:
+        start = lines.index(ERROR_BLOCK_START)
+    except ValueError:
+        return lines
+    end = lines.index(ERROR_BLOCK_END, start) if ERROR_BLOCK_END in lines[start:] else len(lines)
+    return lines[start + 1 : end] or lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,7 +168,9 @@ class Outcome:
         if self.killed:
             return self.killed
         if self.errors:
-            return "; ".join(self.errors)
+            text = "; ".join(error_block(self.errors))
+            limit = protocol.MAX_FAILURE_CHARS
+            return text if len(text) <= limit else "..." + text[-(limit - 3) :]
         if self.status < 0:
             try:
                 name = signal.Signals(-self.status).name
@@ -309,8 +327,10 @@ class Child:
         if parsed is not None:
             if parsed[1].strip():
                 self._on_log(*parsed)
-        elif len(self._errors) < MAX_ERROR_LINES:
+        else:
             self._errors.append(text)
+            if len(self._errors) > MAX_ERROR_LINES:
+                del self._errors[0]
 
     def _write_in(self) -> None:
         fd = self._in_fd
@@ -759,6 +779,8 @@ class Mad:
         except MarketError as exc:
             return protocol.failure(req.action, req.id, str(exc))
         driver = data.market.driver
+        if req.action == "DELETE" and data.app is not None and data.app.type != APP_TYPE_IMAGE:
+            return protocol.success("DELETE", req.id, "-")  # templates have no file, any driver
         if not driver:
             return protocol.failure(req.action, req.id, "action data has no MARKET_MAD")
         if driver not in self.enabled or not _SAFE_NAME_RE.fullmatch(driver):
@@ -770,8 +792,6 @@ class Mad:
             outcome = await self._market_action(pending, driver, "monitor", req.payload)
             return self._result(req, outcome, f"{driver} monitor")
         if req.action == "DELETE":
-            if data.app is not None and data.app.type != APP_TYPE_IMAGE:
-                return protocol.success("DELETE", req.id, "-")
             outcome = await self._market_action(pending, driver, "delete", req.payload)
             return self._result(req, outcome, f"{driver} delete")
         return await self._import(pending, data, driver)

@@ -134,7 +134,8 @@ class MadProcess:
 
     def __init__(self, command: list[str], env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in close()
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             command,
             stdin=subprocess.PIPE,
@@ -275,7 +276,10 @@ class OneLocation:
         full_env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
         full_env["ONE_LOCATION"] = str(self.root)
         full_env.update(env or {})
-        log_path = self.root / f"one_market.{len(self.started)}.log"
+        # ONE_MAD_DEBUG: the MAD wrapper appends the MAD's stderr to var/one_market.log, as the
+        # stock wrapper does; the wrapper's own stderr goes to the same file
+        full_env.setdefault("ONE_MAD_DEBUG", "1")
+        log_path = self.root / "var" / "one_market.log"
         mad = MadProcess([str(self.mad), *args], full_env, log_path)
         self.started.append(mad)
         return mad
