@@ -417,3 +417,17 @@ def test_action_data_type() -> None:
     # builders compose: a bare market, then every part
     full = action_xml(market_xml("one"), app_xml(), image_xml(), datastore_xml(), "")
     assert decode_action(b64(full)).market.driver == "one"
+
+
+def test_export_output_as_real_exports_print_it() -> None:
+    """The Ceph export ends with a stray quote; older exports leave '&' unescaped."""
+    ceph = (
+        b"<IMPORT_INFO><IMPORT_SOURCE>rbd://host/one/one-5</IMPORT_SOURCE><MD5>abc</MD5>"
+        b"<SIZE>10</SIZE><FORMAT>raw</FORMAT><DISPOSE>NO</DISPOSE>\n</IMPORT_INFO>\"\n"
+    )
+    info = ImportInfo.from_export_output(ceph)
+    assert (info.source, info.size_mb, info.format) == ("rbd://host/one/one-5", 10, "raw")
+    amp = b"<IMPORT_INFO><IMPORT_SOURCE>http://h/x?a=1&b=2&amp;c=3</IMPORT_SOURCE></IMPORT_INFO>"
+    assert ImportInfo.from_export_output(amp).source == "http://h/x?a=1&b=2&c=3"
+    with pytest.raises(PayloadError):
+        ImportInfo.from_export_output(b"<IMPORT_INFO><IMPORT_SOURCE>x</IMPORT_SOURCE>")

@@ -267,8 +267,15 @@ class ImportInfo:
 
     @classmethod
     def from_export_output(cls, data: bytes) -> ImportInfo:
-        """Parse the ``<IMPORT_INFO>`` document printed by a datastore's export action."""
-        root = parse_xml(data.strip(), "datastore export output")
+        """Parse the ``<IMPORT_INFO>`` document printed by a datastore's export action.
+
+        As lenient as the stock MAD's parser where real exports need it: text around the
+        element is ignored (the Ceph export ends with a stray quote) and a bare ``&`` (older
+        exports do not escape IMPORT_SOURCE) is read as a literal ampersand.
+        """
+        match = _IMPORT_INFO_RE.search(data)
+        doc = match.group() if match else data.strip()
+        root = parse_xml(_BARE_AMP_RE.sub(b"&amp;", doc), "datastore export output")
         if root.tag != "IMPORT_INFO":
             raise PayloadError(f"datastore export printed <{root.tag}>, not <IMPORT_INFO>")
         info = cls.from_element(root)
@@ -276,6 +283,9 @@ class ImportInfo:
             raise PayloadError("datastore export printed no IMPORT_SOURCE")
         return info
 
+
+_IMPORT_INFO_RE = re.compile(rb"<IMPORT_INFO>.*</IMPORT_INFO>", re.DOTALL)
+_BARE_AMP_RE = re.compile(rb"&(?!(?:amp|lt|gt|quot|apos|#[0-9]+|#x[0-9A-Fa-f]+);)")
 
 IMPORT_INFO_TAGS = ("IMPORT_SOURCE", "MD5", "SIZE", "FORMAT", "DISPOSE", "DISPOSE_CMD")
 
