@@ -9,6 +9,7 @@ import os
 import shlex
 import stat
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
-from ..errors import SourceError
+from ..errors import SourceError, one_line
 from ..installation import Installation
 
 if TYPE_CHECKING:
@@ -24,6 +25,12 @@ if TYPE_CHECKING:
 
 CHUNK_BYTES = 1 << 20
 """Read size for every source: 1 MiB keeps syscalls few and memory flat."""
+PROCESS_EXIT_TIMEOUT_S = 30
+"""Time a reader process gets to exit once it has closed its output."""
+ERROR_CHARS = 300
+"""Characters of a failed reader's stderr quoted in the error, the last ones."""
+STDERR_TAIL_BYTES = 4096
+"""End of a failed reader's stderr kept for the error message (the cause is usually last)."""
 HTTP_CONNECT_TIMEOUT_S = 15
 HTTP_READ_TIMEOUT_S = 120
 SSH_CONNECT_TIMEOUT_S = 15
@@ -73,20 +80,26 @@ class FileSource:
 
 
 class ProcessSource:
-    """Bytes from a helper process's stdout; its failure becomes a SourceError."""
+    """Bytes from a helper process's stdout; its failure becomes a SourceError.
+
+    The helper's stderr goes to an anonymous temporary file, not a pipe: a helper that writes a
+    lot there (the stock downloader, ssh) can never block on a pipe nobody reads yet.
+    """
 
     def __init__(self, argv: list[str], description: str, size_bytes: int | None = None) -> None:
         self.description = description
         self.size_bytes = size_bytes
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
         try:
             self.proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
+                stderr=self._err,
                 start_new_session=False,
             )
         except OSError as exc:
+            self._err.close()
             raise SourceError(f"cannot start {argv[0]} to read {description}: {exc}") from None
         assert self.proc.stdout is not None
         self._out = self.proc.stdout
@@ -98,20 +111,28 @@ class ProcessSource:
         return data
 
     def _check(self) -> None:
-        rc = self.proc.wait()
+        try:
+            rc = self.proc.wait(PROCESS_EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise SourceError(
+                f"cannot read {self.description}: the reader closed its output but did not exit"
+            ) from None
         if rc != 0:
-            err = self.proc.stderr.read().decode("utf-8", "replace") if self.proc.stderr else ""
-            from ..errors import one_line
-
-            raise SourceError(f"cannot read {self.description}: {one_line(err, 300) or rc}")
+            self._err.seek(0, os.SEEK_END)
+            self._err.seek(max(0, self._err.tell() - STDERR_TAIL_BYTES))
+            err = one_line(self._err.read().decode("utf-8", "replace"), STDERR_TAIL_BYTES)
+            if len(err) > ERROR_CHARS:
+                err = "..." + err[-(ERROR_CHARS - 3) :]
+            raise SourceError(f"cannot read {self.description}: {err or f'exit status {rc}'}")
 
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-        for f in (self.proc.stdout, self.proc.stderr):
-            if f:
-                f.close()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        self._err.close()
 
 
 class HttpSource:

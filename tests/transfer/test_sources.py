@@ -1,0 +1,40 @@
+"""Readers of IMPORT_SOURCE that run a helper process (ssh, the stock downloader)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from onemarket.errors import SourceError
+from onemarket.transfer.sources import ProcessSource
+
+LOUD = "import sys; sys.stderr.write('x' * 300_000 + 'the cause'); sys.stdout.write('hello')"
+
+
+def read_all(src: ProcessSource) -> bytes:
+    chunks = []
+    while chunk := src.read(4096):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_helper_writing_much_on_stderr_never_blocks() -> None:
+    src = ProcessSource([sys.executable, "-c", LOUD], "loud helper")
+    try:
+        assert read_all(src) == b"hello"
+    finally:
+        src.close()
+
+
+def test_a_failing_helper_reports_the_end_of_its_stderr() -> None:
+    src = ProcessSource([sys.executable, "-c", LOUD + "; sys.exit(3)"], "loud helper")
+    try:
+        with pytest.raises(SourceError, match=r"the cause$"):
+            read_all(src)
+    finally:
+        src.close()
+
+
+def test_a_missing_helper_is_a_source_error() -> None:
+    with pytest.raises(SourceError, match="cannot start"):
+        ProcessSource(["/nonexistent/helper"], "nothing")
