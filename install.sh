@@ -69,8 +69,12 @@ if [ "$REMOVE" = 1 ]; then
   while IFS=' ' read -r kind path; do
     case "$kind" in
       file)
-        if [ -f "$path" ] && grep -q "$MARKER" "$path" 2>/dev/null; then rm -f "$path"; fi
-        if [ -f "$path.orig" ]; then mv -f "$path.orig" "$path"; fi
+        if [ -f "$path" ] && ! grep -q "$MARKER" "$path" 2>/dev/null; then
+          rm -f "$path.orig"  # an upgrade already put a newer stock file back: keep that one
+        else
+          rm -f "$path"
+          if [ -f "$path.orig" ]; then mv -f "$path.orig" "$path"; fi
+        fi
         ;;
       venv) [ -d "$path" ] && rm -rf "$path" ;;
     esac
@@ -118,9 +122,10 @@ install_file() {
     sed "s|@PYTHON@|$PY|g" "$src" >"$tmp" || { rm -f "$tmp"; die "cannot write $dest"; }
   fi
   chmod "$mode" "$tmp"
-  if [ -e "$dest" ] && ! grep -q "$MARKER" "$dest" 2>/dev/null && [ ! -e "$dest.orig" ]; then
-    mv "$dest" "$dest.orig"
-    say "kept the original $dest as $dest.orig"
+  # an unmarked file here is stock: the original, or a newer one an OpenNebula upgrade put back
+  if [ -e "$dest" ] && ! grep -q "$MARKER" "$dest" 2>/dev/null; then
+    mv -f "$dest" "$dest.orig"
+    say "kept the stock $dest as $dest.orig"
   fi
   mv -f "$tmp" "$dest"
   ENTRIES+=("file $dest")

@@ -135,3 +135,40 @@ def test_installed_action_runs_with_its_interpreter(tmp_path: Path, action: str)
     assert res.returncode == 1
     assert res.stdout == ""
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_reinstall_after_an_upgrade_keeps_the_newer_stock_files(tmp_path: Path) -> None:
+    """An OpenNebula upgrade restores stock files; -r must put back those, not the old ones."""
+    stock_tree(tmp_path)
+    assert run_install("-d", str(tmp_path), "-P", sys.executable).returncode == 0
+    upgraded = "#!/bin/bash\n# stock http import, next release\n"
+    script = tmp_path / "var/remotes/market/http/import"
+    script.write_text(upgraded)  # what the package upgrade does
+    assert run_install("-d", str(tmp_path), "-P", sys.executable).returncode == 0
+    assert (tmp_path / "var/remotes/market/http/import.orig").read_text() == upgraded
+    assert run_install("-r", "-d", str(tmp_path)).returncode == 0
+    assert script.read_text() == upgraded
+
+
+def test_remove_after_an_upgrade_without_reinstall_keeps_the_upgrade(tmp_path: Path) -> None:
+    stock_tree(tmp_path)
+    assert run_install("-d", str(tmp_path), "-P", sys.executable).returncode == 0
+    upgraded = "#!/bin/bash\n# stock one_market, next release\n"
+    mad = tmp_path / "lib/mads/one_market"
+    mad.write_text(upgraded)
+    assert run_install("-r", "-d", str(tmp_path)).returncode == 0
+    assert mad.read_text() == upgraded
+    assert not (tmp_path / "lib/mads/one_market.orig").exists()
+
+
+def test_relative_interpreter_and_downloader_fallback(tmp_path: Path) -> None:
+    """-P accepts a relative path; where that interpreter is absent the stock downloader runs."""
+    stock_tree(tmp_path)
+    rel = os.path.relpath(sys.executable)
+    assert run_install("-d", str(tmp_path), "-P", rel).returncode == 0
+    wrapper = tmp_path / "var/remotes/datastore/downloader.sh"
+    assert f'"{sys.executable}"' in wrapper.read_text()
+    moved = wrapper.read_text().replace(sys.executable, str(tmp_path / "no/python"))
+    wrapper.write_text(moved)  # as on a host that got the remotes through onehost sync
+    res = subprocess.run([str(wrapper), "x", "-"], capture_output=True, text=True, timeout=30)
+    assert res.stdout == "stock downloader\n"
