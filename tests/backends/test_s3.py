@@ -54,6 +54,13 @@ from onemarket.progress import ProgressEvent
 from onemarket.s3config import S3Settings, client_config, s3_error
 from onemarket.template import parse_template
 
+from tests.payloads import (
+    app_xml,
+    delete_payload,
+    import_info_xml,
+    import_payload,
+    monitor_payload,
+)
 from tests.servers import free_port
 from tests.servers.rgw import OTHER_ACCESS_KEY, OTHER_SECRET_KEY, CephRgw
 
@@ -563,22 +570,13 @@ def test_monitor_defaults_and_missing_bucket(rgw: CephRgw, tmp_path: Path) -> No
 # ---- nothing on stdout, no secret anywhere, even in debug mode -----------------------------
 
 
-def action_payload(attrs: dict[str, str], source: str = "", md5: str = "", src_id: int = 7) -> str:
-    tmpl = "".join(f"<{k}><![CDATA[{v}]]></{k}>" for k, v in attrs.items())
-    doc = (
-        "<MARKET_DRIVER_ACTION_DATA>"
-        f"<MARKETPLACEAPP><ID>{src_id}</ID><NAME>app</NAME><TYPE>1</TYPE>"
-        f"<SOURCE>s3://{attrs['BUCKET']}/marketapp-{src_id}</SOURCE></MARKETPLACEAPP>"
-        f"<MARKETPLACE><ID>100</ID><NAME>m</NAME><MARKET_MAD>s3</MARKET_MAD>"
-        f"<TEMPLATE>{tmpl}</TEMPLATE></MARKETPLACE>"
-    )
+def s3_payload(attrs: dict[str, str], source: str = "", md5: str = "") -> str:
+    """IMPORT (with IMPORT_* children) when ``source`` is given, else DELETE of app 7."""
+    app = app_xml(id=7, name="app", source=f"s3://{attrs['BUCKET']}/marketapp-7")
     if source:
-        doc += (
-            f"<IMPORT_SOURCE>{source}</IMPORT_SOURCE><MD5>{md5}</MD5><SIZE>1</SIZE>"
-            "<FORMAT>raw</FORMAT><DISPOSE>NO</DISPOSE><DISPOSE_CMD></DISPOSE_CMD>"
-        )
-    doc += "</MARKET_DRIVER_ACTION_DATA>"
-    return base64.b64encode(doc.encode()).decode()
+        info = import_info_xml(source=source, md5=md5, size_mb=1, format="raw")
+        return import_payload("s3", attrs, app=app, import_info=info)
+    return delete_payload("s3", attrs, app=app)
 
 
 def run_action(action: str, payload: str, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -601,7 +599,7 @@ def test_no_secret_and_clean_stdout_in_debug_mode(
     attrs = market_attrs(rgw, bucket, READ_LENGTH="5")
     secrets = [rgw.secret_key]
 
-    done = run_action("import", action_payload(attrs, str(image), md5), tmp_path)
+    done = run_action("import", s3_payload(attrs, str(image), md5), tmp_path)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     printed = parse_template(done.stdout).as_dict()
     assert printed == {
@@ -612,15 +610,15 @@ def test_no_secret_and_clean_stdout_in_debug_mode(
     }
     assert b"DEBUG:" in done.stderr, "debug mode shows botocore's log lines"
     runs = [done]
-    runs.append(run_action("monitor", action_payload(attrs), tmp_path))
+    runs.append(run_action("monitor", monitor_payload("s3", attrs), tmp_path))
     assert runs[-1].returncode == 0
     assert parse_template(runs[-1].stdout).as_dict()["USED_MB"] == "7"
-    runs.append(run_action("delete", action_payload(attrs), tmp_path))
+    runs.append(run_action("delete", s3_payload(attrs), tmp_path))
     assert runs[-1].returncode == 0 and runs[-1].stdout == b""
 
     wrong = dict(attrs, SECRET_ACCESS_KEY="anotherSecretNeverShown0000000000000009")
     secrets.append(wrong["SECRET_ACCESS_KEY"])
-    failed = run_action("import", action_payload(wrong, str(image), md5), tmp_path)
+    failed = run_action("import", s3_payload(wrong, str(image), md5), tmp_path)
     assert failed.returncode != 0 and failed.stdout == b""
     assert "rejected the credentials" in failed.stderr.decode().strip().splitlines()[-1]
     runs.append(failed)

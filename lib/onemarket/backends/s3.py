@@ -1,12 +1,14 @@
 """The s3 private marketplace: appliances are objects in one bucket of AWS S3 or a compatible
 service (Ceph RGW, MinIO...), named ``<APP_PREFIX or "marketapp">-<app id>``.
 
-Import streams the source once, sequentially, hashing as it reads. A source smaller than one
-part goes up in a single PUT; a larger one as a multipart upload whose parts are sent by a small
-pool of threads while the next part is read, so memory is bounded by the number of parts in
-flight, whatever the image size. Every request body carries Content-MD5, so the server refuses
-a corrupted part. Any failure (source, network, server, checksum, timeout, SIGTERM) aborts the
-multipart upload and leaves nothing under the key.
+Import reads the source once, sequentially, into part buffers. A source smaller than one part
+goes up in a single PUT; a larger one as a multipart upload: while the next part is read, one
+thread feeds the parts in order to the whole-stream MD5/SHA-256, and a small pool of threads
+sends them, so reading, hashing and sending overlap and memory is bounded by the (reused) part
+buffers, whatever the image size. Every body carries Content-MD5, signed and checked by the
+server, so a corrupted part is refused; the body is therefore sent as UNSIGNED-PAYLOAD instead
+of being hashed a third time for the SigV4 signature. Any failure (source, network, server,
+checksum, timeout, SIGTERM) aborts the multipart upload and leaves nothing under the key.
 
 Checksum metadata on multipart objects: S3 metadata is fixed when the upload is created, before
 the first byte is read, but the md5/sha256 of the whole stream are only known after the last
