@@ -745,3 +745,59 @@ def test_signature_v2_against_rgw(rgw: CephRgw, s3, bucket: str, tmp_path: Path)
     result = do_import(make_backend(attrs, tmp_path), str(image), md5=md5)
     assert s3.head_object(Bucket=bucket, Key="marketapp-7")["Metadata"]["md5"] == md5
     assert result.size_mb == 6
+
+
+def test_metadata_by_multipart_copy_for_objects_over_copy_limit(
+    rgw: CephRgw, s3, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Objects over 5 GiB cannot be copied by CopyObject: the checksums are then set with a
+    server-side UploadPartCopy. Exercised here with the limits scaled down."""
+    monkeypatch.setattr(s3mod, "MAX_COPY_BYTES", 6 * MIB)
+    monkeypatch.setattr(s3mod, "COPY_PART_BYTES", 5 * MIB)
+    image = tmp_path / "img"
+    md5, sha = write_random(image, 13 * MIB + 3)
+    backend = make_backend(market_attrs(rgw, bucket, READ_LENGTH="5"), tmp_path)
+    copies: list[str] = []
+    real = backend.client.upload_part_copy
+    backend.client.upload_part_copy = lambda **kw: (
+        copies.append(kw["CopySourceRange"]) or real(**kw)
+    )
+    do_import(backend, str(image), md5=md5)
+    assert copies == ["bytes=0-5242879", "bytes=5242880-10485759", "bytes=10485760-13631490"]
+    obj = s3.get_object(Bucket=bucket, Key="marketapp-7")
+    assert obj["Metadata"] == {"md5": md5, "sha256": sha}
+    assert hashlib.md5(obj["Body"].read()).hexdigest() == md5
+    assert uploads_left(s3, bucket) == []
+
+
+def test_unknown_size_stream_grows_its_parts(
+    rgw: CephRgw, s3, httpd, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source of unknown size (chunked http, ssh, stock downloader): parts keep READ_LENGTH,
+    then double, so 10,000 parts always suffice (growth scaled down here)."""
+    monkeypatch.setattr(s3mod, "GROWTH_FROM_PART", 2)
+    monkeypatch.setattr(s3mod, "GROWTH_STEP_PARTS", 1)
+    total = 37 * MIB + 11
+    piece = os.urandom(MIB)
+    data_md5 = hashlib.md5()
+    for i in range(0, total, MIB):
+        data_md5.update(piece[: min(MIB, total - i)])
+
+    def chunked(h: BaseHTTPRequestHandler) -> None:
+        h.send_response(200)
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        for i in range(0, total, MIB):
+            chunk = piece[: min(MIB, total - i)]
+            h.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        h.wfile.write(b"0\r\n\r\n")
+
+    httpd.routes["/stream"] = chunked
+    backend = make_backend(market_attrs(rgw, bucket, READ_LENGTH="5"), tmp_path)
+    sizes: list[int] = []
+    real = backend.data_client.upload_part
+    backend.data_client.upload_part = lambda **kw: sizes.append(kw["ContentLength"]) or real(**kw)
+    result = do_import(backend, f"{httpd.url}/stream", md5=data_md5.hexdigest())
+    assert sorted(sizes) == sorted([5 * MIB, 5 * MIB, 10 * MIB, 17 * MIB + 11])
+    assert result.md5 == data_md5.hexdigest() and result.size_mb == 38
+    assert s3.head_object(Bucket=bucket, Key="marketapp-7")["ContentLength"] == total
