@@ -108,9 +108,13 @@ class CephRgw:
             self._owns_base = True
         for sub in ("run", "log", "mon", "osd", "rgw", "crash"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
-        self.rgw_port = self.rgw_port or free_port()
-        self.mon_port = self.mon_port or free_port()
-        self.mon_port_v1 = self.mon_port_v1 or free_port()
+        ports: set[int] = {p for p in (self.rgw_port, self.mon_port, self.mon_port_v1) if p}
+        while len(ports) < 3:
+            ports.add(free_port())
+        spare = sorted(ports - {self.rgw_port, self.mon_port, self.mon_port_v1})
+        self.rgw_port = self.rgw_port or spare.pop()
+        self.mon_port = self.mon_port or spare.pop()
+        self.mon_port_v1 = self.mon_port_v1 or spare.pop()
         fsid = str(uuid.uuid4())
         self.conf.write_text(self._conf(fsid), encoding="utf-8")
         (self.base / "keyring").write_text("", encoding="utf-8")
@@ -137,7 +141,9 @@ class CephRgw:
         except Exception as exc:
             tails = self.log_tails()
             self.stop(keep=True)
-            raise RuntimeError(f"Ceph RGW did not start: {exc}\n{tails}") from exc
+            raise RuntimeError(
+                f"Ceph RGW did not start: {exc} (logs kept in {self.base})\n{tails}"
+            ) from exc
         self.startup_s = time.monotonic() - t0
 
     def start_rgw(self) -> None:
@@ -355,7 +361,8 @@ def _need_ceph() -> None:
 
 @pytest.fixture(scope="session")
 def rgw() -> Iterator[CephRgw]:
-    """A running Ceph RGW for the whole session (started on first use, about 10 s)."""
+    """A running Ceph RGW for the whole session, started on first use (about 1.5 s with
+    memstore on a 2-core machine; bluestore about 5 s)."""
     _need_ceph()
     server = CephRgw()
     server.start()
