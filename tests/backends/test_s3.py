@@ -62,7 +62,13 @@ from tests.payloads import (
     monitor_payload,
 )
 from tests.servers import free_port
-from tests.servers.rgw import OTHER_ACCESS_KEY, OTHER_SECRET_KEY, CephRgw
+from tests.servers.rgw import (
+    NOBUCKETS_ACCESS_KEY,
+    NOBUCKETS_SECRET_KEY,
+    OTHER_ACCESS_KEY,
+    OTHER_SECRET_KEY,
+    CephRgw,
+)
 
 MIB = 1 << 20
 REPO = Path(__file__).resolve().parents[2]
@@ -186,13 +192,6 @@ def pattern_stream(
             h.close_connection = True
 
     return handler
-
-
-@pytest.fixture(scope="module")
-def other_user(rgw: CephRgw) -> tuple[str, str]:
-    """A second RGW user, who owns nothing and is granted nothing."""
-    rgw.create_user("onemarket-other", OTHER_ACCESS_KEY, OTHER_SECRET_KEY)
-    return OTHER_ACCESS_KEY, OTHER_SECRET_KEY
 
 
 @pytest.fixture
@@ -462,11 +461,10 @@ def test_wrong_credentials(rgw: CephRgw, bucket: str, tmp_path: Path) -> None:
     assert "InvalidAccessKeyId" in one_clear_line(err.value, secret)
 
 
-def test_wrong_bucket_permissions(
-    rgw: CephRgw, s3, other_user: tuple[str, str], bucket: str, tmp_path: Path
-) -> None:
+def test_wrong_bucket_permissions(rgw: CephRgw, s3, bucket: str, tmp_path: Path) -> None:
+    """A second RGW user, who owns nothing and is granted nothing, uses our bucket."""
     s3.create_bucket(Bucket=bucket)
-    key, secret = other_user
+    key, secret = OTHER_ACCESS_KEY, OTHER_SECRET_KEY
     attrs = market_attrs(rgw, bucket, ACCESS_KEY_ID=key, SECRET_ACCESS_KEY=secret)
     image = tmp_path / "img"
     write_random(image, 1000)
@@ -483,8 +481,7 @@ def test_wrong_bucket_permissions(
 
 
 def test_bucket_creation_not_permitted(rgw: CephRgw, tmp_path: Path) -> None:
-    access, secret = "ONEMARKETNOBUCKETS01", "noBucketsSecret000000000000000000000001"
-    rgw.create_user("onemarket-nobuckets", access, secret, max_buckets=-1)
+    access, secret = NOBUCKETS_ACCESS_KEY, NOBUCKETS_SECRET_KEY
     attrs = market_attrs(rgw, new_bucket(), ACCESS_KEY_ID=access, SECRET_ACCESS_KEY=secret)
     image = tmp_path / "img"
     write_random(image, 1000)

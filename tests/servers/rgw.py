@@ -45,6 +45,17 @@ ACCESS_KEY = "ONEMARKETTESTKEY0001"
 SECRET_KEY = "onemarketTestSecret0000000000000000000001"
 OTHER_ACCESS_KEY = "ONEMARKETTESTKEY0002"
 OTHER_SECRET_KEY = "onemarketTestSecret0000000000000000000002"
+NOBUCKETS_ACCESS_KEY = "ONEMARKETTESTKEY0003"
+NOBUCKETS_SECRET_KEY = "onemarketTestSecret0000000000000000000003"
+USERS = (
+    # uid, access key, secret key, max buckets (-1: may not create any)
+    ("onemarket", ACCESS_KEY, SECRET_KEY, 1000),
+    ("onemarket-other", OTHER_ACCESS_KEY, OTHER_SECRET_KEY, 1000),
+    ("onemarket-nobuckets", NOBUCKETS_ACCESS_KEY, NOBUCKETS_SECRET_KEY, -1),
+)
+"""Users made at start: the tests' own, one without access to its buckets, one who may not
+create buckets. Made up front because radosgw-admin waits about 30 s for a radosgw killed by a
+crash test (its watch on the control objects lingers until it times out)."""
 
 
 def _alive(pid: int) -> bool:
@@ -137,7 +148,10 @@ class CephRgw:
             self._run("ceph-osd", "-i", "0")
             self._wait_pid("osd.0")
             self.start_rgw()
-            self.create_user("onemarket", self.access_key, self.secret_key)
+            for uid, access, secret, max_buckets in USERS:
+                if uid == "onemarket":
+                    access, secret = self.access_key, self.secret_key
+                self.create_user(uid, access, secret, max_buckets)
         except Exception as exc:
             tails = self.log_tails()
             self.stop(keep=True)
@@ -329,6 +343,9 @@ bluestore fsck on mount = false
 osd memory target = 1073741824
 osd op num shards = 2
 osd op num threads per shard = 1
+# a killed radosgw's watches on the control objects block metadata changes (bucket or user
+# creation) until they time out: 30 s by default; 10 s still leaves a live one two pings
+osd client watch timeout = 10
 
 [client.rgw.a]
 rgw frontends = beast endpoint=127.0.0.1:{self.rgw_port}
