@@ -87,8 +87,11 @@ def run_import(source: Path, public_dir: Path) -> Run:
 
 
 def empty(folder: Path) -> None:
+    """Remove what a command wrote and flush the disk, so the next command does not pay for
+    the previous one's write-back (cp returns before its data reaches the disk)."""
     for p in folder.iterdir():
         p.unlink()
+    os.sync()
 
 
 def main() -> None:
