@@ -475,6 +475,22 @@ def kvm_vm_template(opts: LxcOptions, build: Build) -> str:
     )
 
 
+def _build_fields(opts: LxcOptions, build: Build, path: str, kind: str) -> dict[str, object]:
+    """AppEntry fields every app of one build shares, container or KVM image."""
+    return {
+        "import_id": "-1",
+        "publisher": opts.endpoint,
+        "description": (
+            f"{build.os_name} {build.release} {build.variant} {kind} for {build.arch} "
+            f"(build {build.serial}), downloaded from {opts.endpoint}"
+        ),
+        "version": build.serial,
+        "regtime": build.regtime,
+        "link": opts.endpoint + path,
+        "architecture": build.arch,
+    }
+
+
 def container_app(opts: LxcOptions, build: Build) -> AppEntry:
     item = build.rootfs
     assert item is not None
@@ -482,24 +498,15 @@ def container_app(opts: LxcOptions, build: Build) -> AppEntry:
     return AppEntry(
         name=container_name(build),
         source=f"lxd://{opts.endpoint}{item.path}?{query}",
-        import_id="-1",
-        publisher=opts.endpoint,
         format=opts.format,
-        description=(
-            f"{build.os_name} {build.release} {build.variant} container for {build.arch} "
-            f"(build {build.serial}), downloaded from {opts.endpoint}"
-        ),
-        version=build.serial,
-        regtime=build.regtime,
-        link=opts.endpoint + item.path,
         size_mb=opts.image_size_mb,
         md5=derived_md5(
             "lxc-rootfs", item.sha256, opts.image_size_mb, opts.filesystem, opts.format
         ),
-        architecture=build.arch,
         hypervisor="lxc",
         apptemplate64=_b64(write_template([("DRIVER", opts.format)])),
         vmtemplate64=_b64(lxc_vm_template(opts, build)),
+        **_build_fields(opts, build, item.path, "container"),  # type: ignore[arg-type]
     )
 
 
@@ -509,22 +516,13 @@ def vm_app(opts: LxcOptions, build: Build, virtual_size: int) -> AppEntry:
     return AppEntry(
         name=vm_name(build),
         source=opts.endpoint + item.path,
-        import_id="-1",
-        publisher=opts.endpoint,
         format="qcow2",
-        description=(
-            f"{build.os_name} {build.release} {build.variant} KVM disk image for {build.arch} "
-            f"(build {build.serial}, UEFI), downloaded from {opts.endpoint}"
-        ),
-        version=build.serial,
-        regtime=build.regtime,
-        link=opts.endpoint + item.path,
         size_mb=max(1, -(-virtual_size // (1024 * 1024))),
         md5=derived_md5("kvm-qcow2", item.sha256),
-        architecture=build.arch,
         hypervisor="kvm",
         apptemplate64=_b64(write_template([("DEV_PREFIX", KVM_DEV_PREFIX), ("DRIVER", "qcow2")])),
         vmtemplate64=_b64(kvm_vm_template(opts, build)),
+        **_build_fields(opts, build, item.path, "UEFI KVM disk image"),  # type: ignore[arg-type]
     )
 
 
