@@ -66,6 +66,7 @@ die() { echo "install.sh: error: $*" >&2; exit 1; }
 # --- removal ------------------------------------------------------------------------------
 if [ "$REMOVE" = 1 ]; then
   [ -f "$MANIFEST" ] || die "nothing to remove: no manifest at $MANIFEST"
+  dirs=()
   while IFS=' ' read -r kind path; do
     case "$kind" in
       file)
@@ -77,16 +78,30 @@ if [ "$REMOVE" = 1 ]; then
         fi
         ;;
       venv) [ -d "$path" ] && rm -rf "$path" ;;
+      dir) dirs+=("$path") ;;
     esac
   done <"$MANIFEST"
-  for d in "${DRIVERS[@]}"; do rmdir "$REMOTES/market/$d" 2>/dev/null || true; done
   rm -f "$MANIFEST"
+  # folders install.sh created, deepest first, unless something else was put in them since
+  if [ ${#dirs[@]} -gt 0 ]; then
+    printf '%s\n' "${dirs[@]}" | sort -r | while read -r d; do rmdir "$d" 2>/dev/null || true; done
+  fi
   say "removed; the stock files that were replaced are back in place"
   exit 0
 fi
 
-# --- interpreter --------------------------------------------------------------------------
 declare -a ENTRIES=()
+
+# make_dir DIR: mkdir -p, recording each folder it creates so that -r removes it again
+make_dir() {
+  local d=$1 missing=()
+  while [ ! -d "$d" ]; do missing+=("$d"); d=$(dirname "$d"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  mkdir -p "$1" || die "cannot create $1"
+  for d in "${missing[@]}"; do ENTRIES+=("dir $d"); done
+}
+
+# --- interpreter --------------------------------------------------------------------------
 if [ -n "$PYTHON" ]; then
   command -v "$PYTHON" >/dev/null || die "interpreter $PYTHON not found"
   PY=$(command -v "$PYTHON")
@@ -98,7 +113,7 @@ else
   python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || die "Python >= 3.11 is required, found $(python3 --version 2>&1)"
   if [ ! -x "$VENV/bin/python" ]; then
-    mkdir -p "$(dirname "$VENV")"
+    make_dir "$(dirname "$VENV")"
     python3 -m venv "$VENV" || die "cannot create a virtualenv (apt-get install python3-venv)"
   fi
   say "installing the library and its dependencies into $VENV"
@@ -114,7 +129,7 @@ fi
 install_file() {
   local src=$1 dest=$2 mode=$3 tmp
   [ -f "$src" ] || die "missing source file $src"
-  mkdir -p "$(dirname "$dest")"
+  make_dir "$(dirname "$dest")"
   tmp=$(mktemp "$dest.XXXXXX")
   if head -n1 "$src" | grep -q '^#!.*python'; then
     { echo "#!$PY"; tail -n +2 "$src"; } >"$tmp" || { rm -f "$tmp"; die "cannot write $dest"; }
@@ -174,7 +189,7 @@ if [ -n "$OWNER$GROUP" ]; then
 fi
 
 # --- manifest (merged with a previous install, so -r after two installs removes all) -------
-mkdir -p "$(dirname "$MANIFEST")"
+make_dir "$(dirname "$MANIFEST")"
 { [ -f "$MANIFEST" ] && cat "$MANIFEST"; printf '%s\n' "${ENTRIES[@]}"; } | sort -u >"$MANIFEST.new"
 mv -f "$MANIFEST.new" "$MANIFEST"
 

@@ -114,8 +114,7 @@ def test_install_into_empty_dir_and_remove(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "var/remotes/market/http/import").exists()
     assert run_install("-r", "-d", str(tmp_path)).returncode == 0
-    leftover = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert leftover == []
+    assert list(tmp_path.rglob("*")) == []  # files and the folders it created
 
 
 def test_remove_without_install_is_a_clear_error(tmp_path: Path) -> None:
