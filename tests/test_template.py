@@ -457,3 +457,10 @@ def test_reader_agrees_with_oned_on_template_shaped_text(text: str) -> None:
     except TemplateError:
         return
     assert oned_parse(text) == mine
+
+
+def test_comments_after_values_as_oned_reads_them() -> None:
+    """oned's lexer takes '#' to the end of the line as a comment anywhere outside a value."""
+    text = 'NAME = "x" # the name\nB = word#rest\nV = [ A = "1", # first\n  C = "2" ]\n'
+    assert oned_parse(text) == parse_template(text).items
+    assert parse_template(text).items == [("NAME", "x"), ("B", "word"), ("V", {"A": "1", "C": "2"})]

@@ -129,25 +129,21 @@ class _Reader:
         line = self.text.count("\n", 0, self.pos) + 1
         return TemplateError(f"template syntax error at line {line}: {what}")
 
-    def skip_blanks(self, newlines: bool = True) -> None:
+    def skip_blanks(self, newlines: bool = True, comments: bool = True) -> None:
+        """Skip blanks and, between tokens (not where a value starts), ``#`` comments: oned's
+        lexer takes ``#`` to the end of the line as a comment anywhere outside a value."""
         blanks = _BLANKS if newlines else " \t"
         while self.pos < len(self.text):
             ch = self.text[self.pos]
             if ch in blanks:
                 self.pos += 1
-            elif ch == "#" and self._at_line_start():
+            elif ch == "#" and comments:
                 end = self.text.find("\n", self.pos)
                 if end < 0:  # oned only knows comments that end with a newline
                     raise self.error("comment without a final newline")
                 self.pos = end
             else:
                 break
-
-    def _at_line_start(self) -> bool:
-        i = self.pos - 1
-        while i >= 0 and self.text[i] in " \t":
-            i -= 1
-        return i < 0 or self.text[i] == "\n"
 
     def name(self) -> str:
         m = _NAME_RE.match(self.text, self.pos)
@@ -163,7 +159,7 @@ class _Reader:
         self.pos += 1
 
     def scalar(self) -> str:
-        self.skip_blanks()
+        self.skip_blanks(comments=False)
         if self.text.startswith('"', self.pos):
             i = self.pos + 1
             out = []
@@ -199,7 +195,7 @@ class _Reader:
                 return out
             key = self.name()
             self.expect("=")
-            self.skip_blanks(newlines=False)
+            self.skip_blanks(newlines=False, comments=False)
             if self.pos >= len(self.text) or self.text[self.pos] == "\n":
                 raise self.error("value expected in vector")
             out.setdefault(key, self.scalar())  # oned keeps the first of two equal keys
@@ -216,7 +212,7 @@ class _Reader:
                 return
             key = self.name()
             self.expect("=")
-            self.skip_blanks(newlines=False)
+            self.skip_blanks(newlines=False, comments=False)
             if self.text.startswith("\n", self.pos):
                 yield key, ""  # ``NAME =`` at the end of a line: oned's empty value
             elif self.text.startswith("[", self.pos):
