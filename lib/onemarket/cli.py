@@ -681,11 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.json = getattr(args, "json", False)
-    args.debug = getattr(args, "debug", False) or os.environ.get("ONE_MARKET_DEBUG", "") not in (
-        "",
-        "0",
-        "no",
-    )
+    args.debug = getattr(args, "debug", False) or driverlog.debug_from_env()
     driverlog.set_debug(args.debug)
     driverlog.route_std_logging()
     try:

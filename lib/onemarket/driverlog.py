@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import sys
 import threading
 from typing import TextIO
@@ -36,6 +37,15 @@ def scrub(text: str) -> str:
     for secret in _secrets:
         text = text.replace(secret, "****")
     return text
+
+
+DEBUG_ENV = "ONE_MARKET_DEBUG"
+
+
+def debug_from_env() -> bool:
+    """Whether ``ONE_MARKET_DEBUG`` asks for DEBUG lines (set, and not 0/no/false/off)."""
+    value = os.environ.get(DEBUG_ENV, "").strip().lower()
+    return value not in ("", "0", "no", "false", "off")
 
 
 def set_debug(enabled: bool) -> None:

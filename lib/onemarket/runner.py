@@ -79,8 +79,7 @@ def run_action(
     result_fd: int = 1,
 ) -> int:
     """Run one action: result to ``result_fd``, failure line to stderr; returns the exit code."""
-    debug = os.environ.get("ONE_MARKET_DEBUG", "").strip().lower()
-    driverlog.set_debug(debug not in ("", "0", "no", "false", "off"))
+    driverlog.set_debug(driverlog.debug_from_env())
     driverlog.route_std_logging()
     saved = os.dup(result_fd)
     os.dup2(2, result_fd)
