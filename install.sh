@@ -193,11 +193,13 @@ make_dir "$(dirname "$MANIFEST")"
 { [ -f "$MANIFEST" ] && cat "$MANIFEST"; printf '%s\n' "${ENTRIES[@]}"; } | sort -u >"$MANIFEST.new"
 mv -f "$MANIFEST.new" "$MANIFEST"
 
+KEPT=""
+[ -f "$REMOTES/datastore/downloader.sh.orig" ] && KEPT=" (the stock one kept as downloader.sh.orig)"
 cat <<EOF
 install.sh: installed onemarket (interpreter $PY)
   MAD:        $MADS/one_market
   remotes:    $REMOTES/market/{$(IFS=,; echo "${DRIVERS[*]}")}
-  downloader: $REMOTES/datastore/downloader.sh (original kept as downloader.sh.orig)
+  downloader: $REMOTES/datastore/downloader.sh$KEPT
   command:    $BIN/one-market
 
 oned.conf needs no change when it already uses the stock driver. Otherwise add:

@@ -3,5 +3,5 @@
 # nginx on loopback, driven through the real MAD as oned would drive it (no oned needed).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash dev/setup.sh
+bash dev/setup.sh --demo
 exec .venv/bin/python dev/demo.py

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Prepare a Debian machine for development and tests: the Debian packages the test servers need
-# (dev/apt-packages.txt: nginx, sshd, Ceph RGW, qemu-utils ...) and a venv in .venv with the
-# library installed editable plus the test tools. Idempotent; safe to run again.
+# (dev/apt-packages.txt: nginx, sshd, Ceph RGW, qemu-utils ...; only nginx with --demo) and a
+# venv in .venv with the library installed editable plus the test tools. Idempotent.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-mapfile -t pkgs < <(grep -v '^\s*#' dev/apt-packages.txt | awk 'NF {print $1}')
+# --demo: only what dev/demo.sh needs (nginx), not the test servers (sshd, Ceph RGW ...)
+if [ "${1:-}" = "--demo" ]; then
+  pkgs=(nginx-light)
+else
+  mapfile -t pkgs < <(grep -v '^\s*#' dev/apt-packages.txt | awk 'NF {print $1}')
+fi
 missing=()
 for p in python3 python3-venv "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

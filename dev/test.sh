@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up (dev/setup.sh) and run the whole test suite with the real servers, then the linter.
+# Set up (dev/setup.sh), lint, then run the whole test suite with the real servers.
 # Extra arguments go to pytest (e.g. dev/test.sh -k s3 -x).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
