@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 from typing import TextIO
+from urllib.parse import urlsplit
 
 _lock = threading.Lock()
 _secrets: tuple[str, ...] = ()
@@ -30,6 +31,15 @@ def redact(secret: str | None) -> None:
         with _lock:
             if secret not in _secrets:
                 _secrets = tuple(sorted({*_secrets, secret}, key=len, reverse=True))
+
+
+def redact_url(url: str) -> None:
+    """Mask the password of a ``scheme://user:password@host`` URL in every line from now on."""
+    try:
+        password = urlsplit(url.strip()).password
+    except ValueError:
+        return
+    redact(password)
 
 
 def scrub(text: str) -> str:

@@ -38,3 +38,13 @@ def test_a_failing_helper_reports_the_end_of_its_stderr() -> None:
 def test_a_missing_helper_is_a_source_error() -> None:
     with pytest.raises(SourceError, match="cannot start"):
         ProcessSource(["/nonexistent/helper"], "nothing")
+
+
+def test_a_password_in_a_source_url_is_masked() -> None:
+    from onemarket import driverlog
+    from onemarket.transfer.sources import open_source
+
+    url = "http://admin:s3cr3t-pw@127.0.0.1:9/image"
+    with pytest.raises(SourceError) as caught, open_source(url):
+        pass
+    assert "s3cr3t-pw" not in driverlog.scrub(str(caught.value))

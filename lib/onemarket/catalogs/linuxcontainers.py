@@ -201,6 +201,7 @@ class LxcOptions:
             return items or default
 
         endpoint = (market.attr("ENDPOINT") or DEFAULT_ENDPOINT).strip()
+        driverlog.redact_url(endpoint)
         if not re.fullmatch(r"https?://[^\s?#]+", endpoint):
             raise bad("ENDPOINT", endpoint, "expected an http(s) URL without query")
         if not endpoint.endswith("/"):

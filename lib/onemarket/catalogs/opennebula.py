@@ -414,8 +414,7 @@ def base_url_of(endpoint: str) -> str:
     parts = urlsplit(endpoint.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"ENDPOINT must be an http:// or https:// URL, not {endpoint[:100]!r}")
-    if parts.password:
-        driverlog.redact(parts.password)
+    driverlog.redact_url(endpoint)
     return endpoint.strip().rstrip("/")
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
+from .. import driverlog
 from ..errors import SourceError, one_line
 from ..installation import Installation
 
@@ -185,6 +186,7 @@ def parse_ssh_source(source: str) -> tuple[str, str]:
 @contextmanager
 def open_source(source: str, installation: Installation | None = None) -> Iterator[Source]:
     """Open IMPORT_SOURCE for sequential reading; always closed on exit."""
+    driverlog.redact_url(source)  # credentials in a source URL stay out of every message
     scheme = urlsplit(source).scheme.lower() if "://" in source else ""
     if scheme in ("", "file"):
         path = Path(source[len("file://") :] if scheme == "file" else source)
