@@ -589,3 +589,22 @@ def test_push_interrupted_leaves_nothing(tmp_path: Path, http_market: str, nginx
     assert err.decode().strip() == "one-market: interrupted"
     assert out == b""
     assert list(nginx.public_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("check", "/nonexistent.tmpl"),
+        ("apps", "/nonexistent.tmpl"),
+        ("push", "/nonexistent.tmpl", "/etc/hostname"),
+        ("rm", "/nonexistent.tmpl", "s3://bucket/marketapp-1"),
+    ],
+)
+def test_json_failure_is_json_on_stdout(capfd, args: tuple[str, ...]) -> None:
+    """A script reading ``--json`` output gets JSON on failure too, plus the usual one line."""
+    code, out, err = run(capfd, *args, "--json")
+    assert code == 1
+    data = json.loads(out)
+    assert data["ok"] is False
+    assert "cannot read" in data["error"]
+    assert len(err.strip().splitlines()) == 1

@@ -687,23 +687,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except MarketError as exc:
-        return fail(str(exc), args.debug)
+        return fail(str(exc), args.debug, args.json)
     except KeyboardInterrupt:
-        fail("interrupted", args.debug)
+        fail("interrupted", args.debug, args.json)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
         return EXIT_FAILED
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback
-        return fail(f"internal error: {type(exc).__name__}: {exc}", args.debug)
+        return fail(f"internal error: {type(exc).__name__}: {exc}", args.debug, args.json)
 
 
-def fail(message: str, debug: bool) -> int:
+def fail(message: str, debug: bool, as_json: bool = False) -> int:
+    """The one line on stderr; with ``--json`` also ``{"ok": false, "error": ...}`` on stdout,
+    so a script parsing stdout always gets JSON, whatever happened."""
     if debug:
         sys.stderr.write(driverlog.scrub(traceback.format_exc()))
-    sys.stderr.write(f"one-market: {driverlog.scrub(one_line(message))}\n")
+    line = driverlog.scrub(one_line(message))
+    sys.stderr.write(f"one-market: {line}\n")
     sys.stderr.flush()
+    if as_json:
+        with contextlib.suppress(OSError):
+            emit_json({"ok": False, "error": line})
+            sys.stdout.flush()
     return EXIT_FAILED
 
 
