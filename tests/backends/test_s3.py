@@ -798,3 +798,95 @@ def test_unknown_size_stream_grows_its_parts(
     assert sorted(sizes) == sorted([5 * MIB, 5 * MIB, 10 * MIB, 17 * MIB + 11])
     assert result.md5 == data_md5.hexdigest() and result.size_mb == 38
     assert s3.head_object(Bucket=bucket, Key="marketapp-7")["ContentLength"] == total
+
+
+def test_large_parts_are_sent_fewer_at_a_time(
+    rgw: CephRgw, s3, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large READ_LENGTH must not multiply into workers x part size of memory: the number of
+    part buffers alive at once is capped by PART_MEMORY_BUDGET_BYTES (scaled down here)."""
+    assert s3mod.buffers_for(32 * MIB, 4) == 5
+    assert s3mod.buffers_for(4096 * MIB, 4) == 2
+    monkeypatch.setattr(s3mod, "PART_MEMORY_BUDGET_BYTES", 12 * MIB)
+    image = tmp_path / "img"
+    md5, sha = write_random(image, 31 * MIB)
+    alive: set[int] = set()
+    peak = {"buffers": 0}
+    real_read_part = s3mod._Reader.read_part
+
+    def tracking_read_part(self, size, buf=None):
+        out = real_read_part(self, size, buf)
+        alive.add(id(out))
+        peak["buffers"] = max(peak["buffers"], len(alive))
+        return out
+
+    monkeypatch.setattr(s3mod._Reader, "read_part", tracking_read_part)
+    backend = make_backend(market_attrs(rgw, bucket, READ_LENGTH="5"), tmp_path)
+    real_upload_part = backend.data_client.upload_part
+    lock = threading.Lock()
+    state = {"now": 0, "max": 0}
+
+    def counting_upload_part(**kwargs):
+        with lock:
+            state["now"] += 1
+            state["max"] = max(state["max"], state["now"])
+        try:
+            return real_upload_part(**kwargs)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    backend.data_client.upload_part = counting_upload_part
+    result = do_import(backend, str(image), md5=md5)
+    assert result.md5 == md5
+    assert peak["buffers"] <= 2
+    assert state["max"] <= 2
+    assert s3.head_object(Bucket=bucket, Key="marketapp-7")["Metadata"]["sha256"] == sha
+
+
+def test_grown_parts_reduce_buffers_without_stalling(
+    rgw: CephRgw, s3, httpd, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When parts of an unknown-size stream grow past the memory budget, slots are retired
+    while earlier parts are still being sent; the import goes on and ends complete."""
+    monkeypatch.setattr(s3mod, "GROWTH_FROM_PART", 3)
+    monkeypatch.setattr(s3mod, "GROWTH_STEP_PARTS", 1)
+    monkeypatch.setattr(s3mod, "PART_MEMORY_BUDGET_BYTES", 24 * MIB)
+    total = 41 * MIB + 5
+    piece = os.urandom(MIB)
+    data_md5 = hashlib.md5()
+    for i in range(0, total, MIB):
+        data_md5.update(piece[: min(MIB, total - i)])
+
+    def chunked(h: BaseHTTPRequestHandler) -> None:
+        h.send_response(200)
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        for i in range(0, total, MIB):
+            chunk = piece[: min(MIB, total - i)]
+            h.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        h.wfile.write(b"0\r\n\r\n")
+
+    httpd.routes["/stream"] = chunked
+    backend = make_backend(market_attrs(rgw, bucket, READ_LENGTH="5"), tmp_path)
+    real = backend.data_client.upload_part
+    lock = threading.Lock()
+    state = {"now": 0, "big_max": 0}
+
+    def counting(**kw):
+        with lock:
+            state["now"] += 1
+            if kw["ContentLength"] > 5 * MIB:
+                state["big_max"] = max(state["big_max"], state["now"])
+        try:
+            return real(**kw)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    backend.data_client.upload_part = counting
+    result = do_import(backend, f"{httpd.url}/stream", md5=data_md5.hexdigest())
+    assert result.md5 == data_md5.hexdigest()
+    assert 1 <= state["big_max"] <= 2
+    assert s3.head_object(Bucket=bucket, Key="marketapp-7")["ContentLength"] == total
+    assert uploads_left(s3, bucket) == []

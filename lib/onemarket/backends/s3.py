@@ -76,6 +76,10 @@ UPLOAD_WORKERS = 4
 PARTS_IN_MEMORY = UPLOAD_WORKERS + 1
 """Parts held at once: one per worker plus the one being read. Peak memory of an import is
 about PARTS_IN_MEMORY x part size (5 x 32 MiB = 160 MiB with the defaults)."""
+PART_MEMORY_BUDGET_BYTES = 512 * MIB
+"""Most bytes of part buffers held at once: with large parts (a big READ_LENGTH, or parts grown
+for a long stream of unknown size) fewer are sent at the same time, down to one being sent
+while the next is read (2 x part size, which only exceeds this for parts over 256 MiB)."""
 GROWTH_FROM_PART = 4_000
 """With no size known in advance, parts keep the planned size up to this part number, then
 double every GROWTH_STEP_PARTS parts (memory grows with them), so any stream fits 10,000 parts."""
@@ -122,6 +126,12 @@ def part_size_for(number: int, base: int, exact_size: bool) -> int:
         return base
     doublings = (number - GROWTH_FROM_PART - 1) // GROWTH_STEP_PARTS + 1
     return min(base << doublings, MAX_PART_BYTES)
+
+
+def buffers_for(part_bytes: int, workers: int) -> int:
+    """Part buffers allowed at once for parts of ``part_bytes``: one per worker plus the one
+    being read, fewer when that would pass PART_MEMORY_BUDGET_BYTES, never under two."""
+    return max(2, min(workers + 1, PART_MEMORY_BUDGET_BYTES // max(part_bytes, 1)))
 
 
 def multipart_etag(part_md5s: list[bytes]) -> str:
@@ -236,6 +246,15 @@ class _BufferPool:
             with self._lock:
                 self._free.append(buf)
         self._slots.release()
+
+    def retire(self, timeout_s: float) -> bool:
+        """Take one slot away for good (parts grew) and free its buffer; False on timeout."""
+        if not self._slots.acquire(timeout=timeout_s):
+            return False
+        with self._lock:
+            if self._free:
+                self._free.pop()
+        return True
 
 
 class _Countdown:
@@ -383,7 +402,8 @@ class S3Backend(Backend):
                 else:
                     driverlog.info(
                         f"uploading {src.description} to {uri} in parts of "
-                        f"{part_size // MIB} MiB, {self.upload_workers} at a time"
+                        f"{part_size // MIB} MiB, "
+                        f"{buffers_for(part_size, max(self.upload_workers, 1)) - 1} at a time"
                     )
                     self._put_multipart(
                         key, uri, first, reader, digests, part_size, exact, info.md5, progress
@@ -541,11 +561,13 @@ class S3Backend(Backend):
     ) -> list[bytes]:
         """Read parts in order; each goes to the (single, in-order) whole-stream hasher and to
         an upload worker, and its buffer is dropped once both are done. At most
-        PARTS_IN_MEMORY buffers exist at once. Returns the parts' MD5s in order. On failure,
-        queued parts are cancelled and the ones being sent are left in ``inflight`` for the
-        caller, which aborts the upload without waiting for them first."""
+        PARTS_IN_MEMORY buffers exist at once, fewer for large parts (:func:`buffers_for`).
+        Returns the parts' MD5s in order. On failure, queued parts are cancelled and the ones
+        being sent are left in ``inflight`` for the caller, which aborts the upload
+        without waiting for them first."""
         workers = max(self.upload_workers, 1)
-        buffers = _BufferPool(workers + 1)
+        slots = buffers_for(part_size, workers)
+        buffers = _BufferPool(slots)
         stop = threading.Event()
         md5s: dict[int, bytes] = {}
         pending: dict[Future[tuple[int, bytes]], int] = {}
@@ -589,11 +611,16 @@ class S3Backend(Backend):
             number = 1
             while True:
                 if body is None:
+                    size = part_size_for(number, part_size, exact)
+                    while slots > buffers_for(size, workers):
+                        if buffers.retire(SLOT_POLL_S):
+                            slots -= 1
+                        else:
+                            harvest(block=False)
                     free = buffers.acquire(SLOT_POLL_S)
                     while free is False:
                         harvest(block=False)
                         free = buffers.acquire(SLOT_POLL_S)
-                    size = part_size_for(number, part_size, exact)
                     body = b"" if reader.eof else reader.read_part(size, free or None)
                     if not body:
                         buffers.release(None)
