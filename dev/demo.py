@@ -24,15 +24,15 @@ sys.path.insert(0, str(REPO))
 
 from onemarket.template import parse_template  # noqa: E402
 
-from tests.servers.nginx import Nginx  # noqa: E402
-from tests.servers.oned import (  # noqa: E402
-    action_data,
+from tests.payloads import (  # noqa: E402
     app_xml,
-    datastore_xml,
+    delete_payload,
     image_xml,
-    install,
-    market_xml,
+    import_payload,
+    monitor_payload,
 )
+from tests.servers.nginx import Nginx  # noqa: E402
+from tests.servers.oned import install  # noqa: E402
 
 IMAGE_MB = 64
 """Size of the demo image (mostly a hole: 8 MiB of data, the rest sparse)."""
@@ -97,17 +97,16 @@ def main() -> int:
             image = tmp / "disk.raw"
             md5 = make_image(image)
             step(f"image {image} ({IMAGE_MB} MiB, md5 {md5})")
-            market = market_xml("http", **attrs)
             mad = one.start("-t", "4", "-w", "600")
             mad.send("INIT")
             step(f"MAD answered INIT with: {(mad.next_line() or '').strip()}")
 
             started = time.monotonic()
-            payload = action_data(
-                app_xml(id_=0, name="demo app"),
-                market,
-                image_xml(source=str(image)),
-                datastore_xml("fs"),
+            payload = import_payload(
+                "http",
+                attrs,
+                app=app_xml(id=0, name="demo app"),
+                image=image_xml(source=str(image), size_mb=IMAGE_MB, format="raw"),
             )
             mad.request("IMPORT", 0, payload)
             reply = mad.reply(timeout_s=300)
@@ -122,11 +121,11 @@ def main() -> int:
             if got != md5 or result["MD5"] != md5:
                 return 1
 
-            mad.request("MONITOR", 100, action_data(market))
+            mad.request("MONITOR", 100, monitor_payload("http", attrs))
             step(f"MONITOR: {mad.reply().decoded().decode().strip().replace(chr(10), ', ')}")
 
-            app = app_xml(id_=0, name="demo app", source=result["SOURCE"])
-            mad.request("DELETE", 0, action_data(app, market))
+            app = app_xml(id=0, name="demo app", source=result["SOURCE"])
+            mad.request("DELETE", 0, delete_payload("http", attrs, app=app))
             reply = mad.reply()
             step(f"DELETE {reply.result} {reply.id} {reply.info}")
             left = [p.name for p in web.public_dir.iterdir()]

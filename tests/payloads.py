@@ -309,14 +309,16 @@ def import_payload(
     attrs: MarketAttrs | None = None,
     app: str | None = None,
     import_info: str | None = None,
+    image: str | None = None,
+    datastore: str | None = None,
 ) -> str:
     """IMPORT as oned sends it to the MAD (APP, MARKETPLACE, IMAGE, DATASTORE), plus the
     IMPORT_* children when ``import_info`` is given (what the market import action receives)."""
     return action_payload(
         market=market_xml(driver, attrs),
         app=app or app_xml(),
-        image=image_xml(),
-        datastore=datastore_xml(),
+        image=image or image_xml(),
+        datastore=datastore or datastore_xml(),
         import_info=import_info,
     )
 

@@ -17,22 +17,25 @@ import pytest
 from onemarket import mad as mad_mod
 from onemarket.installation import Installation
 
-from tests.servers.httpd import Handler, StaticHttpServer
-from tests.servers.oned import (
-    OneLocation,
-    action_data,
+from tests.payloads import (
+    action_payload,
     app_xml,
     datastore_xml,
-    image_xml,
-    import_info_xml,
+    delete_payload,
+    export_output,
+    import_payload,
     market_xml,
-    parse_reply,
+    monitor_payload,
 )
+from tests.servers.httpd import Handler, StaticHttpServer
+from tests.servers.oned import OneLocation, parse_reply
 
 WAIT_S = 20.0
 """Bound of every wait for something a script does (it signals through a file)."""
 
 MONITOR_OK = '#!/bin/sh\necho "USED_MB=1"\necho "FREE_MB=2"\necho "TOTAL_MB=3"\n'
+FAKEDS = datastore_xml(ds_mad="fakeds")
+"""The DATASTORE of IMPORT requests whose export is a test's ``fakeds`` script."""
 
 
 def wait_for(path: Path) -> None:
@@ -60,10 +63,6 @@ def pid_gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     except FileNotFoundError:
         return True
-
-
-def monitor_payload(driver: str, **attrs: str) -> str:
-    return action_data(market_xml(driver, **attrs))
 
 
 # ------------------------------------------------------------------------------------------
@@ -167,7 +166,7 @@ def test_custom_script_gets_upstream_arguments(oned: OneLocation) -> None:
         },
     )
     mad = oned.start()
-    payload = action_data(app_xml(id_=9), market_xml("tiny"))
+    payload = delete_payload("tiny", app=app_xml(id=9))
     mad.request("DELETE", 9, payload)
     assert mad.reply() == parse_reply("DELETE SUCCESS 9 -\n")
     assert args.read_text().split("\n")[:3] == ["2", payload, "9"]
@@ -193,7 +192,7 @@ def test_silent_failure_names_driver_and_exit_code(oned: OneLocation) -> None:
 def test_missing_action_script(oned: OneLocation) -> None:
     oned.add_driver("tiny", {"monitor": MONITOR_OK})
     mad = oned.start()
-    mad.request("DELETE", 2, action_data(app_xml(), market_xml("tiny")))
+    mad.request("DELETE", 2, delete_payload("tiny"))
     reply = mad.reply()
     assert not reply.ok and "has no delete action" in reply.info
 
@@ -221,7 +220,7 @@ def test_delete_of_template_apps_runs_nothing(oned: OneLocation) -> None:
     oned.add_driver("tiny", {"delete": f"#!/bin/sh\ntouch {marker}\n"})
     mad = oned.start()
     for app_type in (2, 3):
-        mad.request("DELETE", app_type, action_data(app_xml(type_=app_type), market_xml("tiny")))
+        mad.request("DELETE", app_type, delete_payload("tiny", app=app_xml(type=app_type)))
         assert mad.reply() == parse_reply(f"DELETE SUCCESS {app_type} -\n")
     assert not marker.exists()
 
@@ -273,12 +272,10 @@ def test_payload_never_reaches_logs_or_failures(oned: OneLocation) -> None:
     oned.add_driver("tiny", {"monitor": loud, "import": loud})
     oned.add_datastore("fakeds", '#!/bin/sh\nread p\necho "export of $p failed" >&2\nexit 1\n')
     mad = oned.start()
-    payload = monitor_payload("tiny", SECRET_ACCESS_KEY=secret)
+    payload = monitor_payload("tiny", {"SECRET_ACCESS_KEY": secret})
     mad.request("MONITOR", 1, payload)
     first = mad.reply()
-    imp = action_data(
-        app_xml(), market_xml("tiny", SECRET=secret), image_xml(), datastore_xml("fakeds")
-    )
+    imp = import_payload("tiny", {"SECRET": secret}, datastore=FAKEDS)
     mad.request("IMPORT", 2, imp)
     second = mad.reply()
     mad.request("MONITOR", 3, "x" * 300 + "!")
@@ -297,7 +294,7 @@ def test_payload_never_reaches_logs_or_failures(oned: OneLocation) -> None:
 
 
 def test_import_runs_export_then_import(oned: OneLocation, tmp_path: Path) -> None:
-    info = import_info_xml("/var/tmp/image.qcow2", md5="0" * 32, size_mb=42, fmt="qcow2")
+    info = export_output("/var/tmp/image.qcow2", md5="0" * 32, size_mb=42, format="qcow2")
     oned.add_datastore(
         "fakeds",
         f'#!/bin/sh\ncat > {tmp_path}/export.stdin\necho "$#:$1" > {tmp_path}/export.args\n'
@@ -312,11 +309,7 @@ def test_import_runs_export_then_import(oned: OneLocation, tmp_path: Path) -> No
         },
     )
     mad = oned.start()
-    mad.request(
-        "IMPORT",
-        8,
-        action_data(app_xml(id_=8), market_xml("tiny"), image_xml(), datastore_xml("fakeds")),
-    )
+    mad.request("IMPORT", 8, import_payload("tiny", app=app_xml(id=8), datastore=FAKEDS))
     reply = mad.reply()
     assert reply.ok, reply
     assert reply.decoded() == b'SOURCE="http://x/app"\nMD5="abc"\nSIZE="42"\nFORMAT="qcow2"\n'
@@ -340,19 +333,24 @@ def test_import_failures(oned: OneLocation) -> None:
     oned.add_datastore("garbage", "#!/bin/sh\necho not xml\n")
     mad = oned.start()
 
-    def imp(id_: int, *parts: str) -> str:
-        mad.request("IMPORT", id_, action_data(*parts))
+    def imp(id_: int, payload: str) -> str:
+        mad.request("IMPORT", id_, payload)
         reply = mad.reply()
         assert not reply.ok and reply.id == id_
         return reply.info
 
-    market = market_xml("tiny")
-    assert "DS_MAD" in imp(1, app_xml(), market, image_xml(), datastore_xml(""))
-    assert "'nods' not available" in imp(2, app_xml(), market, image_xml(), datastore_xml("nods"))
-    assert "not available" in imp(3, app_xml(), market, image_xml(), datastore_xml("../tiny"))
-    assert "XML" in imp(4, app_xml(), market, image_xml(), datastore_xml("garbage"))
-    assert "only images" in imp(5, app_xml(type_=2), market, image_xml(), datastore_xml("x"))
-    assert "IMAGE" in imp(6, app_xml(), market, datastore_xml("garbage"))
+    def to_ds(ds_mad: str, app: str | None = None) -> str:
+        return import_payload("tiny", app=app, datastore=datastore_xml(ds_mad=ds_mad))
+
+    assert "DS_MAD" in imp(1, to_ds(""))
+    assert "'nods' not available" in imp(2, to_ds("nods"))
+    assert "not available" in imp(3, to_ds("../tiny"))
+    assert "XML" in imp(4, to_ds("garbage"))
+    assert "only images" in imp(5, to_ds("x", app=app_xml(type=2)))
+    no_image = action_payload(
+        market=market_xml("tiny"), app=app_xml(), datastore=datastore_xml(ds_mad="garbage")
+    )
+    assert "IMAGE" in imp(6, no_image)
 
 
 # ------------------------------------------------------------------------------------------
@@ -432,14 +430,16 @@ def test_http_monitor_runs_in_a_forked_child(oned: OneLocation, tmp_path: Path) 
     public = tmp_path / "public"
     public.mkdir()
     mad = oned.start("-t", "4", "-m", "http,one")
-    payload = monitor_payload("http", BASE_URL="http://127.0.0.1:9/", PUBLIC_DIR=str(public))
+    payload = monitor_payload(
+        "http", {"BASE_URL": "http://127.0.0.1:9/", "PUBLIC_DIR": str(public)}
+    )
     mad.send(*(f"MONITOR  {i} {payload}" for i in range(20)))
     replies = mad.replies(20)
     assert sorted(r.id for r in replies) == list(range(20))
     for r in replies:
         assert r.ok, r
         assert b"TOTAL_MB" in r.decoded() and b"APP" not in r.decoded()
-    mad.request("MONITOR", 99, monitor_payload("http", BASE_URL="http://127.0.0.1:9/"))
+    mad.request("MONITOR", 99, monitor_payload("http", {"BASE_URL": "http://127.0.0.1:9/"}))
     failure = mad.reply()
     assert not failure.ok and "PUBLIC_DIR" in failure.info
     assert mad.finalize() == 0
@@ -486,16 +486,16 @@ def test_forked_import_killed_on_timeout_cleans_up(
     release = threading.Event()
     httpd.routes["/image"] = stalled(b"x" * (1024 * 1024), 8 * 1024 * 1024, release)
     source = f"{httpd.url}/image"
-    oned.add_datastore("fakeds", f'#!/bin/sh\necho "{import_info_xml(source)}"\n')
+    oned.add_datastore("fakeds", f'#!/bin/sh\necho "{export_output(source, size_mb=1)}"\n')
     public = tmp_path / "public"
     public.mkdir()
     mad = oned.start("-w", "3", "-m", "http")
     mad.send("INIT")  # once answered, the wrapper has exec'd the MAD: its cmdline is final
     assert mad.next_line() == "INIT SUCCESS\n"
-    market = market_xml("http", BASE_URL="http://127.0.0.1:9/", PUBLIC_DIR=str(public))
+    attrs = {"BASE_URL": "http://127.0.0.1:9/", "PUBLIC_DIR": str(public)}
     try:
         mad.request(
-            "IMPORT", 71, action_data(app_xml(id_=71), market, image_xml(), datastore_xml("fakeds"))
+            "IMPORT", 71, import_payload("http", attrs, app=app_xml(id=71), datastore=FAKEDS)
         )
         # our import runs in a fork of the MAD (same command line), not in a new interpreter
         mad_cmdline = Path(f"/proc/{mad.proc.pid}/cmdline").read_bytes()
@@ -518,13 +518,15 @@ def test_large_action_data_reaches_our_drivers_but_not_argv(
     public.mkdir()
     big = "d" * 300_000  # over Linux's 128 KiB limit for one command-line argument
     mad = oned.start("-m", "http,tiny")
-    mad.request("MONITOR", 1, monitor_payload("tiny", DESCRIPTION=big))
+    mad.request("MONITOR", 1, monitor_payload("tiny", {"DESCRIPTION": big}))
     too_big = mad.reply()
     assert not too_big.ok and "too large for a command-line argument" in too_big.info
     mad.request(
         "MONITOR",
         2,
-        monitor_payload("http", BASE_URL="http://x/", PUBLIC_DIR=str(public), DESCRIPTION=big),
+        monitor_payload(
+            "http", {"BASE_URL": "http://x/", "PUBLIC_DIR": str(public), "DESCRIPTION": big}
+        ),
     )
     assert mad.reply().ok
 
@@ -647,7 +649,7 @@ def test_upstream_error_block_is_the_failure_text(oned: OneLocation) -> None:
     )
     oned.add_driver("tiny", {"delete": script})
     mad = oned.start()
-    mad.request("DELETE", 4, action_data(app_xml(id_=4), market_xml("tiny")))
+    mad.request("DELETE", 4, delete_payload("tiny", app=app_xml(id=4)))
     assert mad.reply() == parse_reply("DELETE FAILURE 4 Error deleting the app\n")
 
 
@@ -655,7 +657,7 @@ def test_failure_text_keeps_the_last_lines(oned: OneLocation) -> None:
     lines = "".join(f"echo 'warning {i}' >&2\n" for i in range(150))
     oned.add_driver("tiny", {"monitor": f"#!/bin/sh\n{lines}echo 'the real cause' >&2\nexit 1\n"})
     mad = oned.start()
-    mad.request("MONITOR", 5, action_data(market_xml("tiny")))
+    mad.request("MONITOR", 5, monitor_payload("tiny"))
     reply = mad.reply()
     assert not reply.ok
     assert "the real cause" in reply.info
@@ -663,7 +665,7 @@ def test_failure_text_keeps_the_last_lines(oned: OneLocation) -> None:
 
 def test_template_app_delete_succeeds_even_for_a_disabled_driver(oned: OneLocation) -> None:
     mad = oned.start("-m", "http")
-    mad.request("DELETE", 6, action_data(app_xml(id_=6, type_=2), market_xml("one")))
+    mad.request("DELETE", 6, delete_payload("one", app=app_xml(id=6, type=2)))
     assert mad.reply() == parse_reply("DELETE SUCCESS 6 -\n")
 
 
@@ -673,6 +675,6 @@ def test_defaultrc_variables_reach_the_actions(oned: OneLocation, tmp_path: Path
     (oned.root / "etc" / "defaultrc").write_text("ONE_MARKET_TEST_RC=from-defaultrc\n")
     oned.add_driver("tiny", {"monitor": f'#!/bin/sh\necho "$ONE_MARKET_TEST_RC" > "{out}"\n'})
     mad = oned.start()
-    mad.request("MONITOR", 8, action_data(market_xml("tiny")))
+    mad.request("MONITOR", 8, monitor_payload("tiny"))
     assert mad.reply().ok
     assert out.read_text().strip() == "from-defaultrc"

@@ -3,7 +3,8 @@
 ``install.sh -d DIR -P <this interpreter>`` builds the layout oned would use (``lib/mads``,
 ``var/remotes``); :class:`MadProcess` runs ``lib/mads/one_market`` with real pipes, writes
 oned's request lines, and collects replies and ``LOG`` lines with a reader thread, so that
-every wait is bounded and the MAD never blocks on a full stdout pipe.
+every wait is bounded and the MAD never blocks on a full stdout pipe. The requests' action
+data comes from :mod:`tests.payloads`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from xml.sax.saxutils import escape
 
 import pytest
 
@@ -28,62 +28,6 @@ INSTALL_TIMEOUT_S = 120.0
 LINE_TIMEOUT_S = 30.0
 """Longest wait for one line from the MAD (generous: CI machines can be slow)."""
 EXIT_TIMEOUT_S = 10.0
-IMPORT_INFO_TAGS = ("IMPORT_SOURCE", "MD5", "SIZE", "FORMAT", "DISPOSE", "DISPOSE_CMD")
-
-
-# ----------------------------------------------------------------------------------------------
-# action data, as oned builds it
-
-
-def _elements(values: dict[str, object]) -> str:
-    return "".join(f"<{k}>{escape(str(v))}</{k}>" for k, v in values.items())
-
-
-def market_xml(driver: str, id_: int = 100, name: str = "test market", **attrs: str) -> str:
-    """A ``<MARKETPLACE>`` element; ``attrs`` go in its TEMPLATE."""
-    tmpl = _elements({"MARKET_MAD": driver, **attrs})
-    return (
-        f"<MARKETPLACE><ID>{id_}</ID><NAME>{escape(name)}</NAME><MARKET_MAD>{driver}</MARKET_MAD>"
-        f"<ZONE_ID>0</ZONE_ID><TOTAL_MB>0</TOTAL_MB><FREE_MB>0</FREE_MB><USED_MB>0</USED_MB>"
-        f"<MARKETPLACEAPPS></MARKETPLACEAPPS><TEMPLATE>{tmpl}</TEMPLATE></MARKETPLACE>"
-    )
-
-
-def app_xml(id_: int = 7, name: str = "app", type_: int = 1, source: str = "") -> str:
-    return (
-        f"<MARKETPLACEAPP><ID>{id_}</ID><NAME>{escape(name)}</NAME><TYPE>{type_}</TYPE>"
-        f"<ORIGIN_ID>3</ORIGIN_ID><SOURCE>{escape(source)}</SOURCE><MD5></MD5><SIZE>1</SIZE>"
-        f"<FORMAT>qcow2</FORMAT><TEMPLATE></TEMPLATE></MARKETPLACEAPP>"
-    )
-
-
-def image_xml(id_: int = 3, source: str = "/var/lib/one/datastores/1/abc") -> str:
-    return (
-        f"<IMAGE><ID>{id_}</ID><NAME>img</NAME><SOURCE>{escape(source)}</SOURCE>"
-        f"<SIZE>1</SIZE><FORMAT>qcow2</FORMAT><TEMPLATE></TEMPLATE></IMAGE>"
-    )
-
-
-def datastore_xml(ds_mad: str, id_: int = 1) -> str:
-    return (
-        f"<DATASTORE><ID>{id_}</ID><NAME>default</NAME><DS_MAD>{ds_mad}</DS_MAD>"
-        f"<TM_MAD>ssh</TM_MAD><TEMPLATE></TEMPLATE></DATASTORE>"
-    )
-
-
-def action_data(*elements: str) -> str:
-    """Base64 MARKET_DRIVER_ACTION_DATA made of the given elements."""
-    doc = f"<MARKET_DRIVER_ACTION_DATA>{''.join(elements)}</MARKET_DRIVER_ACTION_DATA>"
-    return base64.b64encode(doc.encode()).decode()
-
-
-def import_info_xml(source: str, md5: str = "", size_mb: int = 1, fmt: str = "raw") -> str:
-    """What a datastore export prints."""
-    return (
-        f"<IMPORT_INFO><IMPORT_SOURCE>{escape(source)}</IMPORT_SOURCE><MD5>{md5}</MD5>"
-        f"<SIZE>{size_mb}</SIZE><FORMAT>{fmt}</FORMAT><DISPOSE>NO</DISPOSE>"
-        f"<DISPOSE_CMD></DISPOSE_CMD></IMPORT_INFO>"
-    )
 
 
 # ----------------------------------------------------------------------------------------------
