@@ -2,7 +2,9 @@
 
 Each server module has a class with ``start()``/``stop()`` and a pytest fixture. When a program
 is missing, :func:`need` skips the test with a message naming the Debian package, except in
-CI (``CI=true``), where everything must run and a missing program fails the test.
+CI (``CI=true``), where everything must run and a missing program fails the test. Servers run
+as one foreground process (:func:`start_process` / :func:`stop_process`) or as a Python server
+in a thread of the test process (:func:`serve_in_thread` / :func:`stop_serving`).
 """
 
 from __future__ import annotations
@@ -10,10 +12,21 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import socketserver
+import subprocess
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+START_TIMEOUT_S = 20.0
+"""Longest wait for a server process to accept connections."""
+STOP_TIMEOUT_S = 10.0
+"""Grace after SIGTERM before SIGKILL, and after SIGKILL before giving up."""
+SERVE_POLL_S = 0.05
+"""How often a threaded server checks for shutdown (the wait of each ``stop_serving``)."""
 
 
 def need(condition: bool, what: str) -> None:
@@ -44,8 +57,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def wait_for_port(port: int, host: str = "127.0.0.1", timeout_s: float = 20.0) -> bool:
     """True once something accepts connections on ``host:port`` (bounded wait)."""
-    import time
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -54,3 +65,47 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout_s: float = 20.0) -
         except OSError:
             time.sleep(0.05)
     return False
+
+
+def start_process(
+    command: list[str], log: Path, port: int, what: str, errors: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Run ``command``, a server staying in the foreground, with its output in ``log``.
+
+    Returns once it accepts connections on ``port``; otherwise stops it and raises
+    RuntimeError with the end of ``errors`` (default: ``log``), ``what`` naming the server.
+    """
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    if not wait_for_port(port, timeout_s=START_TIMEOUT_S):
+        stop_process(proc)
+        tail = (errors or log).read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"{what} did not start on port {port}: {tail}")
+    return proc
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM ``proc`` and wait for it, SIGKILL when it outlives the grace period."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(STOP_TIMEOUT_S)
+
+
+def serve_in_thread(server: socketserver.BaseServer) -> threading.Thread:
+    """Run ``server`` (bound already) in a daemon thread until :func:`stop_serving`."""
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": SERVE_POLL_S}, daemon=True
+    )
+    thread.start()
+    return thread
+
+
+def stop_serving(server: socketserver.BaseServer) -> None:
+    """Stop a server started by :func:`serve_in_thread` and close its socket."""
+    server.shutdown()
+    server.server_close()

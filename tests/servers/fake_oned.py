@@ -8,7 +8,6 @@ that the tests can validate them against OpenNebula's XSD (``tests/data/xsd``).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,8 @@ from xmlrpc.server import SimpleXMLRPCRequestHandler, SimpleXMLRPCServer
 
 import pytest
 from lxml import etree
+
+from tests.servers import serve_in_thread, stop_serving
 
 ONE_AUTHENTICATION = 0x0100
 ONE_NO_EXISTS = 0x0400
@@ -150,14 +151,10 @@ class FakeOned:
         self.server.register_function(self._marketpool_info, "one.marketpool.info")
         self.server.register_function(self._hostpool_info, "one.hostpool.info")
         self.port = self.server.server_address[1]
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
+        self.thread = serve_in_thread(self.server)
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        stop_serving(self.server)
 
     @property
     def url(self) -> str:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import email.utils
 import gzip
 import hashlib
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
+from tests.servers import serve_in_thread, stop_serving
 
 Handler = Callable[[BaseHTTPRequestHandler], None]
 LAST_MODIFIED = email.utils.formatdate(1_700_000_000, usegmt=True)
@@ -63,12 +64,10 @@ class StaticHttpServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _H)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
+        self.thread = serve_in_thread(self.httpd)
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        stop_serving(self.httpd)
 
     @property
     def url(self) -> str:

@@ -14,10 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import free_port, need_program, wait_for_port
+from tests.servers import free_port, need_program, start_process, stop_process
 
-START_TIMEOUT_S = 20.0
-STOP_TIMEOUT_S = 10.0
 URL_PATH = "/market"
 
 _CONF = """worker_processes 1;
@@ -78,29 +76,17 @@ class Nginx:
                 user=user,
             )
         )
-        log = (self.root / "stderr.log").open("wb")
-        self.proc = subprocess.Popen(
-            [binary, "-p", str(self.root), "-c", str(conf), "-e", str(self.root / "error.log")],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
+        errors = self.root / "error.log"
+        self.proc = start_process(
+            [binary, "-p", str(self.root), "-c", str(conf), "-e", str(errors)],
+            log=self.root / "stderr.log",
+            port=self.port,
+            what="nginx",
+            errors=errors,
         )
-        log.close()
-        if not wait_for_port(self.port, timeout_s=START_TIMEOUT_S):
-            self.stop()
-            errors = (self.root / "error.log").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"nginx did not start on port {self.port}: {errors}")
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(STOP_TIMEOUT_S)
+        stop_process(self.proc)
         self.proc = None
 
 

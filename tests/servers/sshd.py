@@ -19,10 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import free_port, need_program, wait_for_port
+from tests.servers import free_port, need_program, start_process, stop_process
 
-START_TIMEOUT_S = 20.0
-STOP_TIMEOUT_S = 10.0
 ALIASES = ("bridge1", "bridge2")
 HOST_KEY_ALIAS = "onemarket-test-sshd"
 SSH_CONFIG_ENV = "ONE_MARKET_SSH_CONFIG"
@@ -106,18 +104,12 @@ class Sshd:
                 alias=HOST_KEY_ALIAS,
             )
         )
-        log = (self.root / "sshd.log").open("wb")
-        self.proc = subprocess.Popen(
+        self.proc = start_process(
             [binary, "-D", "-e", "-f", str(self.root / "sshd_config")],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
+            log=self.root / "sshd.log",
+            port=self.port,
+            what="sshd",
         )
-        log.close()
-        if not wait_for_port(self.port, timeout_s=START_TIMEOUT_S):
-            self.stop()
-            errors = (self.root / "sshd.log").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"sshd did not start on port {self.port}: {errors}")
 
     def session_pids(self) -> list[int]:
         """Processes serving connections: children of the listening sshd."""
@@ -145,16 +137,8 @@ class Sshd:
         return len(pids)
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
         self.kill_sessions()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(STOP_TIMEOUT_S)
+        stop_process(self.proc)
         self.proc = None
 
 
