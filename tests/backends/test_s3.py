@@ -890,3 +890,23 @@ def test_grown_parts_reduce_buffers_without_stalling(
     assert 1 <= state["big_max"] <= 2
     assert s3.head_object(Bucket=bucket, Key="marketapp-7")["ContentLength"] == total
     assert uploads_left(s3, bucket) == []
+
+
+@pytest.mark.parametrize("size", [1000, 12 * MIB])
+def test_sigterm_after_the_object_is_stored_removes_it(
+    rgw: CephRgw, s3, bucket: str, tmp_path: Path, size: int
+) -> None:
+    """SIGTERM in the last moments of an import (final progress report, source close) fails
+    the import: the object it already stored must not stay behind as an orphan."""
+    image = tmp_path / "img"
+    write_random(image, size)
+    pid = os.getpid()
+
+    def term_on_final(event: ProgressEvent) -> None:
+        if event.final:
+            os.kill(pid, signal.SIGTERM)
+
+    backend = make_backend(market_attrs(rgw, bucket, READ_LENGTH="5"), tmp_path, term_on_final)
+    with pytest.raises(ActionTimeout, match="SIGTERM"):
+        do_import(backend, str(image))
+    assert_nothing_left(s3, bucket)

@@ -383,32 +383,42 @@ class S3Backend(Backend):
         uri = self.uri(key)
         what = f"import of app {app.id} to {uri}"
         with interruptible(what, self.context.timeout_s):
-            self._ensure_bucket()
-            self._refuse_existing(key, uri)
-            with open_source(info.source, self.context.installation) as src:
-                digests = Digests()
-                reader = _Reader(src, what)
-                exact = src.size_bytes is not None
-                expected = src.size_bytes if exact else (info.size_mb * MIB or None)
-                part_size = plan_part_size(self._read_length_mb(), expected)
-                progress = Progress(src.size_bytes, self.context.progress)
-                first = reader.read_part(part_size)
-                if reader.eof:
-                    reader.check_complete()
-                    digests.update(first)
-                    digests.verify_md5(info.md5, what)
-                    self._put_single(key, uri, first, digests)
-                    progress.update(len(first))
-                else:
-                    driverlog.info(
-                        f"uploading {src.description} to {uri} in parts of "
-                        f"{part_size // MIB} MiB, "
-                        f"{buffers_for(part_size, max(self.upload_workers, 1)) - 1} at a time"
-                    )
-                    self._put_multipart(
-                        key, uri, first, reader, digests, part_size, exact, info.md5, progress
-                    )
-                progress.finish()
+            stored = False
+            try:
+                self._ensure_bucket()
+                self._refuse_existing(key, uri)
+                with open_source(info.source, self.context.installation) as src:
+                    digests = Digests()
+                    reader = _Reader(src, what)
+                    exact = src.size_bytes is not None
+                    expected = src.size_bytes if exact else (info.size_mb * MIB or None)
+                    part_size = plan_part_size(self._read_length_mb(), expected)
+                    progress = Progress(src.size_bytes, self.context.progress)
+                    first = reader.read_part(part_size)
+                    if reader.eof:
+                        reader.check_complete()
+                        digests.update(first)
+                        digests.verify_md5(info.md5, what)
+                        self._put_single(key, uri, first, digests)
+                        stored = True
+                        progress.update(len(first))
+                    else:
+                        driverlog.info(
+                            f"uploading {src.description} to {uri} in parts of "
+                            f"{part_size // MIB} MiB, "
+                            f"{buffers_for(part_size, max(self.upload_workers, 1)) - 1} at a time"
+                        )
+                        self._put_multipart(
+                            key, uri, first, reader, digests, part_size, exact, info.md5, progress
+                        )
+                        stored = True
+                    progress.finish()
+            except BaseException:
+                # interrupted after the object was stored (progress report, source close): the
+                # import fails, so its object must go too, or nothing would ever delete it
+                if stored:
+                    self._delete_quietly(key)
+                raise
         return ImportResult(
             source=uri,
             md5=digests.md5,
