@@ -97,6 +97,7 @@ class S3Settings:
         what = f"marketplace '{market.name}'"
         endpoint = (market.attr("ENDPOINT") or "").strip() or None
         if endpoint is not None:
+            driverlog.redact_url(endpoint)  # a password in it is shown in every message
             parts = urlsplit(endpoint)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ConfigError(f"{what}: ENDPOINT must be an http(s) URL, not {endpoint!r}")

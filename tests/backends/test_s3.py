@@ -704,6 +704,14 @@ def test_secret_registered_and_kept_out_of_repr() -> None:
     assert driverlog.scrub(f"x {settings.secret_access_key} y") == "x **** y"
 
 
+def test_endpoint_password_masked_in_messages() -> None:
+    """An ENDPOINT written with user:password@ shows in every message naming the endpoint."""
+    settings = settings_for(ENDPOINT="http://admin:EndpointPassw0rd@127.0.0.1:9")
+    exc = EndpointConnectionError(endpoint_url=settings.endpoint)
+    line = driverlog.scrub(str(s3config.s3_error(exc, "x", settings.where)))
+    assert "EndpointPassw0rd" not in line and "admin:****@127.0.0.1:9" in line
+
+
 def test_error_mapping_is_one_line_without_secret() -> None:
     secret = settings_for().secret_access_key
 
