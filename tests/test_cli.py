@@ -608,3 +608,17 @@ def test_json_failure_is_json_on_stdout(capfd, args: tuple[str, ...]) -> None:
     assert data["ok"] is False
     assert "cannot read" in data["error"]
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [(), ("frobnicate",), ("push", "m.tmpl"), ("rm", "m", "s", "--id", "x"), ("check",)],
+)
+def test_usage_errors_are_one_line_and_json(capfd, args: tuple[str, ...]) -> None:
+    """argparse's usage block plus error becomes one line, exit 2; JSON too with --json."""
+    code, out, err = run(capfd, *args)
+    assert code == cli.EXIT_USAGE and out == ""
+    assert len(err.splitlines()) == 1 and err.startswith("one-market: ")
+    code, out, err = run(capfd, *args, "--json")
+    assert code == cli.EXIT_USAGE and len(err.splitlines()) == 1
+    assert json.loads(out)["ok"] is False

@@ -631,8 +631,20 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class UsageError(MarketError):
+    """A command line argparse refuses."""
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors become one line (and JSON with ``--json``) like every other failure,
+    instead of argparse's usage block followed by the error."""
+
+    def error(self, message: str) -> Any:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
     )
@@ -642,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="show DEBUG lines and tracebacks",
     )
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="one-market",
         parents=[common],
         description="Check, list, push to and remove from an OpenNebula marketplace. MARKET is "
@@ -679,7 +691,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        words = sys.argv[1:] if argv is None else argv
+        fail(str(exc), False, "--json" in words)
+        return EXIT_USAGE
     args.json = getattr(args, "json", False)
     args.debug = getattr(args, "debug", False) or driverlog.debug_from_env()
     driverlog.set_debug(args.debug)
