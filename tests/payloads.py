@@ -48,6 +48,17 @@ def template_xml(attrs: MarketAttrs | None, tag: str = "TEMPLATE") -> str:
     return elem(tag, "".join(parts), raw=True)
 
 
+def _owned(id: int) -> str:
+    """The ID and owner (oneadmin) that every pool object starts with."""
+    return (
+        elem("ID", id)
+        + elem("UID", 0)
+        + elem("GID", 0)
+        + elem("UNAME", "oneadmin")
+        + elem("GNAME", "oneadmin")
+    )
+
+
 def _permissions() -> str:
     bits = ("OWNER_U", "OWNER_M", "OWNER_A", "GROUP_U", "GROUP_M", "GROUP_A")
     bits += ("OTHER_U", "OTHER_M", "OTHER_A")
@@ -73,11 +84,7 @@ def market_xml(
     apps = "".join(elem("ID", i) for i in app_ids)
     return elem(
         "MARKETPLACE",
-        elem("ID", id)
-        + elem("UID", 0)
-        + elem("GID", 0)
-        + elem("UNAME", "oneadmin")
-        + elem("GNAME", "oneadmin")
+        _owned(id)
         + elem("NAME", name)
         + elem("STATE", 0)
         + elem("MARKET_MAD", driver)
@@ -111,11 +118,7 @@ def app_xml(
     tmpl = dict(template) if template is not None else {"DESCRIPTION": description}
     return elem(
         "MARKETPLACEAPP",
-        elem("ID", id)
-        + elem("UID", 0)
-        + elem("GID", 0)
-        + elem("UNAME", "oneadmin")
-        + elem("GNAME", "oneadmin")
+        _owned(id)
         + elem("LOCK", "", raw=True)
         + elem("REGTIME", 1_700_000_000)
         + elem("NAME", name)
@@ -151,11 +154,7 @@ def image_xml(
     """An IMAGE element as oned puts it in an IMPORT (the image being published)."""
     return elem(
         "IMAGE",
-        elem("ID", id)
-        + elem("UID", 0)
-        + elem("GID", 0)
-        + elem("UNAME", "oneadmin")
-        + elem("GNAME", "oneadmin")
+        _owned(id)
         + elem("NAME", name)
         + _permissions()
         + elem("TYPE", 0)
@@ -205,11 +204,7 @@ def datastore_xml(
     tmpl.update(template or {})
     return elem(
         "DATASTORE",
-        elem("ID", id)
-        + elem("UID", 0)
-        + elem("GID", 0)
-        + elem("UNAME", "oneadmin")
-        + elem("GNAME", "oneadmin")
+        _owned(id)
         + elem("NAME", name)
         + _permissions()
         + elem("DS_MAD", ds_mad)
