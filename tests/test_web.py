@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -19,7 +19,16 @@ from onemarket import web
 from onemarket.errors import RemoteError
 from onemarket.web import CachedFetcher, describe_request_error, fetch_json, make_session
 
-from tests.servers.httpd import LAST_MODIFIED, StaticHttpServer, failing_then, slow, truncated
+from tests.servers import free_port, serve_in_thread, stop_serving
+from tests.servers.httpd import (
+    LAST_MODIFIED,
+    QuietHandler,
+    StaticHttpServer,
+    failing_then,
+    loopback_server,
+    slow,
+    truncated,
+)
 
 CATALOG = json.dumps({"apps": [{"name": f"app-{i}", "text": "x" * 50} for i in range(200)]})
 THREAD_JOIN_S = 120
@@ -124,8 +133,6 @@ def test_timeouts_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_connection_refused() -> None:
-    from tests.servers import free_port
-
     url = f"http://127.0.0.1:{free_port()}/c.json"
     with pytest.raises(RemoteError) as err:
         fetcher().get(url)
@@ -378,12 +385,7 @@ class _Proxy:
         self.seen: list[str] = []
         owner = self
 
-        class _H(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class _H(QuietHandler):
             def do_GET(self) -> None:
                 owner.seen.append(self.path)
                 target = urlsplit(self.path)
@@ -401,18 +403,15 @@ class _Proxy:
                 self.wfile.write(body)
                 conn.close()
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _H)
-        self.server.daemon_threads = True
+        self.server = loopback_server(_H)
         self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self) -> _Proxy:
-        self.thread.start()
+        serve_in_thread(self.server)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        stop_serving(self.server)
 
 
 @pytest.fixture

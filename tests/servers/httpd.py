@@ -24,6 +24,23 @@ Handler = Callable[[BaseHTTPRequestHandler], None]
 LAST_MODIFIED = email.utils.formatdate(1_700_000_000, usegmt=True)
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1 (keep-alive) and no access log on the test's stderr."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def loopback_server(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    """A threaded HTTP server on a free 127.0.0.1 port (``server_address[1]``), not serving
+    yet: :func:`tests.servers.serve_in_thread` starts it."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    return server
+
+
 @dataclass
 class Recorded:
     method: str
@@ -40,12 +57,7 @@ class StaticHttpServer:
     def start(self) -> None:
         owner = self
 
-        class _H(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class _H(QuietHandler):
             def do_HEAD(self) -> None:
                 self.do_GET(head=True)
 
@@ -61,8 +73,7 @@ class StaticHttpServer:
                     return
                 owner.serve_bytes(self, route, head)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _H)
-        self.httpd.daemon_threads = True
+        self.httpd = loopback_server(_H)
         self.port = self.httpd.server_address[1]
         self.thread = serve_in_thread(self.httpd)
 
