@@ -32,6 +32,7 @@ from onemarket.errors import ConfigError, RemoteError
 from onemarket.installation import Installation
 from onemarket.template import Template, parse_template
 
+from tests.qemu_img import qemu_img_virtual_size
 from tests.servers import free_port, need_program
 from tests.servers.httpd import StaticHttpServer, failing_then, slow, truncated
 
@@ -409,17 +410,6 @@ def serve_tree(httpd: StaticHttpServer, root: Path) -> None:
     for path in root.rglob("*"):
         if path.is_file():
             httpd.routes["/" + path.relative_to(root).as_posix()] = path.read_bytes()
-
-
-def qemu_img_virtual_size(path: Path) -> int:
-    qemu_img = need_program("qemu-img", "qemu-utils")
-    out = subprocess.run(
-        [qemu_img, "info", "--output", "json", str(path)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    ).stdout
-    return json.loads(out)["virtual-size"]
 
 
 def test_real_bytes_sizes_and_downloads(httpd, real_catalog: Path, tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import struct
 import subprocess
 from http.server import BaseHTTPRequestHandler
@@ -20,18 +19,8 @@ from onemarket.catalogs.qcow2 import (
 )
 from onemarket.errors import RemoteError
 
+from tests.qemu_img import qemu_img_virtual_size
 from tests.servers import need_program
-
-
-def qemu_img_virtual_size(path: Path) -> int:
-    qemu_img = need_program("qemu-img", "qemu-utils")
-    out = subprocess.run(
-        [qemu_img, "info", "--output", "json", str(path)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    ).stdout
-    return json.loads(out)["virtual-size"]
 
 
 def make_qcow2(tmp_path: Path, size: str, compat: str = "1.1", cluster: int = 65536) -> Path:
