@@ -17,6 +17,7 @@ from tests.servers.fake_oned import (
     market_element,
     market_pool_element,
     to_text,
+    use_one_auth,
     validate,
 )
 
@@ -100,9 +101,7 @@ def test_usable_hosts_none_without_oned(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("ONE_AUTH", raising=False)
     assert oneclient.usable_hosts(["a"]) is None
-    auth = tmp_path / "auth"
-    auth.write_text("oneadmin:pw-unreachable\n")
-    monkeypatch.setenv("ONE_AUTH", str(auth))
+    use_one_auth(monkeypatch, tmp_path / "auth", "oneadmin:pw-unreachable")
     monkeypatch.setenv("ONE_XMLRPC", f"http://127.0.0.1:{free_port()}/RPC2")
     assert oneclient.usable_hosts(["a"]) is None
 
@@ -110,9 +109,7 @@ def test_usable_hosts_none_without_oned(tmp_path: Path, monkeypatch: pytest.Monk
 def test_usable_hosts_none_on_wrong_credentials(
     fake_oned: FakeOned, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    auth = tmp_path / "bad"
-    auth.write_text("oneadmin:wrong-password\n")
-    monkeypatch.setenv("ONE_AUTH", str(auth))
+    use_one_auth(monkeypatch, tmp_path / "bad", "oneadmin:wrong-password")
     assert oneclient.usable_hosts(["a"]) is None
 
 
@@ -122,9 +119,7 @@ def test_usable_hosts_bounded_when_oned_hangs(monkeypatch: pytest.MonkeyPatch, t
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
     try:
-        auth = tmp_path / "auth"
-        auth.write_text("oneadmin:pw-hang\n")
-        monkeypatch.setenv("ONE_AUTH", str(auth))
+        use_one_auth(monkeypatch, tmp_path / "auth", "oneadmin:pw-hang")
         monkeypatch.setenv("ONE_XMLRPC", f"http://127.0.0.1:{listener.getsockname()[1]}/RPC2")
         assert oneclient.usable_hosts(["a"], timeout_s=0.5) is None
     finally:
@@ -158,9 +153,7 @@ def test_find_market_errors(fake_oned: FakeOned) -> None:
 def test_find_market_wrong_credentials_hide_the_password(
     fake_oned: FakeOned, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    auth = tmp_path / "bad"
-    auth.write_text("oneadmin:Wrong-Secret-99\n")
-    monkeypatch.setenv("ONE_AUTH", str(auth))
+    use_one_auth(monkeypatch, tmp_path / "bad", "oneadmin:Wrong-Secret-99")
     server = oneclient.connect()
     assert server is not None
     with pytest.raises(RemoteError) as info:

@@ -189,16 +189,21 @@ class FakeOned:
         return [True, document, 0]
 
 
+def use_one_auth(monkeypatch: pytest.MonkeyPatch, path: Path, session: str) -> None:
+    """Write ``session`` (``user:password``) to ``path``, mode 600 like the CLI's one_auth,
+    and point ONE_AUTH at it for this test."""
+    path.write_text(session + "\n")
+    path.chmod(0o600)
+    monkeypatch.setenv("ONE_AUTH", str(path))
+
+
 @pytest.fixture
 def fake_oned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOned]:
     """A running fake oned, with ONE_XMLRPC and ONE_AUTH pointing at it for this test."""
     server = FakeOned()
     server.start()
-    auth = tmp_path / "one_auth"
-    auth.write_text(server.session + "\n")
-    auth.chmod(0o600)
     monkeypatch.setenv("ONE_XMLRPC", server.url)
-    monkeypatch.setenv("ONE_AUTH", str(auth))
+    use_one_auth(monkeypatch, tmp_path / "one_auth", server.session)
     try:
         yield server
     finally:
