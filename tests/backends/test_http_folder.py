@@ -62,6 +62,22 @@ def do_import(b: HttpFolderBackend, source: str, app_id: int = 7, md5: str = "")
     )
 
 
+def import_at_once(
+    b: HttpFolderBackend, folder: Path, count: int, size_bytes: int, app_id: int
+) -> list[tuple[Path, ImportResult]]:
+    """``count`` different random images (``size_bytes`` plus their index) imported for one
+    app by ``count`` threads at once; each source with its result."""
+    sources = []
+    for i in range(count):
+        path = folder / f"img{i}"
+        path.write_bytes(os.urandom(size_bytes + i))
+        sources.append(path)
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        results = list(pool.map(lambda p: do_import(b, str(p), app_id=app_id), sources))
+    assert len({r.source for r in results}) == count
+    return list(zip(sources, results, strict=True))
+
+
 def listing(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
@@ -221,16 +237,7 @@ def test_sparse_source_stays_sparse(nginx: Nginx, attrs: dict[str, str], tmp_pat
 def test_twenty_concurrent_imports_of_one_app_never_collide(
     nginx: Nginx, attrs: dict[str, str], tmp_path: Path
 ) -> None:
-    sources = []
-    for i in range(20):
-        path = tmp_path / f"img{i}"
-        path.write_bytes(os.urandom(200_000 + i))
-        sources.append(path)
-    b = backend(attrs)
-    with ThreadPoolExecutor(max_workers=20) as pool:
-        results = list(pool.map(lambda p: do_import(b, str(p), app_id=7), sources))
-    assert len({r.source for r in results}) == 20
-    for path, r in zip(sources, results, strict=True):
+    for path, r in import_at_once(backend(attrs), tmp_path, 20, 200_000, app_id=7):
         assert r.md5 == md5(path.read_bytes())
         assert (nginx.public_dir / r.source.rsplit("/", 1)[1]).read_bytes() == path.read_bytes()
     assert len(list(nginx.public_dir.iterdir())) == 20
@@ -636,15 +643,6 @@ def test_concurrent_bridge_imports_never_collide(
 ) -> None:
     """Eight at once (two ssh connections each): names come from the same generator as the
     local twenty-at-once test, this checks the remote rename side."""
-    sources = []
-    for i in range(8):
-        path = tmp_path / f"img{i}"
-        path.write_bytes(os.urandom(100_000 + i))
-        sources.append(path)
-    b = backend(bridge_attrs)
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(lambda p: do_import(b, str(p), app_id=9), sources))
-    assert len({r.source for r in results}) == 8
-    for path, r in zip(sources, results, strict=True):
+    for path, r in import_at_once(backend(bridge_attrs), tmp_path, 8, 100_000, app_id=9):
         assert requests.get(r.source, timeout=10).content == path.read_bytes()
     assert temp_files(nginx.public_dir) == []
