@@ -918,3 +918,24 @@ def test_sigterm_after_the_object_is_stored_removes_it(
     with pytest.raises(ActionTimeout, match="SIGTERM"):
         do_import(backend, str(image))
     assert_nothing_left(s3, bucket)
+
+
+def test_small_source_not_read_into_a_whole_part(
+    rgw: CephRgw, s3, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a large READ_LENGTH, a small file of known size must not cost a whole part of
+    memory (bytearray(4 GiB) for a 1 KB image)."""
+    image = tmp_path / "img"
+    md5, _ = write_random(image, 1000)
+    asked: list[int] = []
+    real_read_part = s3mod._Reader.read_part
+
+    def recording_read_part(self, size, buf=None):
+        asked.append(size)
+        return real_read_part(self, size, buf)
+
+    monkeypatch.setattr(s3mod._Reader, "read_part", recording_read_part)
+    backend = make_backend(market_attrs(rgw, bucket, READ_LENGTH="4096"), tmp_path)
+    assert do_import(backend, str(image), md5=md5).md5 == md5
+    assert asked == [1001]
+    assert s3.head_object(Bucket=bucket, Key="marketapp-7")["ContentLength"] == 1000

@@ -394,7 +394,11 @@ class S3Backend(Backend):
                     expected = src.size_bytes if exact else (info.size_mb * MIB or None)
                     part_size = plan_part_size(self._read_length_mb(), expected)
                     progress = Progress(src.size_bytes, self.context.progress)
-                    first = reader.read_part(part_size)
+                    # a source known to be smaller than a part is read into a buffer of its
+                    # size (plus the byte that shows its end), not of a whole part
+                    first = reader.read_part(
+                        min(part_size, src.size_bytes + 1) if exact else part_size
+                    )
                     if reader.eof:
                         reader.check_complete()
                         digests.update(first)
