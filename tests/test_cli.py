@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -622,3 +623,39 @@ def test_usage_errors_are_one_line_and_json(capfd, args: tuple[str, ...]) -> Non
     code, out, err = run(capfd, *args, "--json")
     assert code == cli.EXIT_USAGE and len(err.splitlines()) == 1
     assert json.loads(out)["ok"] is False
+
+
+def test_sigterm_during_check_removes_the_probe(tmp_path: Path) -> None:
+    """``timeout one-market check`` while BASE_URL hangs: SIGTERM must not leave the probe
+    file in PUBLIC_DIR (a published folder); one line, exit 143, JSON under --json."""
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    public = tmp_path / "public"
+    public.mkdir()
+    market = template_file(
+        tmp_path,
+        "web",
+        MARKET_MAD="http",
+        BASE_URL=f"http://127.0.0.1:{silent.getsockname()[1]}/x",
+        PUBLIC_DIR=str(public),
+    )
+    exe = Path(sys.executable).parent / "one-market"
+    proc = subprocess.Popen(
+        [exe, "check", market, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        for _ in range(400):  # bounded wait for the probe file
+            if any(public.iterdir()) or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert any(public.iterdir()), "the probe was never written"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        silent.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == cli.EXIT_TERMINATED, err
+    assert err.decode().strip() == "one-market: check stopped by SIGTERM"
+    assert json.loads(out) == {"ok": False, "error": "check stopped by SIGTERM"}
+    assert list(public.iterdir()) == []

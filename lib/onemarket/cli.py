@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -45,6 +46,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 PROBE_TIMEOUT_S = 10.0
 """Bound on the GET of the probe file at BASE_URL (connect and read)."""
@@ -631,6 +633,28 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt: no handler of ordinary errors (a check turning a
+    MarketError into a failed line) swallows it, and every ``finally`` runs."""
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Within the block SIGTERM (``timeout``, a service manager) raises :class:`Terminated`
+    instead of killing the process, so that ``check``'s probe file in PUBLIC_DIR is removed;
+    a second SIGTERM is ignored while that clean-up runs."""
+
+    def handler(_signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class UsageError(MarketError):
     """A command line argparse refuses."""
 
@@ -702,7 +726,11 @@ def main(argv: list[str] | None = None) -> int:
     driverlog.set_debug(args.debug)
     driverlog.route_std_logging()
     try:
-        return args.func(args)
+        with sigterm_unwinds():
+            return args.func(args)
+    except Terminated:
+        fail(f"{args.command} stopped by SIGTERM", args.debug, args.json)
+        return EXIT_TERMINATED
     except MarketError as exc:
         return fail(str(exc), args.debug, args.json)
     except KeyboardInterrupt:
