@@ -914,3 +914,35 @@ def test_rgw_legacy_signature(apps: dict[str, Any]) -> None:
     proc = run_downloader(source, "-", env=env_with(drv_action(attrs)))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == data
+
+
+def test_resume_refused_when_the_server_ignores_the_range(httpd: Any, tmp_path: Path) -> None:
+    """An S3-compatible server (or proxy) answering a resume's ranged GET with the whole
+    object: splicing it in would corrupt the image silently when no checksum is known."""
+    data = os.urandom(3 << 20)
+    calls = {"n": 0}
+
+    def no_ranges(h: Any) -> None:
+        calls["n"] += 1
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(data)))
+        h.send_header("ETag", '"0123456789abcdef0123456789abcdef"')
+        h.end_headers()
+        if calls["n"] == 1:
+            h.wfile.write(data[: 1 << 20])  # then the connection drops
+            h.close_connection = True
+            return
+        h.wfile.write(data)
+
+    httpd.routes["/fake-bucket/obj"] = no_ranges
+    env = env_with(drv_action(market_attrs(httpd.url, "AKIDEXAMPLE", "fakeSecretKey0000000000")))
+    dest = tmp_path / "image"
+    proc = run_downloader("s3://fake-bucket/obj", str(dest), env=env)
+    assert proc.returncode == dl.EXIT_FAILURE
+    lines = proc.stderr.decode().splitlines()
+    assert lines[0].startswith("WARN: ") and "resuming" in lines[0]
+    assert lines[1:] == [
+        f"ERROR: download of s3://fake-bucket/obj: S3 at {httpd.url} ignored the range "
+        "asked to resume at byte 1048576"
+    ]
+    assert list(tmp_path.iterdir()) == []

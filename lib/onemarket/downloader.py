@@ -765,6 +765,16 @@ def download_s3(opts: Options, environ: dict[str, str] | os._Environ[str]) -> Co
                 raise RemoteError(f"{what}: the object changed on S3 during the download") from None
             raise s3config.s3_error(exc, what, where) from None
 
+    def resume_at(offset: int) -> Body:
+        answer = get(offset)
+        if not str(answer.get("ContentRange") or "").startswith(f"bytes {offset}-"):
+            # bytes from elsewhere would be spliced in silently when no checksum is known
+            answer["Body"].close()
+            raise RemoteError(
+                f"{what}: S3 at {where} ignored the range asked to resume at byte {offset}"
+            )
+        return answer["Body"]
+
     try:
         first = get(0)
     except (bexc.BotoCoreError, OSError) as exc:
@@ -782,7 +792,7 @@ def download_s3(opts: Options, environ: dict[str, str] | os._Environ[str]) -> Co
         _meta(metadata, s3config.METADATA_SHA256),
     )
     reader = ResumingReader(
-        lambda offset: get(offset)["Body"],
+        resume_at,
         size,
         what,
         attempts=0 if opts.noretry else RESUME_ATTEMPTS,
