@@ -51,12 +51,17 @@ def write_atomically(
     tmp = folder / temp_name(name)
     what = f"cannot write {final}"
     with sigterm_raises(f"import into {folder}"):
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise from_os_error(exc, what) from None
+        fd = -1
+        ours = True  # the temporary name is random: unless O_EXCL says otherwise, it is ours
         renamed = False
         try:
+            # Opened inside the clean-up's try: a SIGTERM right after the file is created, even
+            # before ``fd`` is assigned, still removes it.
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                ours = False
+                raise
             try:
                 sink = SparseFileSink(fd)
                 digests = copy_stream(source, sink, progress=progress, deadline=deadline)
@@ -71,8 +76,9 @@ def write_atomically(
             _fsync_dir(folder)
         except BaseException as exc:
             # Interrupted even after the rename: oned records a failure, so nothing stays.
-            with contextlib.suppress(OSError):
-                os.unlink(final if renamed else tmp)
+            if ours:
+                with contextlib.suppress(OSError):
+                    os.unlink(final if renamed else tmp)
             if isinstance(exc, OSError):
                 raise from_os_error(exc, what) from None
             raise
