@@ -423,7 +423,7 @@ def test_export_output_as_real_exports_print_it() -> None:
     """The Ceph export ends with a stray quote; older exports leave '&' unescaped."""
     ceph = (
         b"<IMPORT_INFO><IMPORT_SOURCE>rbd://host/one/one-5</IMPORT_SOURCE><MD5>abc</MD5>"
-        b"<SIZE>10</SIZE><FORMAT>raw</FORMAT><DISPOSE>NO</DISPOSE>\n</IMPORT_INFO>\"\n"
+        b'<SIZE>10</SIZE><FORMAT>raw</FORMAT><DISPOSE>NO</DISPOSE>\n</IMPORT_INFO>"\n'
     )
     info = ImportInfo.from_export_output(ceph)
     assert (info.source, info.size_mb, info.format) == ("rbd://host/one/one-5", 10, "raw")
