@@ -249,28 +249,13 @@ def test_multipart_200mib_parallel_roundtrip(rgw: CephRgw, s3, bucket: str, tmp_
     image = tmp_path / "big.img"
     md5, sha = write_random(image, 200 * MIB)
     backend = make_backend(market_attrs(rgw, bucket, READ_LENGTH="8"), tmp_path)
-    real_upload_part = backend.data_client.upload_part
-    lock = threading.Lock()
-    state = {"now": 0, "max": 0, "parts": 0}
-
-    def counting_upload_part(**kwargs):
-        assert kwargs["ContentMD5"] and kwargs["ContentLength"] == len(kwargs["Body"])
-        with lock:
-            state["now"] += 1
-            state["parts"] += 1
-            state["max"] = max(state["max"], state["now"])
-        try:
-            return real_upload_part(**kwargs)
-        finally:
-            with lock:
-                state["now"] -= 1
-
-    backend.data_client.upload_part = counting_upload_part
+    spy = UploadPartSpy(backend)
     result = do_import(backend, str(image), md5=md5)
 
     assert (result.md5, result.size_mb) == (md5, 200)
-    assert state["parts"] == 25
-    assert 2 <= state["max"] <= s3mod.UPLOAD_WORKERS
+    assert all(kw["ContentMD5"] and kw["ContentLength"] == kw["BodyLength"] for kw in spy.seen)
+    assert len(spy.seen) == 25
+    assert 2 <= spy.most_at_once() <= s3mod.UPLOAD_WORKERS
     head = s3.head_object(Bucket=bucket, Key="marketapp-7")
     assert head["ContentLength"] == 200 * MIB
     assert head["Metadata"] == {"md5": md5, "sha256": sha}
@@ -775,14 +760,40 @@ def test_metadata_by_multipart_copy_for_objects_over_copy_limit(
     assert uploads_left(s3, bucket) == []
 
 
-def test_unknown_size_stream_grows_its_parts(
-    rgw: CephRgw, s3, httpd, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A source of unknown size (chunked http, ssh, stock downloader): parts keep READ_LENGTH,
-    then double, so 10,000 parts always suffice (growth scaled down here)."""
-    monkeypatch.setattr(s3mod, "GROWTH_FROM_PART", 2)
-    monkeypatch.setattr(s3mod, "GROWTH_STEP_PARTS", 1)
-    total = 37 * MIB + 11
+class UploadPartSpy:
+    """Wraps the backend's ``upload_part``: keeps each call's arguments and how many calls were
+    running when it started, to check the concurrency the import really used."""
+
+    def __init__(self, backend) -> None:
+        self._real = backend.data_client.upload_part
+        self._lock = threading.Lock()
+        self._running = 0
+        self.seen: list[dict] = []
+        self._at_start: list[int] = []
+        backend.data_client.upload_part = self
+
+    def __call__(self, **kwargs):
+        with self._lock:
+            self._running += 1
+            # the Body buffer is reused after the call: keep its length as it was sent
+            self.seen.append({**kwargs, "BodyLength": len(kwargs.get("Body", b""))})
+            self._at_start.append(self._running)
+        try:
+            return self._real(**kwargs)
+        finally:
+            with self._lock:
+                self._running -= 1
+
+    def most_at_once(self, which=lambda kwargs: True) -> int:
+        """Most calls running at once when a call matching ``which`` started."""
+        return max(
+            (n for kw, n in zip(self.seen, self._at_start, strict=True) if which(kw)), default=0
+        )
+
+
+def serve_chunked(httpd, path: str, total: int):
+    """Serve ``total`` random bytes at ``path`` with chunked encoding (no Content-Length), as
+    a source of unknown size; returns the md5 object of what is served."""
     piece = os.urandom(MIB)
     data_md5 = hashlib.md5()
     for i in range(0, total, MIB):
@@ -797,7 +808,19 @@ def test_unknown_size_stream_grows_its_parts(
             h.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
         h.wfile.write(b"0\r\n\r\n")
 
-    httpd.routes["/stream"] = chunked
+    httpd.routes[path] = chunked
+    return data_md5
+
+
+def test_unknown_size_stream_grows_its_parts(
+    rgw: CephRgw, s3, httpd, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source of unknown size (chunked http, ssh, stock downloader): parts keep READ_LENGTH,
+    then double, so 10,000 parts always suffice (growth scaled down here)."""
+    monkeypatch.setattr(s3mod, "GROWTH_FROM_PART", 2)
+    monkeypatch.setattr(s3mod, "GROWTH_STEP_PARTS", 1)
+    total = 37 * MIB + 11
+    data_md5 = serve_chunked(httpd, "/stream", total)
     backend = make_backend(market_attrs(rgw, bucket, READ_LENGTH="5"), tmp_path)
     sizes: list[int] = []
     real = backend.data_client.upload_part
@@ -830,25 +853,11 @@ def test_large_parts_are_sent_fewer_at_a_time(
 
     monkeypatch.setattr(s3mod._Reader, "read_part", tracking_read_part)
     backend = make_backend(market_attrs(rgw, bucket, READ_LENGTH="5"), tmp_path)
-    real_upload_part = backend.data_client.upload_part
-    lock = threading.Lock()
-    state = {"now": 0, "max": 0}
-
-    def counting_upload_part(**kwargs):
-        with lock:
-            state["now"] += 1
-            state["max"] = max(state["max"], state["now"])
-        try:
-            return real_upload_part(**kwargs)
-        finally:
-            with lock:
-                state["now"] -= 1
-
-    backend.data_client.upload_part = counting_upload_part
+    spy = UploadPartSpy(backend)
     result = do_import(backend, str(image), md5=md5)
     assert result.md5 == md5
     assert peak["buffers"] <= 2
-    assert state["max"] <= 2
+    assert spy.most_at_once() <= 2
     assert s3.head_object(Bucket=bucket, Key="marketapp-7")["Metadata"]["sha256"] == sha
 
 
@@ -861,41 +870,12 @@ def test_grown_parts_reduce_buffers_without_stalling(
     monkeypatch.setattr(s3mod, "GROWTH_STEP_PARTS", 1)
     monkeypatch.setattr(s3mod, "PART_MEMORY_BUDGET_BYTES", 24 * MIB)
     total = 41 * MIB + 5
-    piece = os.urandom(MIB)
-    data_md5 = hashlib.md5()
-    for i in range(0, total, MIB):
-        data_md5.update(piece[: min(MIB, total - i)])
-
-    def chunked(h: BaseHTTPRequestHandler) -> None:
-        h.send_response(200)
-        h.send_header("Transfer-Encoding", "chunked")
-        h.end_headers()
-        for i in range(0, total, MIB):
-            chunk = piece[: min(MIB, total - i)]
-            h.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
-        h.wfile.write(b"0\r\n\r\n")
-
-    httpd.routes["/stream"] = chunked
+    data_md5 = serve_chunked(httpd, "/stream", total)
     backend = make_backend(market_attrs(rgw, bucket, READ_LENGTH="5"), tmp_path)
-    real = backend.data_client.upload_part
-    lock = threading.Lock()
-    state = {"now": 0, "big_max": 0}
-
-    def counting(**kw):
-        with lock:
-            state["now"] += 1
-            if kw["ContentLength"] > 5 * MIB:
-                state["big_max"] = max(state["big_max"], state["now"])
-        try:
-            return real(**kw)
-        finally:
-            with lock:
-                state["now"] -= 1
-
-    backend.data_client.upload_part = counting
+    spy = UploadPartSpy(backend)
     result = do_import(backend, f"{httpd.url}/stream", md5=data_md5.hexdigest())
     assert result.md5 == data_md5.hexdigest()
-    assert 1 <= state["big_max"] <= 2
+    assert 1 <= spy.most_at_once(lambda kw: kw["ContentLength"] > 5 * MIB) <= 2
     assert s3.head_object(Bucket=bucket, Key="marketapp-7")["ContentLength"] == total
     assert uploads_left(s3, bucket) == []
 
