@@ -827,6 +827,7 @@ def main(argv: list[str] | None = None) -> int:
         return exec_stock(args)
     from .transfer.interrupt import sigterm_raises
 
+    driverlog.set_debug(driverlog.debug_from_env())
     driverlog.route_std_logging()
     try:
         with sigterm_raises("s3:// download"):
