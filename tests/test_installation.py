@@ -75,3 +75,20 @@ def test_stock_downloader(tmp_path: Path) -> None:
     orig.write_text("#!/bin/sh\n")
     os.chmod(orig, 0o755)
     assert inst.stock_downloader() == orig  # the original kept beside ours wins
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "is_7x"),
+    [
+        ("6.10.0.1\n", (6, 10), False),
+        ("7.5.80", (7, 5), True),
+        ("7.0.0", (7, 0), True),
+        ("garbage", (7, 0), True),
+    ],
+)
+def test_release_line(tmp_path: Path, text: str, line: tuple[int, int], is_7x: bool) -> None:
+    (tmp_path / "var" / "remotes").mkdir(parents=True)
+    (tmp_path / "var" / "remotes" / "VERSION").write_text(text)
+    rel = Installation.detect({"ONE_LOCATION": str(tmp_path)}).release_line()
+    assert (rel.major, rel.minor) == line
+    assert rel.is_7x is is_7x

@@ -63,6 +63,10 @@ class Installation:
         m = re.search(r"\d+\.\d+(\.\d+)?", text)
         return m.group() if m else DEFAULT_ONE_VERSION
 
+    def release_line(self) -> ReleaseLine:
+        """Which stock drivers' rules apply: the release line of ``remotes/VERSION``."""
+        return ReleaseLine.of(self.one_version())
+
     def stock_downloader(self) -> Path | None:
         """The stock datastore downloader (kept as ``downloader.sh.orig`` when ours replaced it)."""
         for name in ("downloader.sh.orig", "downloader.sh"):
@@ -70,3 +74,28 @@ class Installation:
             if path.is_file() and os.access(path, os.X_OK):
                 return path
         return None
+
+
+@dataclass(frozen=True, order=True)
+class ReleaseLine:
+    """``major.minor`` of an OpenNebula release; the stock drivers' rules change between lines
+    (6.10 LTS and 7.x differ in app names, SOURCEs and templates)."""
+
+    major: int
+    minor: int
+
+    @classmethod
+    def of(cls, version: str) -> ReleaseLine:
+        m = re.match(r"\s*(\d+)\.(\d+)", version)
+        if not m:
+            m = re.match(r"(\d+)\.(\d+)", DEFAULT_ONE_VERSION)
+            assert m is not None
+        return cls(int(m.group(1)), int(m.group(2)))
+
+    @property
+    def is_7x(self) -> bool:
+        """7.0 and later (7.0, 7.2, 7.4, master's 7.5.80): the rules of the 7.x stock drivers."""
+        return self.major >= 7
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}"
