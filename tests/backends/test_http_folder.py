@@ -282,14 +282,17 @@ def test_full_filesystem_leaves_nothing(small_fs: Path, tmp_path: Path) -> None:
     assert listing(small_fs) == {"existing": b"keep"}
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 @pytest.mark.parametrize("bridge", [False, True])
-def test_sigterm_mid_copy_leaves_nothing(
+def test_stop_signal_mid_copy_leaves_nothing(
     nginx: Nginx,
     attrs: dict[str, str],
     tmp_path: Path,
     request: pytest.FixtureRequest,
     bridge: bool,
+    sig: signal.Signals,
 ) -> None:
+    """The MAD's SIGTERM, a closed terminal or ssh session (SIGHUP), Ctrl-C: all unwind."""
     if bridge:
         request.getfixturevalue("sshd")  # sets ONE_MARKET_SSH_CONFIG, inherited by the action
         attrs = {**attrs, "BRIDGE_LIST": "bridge1"}
@@ -305,7 +308,7 @@ def test_sigterm_mid_copy_leaves_nothing(
     )
     try:
         wait_until(lambda: temp_files(nginx.public_dir), "the temporary file")
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=WAIT_S)
     finally:
         if proc.poll() is None:
@@ -314,7 +317,7 @@ def test_sigterm_mid_copy_leaves_nothing(
         fifo.close()
     assert proc.returncode != 0
     assert out == b""
-    assert b"SIGTERM" in err and b"Traceback" not in err
+    assert sig.name.encode() in err and b"Traceback" not in err
     assert listing(nginx.public_dir) == {}
 
 

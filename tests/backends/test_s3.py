@@ -325,14 +325,18 @@ def test_source_vanishing_mid_upload(rgw: CephRgw, s3, httpd, bucket: str, tmp_p
     assert_nothing_left(s3, bucket)
 
 
-def test_sigterm_mid_upload_aborts(rgw: CephRgw, s3, httpd, bucket: str, tmp_path: Path) -> None:
-    """The MAD stops a hung action with SIGTERM: the handler turns it into a clean abort."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_stop_signal_mid_upload_aborts(
+    rgw: CephRgw, s3, httpd, bucket: str, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """The MAD stops a hung action with SIGTERM, a dropped ssh session sends SIGHUP: the
+    handler turns either into a clean abort (no open multipart upload)."""
     pid = os.getpid()
     httpd.routes["/img"] = pattern_stream(
-        64 * MIB, hook_at=21 * MIB, hook=lambda: os.kill(pid, signal.SIGTERM)
+        64 * MIB, hook_at=21 * MIB, hook=lambda: os.kill(pid, sig)
     )
     backend = make_backend(market_attrs(rgw, bucket, READ_LENGTH="5"), tmp_path)
-    with pytest.raises(ActionTimeout, match="SIGTERM"):
+    with pytest.raises(ActionTimeout, match=sig.name):
         do_import(backend, f"{httpd.url}/img")
     assert_nothing_left(s3, bucket)
     assert signal.getsignal(signal.SIGTERM) is not None

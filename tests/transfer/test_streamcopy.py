@@ -5,15 +5,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import signal
-import threading
 from pathlib import Path
 
 import pytest
 from onemarket.errors import ActionTimeout, SourceError
 from onemarket.progress import Progress, ProgressEvent
 from onemarket.transfer.hashing import Digests
-from onemarket.transfer.interrupt import Deadline, sigterm_raises
+from onemarket.transfer.interrupt import Deadline
 from onemarket.transfer.sources import CHUNK_BYTES, FileSource, open_source
 from onemarket.transfer.streamcopy import (
     SPARSE_BLOCK_BYTES,
@@ -173,11 +171,3 @@ def test_deadline_stops_the_copy(tmp_path: Path) -> None:
     deadline = Deadline(0.0, "test copy")
     with pytest.raises(ActionTimeout, match="time limit"):
         copy_to(tmp_path / "dst", Stream(os.urandom(MIB)), deadline=deadline)
-
-
-def test_sigterm_raises_inside_and_is_restored_after() -> None:
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(ActionTimeout, match="SIGTERM"), sigterm_raises("test"):
-        os.kill(os.getpid(), signal.SIGTERM)
-        threading.Event().wait(5)
-    assert signal.getsignal(signal.SIGTERM) == before

@@ -26,12 +26,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import math
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -41,7 +39,6 @@ import boto3
 from .. import driverlog
 from ..action import App, Market
 from ..errors import (
-    ActionTimeout,
     ChecksumError,
     ConfigError,
     MarketError,
@@ -59,6 +56,7 @@ from ..s3config import (
     s3_error,
 )
 from ..transfer.hashing import Digests, size_mb
+from ..transfer.interrupt import interruptible
 from ..transfer.sources import CHUNK_BYTES, Source, open_source
 from .base import Backend, Context, ImportRequest, ImportResult, MonitorResult
 
@@ -138,48 +136,6 @@ def multipart_etag(part_md5s: list[bytes]) -> str:
     """The ETag S3 gives a completed multipart object: MD5 of the part MD5s, dash, count."""
     joined = hashlib.md5(b"".join(part_md5s), usedforsecurity=False).hexdigest()
     return f"{joined}-{len(part_md5s)}"
-
-
-class _Interrupted(BaseException):
-    """Raised in the main thread by SIGTERM (the MAD's time limit) or by our own alarm.
-
-    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on the way (a
-    source reader turning any failure into a SourceError) can swallow it; it becomes an
-    :class:`ActionTimeout` when it leaves :func:`interruptible`.
-    """
-
-
-@contextmanager
-def interruptible(what: str, timeout_s: float | None) -> Iterator[None]:
-    """Turn SIGTERM (and the optional time limit) into an exception in the main thread, so the
-    clean-up code (abort of the multipart upload) runs. Only the first signal raises: a second
-    one cannot interrupt the clean-up. Outside the main thread this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    fired = False
-
-    def handler(signum: int, _frame: object) -> None:
-        nonlocal fired
-        if fired:
-            return
-        fired = True
-        if signum == signal.SIGALRM:
-            raise _Interrupted(f"{what}: time limit of {timeout_s:.0f} s reached")
-        raise _Interrupted(f"{what}: interrupted by {signal.Signals(signum).name}")
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGALRM)}
-    if timeout_s:
-        signal.setitimer(signal.ITIMER_REAL, timeout_s)
-    try:
-        yield
-    except _Interrupted as exc:
-        raise ActionTimeout(str(exc)) from None
-    finally:
-        if timeout_s:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 @dataclass

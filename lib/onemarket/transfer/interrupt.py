@@ -1,8 +1,25 @@
-"""SIGTERM as an exception, so a killed action still removes its temporary files.
+"""Stop signals as an exception, so an interrupted import or download still cleans up.
 
-The MAD stops an action past its time limit with SIGTERM, then SIGKILL. Python's default for
-SIGTERM is to die at once, skipping every ``finally``; inside :func:`sigterm_raises` the signal
-raises :class:`ActionTimeout` instead, and a second SIGTERM is ignored so that clean-up runs.
+The one place that turns signals into exceptions (the actions, the downloader and one-market use
+it). Python's default for SIGTERM and SIGHUP is to die at once, skipping every ``finally``: a
+``.part`` file or an open multipart upload would stay behind. Inside :func:`interruptible`:
+
+- SIGTERM (the MAD's time limit or shutdown, ``kill``), SIGINT (Ctrl-C) and SIGHUP (the
+  terminal or ssh session went away) raise in the main thread. SIGINT and SIGHUP are left
+  alone when they were ignored on entry (``nohup``, a background job of a non-interactive
+  shell): ignoring them was asked for.
+- ``timeout_s`` arms a timer (SIGALRM) that raises the same way: a limit that also interrupts
+  calls blocked in C (a socket, a lock), unlike :class:`Deadline`, which is checked between
+  chunks.
+- Only the first signal raises; later ones are ignored until the outermost block is left, so
+  the clean-up cannot be interrupted half-way.
+- What is raised inside is a BaseException, like KeyboardInterrupt, so that no
+  ``except Exception`` on the way (a reader turning any failure into a SourceError) swallows
+  it. It leaves the outermost block as :class:`Interrupted`, a :class:`MarketError` carrying
+  the signal number and the shell's exit status for it (143 for SIGTERM, 130, 129), so callers
+  handle it like any other failure or pick the exit status.
+- Blocks nest (a backend inside one-market's block); outside the main thread it does nothing
+  (Python delivers signals to the main thread only).
 """
 
 from __future__ import annotations
@@ -16,23 +33,97 @@ from types import FrameType
 
 from ..errors import ActionTimeout
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""Signals that unwind an interruptible block."""
+_RESPECT_IGNORED = (signal.SIGINT, signal.SIGHUP)
+"""Signals left ignored when ignored on entry (``nohup``, ``&``); SIGTERM always unwinds."""
+_REASONS = {
+    signal.SIGTERM: "action time limit, driver shutdown or kill",
+    signal.SIGINT: "interrupted",
+    signal.SIGHUP: "terminal or ssh session closed",
+}
+SHELL_SIGNAL_BASE = 128
+"""A process ended by signal N exits, as the shell reports it, with 128 + N."""
+
+
+class Interrupted(ActionTimeout):
+    """A stop signal or the block's time limit ended the work (what leaves the block)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        """The exit status a shell gives a process killed by this signal (143 for SIGTERM)."""
+        return SHELL_SIGNAL_BASE + self.signum
+
+
+class _Signalled(BaseException):
+    """Raised by the handler; becomes :class:`Interrupted` at the outermost block."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.signum = signum
+
+
+_depth = 0
+"""Interruptible blocks entered in the main thread and not yet left."""
+_fired = False
+"""A signal already raised in the current outermost block: later ones are ignored."""
+
 
 @contextmanager
-def sigterm_raises(what: str) -> Iterator[None]:
-    """Within the block, SIGTERM raises ``ActionTimeout`` naming ``what`` (main thread only)."""
+def interruptible(what: str, timeout_s: float | None = None) -> Iterator[None]:
+    """Within the block, SIGTERM/SIGINT/SIGHUP (and the ``timeout_s`` limit) raise, naming
+    ``what``; :class:`Interrupted` leaves the outermost block. Handlers are restored on exit."""
+    global _depth, _fired
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def handler(signum: int, frame: FrameType | None) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise ActionTimeout(f"{what} stopped by SIGTERM (action timeout or driver shutdown)")
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        global _fired
+        if _fired:
+            return
+        _fired = True
+        if signum == signal.SIGALRM:
+            raise _Signalled(f"{what}: time limit of {timeout_s:.0f} s reached", signum)
+        name = signal.Signals(signum).name
+        raise _Signalled(f"{what} stopped by {name} ({_REASONS[signum]})", signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous: dict[int, object] = {}
+    for sig in STOP_SIGNALS:
+        if sig in _RESPECT_IGNORED and signal.getsignal(sig) == signal.SIG_IGN:
+            continue
+        previous[sig] = signal.signal(sig, handler)
+    outer_timer: tuple[float, float] = (0.0, 0.0)
+    armed_at = time.monotonic()
+    if timeout_s:
+        previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, handler)
+        outer_timer = signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    _depth += 1
     try:
         yield
+    except _Signalled as exc:
+        if _depth == 1:
+            raise Interrupted(exc.message, exc.signum) from None
+        raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        _depth -= 1
+        if timeout_s:
+            # an enclosing block's timer gets back what is left of its time
+            left = outer_timer[0] - (time.monotonic() - armed_at) if outer_timer[0] else 0.0
+            signal.setitimer(signal.ITIMER_REAL, max(left, 0.001) if outer_timer[0] else 0.0)
+        for sig, old in previous.items():
+            signal.signal(sig, old)  # type: ignore[arg-type]
+        if _depth == 0:
+            _fired = False
+
+
+sigterm_raises = interruptible
+"""Former name, kept until the downloader switches to :func:`interruptible`."""
 
 
 class Deadline:

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import from_os_error
 from ..progress import Progress
 from .hashing import Digests
-from .interrupt import Deadline, sigterm_raises
+from .interrupt import Deadline, interruptible
 from .sources import Source
 from .streamcopy import SparseFileSink, copy_stream
 
@@ -50,7 +50,7 @@ def write_atomically(
     final = folder / name
     tmp = folder / temp_name(name)
     what = f"cannot write {final}"
-    with sigterm_raises(f"import into {folder}"):
+    with interruptible(f"import into {folder}"):
         fd = -1
         ours = True  # the temporary name is random: unless O_EXCL says otherwise, it is ours
         renamed = False

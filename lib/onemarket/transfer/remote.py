@@ -20,7 +20,7 @@ from .. import driverlog
 from ..errors import MarketError, RemoteError, StorageError, StorageFullError, one_line
 from ..progress import Progress
 from .hashing import Digests
-from .interrupt import Deadline, sigterm_raises
+from .interrupt import Deadline, interruptible
 from .local import temp_name
 from .sources import Source, ssh_argv
 from .streamcopy import SPARSE_BLOCK_BYTES, PipeSink, copy_stream
@@ -114,7 +114,7 @@ def write_remote_atomically(
     )
     started = committing = False
     with (
-        sigterm_raises(f"import into {host}:{folder}"),
+        interruptible(f"import into {host}:{folder}"),
         tempfile.TemporaryFile() as out,
         tempfile.TemporaryFile() as err,
     ):

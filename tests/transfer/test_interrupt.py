@@ -1,0 +1,84 @@
+"""The one signal-to-exception mechanism: which signals unwind, nesting, restore, time limit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+from onemarket.errors import ActionTimeout, MarketError
+from onemarket.transfer.interrupt import Interrupted, interruptible
+
+WAIT_S = 5.0
+"""Bound on waiting for a signal to arrive (it arrives at once; the wait never ends normally)."""
+
+
+def _wait() -> None:
+    threading.Event().wait(WAIT_S)
+
+
+@pytest.mark.parametrize(
+    ("sig", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)]
+)
+def test_each_stop_signal_raises_and_handlers_are_restored(sig: int, status: int) -> None:
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    with pytest.raises(Interrupted, match=signal.Signals(sig).name) as caught, interruptible("t"):
+        os.kill(os.getpid(), sig)
+        _wait()
+    assert isinstance(caught.value, ActionTimeout) and isinstance(caught.value, MarketError)
+    assert caught.value.signum == sig and caught.value.exit_status == status
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_except_exception_inside_does_not_swallow_it() -> None:
+    with pytest.raises(Interrupted), interruptible("test"):
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)
+            _wait()
+        except Exception:  # noqa: BLE001 - what a careless reader would do
+            pytest.fail("the signal was caught as an ordinary error")
+
+
+def test_a_second_signal_during_clean_up_is_ignored() -> None:
+    cleaned = False
+    with pytest.raises(Interrupted, match="SIGTERM"), interruptible("outer"), interruptible("in"):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            _wait()
+        finally:
+            os.kill(os.getpid(), signal.SIGHUP)  # ignored: clean-up runs to its end
+            cleaned = True
+    assert cleaned
+
+
+def test_an_ignored_sighup_stays_ignored() -> None:
+    """Under ``nohup`` the user asked for SIGHUP to be ignored."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with interruptible("test"):
+            os.kill(os.getpid(), signal.SIGHUP)
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_time_limit_raises_and_an_enclosing_timer_gets_its_time_back() -> None:
+    before = signal.getitimer(signal.ITIMER_REAL)[0]  # pytest-timeout may have armed one
+    with pytest.raises(Interrupted, match="time limit"), interruptible("test", timeout_s=0.05):
+        _wait()
+    after = signal.getitimer(signal.ITIMER_REAL)[0]
+    assert after == 0.0 if before == 0.0 else 0.0 < after <= before
+
+
+def test_outside_the_main_thread_it_does_nothing() -> None:
+    seen: list[object] = []
+
+    def work() -> None:
+        with interruptible("thread"):
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join(WAIT_S)
+    assert seen == [signal.getsignal(signal.SIGTERM)]
