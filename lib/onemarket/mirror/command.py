@@ -1,0 +1,459 @@
+"""``one-market mirror SOURCE DEST``: the subcommand (arguments, the run, its report).
+
+A run: read SOURCE's catalog as its driver does and decide what to fetch (``plan``); download
+what is neither published nor staged yet, ``--jobs`` at a time (``fetch``); publish the staged
+files and the catalog in one short step (``store``); optionally ``--prune``. An entry whose
+files cannot be fetched and verified is reported and left out, or keeps its previous, still
+valid, copy; the exit status is then 1. SIGINT, SIGTERM and SIGHUP stop the downloads, remove
+what they were writing and leave the previous mirror as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+from .. import driverlog
+from ..action import Market
+from ..catalogs.linuxcontainers import LinuxContainersCatalog
+from ..catalogs.opennebula import user_agent as one_user_agent
+from ..errors import ConfigError, one_line
+from ..installation import Installation
+from ..markets import load_market
+from ..progress import human_bytes
+from ..template import write_template
+from ..web import make_session
+from .fetch import EntryResult, Fetcher
+from .plan import (
+    KIND_ONE,
+    ONE_CATALOG_FILE,
+    MirrorEntry,
+    Plan,
+    Selection,
+    catalog_file_names,
+    catalog_files,
+    make_plan,
+    previous_entries,
+)
+from .store import LocalStore
+
+DEFAULT_JOBS = 4
+"""Parallel downloads; each holds at most ~9 MiB of buffers (the copy engine's queues)."""
+MAX_JOBS = 32
+POLL_S = 0.2
+"""How often the main thread wakes while downloads run (progress redraw, signals)."""
+DEFAULT_SUB_PATH = "mirror"
+"""Folder under an http marketplace's PUBLIC_DIR receiving the tree (``--to-market``)."""
+TEMPLATE_SKIPPED_ATTRS = ("ID", "NAME", "MARKET_MAD", "ENDPOINT")
+
+STATUS_MIRRORED = "mirrored"
+STATUS_UNCHANGED = "unchanged"
+STATUS_FAILED = "failed"
+STATUS_KEPT = "kept"
+
+
+def add_mirror_parser(
+    sub: Any, common: argparse.ArgumentParser, installation: Callable[[], Installation]
+) -> None:
+    """Register ``mirror`` on the ``one-market`` subparsers (``installation`` gives the cache)."""
+    p = sub.add_parser(
+        "mirror",
+        parents=[common],
+        help="copy a public marketplace (one, linuxcontainers) into a folder to serve offline",
+        description="Copy the apps a one or linuxcontainers marketplace publishes (its "
+        "filters applied) into DEST, a folder a plain web server serves as the original "
+        "catalog. Verified, incremental, resumable; the catalog is replaced last.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="marketplace id, name or template file")
+    p.add_argument("dest", metavar="DEST", nargs="?", help="local folder receiving the tree")
+    p.add_argument(
+        "--to-market",
+        metavar="MARKET",
+        help="an http marketplace (id, name or template): the tree goes under its PUBLIC_DIR",
+    )
+    p.add_argument(
+        "--sub-path",
+        default=DEFAULT_SUB_PATH,
+        help=f"folder under PUBLIC_DIR for --to-market (default: {DEFAULT_SUB_PATH})",
+    )
+    p.add_argument(
+        "--include", action="append", default=[], metavar="GLOB", help="app names to mirror"
+    )
+    p.add_argument(
+        "--exclude", action="append", default=[], metavar="GLOB", help="app names to leave out"
+    )
+    p.add_argument("--name-suffix", default="", metavar="TEXT", help="appended to app names")
+    p.add_argument("--dry-run", action="store_true", help="list what would be fetched")
+    p.add_argument("--prune", action="store_true", help="remove files no entry names any more")
+    p.add_argument("--jobs", type=int, default=DEFAULT_JOBS, metavar="N", help="parallel downloads")
+    p.add_argument(
+        "--one-version",
+        metavar="X.Y",
+        help="OpenNebula version whose list a one catalog answers (default: the installed one)",
+    )
+    p.add_argument("--url", help="URL at which DEST will be served (for the printed template)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=lambda args: run(args, installation()))
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class Reporter:
+    """One line per entry on stderr; on a terminal also an overall line redrawn in place."""
+
+    def __init__(self, stream: TextIO, quiet: bool, total_bytes: int, total_entries: int):
+        self.stream = stream
+        self.quiet = quiet
+        self.tty = stream.isatty() and not quiet
+        self.total_bytes = total_bytes
+        self.total_entries = total_entries
+        self.done_bytes = 0
+        self.done_entries = 0
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+        self._drawn = False
+
+    def add_bytes(self, n: int) -> None:
+        with self._lock:
+            self.done_bytes += n
+
+    def line(self, text: str) -> None:
+        if self.quiet:
+            return
+        self._clear()
+        self.stream.write(driverlog.scrub(text) + "\n")
+        self.stream.flush()
+
+    def entry(self, status: str, entry: MirrorEntry, detail: str = "") -> None:
+        self.done_entries += 1
+        label = one_line(entry.label, 120)
+        extra = f" ({human_bytes(entry.size_bytes)})" if status == STATUS_MIRRORED else ""
+        self.line(f"{status} {label} {entry.version}{extra}{': ' + detail if detail else ''}")
+
+    def draw(self) -> None:
+        if not self.tty:
+            return
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        done = max(0, self.done_bytes)
+        pct = 100 * done / self.total_bytes if self.total_bytes else 100.0
+        text = (
+            f"mirror: {self.done_entries}/{self.total_entries} apps, {human_bytes(done)} of "
+            f"{human_bytes(self.total_bytes)} ({min(pct, 100):.0f}%) at "
+            f"{human_bytes(int(done / elapsed))}/s"
+        )
+        width = shutil.get_terminal_size((80, 24)).columns
+        self.stream.write("\r" + text[: width - 1].ljust(width - 1))
+        self.stream.flush()
+        self._drawn = True
+
+    def _clear(self) -> None:
+        if self._drawn:
+            width = shutil.get_terminal_size((80, 24)).columns
+            self.stream.write("\r" + " " * (width - 1) + "\r")
+            self._drawn = False
+
+    def close(self) -> None:
+        self._clear()
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Outcome:
+    plan: Plan
+    dest: Path
+    status: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    bytes: int = 0
+    downloads: int = 0
+    requests: int = 0
+    pruned: list[str] = field(default_factory=list)
+
+    def names(self, status: str) -> list[str]:
+        return [e.label for e in self.plan.entries if self.status.get(e.key) == status]
+
+    @property
+    def ok(self) -> bool:
+        return not any(s in (STATUS_FAILED, STATUS_KEPT) for s in self.status.values())
+
+
+@contextlib.contextmanager
+def hangup_unwinds() -> Iterator[None]:
+    """SIGHUP (a closed terminal) is handled as SIGTERM is (the CLI makes that unwind)."""
+    previous = signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def resolve_dest(args: argparse.Namespace) -> tuple[Path, str]:
+    """The folder receiving the tree, and the URL it is served at ("" when unknown)."""
+    if args.to_market:
+        if args.dest:
+            raise ConfigError("give DEST or --to-market, not both")
+        target = load_market(args.to_market)
+        if target.driver != "http":
+            raise ConfigError(
+                f"--to-market '{target.name}' is a {target.driver} marketplace: only http "
+                "marketplaces (PUBLIC_DIR on this host) can receive a mirror yet"
+            )
+        if (target.attr("BRIDGE_LIST") or "").strip():
+            raise ConfigError(
+                f"--to-market '{target.name}' keeps PUBLIC_DIR on BRIDGE_LIST hosts: mirror "
+                "into a local folder and copy it there"
+            )
+        sub_path = args.sub_path.strip("/")
+        if not sub_path or any(p in ("", ".", "..") for p in sub_path.split("/")):
+            raise ConfigError(f"--sub-path {args.sub_path!r} must be a relative folder")
+        public_dir = (target.attr("PUBLIC_DIR") or "").strip()
+        base_url = (target.attr("BASE_URL") or "").strip().rstrip("/")
+        if not public_dir or not base_url:
+            raise ConfigError(f"--to-market '{target.name}' lacks PUBLIC_DIR or BASE_URL")
+        return Path(public_dir) / sub_path, f"{base_url}/{sub_path}/"
+    if not args.dest:
+        raise ConfigError("no DEST folder given (or --to-market)")
+    return Path(args.dest), (args.url or "").strip()
+
+
+def user_agent_for(market: Market, installation: Installation, version: str | None) -> str:
+    if market.driver == "one":
+        return one_user_agent(version or installation.one_version())
+    from ..backends.base import Context
+
+    agent = LinuxContainersCatalog(market, Context(installation)).user_agent()
+    return f"OpenNebula {version} (Market Driver)" if version else agent
+
+
+def run(args: argparse.Namespace, installation: Installation) -> int:
+    if not 1 <= args.jobs <= MAX_JOBS:
+        raise ConfigError(f"--jobs must be between 1 and {MAX_JOBS}")
+    market = load_market(args.source)
+    dest, served_at = resolve_dest(args)
+    selection = Selection(tuple(args.include), tuple(args.exclude), args.name_suffix)
+    agent = user_agent_for(market, installation, args.one_version)
+    session = make_session(agent)
+    try:
+        plan = make_plan(market, session, installation.cache_dir, selection)
+    finally:
+        session.close()
+    if not plan.entries:
+        raise ConfigError(
+            f"nothing to mirror from {plan.source_url}: the filters and selection leave no app"
+        )
+    store = LocalStore(dest)
+    if args.dry_run:
+        return dry_run(args, plan, store)
+    with hangup_unwinds(), store.locked():
+        outcome = mirror(args, plan, store, agent)
+    report(args, market, outcome, served_at)
+    return 0 if outcome.ok else 1
+
+
+def _todo(plan: Plan, store: LocalStore) -> list[MirrorEntry]:
+    return [e for e in plan.entries if not all(store.exists(f) for f in e.files)]
+
+
+def _fetch_bytes(entry: MirrorEntry, store: LocalStore) -> int:
+    return sum(f.size or 0 for f in entry.files if not store.exists(f) and not store.staged(f))
+
+
+def mirror(args: argparse.Namespace, plan: Plan, store: LocalStore, agent: str) -> Outcome:
+    outcome = Outcome(plan, store.root, requests=plan.catalog_fetches + plan.ranged_requests)
+    names = catalog_file_names(plan.kind)
+    previous = previous_entries(plan.kind, store.read_catalogs(names))
+    todo = _todo(plan, store)
+    todo_keys = {e.key for e in todo}
+    reporter = Reporter(
+        sys.stderr, args.quiet, sum(_fetch_bytes(e, store) for e in todo), len(plan.entries)
+    )
+    for entry in plan.entries:
+        if entry.key not in todo_keys:
+            # every file in place: unchanged, unless the entry itself is new or different
+            same = previous.get(entry.key, ({}, []))[0] == entry.doc
+            status = STATUS_UNCHANGED if same else STATUS_MIRRORED
+            outcome.status[entry.key] = status
+            reporter.entry(status, entry)
+    cancel = threading.Event()
+    fetcher = Fetcher(store, agent, cancel, reporter.add_bytes)
+    results: list[EntryResult] = []
+    try:
+        with ThreadPoolExecutor(max_workers=args.jobs, thread_name_prefix="mirror") as pool:
+            futures: dict[Future[EntryResult], MirrorEntry] = {
+                pool.submit(fetcher.fetch_entry, e): e for e in todo
+            }
+            try:
+                pending = set(futures)
+                while pending:
+                    done, pending = wait(pending, timeout=POLL_S, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        result = future.result()
+                        results.append(result)
+                        _record(outcome, result, previous, store, reporter)
+                    reporter.draw()
+            except BaseException:
+                cancel.set()  # threads stop at their next chunk; the pool waits for them
+                for future in futures:
+                    future.cancel()
+                raise
+    finally:
+        reporter.close()
+        fetcher.close()
+    outcome.requests += fetcher.requests
+    docs = []
+    keep: list[str] = list(names)
+    for entry in plan.entries:
+        status = outcome.status[entry.key]
+        if status in (STATUS_MIRRORED, STATUS_UNCHANGED):
+            docs.append((entry.key, entry.doc))
+            keep += [f.path for f in entry.files]
+        elif status == STATUS_KEPT:
+            doc, paths = previous[entry.key]
+            docs.append((entry.key, doc))
+            keep += paths
+    staged = [f for r in results if r.ok for f in r.staged]
+    left_staged = [f for r in results if not r.ok for f in r.staged]
+    store.publish(staged, catalog_files(plan.kind, plan.top, docs))
+    if args.prune:
+        outcome.pruned = store.prune(keep, left_staged)
+    return outcome
+
+
+def _record(
+    outcome: Outcome,
+    result: EntryResult,
+    previous: dict[str, tuple[dict, list]],
+    store: LocalStore,
+    reporter: Reporter,
+) -> None:
+    entry = result.entry
+    outcome.bytes += result.bytes
+    outcome.downloads += len(result.fetched)
+    if result.ok:
+        outcome.status[entry.key] = STATUS_MIRRORED
+        reporter.entry(STATUS_MIRRORED, entry)
+        return
+    outcome.errors[entry.key] = result.error
+    prev = previous.get(entry.key)
+    if prev is not None and store.valid(prev[1]):
+        outcome.status[entry.key] = STATUS_KEPT
+        reporter.entry("FAILED (previous copy kept)", entry, result.error)
+    else:
+        outcome.status[entry.key] = STATUS_FAILED
+        reporter.entry("FAILED (left out)", entry, result.error)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def dry_run(args: argparse.Namespace, plan: Plan, store: LocalStore) -> int:
+    from ..cli import emit_json, printable
+
+    rows = []
+    total = 0
+    for entry in plan.entries:
+        fetch = _fetch_bytes(entry, store)
+        total += fetch
+        unchanged = all(store.exists(f) for f in entry.files)
+        rows.append(
+            {
+                "name": entry.label,
+                "version": entry.version,
+                "files": len(entry.files),
+                "size": entry.size_bytes,
+                "fetch_bytes": fetch,
+                "status": STATUS_UNCHANGED if unchanged else "fetch",
+            }
+        )
+    if args.json:
+        emit_json({"ok": True, "dry_run": True, "entries": rows, "fetch_bytes": total})
+        return 0
+    for row in rows:
+        size = human_bytes(row["fetch_bytes"]) if row["status"] == "fetch" else "-"
+        print(f"{row['status']:9}  {size:>10}  {printable(row['name'])}  {row['version']}")
+    print(f"{len(rows)} apps, {human_bytes(total)} to fetch into {store.root}")
+    return 0
+
+
+def served_prefix(url: str) -> str:
+    path = urlsplit(url).path if url else "/mirror/"
+    return "/" + path.strip("/") if path.strip("/") else ""
+
+
+def web_rules(dest: Path, url: str) -> list[str]:
+    """The one web-server rule a ``one`` mirror needs: ``/appliance`` answered from the file."""
+    prefix = served_prefix(url)
+    catalog = dest.resolve() / ONE_CATALOG_FILE
+    return [
+        f"nginx:  location = {prefix}/appliance {{ alias {catalog}; "
+        "default_type application/json; }",
+        f'Apache: AliasMatch "^{prefix}/appliance/?$" "{catalog}"   (before the Alias of the tree)',
+    ]
+
+
+def market_template(market: Market, outcome: Outcome, url: str, suffix: str) -> str:
+    """A marketplace definition for the mirror: the SOURCE's filters, ENDPOINT the mirror."""
+    attrs: list[tuple[str, object]] = [
+        ("NAME", f"{market.name}{suffix or ' (mirror)'}"),
+        ("MARKET_MAD", market.driver),
+        ("ENDPOINT", url or "http://<web server>/<path of DEST>/"),
+    ]
+    attrs += [(k, v) for k, v in market.attrs.items() if k not in TEMPLATE_SKIPPED_ATTRS]
+    return write_template(attrs)
+
+
+def report(args: argparse.Namespace, market: Market, outcome: Outcome, url: str) -> None:
+    from ..cli import emit_json
+
+    plan = outcome.plan
+    summary = {
+        "ok": outcome.ok,
+        "source": plan.source_url,
+        "dest": str(outcome.dest),
+        "kind": plan.kind,
+        "mirrored": outcome.names(STATUS_MIRRORED),
+        "unchanged": outcome.names(STATUS_UNCHANGED),
+        "failed": [
+            {
+                "name": e.label,
+                "error": outcome.errors[e.key],
+                "previous_kept": outcome.status[e.key] == STATUS_KEPT,
+            }
+            for e in plan.entries
+            if e.key in outcome.errors
+        ],
+        "bytes": outcome.bytes,
+        "downloads": outcome.downloads,
+        "requests": outcome.requests,
+        "catalog_unchanged": plan.from_cache,
+        "pruned": len(outcome.pruned),
+    }
+    if args.json:
+        emit_json(summary)
+        return
+    failed = len(summary["failed"])
+    print(
+        f"{len(summary['mirrored'])} mirrored, {len(summary['unchanged'])} unchanged, "
+        f"{failed} failed; {human_bytes(outcome.bytes)} downloaded into {outcome.dest}"
+        + (f"; {len(outcome.pruned)} files pruned" if args.prune else "")
+    )
+    if plan.kind == KIND_ONE:
+        print("web server rule (GET <ENDPOINT>/appliance must answer appliance.json):")
+        for rule in web_rules(outcome.dest, url):
+            print(f"  {rule}")
+    print("marketplace for the mirror (onemarket create FILE):")
+    for line in market_template(market, outcome, url, args.name_suffix).splitlines():
+        print(f"  {line}")
