@@ -60,6 +60,10 @@ METADATA_MD5 = "md5"
 METADATA_SHA256 = "sha256"
 """Object metadata key (``x-amz-meta-sha256``) holding the hex SHA-256 of the whole object."""
 
+METADATA_IMPORTING = "onemarket-importing"
+"""Metadata key marking the empty placeholder an import stores to claim its key (deleted, or
+replaced by the image, when the import ends)."""
+
 SIGNATURE_VERSIONS = {"v4": "s3v4", "s3v4": "s3v4", "s3": "s3", "v2": "s3"}
 _AWS_HOST_RE = re.compile(r"(^|\.)amazonaws\.com(\.cn)?$", re.IGNORECASE)
 
@@ -226,6 +230,7 @@ _DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "Forbidd
 _FULL_CODES = {"QuotaExceeded", "EntityTooLarge", "InsufficientCapacity"}
 _CHECKSUM_CODES = {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"}
 _MISSING_CODES = {"NoSuchBucket", "NoSuchKey", "NoSuchUpload", "NotFound", "404"}
+_PRECONDITION_CODES = {"PreconditionFailed", "412"}
 
 
 def client_error_code(exc: BaseException) -> str:
@@ -235,6 +240,17 @@ def client_error_code(exc: BaseException) -> str:
         code = str(err.get("Code") or "")
         return code or str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
     return ""
+
+
+def is_missing(exc: BaseException) -> bool:
+    """The answer says the bucket, object or upload does not exist (a HEAD's bare 404
+    included): the one test of "not found" for every S3 caller."""
+    return client_error_code(exc) in _MISSING_CODES
+
+
+def is_precondition_failed(exc: BaseException) -> bool:
+    """A conditional request (If-None-Match, If-Match) was refused: the condition is false."""
+    return client_error_code(exc) in _PRECONDITION_CODES
 
 
 def _timed_out(exc: BaseException) -> bool:

@@ -37,7 +37,8 @@ from onemarket.installation import Installation
 from onemarket.template import parse_template
 
 from tests.payloads import app_xml, import_info_xml, import_payload
-from tests.servers import need
+from tests.qemu_img import qemu_img_virtual_size
+from tests.servers import need, need_program
 from tests.servers.httpd import StaticHttpServer, truncated
 from tests.servers.nginx import Nginx
 from tests.servers.sshd import Sshd
@@ -207,6 +208,31 @@ def test_import_through_the_runner_is_served_by_nginx(
     assert got.status_code == 200 and md5(got.content) == md5(data)
     files = list(nginx.public_dir.iterdir())
     assert len(files) == 1 and files[0].stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize(("export_size_mb", "expected"), [(256, "256"), (0, "1")])
+def test_size_is_the_image_size_the_export_reports(
+    nginx: Nginx, attrs: dict[str, str], tmp_path: Path, export_size_mb: int, expected: str
+) -> None:
+    """As stock: a qcow2 of 256 MiB virtual size (a few hundred KB on disk) is SIZE 256, the
+    export's SIZE; the bytes copied count only when the export gives no SIZE."""
+    image = tmp_path / "disk.qcow2"
+    subprocess.run(
+        [need_program("qemu-img", "qemu-utils"), "create", "-q", "-f", "qcow2", str(image), "256M"],
+        check=True,
+        timeout=60,
+    )
+    assert qemu_img_virtual_size(image) == 256 * MIB and image.stat().st_size < MIB
+    info = import_info_xml(source=str(image), size_mb=export_size_mb, format="qcow2")
+    payload = import_payload("http", attrs, app=app_xml(id=8), import_info=info)
+    proc = subprocess.run(
+        [sys.executable, "-m", "onemarket.runner", "http", "import", payload, "8"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert parse_template(proc.stdout.decode()).get("SIZE") == expected
 
 
 def test_import_from_http_and_ssh_sources(

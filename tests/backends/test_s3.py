@@ -8,6 +8,7 @@ a wrong secret, a second RGW user without access to the bucket, a closed port.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import io
 import itertools
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stdout
@@ -38,12 +40,13 @@ from botocore.exceptions import (
 from onemarket import driverlog, s3config
 from onemarket.action import App, ImportInfo, Market
 from onemarket.backends import s3 as s3mod
-from onemarket.backends.base import Context, ImportRequest
+from onemarket.backends.base import Context, ImportRequest, ImportResult
 from onemarket.backends.s3 import S3Backend
 from onemarket.errors import (
     ActionTimeout,
     ChecksumError,
     ConfigError,
+    MarketError,
     RemoteError,
     SourceError,
     StorageError,
@@ -71,6 +74,8 @@ from tests.servers.rgw import (
 )
 
 MIB = 1 << 20
+WAIT_S = 30.0
+"""Bound on waiting for the other thread of a concurrency test."""
 REPO = Path(__file__).resolve().parents[2]
 _bucket_numbers = itertools.count(1)
 
@@ -146,8 +151,10 @@ def app(app_id: int = 7) -> App:
     return App(id=app_id, name=f"app {app_id}", format="qcow2")
 
 
-def do_import(backend: S3Backend, source: str, md5: str = "", app_id: int = 7):
-    info = ImportInfo(source=source, md5=md5, size_mb=0, format="qcow2")
+def do_import(
+    backend: S3Backend, source: str, md5: str = "", app_id: int = 7, export_size_mb: int = 0
+):
+    info = ImportInfo(source=source, md5=md5, size_mb=export_size_mb, format="qcow2")
     return backend.import_app(ImportRequest(app=app(app_id), source=info))
 
 
@@ -226,6 +233,16 @@ def test_single_put_1mib_roundtrip(rgw: CephRgw, s3, bucket: str, tmp_path: Path
     assert printed == {"SOURCE": result.source, "MD5": md5, "SIZE": "1", "FORMAT": "qcow2"}
 
 
+def test_size_is_the_image_size_the_export_reports(
+    rgw: CephRgw, bucket: str, tmp_path: Path
+) -> None:
+    """As stock: the export's SIZE (a qcow2's virtual size), not the 1 MiB of the file."""
+    image = tmp_path / "disk.qcow2"
+    write_random(image, MIB)
+    backend = make_backend(market_attrs(rgw, bucket), tmp_path)
+    assert do_import(backend, str(image), export_size_mb=256).size_mb == 256
+
+
 def test_stock_downloader_style_get(rgw: CephRgw, bucket: str, tmp_path: Path) -> None:
     """The datastore downloader splits s3://BUCKET/KEY and GETs ENDPOINT/BUCKET/KEY signed
     with SigV4 (as curl --aws-sigv4 does, plus the content hash header RGW needs)."""
@@ -276,6 +293,46 @@ def test_existing_object_is_an_error(rgw: CephRgw, s3, bucket: str, tmp_path: Pa
     with pytest.raises(StorageError, match="already exists"):
         do_import(backend, str(image))
     assert s3.get_object(Bucket=bucket, Key="marketapp-7")["Body"].read() == b"someone else's"
+
+
+@pytest.mark.parametrize("size", [MIB, 12 * MIB], ids=["single", "multipart"])
+def test_concurrent_imports_of_one_app_have_one_winner(
+    rgw: CephRgw, s3, bucket: str, tmp_path: Path, size: int
+) -> None:
+    """Two imports of app 7 with different images, started together and slowed down once
+    past the existence check (where the check-then-upload race was): exactly one succeeds,
+    and the object holds the winner's bytes."""
+    images = [tmp_path / "a", tmp_path / "b"]
+    md5s = [write_random(image, size)[0] for image in images]
+    at_start = threading.Barrier(2, timeout=WAIT_S)
+    backends = [make_backend(market_attrs(rgw, bucket, READ_LENGTH="5"), tmp_path) for _ in images]
+    for b in backends:
+        b.client  # noqa: B018 - the clients exist before the race starts
+        real = b.data_client.upload_part, b.data_client.put_object
+
+        def slow(real, **kwargs):
+            time.sleep(0.5)  # let the other import pass its check too
+            return real(**kwargs)
+
+        b.data_client.upload_part = functools.partial(slow, real[0])
+        b.data_client.put_object = functools.partial(slow, real[1])
+
+    def run(i: int) -> ImportResult | MarketError:
+        at_start.wait()
+        try:
+            return do_import(backends[i], str(images[i]))
+        except MarketError as exc:
+            return exc
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(run, range(2)))
+    won = [i for i, r in enumerate(outcomes) if isinstance(r, ImportResult)]
+    assert len(won) == 1, outcomes
+    loser = outcomes[1 - won[0]]
+    assert isinstance(loser, StorageError) and "already exists" in str(loser)
+    got = hashlib.md5(s3.get_object(Bucket=bucket, Key="marketapp-7")["Body"].read())
+    assert got.hexdigest() == md5s[won[0]] == outcomes[won[0]].md5
+    assert uploads_left(s3, bucket) == []
 
 
 def test_part_size_planning() -> None:
@@ -412,7 +469,9 @@ def test_radosgw_killed_mid_upload_then_monitor_cleans(
         rgw.start_rgw()
     assert "could not abort the multipart upload" in capsys.readouterr().err
     assert len(uploads_left(s3, bucket)) == 1
-    assert not object_exists(s3, bucket, "marketapp-7")
+    # only the import's empty claim on the key, which it could not delete either
+    head = s3.head_object(Bucket=bucket, Key="marketapp-7")
+    assert head["ContentLength"] == 0 and "onemarket-importing" in head["Metadata"]
 
     monitor = make_backend(market_attrs(rgw, bucket), tmp_path)
     monitor.monitor()
@@ -556,11 +615,11 @@ def test_monitor_defaults_and_missing_bucket(rgw: CephRgw, tmp_path: Path) -> No
 # ---- nothing on stdout, no secret anywhere, even in debug mode -----------------------------
 
 
-def s3_payload(attrs: dict[str, str], source: str = "", md5: str = "") -> str:
+def s3_payload(attrs: dict[str, str], source: str = "", md5: str = "", size_mb: int = 0) -> str:
     """IMPORT (with IMPORT_* children) when ``source`` is given, else DELETE of app 7."""
     app = app_xml(id=7, name="app", source=f"s3://{attrs['BUCKET']}/marketapp-7")
     if source:
-        info = import_info_xml(source=source, md5=md5, size_mb=1, format="raw")
+        info = import_info_xml(source=source, md5=md5, size_mb=size_mb, format="raw")
         return import_payload("s3", attrs, app=app, import_info=info)
     return delete_payload("s3", attrs, app=app)
 
@@ -585,7 +644,7 @@ def test_no_secret_and_clean_stdout_in_debug_mode(
     attrs = market_attrs(rgw, bucket, READ_LENGTH="5")
     secrets = [rgw.secret_key]
 
-    done = run_action("import", s3_payload(attrs, str(image), md5), tmp_path)
+    done = run_action("import", s3_payload(attrs, str(image), md5, size_mb=7), tmp_path)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     printed = parse_template(done.stdout).as_dict()
     assert printed == {

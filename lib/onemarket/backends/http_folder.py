@@ -24,12 +24,18 @@ from ..action import App, Market
 from ..bridge import available_hosts, host_for_app, hosts_in_turn, parse_bridge_list
 from ..errors import ConfigError, RemoteError, StorageError, UnsafePathError, from_os_error
 from ..progress import Progress
-from ..transfer.hashing import size_mb
 from ..transfer.interrupt import Deadline
 from ..transfer.local import write_atomically
 from ..transfer.remote import run_remote, write_remote_atomically
 from ..transfer.sources import open_source
-from .base import Backend, Context, ImportRequest, ImportResult, MonitorResult
+from .base import (
+    Backend,
+    Context,
+    ImportRequest,
+    ImportResult,
+    MonitorResult,
+    app_size_mb,
+)
 
 MIB = 1 << 20
 _SAFE_COMPONENT = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-+~")
@@ -180,7 +186,7 @@ class HttpFolderBackend(Backend):
         return ImportResult(
             source=cfg.source_for(name),
             md5=digests.md5,
-            size_mb=size_mb(digests.size_bytes),
+            size_mb=app_size_mb(info, digests.size_bytes),
             format=info.format or request.app.format or "raw",
             sha256=digests.sha256,
         )

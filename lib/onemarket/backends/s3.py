@@ -48,17 +48,27 @@ from ..errors import (
 )
 from ..progress import Progress
 from ..s3config import (
+    METADATA_IMPORTING,
     METADATA_MD5,
     METADATA_SHA256,
     S3Settings,
     client_error_code,
+    is_missing,
+    is_precondition_failed,
     make_client,
     s3_error,
 )
 from ..transfer.hashing import Digests, size_mb
 from ..transfer.interrupt import interruptible
 from ..transfer.sources import CHUNK_BYTES, Source, open_source
-from .base import Backend, Context, ImportRequest, ImportResult, MonitorResult
+from .base import (
+    Backend,
+    Context,
+    ImportRequest,
+    ImportResult,
+    MonitorResult,
+    app_size_mb,
+)
 
 MIB = 1 << 20
 DEFAULT_PART_SIZE_MB = 32
@@ -339,10 +349,11 @@ class S3Backend(Backend):
         uri = self.uri(key)
         what = f"import of app {app.id} to {uri}"
         with interruptible(what, self.context.timeout_s):
-            stored = False
+            claimed = False
             try:
                 self._ensure_bucket()
-                self._refuse_existing(key, uri)
+                self._claim(key, uri)
+                claimed = True
                 with open_source(info.source, self.context.installation) as src:
                     digests = Digests()
                     reader = _Reader(src, what)
@@ -360,7 +371,6 @@ class S3Backend(Backend):
                         digests.update(first)
                         digests.verify_md5(info.md5, what)
                         self._put_single(key, uri, first, digests)
-                        stored = True
                         progress.update(len(first))
                     else:
                         driverlog.info(
@@ -371,18 +381,18 @@ class S3Backend(Backend):
                         self._put_multipart(
                             key, uri, first, reader, digests, part_size, exact, info.md5, progress
                         )
-                        stored = True
                     progress.finish()
             except BaseException:
-                # interrupted after the object was stored (progress report, source close): the
-                # import fails, so its object must go too, or nothing would ever delete it
-                if stored:
+                # From the claim on, the key is ours alone: whatever is under it (the
+                # placeholder, a stored object whose import was interrupted at the very end)
+                # goes, or nothing would ever delete it.
+                if claimed:
                     self._delete_quietly(key)
                 raise
         return ImportResult(
             source=uri,
             md5=digests.md5,
-            size_mb=size_mb(digests.size_bytes),
+            size_mb=app_size_mb(info, digests.size_bytes),
             format=info.format or app.format or "raw",
             sha256=digests.sha256,
         )
@@ -393,7 +403,7 @@ class S3Backend(Backend):
             self.client.head_bucket(Bucket=self.bucket)
             return
         except Exception as exc:  # noqa: BLE001 - mapped to one line below
-            if client_error_code(exc) not in ("404", "NoSuchBucket", "NotFound"):
+            if not is_missing(exc):
                 raise self._error(exc, what) from None
         driverlog.info(f"creating {what}")
         params: dict[str, Any] = {"Bucket": self.bucket}
@@ -415,16 +425,28 @@ class S3Backend(Backend):
                 ) from None
             raise self._error(exc, f"creation of {what}") from None
 
-    def _refuse_existing(self, key: str, uri: str) -> None:
+    def _claim(self, key: str, uri: str) -> None:
+        """Make the key ours before any byte is sent: an empty placeholder stored with
+        ``If-None-Match: *``, which the server refuses (412) when any object is there, so of
+        two imports naming one key exactly one goes on (a HEAD first, as upstream does, lets
+        both through). The upload then replaces our own placeholder; a failed import deletes
+        it. Ceph RGW (checked from Pacific on), AWS S3 and MinIO honour the condition."""
         try:
-            self.client.head_object(Bucket=self.bucket, Key=key)
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=b"",
+                IfNoneMatch="*",
+                ContentType=CONTENT_TYPE,
+                Metadata={METADATA_IMPORTING: "yes"},
+            )
         except Exception as exc:  # noqa: BLE001 - mapped to one line below
-            if client_error_code(exc) in ("404", "NoSuchKey", "NotFound"):
-                return
+            if is_precondition_failed(exc):
+                raise StorageError(
+                    f"an object already exists at {uri} (an earlier or concurrent import of "
+                    "this app): delete the old app (or the object) first"
+                ) from None
             raise self._error(exc, f"check of {uri}") from None
-        raise StorageError(
-            f"an object already exists at {uri}: delete the old app (or the object) first"
-        )
 
     def _metadata(self, digests: Digests) -> dict[str, str]:
         return {METADATA_MD5: digests.md5, METADATA_SHA256: digests.sha256}
@@ -441,12 +463,8 @@ class S3Backend(Backend):
                 ContentType=CONTENT_TYPE,
                 Metadata=self._metadata(digests),
             )
-        except BaseException as exc:
-            # a PUT whose answer was lost (or was interrupted) may still have stored the object
-            self._delete_quietly(key)
-            if isinstance(exc, Exception):
-                raise self._error(exc, f"upload of {uri}") from None
-            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to one line; the caller cleans up
+            raise self._error(exc, f"upload of {uri}") from None
 
     def _put_multipart(
         self,
@@ -466,7 +484,7 @@ class S3Backend(Backend):
             )["UploadId"]
         except Exception as exc:  # noqa: BLE001 - mapped to one line below
             raise self._error(exc, f"start of multipart upload to {uri}") from None
-        completing = completed = False
+        completed = False
         inflight: list[Future[Any]] = []
         try:
             part_md5s = self._send_parts(
@@ -474,7 +492,6 @@ class S3Backend(Backend):
             )
             reader.check_complete()
             digests.verify_md5(expected_md5, f"import to {uri}")
-            completing = True
             try:
                 answer = self.client.complete_multipart_upload(
                     Bucket=self.bucket,
@@ -496,11 +513,9 @@ class S3Backend(Backend):
                 raise ChecksumError(f"{uri}: server assembled ETag {etag}, expected {wanted}")
             self._set_metadata(key, uri, etag, digests)
         except BaseException:
+            # the object under the key (placeholder or completed) is deleted by the caller
             if not completed:
                 self._abort_with_inflight(key, upload_id, inflight)
-            if completed or completing:
-                # a completion whose answer was lost may still have made the object
-                self._delete_quietly(key)
             raise
 
     def _abort_with_inflight(self, key: str, upload_id: str, inflight: list[Future[Any]]) -> None:
@@ -684,7 +699,7 @@ class S3Backend(Backend):
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
                 return
             except Exception as exc:  # noqa: BLE001 - reported below, the import already failed
-                if client_error_code(exc) in ("NoSuchUpload", "404"):
+                if is_missing(exc):
                     return
                 last = exc
                 if attempt + 1 < ABORT_ATTEMPTS:
@@ -700,6 +715,17 @@ class S3Backend(Backend):
             self.client.delete_object(Bucket=self.bucket, Key=key)
         except Exception as exc:  # noqa: BLE001 - reported, the import already failed
             driverlog.warn(f"could not remove {self.uri(key)}: {self._error(exc, 'delete')}")
+
+    def _remove_placeholder(self, key: str) -> None:
+        """Delete the claim of a killed import (an empty object marked as importing), which
+        would otherwise stay beside its aborted upload; anything else is left alone."""
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
+            if head.get("ContentLength") == 0 and METADATA_IMPORTING in head.get("Metadata", {}):
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001 - best effort, monitor goes on
+            if not is_missing(exc):
+                driverlog.warn(f"could not check {self.uri(key)}: {self._error(exc, 'check')}")
 
     # ---- delete ------------------------------------------------------------------------------
 
@@ -723,7 +749,7 @@ class S3Backend(Backend):
         try:
             self.client.head_object(Bucket=self.bucket, Key=key)
         except Exception as exc:  # noqa: BLE001 - mapped below
-            if client_error_code(exc) in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
+            if is_missing(exc):
                 driverlog.warn(f"{uri} does not exist: nothing to delete")
                 return
             raise self._error(exc, f"delete of {uri}") from None
@@ -750,7 +776,7 @@ class S3Backend(Backend):
         try:
             answer = self.client.head_bucket(Bucket=self.bucket)
         except Exception as exc:  # noqa: BLE001 - mapped below
-            if client_error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
+            if is_missing(exc):
                 driverlog.info(f"bucket '{self.bucket}' does not exist yet (made at first import)")
                 return None
             raise self._error(exc, what) from None
@@ -800,6 +826,7 @@ class S3Backend(Backend):
                         f"aborted multipart upload of {self.uri(key)} started "
                         f"{started.isoformat(timespec='seconds')} (left by a failed import)"
                     )
+                    self._remove_placeholder(key)
         except Exception as exc:  # noqa: BLE001 - the usage is still worth reporting
             driverlog.warn(f"could not list multipart uploads: {self._error(exc, 'list')}")
         return aborted
