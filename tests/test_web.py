@@ -442,3 +442,112 @@ def test_no_proxy_is_honoured(
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     assert fetcher().get(f"{httpd.url}/c.json").body == b"direct"
     assert proxy.seen == []
+
+
+# --------------------------------------------------------------------------- hostile catalogs
+
+
+def test_one_invalid_utf8_byte_is_replaced_not_fatal(httpd: StaticHttpServer) -> None:
+    httpd.routes["/c.json"] = b'\xef\xbb\xbf{"apps": [{"name": "caf\xe9"}, {"name": "ok"}]}'
+    doc, _ = fetch_json(fetcher(), f"{httpd.url}/c.json")
+    assert doc == {"apps": [{"name": "caf\ufffd"}, {"name": "ok"}]}
+
+
+def test_value_bound_refuses_before_building_anything(httpd: StaticHttpServer) -> None:
+    """``{"appliances":[{},{},...]}``: refused on the count of value starts, so the parse never
+    allocates (tracemalloc: the peak stays below the body itself, not 25x it)."""
+    import tracemalloc
+
+    entries = 300_000
+    body = b'{"appliances":[' + b",".join([b"{}"] * entries) + b"]}"
+    bound = web.json_value_bound(body)
+    assert bound == 2 * entries + 3  # every '{', ',' and the top level's '{', '[', ':'
+    tracemalloc.start()
+    try:
+        with pytest.raises(RemoteError) as err:
+            web.loads_bounded(body, "http://127.0.0.1:1/appliance", max_values=100_000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "more than 100000 values" in str(err.value)
+    assert peak < len(body)
+    assert web.loads_bounded(body, "http://127.0.0.1:1/a", max_values=bound) == {
+        "appliances": [{}] * entries
+    }
+    httpd.routes["/c.json"] = body
+    with pytest.raises(RemoteError, match="more than 1000 values"):
+        fetch_json(fetcher(), f"{httpd.url}/c.json", max_values=1000)
+
+
+def test_body_bound_per_fetcher(httpd: StaticHttpServer) -> None:
+    httpd.routes["/big"] = b"x" * 5000
+    with pytest.raises(RemoteError, match="answered more than 1000 bytes"):
+        CachedFetcher(make_session("ua"), None, max_body_bytes=1000).get(f"{httpd.url}/big")
+    assert fetcher().get(f"{httpd.url}/big").body == b"x" * 5000
+
+
+def test_deeply_nested_json_is_one_line_failure() -> None:
+    with pytest.raises(RemoteError, match="nested too deeply"):
+        web.loads_bounded(b"[" * 200_000 + b"]" * 200_000, "http://127.0.0.1:1/a", 10**6)
+
+
+def test_url_forms_without_password() -> None:
+    url = "http://user:s3cr3t-pw@cat.example:8080/path/?q=1"
+    assert web.display_url(url) == "http://user:****@cat.example:8080/path/?q=1"
+    assert web.cache_url(url) == "http://user@cat.example:8080/path/?q=1"
+    assert web.public_url(url) == "http://cat.example:8080/path/?q=1"
+    plain = "https://marketplace.opennebula.io/appliance"
+    assert web.display_url(plain) == web.cache_url(plain) == web.public_url(plain) == plain
+    assert "s3cr3t" not in web.public_url("http://u:s3cr3t@[bad/")
+
+
+def test_credentials_reach_the_server_not_the_cache_or_messages(
+    httpd: StaticHttpServer, tmp_path: Path
+) -> None:
+    secret = "s3cr3t-pw"
+    httpd.routes["/c.json"] = CATALOG.encode()
+    base = httpd.url.replace("http://", f"http://user:{secret}@")
+    assert fetcher(tmp_path).get(f"{base}/c.json").body == CATALOG.encode()
+    assert httpd.requests[-1].headers["Authorization"].startswith("Basic ")
+    (entry,) = tmp_path.glob("*.http")
+    assert secret not in entry.name
+    meta = json.loads(entry.read_bytes().split(b"\n", 1)[0])
+    assert meta["url"] == f"{httpd.url.replace('http://', 'http://user@')}/c.json"
+    assert secret.encode() not in entry.read_bytes()
+    with pytest.raises(RemoteError) as err:
+        fetcher(tmp_path).get(f"{base}/missing")
+    assert secret not in str(err.value) and "user:****@" in str(err.value)
+    refused = f"http://user:{secret}@127.0.0.1:{free_port()}/c.json"
+    with pytest.raises(RemoteError) as err:
+        fetcher(tmp_path).get(refused)
+    assert secret not in str(err.value)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_retries_log_no_warnings(debug: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """urllib3's ``Retrying (...)`` WARNINGs (three per unreachable catalog) are DEBUG records:
+    an action's stderr gets no WARN line from them, only the caller's one failure line."""
+    import io
+    import logging
+
+    from onemarket import driverlog
+
+    out = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, logging.getLogger("urllib3").level)
+    monkeypatch.setattr(driverlog, "stream", out)
+    driverlog.set_debug(debug)
+    try:
+        driverlog.route_std_logging()
+        url = f"http://127.0.0.1:{free_port()}/c.json"
+        with pytest.raises(RemoteError, match="connection refused"):
+            fetcher().get(url)
+    finally:
+        driverlog.set_debug(False)
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        logging.getLogger("urllib3").setLevel(saved[2])
+    lines = out.getvalue().splitlines()
+    assert not [ln for ln in lines if not ln.startswith("DEBUG: ")]
+    retries = [ln for ln in lines if "Retrying" in ln]
+    assert len(retries) == (web.RETRY_COUNT if debug else 0)

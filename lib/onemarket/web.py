@@ -4,7 +4,19 @@ conditional-GET cache so an unchanged catalog costs the server a 304.
 
 The cache holds one file per URL (validators and body length as a JSON first line, then the
 body), written to a temporary name and renamed, so concurrent monitors never read a half-written
-entry; an entry whose body does not have the recorded length is ignored.
+entry; an entry whose body does not have the recorded length is ignored. Neither its name nor
+its metadata carry the password of an ``http://user:password@host/`` URL (:func:`cache_url`).
+
+A catalog answer is hostile input. It is decoded leniently (bytes that are not UTF-8 become
+U+FFFD, the template writer's rule, so one bad byte costs one entry, not the monitor), its body
+is bounded (``max_body_bytes``) and so is its parse: before ``json.loads`` builds anything, the
+number of JSON values is bounded from above by counting the bytes that can start one
+(``{ [ , :``, one C-speed pass), and a document with more than ``max_values`` is refused in one
+line. CPython needs at most ~70 bytes per counted value (measured: ``[{},{},...]`` 38, ``[[],...]``
+34, ``[{"a":{}},...]`` 66), so ``max_values`` caps the parsed document's memory.
+
+Messages name URLs with the password masked (:func:`display_url`); urllib3's ``Retrying (...)``
+warnings become DEBUG records, so a failed fetch is one line from the caller, after the retries.
 
 Timeouts and retry settings are module constants read at each call, so tests can shorten them;
 :class:`CachedFetcher` also takes per-instance timeouts.
@@ -15,11 +27,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -36,7 +51,14 @@ RETRY_COUNT = 3
 RETRY_BACKOFF_S = 0.5
 """urllib3 backoff factor: no wait before the first retry, then 1 s, then 2 s."""
 MAX_BODY_BYTES = 512 * 1024 * 1024
-"""Largest catalog answer accepted; it is held in memory once while parsed."""
+"""Largest catalog answer accepted by default (readers pass their own bound); it is held in
+memory once while parsed, then once more as text."""
+DEFAULT_MAX_JSON_VALUES = 2_000_000
+"""Default bound of :func:`fetch_json` on the JSON values of a document (about 140 MB parsed,
+at ~70 bytes per value); readers pass a bound fitted to their catalog."""
+JSON_VALUE_STARTS = (b"{", b"[", b",", b":")
+"""Bytes that precede or open every JSON value but the first (inside strings too, so their
+count is an upper bound)."""
 BODY_CHUNK_BYTES = 1 << 16
 """Read size while receiving a body (memory: one chunk on top of the body being collected)."""
 STALE_TMP_S = 3600.0
@@ -65,6 +87,63 @@ def make_session(user_agent: str) -> requests.Session:
     session.headers["User-Agent"] = user_agent
     session.headers["Accept-Encoding"] = "gzip, deflate"
     return session
+
+
+_USERINFO_RE = re.compile(r"(?<=//)[^/?#]*@")
+
+
+def _with_userinfo(url: str, keep_user: bool, mask: str | None) -> str:
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not even a URL: drop anything that looks like user:password@
+        return _USERINFO_RE.sub("", url)
+    if "@" not in parts.netloc:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, has_password, _ = userinfo.partition(":")
+    if keep_user and user:
+        userinfo = f"{user}:{mask}" if has_password and mask else user
+        netloc = f"{userinfo}@{hostport}"
+    else:
+        netloc = hostport
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def display_url(url: str) -> str:
+    """``url`` for messages: the password of ``user:password@`` masked as ``****``."""
+    return _with_userinfo(url, keep_user=True, mask="****")
+
+
+def cache_url(url: str) -> str:
+    """``url`` without its password (the user stays): the cache key and metadata, so nothing
+    under the cache folder can reveal the password."""
+    return _with_userinfo(url, keep_user=True, mask=None)
+
+
+def public_url(url: str) -> str:
+    """``url`` without ``user:password@``: what an app may show (LINK, descriptions) to every
+    user who can see it. Only a URL used for a download (an app's SOURCE) keeps credentials."""
+    return _with_userinfo(url, keep_user=False, mask=None)
+
+
+class _RetryWarningsToDebug(logging.Filter):
+    """urllib3 logs every retry as a WARNING (``Retrying (Retry(total=2, ...)) after connection
+    broken by ...``), three per unreachable catalog, without naming the marketplace; the caller
+    reports the failure once, after the retries. These records are demoted to DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and str(record.msg).startswith("Retrying"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+def _quiet_retry_warnings() -> None:
+    pool_log = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(f, _RetryWarningsToDebug) for f in pool_log.filters):
+        pool_log.addFilter(_RetryWarningsToDebug())
+
+
+_quiet_retry_warnings()
 
 
 def describe_request_error(exc: requests.RequestException) -> str:
@@ -115,11 +194,13 @@ class CachedFetcher:
         cache_dir: Path | None,
         connect_timeout_s: float | None = None,
         read_timeout_s: float | None = None,
+        max_body_bytes: int | None = None,
     ) -> None:
         self.session = session
         self.cache_dir = cache_dir
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
+        self.max_body_bytes = max_body_bytes
 
     def _timeouts(self) -> tuple[float, float]:
         connect = CONNECT_TIMEOUT_S if self.connect_timeout_s is None else self.connect_timeout_s
@@ -130,7 +211,7 @@ class CachedFetcher:
         if self.cache_dir is None:
             return None
         ua = self.session.headers.get("User-Agent", "")
-        key = hashlib.sha256(f"{url}\n{ua}".encode()).hexdigest()
+        key = hashlib.sha256(f"{cache_url(url)}\n{ua}".encode()).hexdigest()
         return self.cache_dir / f"{key}.http"
 
     def _read_cache(self, path: Path | None) -> tuple[dict, bytes] | None:
@@ -198,7 +279,9 @@ class CachedFetcher:
                     resp = self._request(url, dict(headers or {}))
                 if resp.status_code != 200:
                     reason = resp.reason or ""
-                    raise RemoteError(f"{url} answered HTTP {resp.status_code} {reason}".rstrip())
+                    raise RemoteError(
+                        f"{display_url(url)} answered HTTP {resp.status_code} {reason}".rstrip()
+                    )
                 body = self._read_body(resp, url)
                 break
             except _BodyReadError:
@@ -208,7 +291,7 @@ class CachedFetcher:
             finally:
                 resp.close()
         meta = {
-            "url": url,
+            "url": cache_url(url),
             "etag": resp.headers.get("ETag", ""),
             "last_modified": resp.headers.get("Last-Modified", ""),
         }
@@ -222,28 +305,59 @@ class CachedFetcher:
         try:
             return self.session.get(url, headers=headers, stream=True, timeout=self._timeouts())
         except requests.RequestException as exc:
-            raise RemoteError(f"cannot fetch {url}: {describe_request_error(exc)}") from None
+            raise RemoteError(
+                f"cannot fetch {display_url(url)}: {describe_request_error(exc)}"
+            ) from None
 
     def _read_body(self, resp: requests.Response, url: str) -> bytes:
+        limit = MAX_BODY_BYTES if self.max_body_bytes is None else self.max_body_bytes
         chunks: list[bytes] = []
         total = 0
         try:
             for chunk in resp.iter_content(BODY_CHUNK_BYTES):
                 total += len(chunk)
-                if total > MAX_BODY_BYTES:
-                    raise RemoteError(f"{url} answered more than {MAX_BODY_BYTES} bytes")
+                if total > limit:
+                    raise RemoteError(f"{display_url(url)} answered more than {limit} bytes")
                 chunks.append(chunk)
         except requests.RequestException as exc:
             raise _BodyReadError(
-                f"download of {url} failed: {describe_request_error(exc)}"
+                f"download of {display_url(url)} failed: {describe_request_error(exc)}"
             ) from None
         return b"".join(chunks)
 
 
-def fetch_json(fetcher: CachedFetcher, url: str) -> tuple[object, bool]:
-    """GET ``url`` and decode JSON; returns (document, from_cache)."""
-    fetched = fetcher.get(url, {"Accept": "application/json"})
+def decode_text(body: bytes) -> str:
+    """A catalog body as text: UTF-8, a leading BOM dropped, invalid bytes as U+FFFD."""
+    return body.decode("utf-8-sig", errors="replace")
+
+
+def json_value_bound(body: bytes) -> int:
+    """An upper bound on the number of JSON values in ``body``, without parsing it."""
+    return 1 + sum(body.count(b) for b in JSON_VALUE_STARTS)
+
+
+def loads_bounded(body: bytes, url: str, max_values: int = DEFAULT_MAX_JSON_VALUES) -> object:
+    """``body`` decoded as JSON; RemoteError if it is not JSON or may hold more than
+    ``max_values`` values (checked before anything is built)."""
+    if json_value_bound(body) > max_values:
+        raise RemoteError(
+            f"{display_url(url)} answered a JSON document of more than {max_values} values, "
+            "far beyond any real catalog: refused (memory bound)"
+        )
     try:
-        return json.loads(fetched.body), fetched.from_cache
+        return json.loads(decode_text(body))
     except ValueError as exc:
-        raise RemoteError(f"{url} did not answer valid JSON ({exc.__class__.__name__})") from None
+        raise RemoteError(
+            f"{display_url(url)} did not answer valid JSON ({exc.__class__.__name__})"
+        ) from None
+    except RecursionError:
+        raise RemoteError(f"{display_url(url)} answered JSON nested too deeply") from None
+
+
+def fetch_json(
+    fetcher: CachedFetcher, url: str, max_values: int = DEFAULT_MAX_JSON_VALUES
+) -> tuple[object, bool]:
+    """GET ``url`` and decode JSON (bounded, lenient: see the module docstring); returns
+    (document, from_cache)."""
+    fetched = fetcher.get(url, {"Accept": "application/json"})
+    return loads_bounded(fetched.body, url, max_values), fetched.from_cache
