@@ -431,3 +431,33 @@ def test_export_output_as_real_exports_print_it() -> None:
     assert ImportInfo.from_export_output(amp).source == "http://h/x?a=1&b=2&c=3"
     with pytest.raises(PayloadError):
         ImportInfo.from_export_output(b"<IMPORT_INFO><IMPORT_SOURCE>x</IMPORT_SOURCE>")
+
+
+def test_ds_export_payload_keeps_oneds_bytes() -> None:
+    # the stock MAD passes IMAGE and DATASTORE as oned sent them (one_market.rb, import:
+    # xml.element_xml): CDATA sections, empty elements and spacing stay
+    image = (
+        "<IMAGE><ID>7</ID><NAME><![CDATA[deb <12> & co]]></NAME><PATH></PATH>"
+        '<TEMPLATE><DESCRIPTION><![CDATA[a "b" ]]]]><![CDATA[> c]]></DESCRIPTION>'
+        "<EMPTY/></TEMPLATE></IMAGE>"
+    )
+    datastore = "<DATASTORE>\n  <ID>1</ID><DS_MAD><![CDATA[fs]]></DS_MAD>\n</DATASTORE>"
+    doc = (
+        "<MARKET_DRIVER_ACTION_DATA><MARKETPLACEAPP><ID>1</ID><TEMPLATE><IMAGE>inner</IMAGE>"
+        "</TEMPLATE></MARKETPLACEAPP><MARKETPLACE><ID>0</ID><MARKET_MAD>http</MARKET_MAD>"
+        f"</MARKETPLACE><!-- a <IMAGE> in a comment -->{image}{datastore}"
+        "</MARKET_DRIVER_ACTION_DATA>"
+    )
+    data = decode_action(base64.b64encode(doc.encode()))
+    sent = base64.b64decode(data.ds_export_payload()).decode()
+    assert sent == f"<DS_DRIVER_ACTION_DATA>{image}{datastore}</DS_DRIVER_ACTION_DATA>"
+
+
+def test_import_info_is_found_by_two_scans() -> None:
+    # from the first opening to the last end, without a backtracking pattern (a ".*" pattern was
+    # quadratic on repeated openings, and this runs in the MAD's loop)
+    out = b'x<IMPORT_INFO><IMPORT_SOURCE>a</IMPORT_SOURCE></IMPORT_INFO>"\n<IMPORT_INFO>'
+    assert action._import_info_element(out) == out[1:-15]
+    assert action._import_info_element(b"<IMPORT_INFO>" * 1000) == b"<IMPORT_INFO>" * 1000
+    with pytest.raises(PayloadError):
+        ImportInfo.from_export_output(b"<IMPORT_INFO>" * 200_000)

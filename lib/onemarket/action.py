@@ -273,8 +273,7 @@ class ImportInfo:
         element is ignored (the Ceph export ends with a stray quote) and a bare ``&`` (older
         exports do not escape IMPORT_SOURCE) is read as a literal ampersand.
         """
-        match = _IMPORT_INFO_RE.search(data)
-        doc = match.group() if match else data.strip()
+        doc = _import_info_element(data)
         root = parse_xml(_BARE_AMP_RE.sub(b"&amp;", doc), "datastore export output")
         if root.tag != "IMPORT_INFO":
             raise PayloadError(f"datastore export printed <{root.tag}>, not <IMPORT_INFO>")
@@ -284,7 +283,56 @@ class ImportInfo:
         return info
 
 
-_IMPORT_INFO_RE = re.compile(rb"<IMPORT_INFO>.*</IMPORT_INFO>", re.DOTALL)
+def _import_info_element(data: bytes) -> bytes:
+    """From the first ``<IMPORT_INFO>`` to the last ``</IMPORT_INFO>``: two linear scans (a
+    pattern with ``.*`` was quadratic on repeated openings, and runs in the MAD's loop)."""
+    start = data.find(b"<IMPORT_INFO>")
+    end = data.rfind(b"</IMPORT_INFO>")
+    if start < 0 or end < start:
+        return data.strip()
+    return data[start : end + len(b"</IMPORT_INFO>")]
+
+
+_TOKEN_RE = re.compile(
+    rb"<!\[CDATA\[.*?\]\]>|<!--.*?-->|<\?.*?\?>"
+    rb"|<(/?)([A-Za-z_][\w.:-]*)(?:[^>\"'/]|/(?!>)|\"[^\"]*\"|'[^']*')*(/?)>",
+    re.DOTALL,
+)
+"""Markup of a well-formed document: CDATA, comments, PIs, and tags (group 1 "/" for an end
+tag, group 2 the name, group 3 "/" for an empty-element tag)."""
+
+
+def top_level_elements(doc: bytes, tags: tuple[str, ...]) -> dict[str, bytes]:
+    """The bytes of the root's first child of each tag in ``tags``, exactly as in ``doc``.
+
+    For documents lxml already accepted: what is passed on then keeps oned's own bytes (CDATA
+    sections, empty elements, spacing), as the stock MAD passes them.
+    """
+    wanted = {t.encode() for t in tags}
+    found: dict[str, bytes] = {}
+    depth = 0
+    start = -1
+    current = b""
+    for m in _TOKEN_RE.finditer(doc):
+        name = m.group(2)
+        if name is None:
+            continue  # CDATA, comment or PI
+        if m.group(1):  # end tag
+            depth -= 1
+            if depth == 1 and current and name == current:
+                found.setdefault(current.decode(), doc[start : m.end()])
+                current = b""
+            continue
+        if depth == 1 and name in wanted and name.decode() not in found:
+            if m.group(3):
+                found[name.decode()] = m.group()
+                continue
+            start, current = m.start(), name
+        if not m.group(3):
+            depth += 1
+    return found
+
+
 _BARE_AMP_RE = re.compile(rb"&(?!(?:amp|lt|gt|quot|apos|#[0-9]+|#x[0-9A-Fa-f]+);)")
 
 IMPORT_INFO_TAGS = ("IMPORT_SOURCE", "MD5", "SIZE", "FORMAT", "DISPOSE", "DISPOSE_CMD")
@@ -296,6 +344,8 @@ class ActionData:
 
     root: etree._Element
     market: Market
+    raw: bytes = b""
+    """The decoded document as oned sent it."""
     app: App | None = None
     image: Image | None = None
     datastore: Datastore | None = None
@@ -312,14 +362,38 @@ class ActionData:
         return self.import_info
 
     def ds_export_payload(self) -> bytes:
-        """Base64 of ``<DS_DRIVER_ACTION_DATA>`` (IMAGE and DATASTORE) for the export action."""
-        doc = etree.Element("DS_DRIVER_ACTION_DATA")
+        """Base64 of ``<DS_DRIVER_ACTION_DATA>`` (IMAGE and DATASTORE) for the export action.
+
+        The two elements are oned's bytes, CDATA included, as the stock MAD's
+        ``xml.element_xml`` passes them (src/market_mad/one_market.rb, ``import``): an export
+        that reads its input with a pattern sees what it would see under the stock MAD.
+        """
+        parts = top_level_elements(self.raw, ("IMAGE", "DATASTORE")) if self.raw else {}
+        body = []
         for tag in ("IMAGE", "DATASTORE"):
-            el = self.root.find(tag)
-            if el is None:
-                raise PayloadError(f"IMPORT action data has no {tag}")
-            doc.append(copy.deepcopy(el))
-        return base64.b64encode(etree.tostring(doc))
+            if tag not in parts:
+                el = self.root.find(tag)
+                if el is None:
+                    raise PayloadError(f"IMPORT action data has no {tag}")
+                parts[tag] = etree.tostring(el, with_tail=False)
+            body.append(parts[tag])
+        doc = b"<DS_DRIVER_ACTION_DATA>" + b"".join(body) + b"</DS_DRIVER_ACTION_DATA>"
+        return base64.b64encode(doc)
+
+    def withdrawal_payload(self, source: str) -> bytes:
+        """DELETE action data for the app an import just stored at ``source`` (base64): the
+        MAD withdraws an import whose success oned can no longer be told of."""
+        root = copy.deepcopy(self.root)
+        for tag in ("IMAGE", "DATASTORE", *IMPORT_INFO_TAGS):
+            for old in root.findall(tag):
+                root.remove(old)
+        app = root.find("MARKETPLACEAPP")
+        if app is None:
+            raise PayloadError("action data has no MARKETPLACEAPP")
+        for old in app.findall("SOURCE"):
+            app.remove(old)
+        etree.SubElement(app, "SOURCE").text = source
+        return base64.b64encode(etree.tostring(root))
 
     def with_import_info(self, info: ImportInfo) -> bytes:
         """The document with the export's IMPORT_* children added, as base64 for the import."""
@@ -342,7 +416,8 @@ class ActionData:
 
 def decode_action(payload: str | bytes) -> ActionData:
     """Decode base64 MARKET_DRIVER_ACTION_DATA into typed objects."""
-    root = parse_xml(decode_base64(payload))
+    raw = decode_base64(payload)
+    root = parse_xml(raw)
     if root.tag != "MARKET_DRIVER_ACTION_DATA":
         raise PayloadError(f"action data is <{root.tag}>, not <MARKET_DRIVER_ACTION_DATA>")
     market_el = root.find("MARKETPLACE")
@@ -355,6 +430,7 @@ def decode_action(payload: str | bytes) -> ActionData:
     return ActionData(
         root=root,
         market=Market.from_element(market_el),
+        raw=raw,
         app=App.from_element(app_el) if app_el is not None else None,
         image=Image.from_element(image_el) if image_el is not None else None,
         datastore=Datastore.from_element(ds_el) if ds_el is not None else None,
