@@ -122,6 +122,10 @@ else
   PY=$VENV/bin/python
   ENTRIES+=("venv $VENV")
 fi
+# the library's folder, which the MAD launcher checks before it starts Python (a removed venv
+# then answers oned's INIT with a reason instead of a silent exit)
+PKG_DIR=$("$PY" -I -c 'import os, onemarket; print(os.path.dirname(onemarket.__file__))') \
+  || die "$PY cannot import onemarket"
 
 # --- files --------------------------------------------------------------------------------
 # install_file SRC DEST MODE: keep a foreign original as DEST.orig once, then write ours with
@@ -134,7 +138,8 @@ install_file() {
   if head -n1 "$src" | grep -q '^#!.*python'; then
     { echo "#!$PY"; tail -n +2 "$src"; } >"$tmp" || { rm -f "$tmp"; die "cannot write $dest"; }
   else
-    sed "s|@PYTHON@|$PY|g" "$src" >"$tmp" || { rm -f "$tmp"; die "cannot write $dest"; }
+    sed -e "s|@PYTHON@|$PY|g" -e "s|@PACKAGE_DIR@|$PKG_DIR|g" "$src" >"$tmp" \
+      || { rm -f "$tmp"; die "cannot write $dest"; }
   fi
   chmod "$mode" "$tmp"
   # an unmarked file here is stock: the original, or a newer one an OpenNebula upgrade put back

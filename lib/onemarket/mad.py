@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import ctypes
 import errno
 import os
 import re
@@ -35,12 +36,22 @@ from .action import APP_TYPE_IMAGE, ActionData, ImportInfo, decode_action
 from .errors import MarketError, one_line
 from .installation import Installation
 from .registry import DRIVERS, backend_class
+from .template import parse_template
 
 DEFAULT_CONCURRENCY = 15
 """Actions run at once (``-t``); each is a process, so this bounds processes and memory."""
 KILL_GRACE_S = 10.0
 """Time a timed-out or cancelled action gets between SIGTERM and SIGKILL: enough for an import
 to remove its temporary file or abort its multipart upload (a few requests)."""
+STOP_GRACE_S = 5.0
+"""The same grace when oned stops the MAD (FINALIZE or EOF): oned SIGKILLs the MAD 10 s after
+FINALIZE (``Driver::stop_driver``, MarketPlaceManager ``drivers_timeout``), so running actions
+are SIGTERMed at once and SIGKILLed after this, and the MAD exits well before oned's kill."""
+STOP_DEADLINE_S = 8.0
+"""Longest time from FINALIZE or EOF to the MAD's exit, whatever its children do."""
+MAX_EXPORT_OUTPUT_BYTES = 1024 * 1024
+"""Largest stdout accepted from a datastore export: its ``<IMPORT_INFO>`` is a few hundred
+bytes, and it is parsed in the MAD's loop, so a runaway export cannot stall other requests."""
 MAX_LINE_BYTES = 48 * 1024 * 1024
 """Longest request line buffered from oned (the largest action data, base64); held in memory."""
 LINE_PREFIX_BYTES = 256
@@ -69,7 +80,11 @@ OURS_MARKER = b"onemarket.runner"
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")
 _SAFE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}")
 _LONG_BASE64_RE = re.compile(r"[A-Za-z0-9+/=]{120,}")
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+SCRUB_WINDOW_CHARS = 64
+"""Characters of a long base64 run compared with the payloads to tell a cut-out piece of one."""
+PR_SET_PDEATHSIG = 1
+"""prctl(2) option: a signal the kernel sends a child when its parent dies."""
 
 
 def error_block(lines: list[str]) -> list[str]:
@@ -114,9 +129,19 @@ def _seconds(text: str) -> float:
     return value
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Options:
-    """Options of the stock MAD (``-t``, ``-m``, ``-w``, ``-p``); unknown ones exit 2."""
-    parser = argparse.ArgumentParser(
+class UsageError(ValueError):
+    """Options the MAD cannot start with; the message says which and why."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+    """Options of the stock MAD (``-t``, ``-m``, ``-w``, ``-p``), already split into words;
+    anything else raises UsageError (the start-up answers it with ``INIT FAILURE``)."""
+    parser = _Parser(
         prog="one_market",
         description="OpenNebula marketplace driver (MAD): reads oned's requests on stdin.",
     )
@@ -133,7 +158,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         help="seconds each executed action may run (0: no limit)",
     )  # fmt: skip
     parser.add_argument("-p", "--proxy", default=None, help="http(s) proxy for the actions")
-    ns = parser.parse_args(argv)
+    ns = parser.parse_args(list(argv))
     drivers = None
     if ns.market_types is not None:
         drivers = tuple(d.strip() for d in ns.market_types.split(",") if d.strip())
@@ -181,7 +206,12 @@ class Outcome:
 
 
 class Scrubber:
-    """Removes action data (base64, which hides nothing) from lines an action wrote."""
+    """Removes action data (base64, which hides nothing) from lines an action wrote.
+
+    Only what is secret is removed: a whole payload, and any long base64 run cut out of one
+    (a script that logs part of its argument). Other long runs of base64-looking characters
+    (a long SOURCE, bucket or key name) stay, so a failure keeps its cause.
+    """
 
     def __init__(self, secrets: Sequence[str | bytes]) -> None:
         self._secrets = [
@@ -194,7 +224,16 @@ class Scrubber:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, "<action data>")
-        return _LONG_BASE64_RE.sub("<base64 data>", text)
+        return _LONG_BASE64_RE.sub(self._fragment, text)
+
+    def _fragment(self, match: re.Match[str]) -> str:
+        run = match.group()
+        # a window from the middle: letters glued to either end ("arg" + payload) do not count
+        start = len(run) // 4
+        window = run[start : start + SCRUB_WINDOW_CHARS]
+        if any(window in secret for secret in self._secrets):
+            return "<base64 data>"
+        return run
 
 
 LogCallback = Callable[[str, str], None]
@@ -213,8 +252,10 @@ class Child:
         scrub: Callable[[str], str],
         stdin_fd: int | None = None,
         stdin_data: bytes = b"",
+        max_stdout: int = MAX_RESULT_BYTES,
     ) -> None:
         self.pid = pid
+        self._max_out = max_stdout
         self.done: asyncio.Future[Outcome] = loop.create_future()
         self._loop = loop
         self._out_fd: int | None = out_fd
@@ -248,13 +289,13 @@ class Child:
     def set_timeout(self, seconds: float, reason: str) -> None:
         self._timers.append(self._loop.call_later(seconds, self.kill, reason))
 
-    def kill(self, reason: str) -> None:
-        """SIGTERM the whole process group now, SIGKILL it after KILL_GRACE_S."""
+    def kill(self, reason: str, grace_s: float = KILL_GRACE_S) -> None:
+        """SIGTERM the whole process group now, SIGKILL it after ``grace_s``."""
         if self.done.done() or self._killed:
             return
         self._killed = reason
         self._signal(signal.SIGTERM)
-        self._timers.append(self._loop.call_later(KILL_GRACE_S, self._signal, signal.SIGKILL))
+        self._timers.append(self._loop.call_later(grace_s, self._signal, signal.SIGKILL))
 
     def _signal(self, sig: int, leader_alive: bool = True) -> None:
         try:
@@ -294,10 +335,10 @@ class Child:
 
     def _take_out(self, data: bytes) -> None:
         self._stdout += data
-        if len(self._stdout) > MAX_RESULT_BYTES:
+        if len(self._stdout) > self._max_out:
             self._stdout.clear()
             self._close_out()
-            self.kill(f"action output larger than {MAX_RESULT_BYTES // (1024 * 1024)} MB")
+            self.kill(f"action output larger than {self._max_out} bytes")
 
     def _feed_err(self, data: bytes) -> None:
         start = 0
@@ -456,6 +497,7 @@ def _child_main(
     code = runner.EXIT_FAILED
     try:
         os.setsid()
+        _end_with_parent(signal.SIGTERM)
         asyncio._set_running_loop(None)  # what Python >= 3.12 does at fork: the loop is ours
         signal.set_wakeup_fd(-1)
         for sig in _STOP_SIGNALS:
@@ -479,6 +521,20 @@ def _child_main(
             with contextlib.suppress(Exception):
                 stream.flush()
         os._exit(code)
+
+
+def _end_with_parent(sig: int) -> None:
+    """Have the kernel send ``sig`` when the MAD dies (oned SIGKILLs it 10 s after FINALIZE and
+    on a hung stop): the action then cleans up as on any SIGTERM instead of running on for
+    nobody. Linux only; elsewhere a killed MAD's actions run to their end."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the MAD died before the request took effect
+        os.kill(os.getpid(), sig)
 
 
 def spawn_program(
@@ -675,6 +731,9 @@ class Mad:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stdout_broken = False
         self._reader: LineReader | None = None
+        self._stopping = ""
+        """Why the MAD stops (FINALIZE, EOF, a signal); empty while it serves."""
+        self._preloaded = False
 
     def driver_folders(self) -> list[str]:
         try:
@@ -684,20 +743,46 @@ class Mad:
 
     # -- main loop
     async def run(self) -> int:
+        """Serve until FINALIZE, EOF or a stop signal; then end every action and return.
+
+        oned's stop (``Driver::stop_driver``) writes FINALIZE and closes both pipes at once, and
+        a crashed oned closes them without FINALIZE: either way nobody reads the replies any
+        more. So both mean the same here: no queued request is started, running actions are
+        SIGTERMed (they clean up as on a timeout), SIGKILLed after STOP_GRACE_S, and the MAD
+        returns within STOP_DEADLINE_S.
+        """
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._stop = asyncio.Event()
         self._sem = asyncio.Semaphore(self.options.concurrency)
         for sig in _STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
-        self._reader = LineReader(loop, self._in_fd, self._on_line, self._stop.set)
+        self._reader = LineReader(
+            loop, self._in_fd, self._on_line, lambda: self.shutdown("oned closed its pipe")
+        )
         await self._stop.wait()
         self._reader.close()
-        while self._tasks:
-            await asyncio.wait(set(self._tasks))
+        deadline = loop.time() + STOP_DEADLINE_S
+        while self._tasks and loop.time() < deadline:
+            await asyncio.wait(set(self._tasks), timeout=deadline - loop.time())
+        for task in list(self._tasks):  # children that survive SIGKILL (D state): give up
+            task.cancel()
         for sig in _STOP_SIGNALS:
             loop.remove_signal_handler(sig)
         return 0
+
+    def shutdown(self, why: str) -> None:
+        """Stop serving: close oned's input, fail what is queued, end what runs."""
+        if self._stopping:
+            return
+        self._stopping = why
+        busy = sum(1 for same in self._pending.values() for p in same if p.child is not None)
+        log(f"stopping ({why}): {busy} running actions ended, queued ones not started")
+        if self._reader is not None:
+            self._reader.close()
+        for id_ in list(self._pending):
+            self.cancel(id_, f"the marketplace driver stopped ({why})", STOP_GRACE_S)
+        self._stop.set()
 
     def reply(self, line: str) -> None:
         """One whole line to oned (the loop is single-threaded: lines never interleave)."""
@@ -717,10 +802,13 @@ class Mad:
             return
         if req.action == "INIT":
             self.reply(protocol.init_success())
+            if not self._preloaded:  # after the answer: oned waits only 10 s for it
+                self._preloaded = True
+                self._loop.call_soon(preload, self.enabled)
         elif req.action == "FINALIZE":
-            if self._reader is not None:
-                self._reader.close()
-            self._stop.set()
+            self.shutdown("oned sent FINALIZE")
+        elif self._stopping:
+            return  # lines after FINALIZE: oned reads no reply any more
         elif req.action == "DRIVER_CANCEL":
             self.cancel(req.id, "action cancelled by oned")
         elif truncated:
@@ -733,19 +821,14 @@ class Mad:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def cancel(self, id_: int, reason: str) -> None:
+    def cancel(self, id_: int, reason: str, grace_s: float = KILL_GRACE_S) -> None:
         for pending in self._pending.get(id_, []):
             pending.cancelled = reason
             if pending.child is not None:
-                pending.child.kill(reason)
+                pending.child.kill(reason, grace_s)
 
     def _on_signal(self, sig: int) -> None:
-        log(f"stopping on {signal.Signals(sig).name}: running actions are killed")
-        if self._reader is not None:
-            self._reader.close()
-        self._stop.set()
-        for id_ in list(self._pending):
-            self.cancel(id_, "the marketplace driver was stopped")
+        self.shutdown(f"{signal.Signals(sig).name} received")
 
     async def _serve(self, pending: Pending) -> None:
         req = pending.request
@@ -823,6 +906,7 @@ class Mad:
             lambda: spawn_program(str(export), [str(req.id)], self._child_env(), ds_payload),
             [ds_payload],
             stdin_data=ds_payload + b"\n",  # a whole line, for scripts that `read` it
+            max_stdout=MAX_EXPORT_OUTPUT_BYTES,
         )
         if not outcome.ok:
             return fail(f"Error exporting image to file: {outcome.failure_text(label)}")
@@ -832,7 +916,26 @@ class Mad:
         except MarketError as exc:
             return fail(str(exc))
         outcome = await self._market_action(pending, driver, "import", payload)
+        if outcome.ok and self._stopping:
+            await self._withdraw(req.id, data, driver, outcome.stdout)
+            return fail(f"{driver} import withdrawn: {self._stopping}")
         return self._result(req, outcome, f"{driver} import")
+
+    async def _withdraw(self, id_: int, data: ActionData, driver: str, output: bytes) -> None:
+        """Delete what an import stored once oned can no longer hear of it (FINALIZE or EOF
+        came while it finished): an app nobody knows of would hold its space for ever."""
+        try:
+            source = parse_template(output).get("SOURCE") or ""
+            payload = data.withdrawal_payload(str(source)).decode("ascii")
+        except (MarketError, ValueError) as exc:
+            log(f"cannot withdraw an import finished after the stop: {exc}")
+            return
+        if not source:
+            return
+        fresh = Pending(protocol.Request("DELETE", -1, payload))
+        outcome = await self._market_action(fresh, driver, "delete", payload, STOP_GRACE_S)
+        state = "withdrew" if outcome.ok else "could not withdraw"
+        log(f"{state} what import {id_} stored: it finished after the stop")
 
     def _result(self, req: protocol.Request, outcome: Outcome, label: str) -> str:
         if not outcome.ok:
@@ -847,7 +950,12 @@ class Mad:
         return env
 
     async def _market_action(
-        self, pending: Pending, driver: str, action: str, payload: str
+        self,
+        pending: Pending,
+        driver: str,
+        action: str,
+        payload: str,
+        timeout_s: float | None = None,
     ) -> Outcome:
         path = self.market_dir / driver / action
         label = f"{driver} {action}"
@@ -859,7 +967,9 @@ class Mad:
         else:
             args = [payload, str(pending.request.id)]
             spawn = lambda: spawn_program(str(path), args, self._child_env())  # noqa: E731
-        return await self._execute(pending, label, spawn, [payload, pending.request.payload])
+        return await self._execute(
+            pending, label, spawn, [payload, pending.request.payload], timeout_s=timeout_s
+        )
 
     async def _execute(
         self,
@@ -868,6 +978,8 @@ class Mad:
         spawn: Callable[[], Spawned],
         secrets: Sequence[str | bytes],
         stdin_data: bytes = b"",
+        max_stdout: int = MAX_RESULT_BYTES,
+        timeout_s: float | None = None,
     ) -> Outcome:
         if pending.cancelled:
             return Outcome(1, killed=pending.cancelled)
@@ -889,12 +1001,12 @@ class Mad:
             scrub=Scrubber(secrets),
             stdin_fd=in_fd,
             stdin_data=stdin_data,
+            max_stdout=max_stdout,
         )
         pending.child = child
-        if self.options.timeout_s:
-            child.set_timeout(
-                self.options.timeout_s, f"{label} timed out after {self.options.timeout_s:g} s"
-            )
+        limit = timeout_s or self.options.timeout_s
+        if limit:
+            child.set_timeout(limit, f"{label} timed out after {limit:g} s")
         try:
             return await child.done
         finally:
@@ -909,8 +1021,8 @@ def preload(drivers: frozenset[str]) -> None:
             backend_class(name)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    options = parse_args(sys.argv[1:] if argv is None else argv)
+def main(options: Options) -> int:
+    """Run the MAD with parsed options (``onemarket.madstart`` parses them as oned gives them)."""
     installation = Installation.detect()
     # replies go to a private copy of stdout; fd 1 becomes stderr, so that nothing printed
     # by a library can corrupt the conversation with oned
@@ -918,7 +1030,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     mad = Mad(options, installation, out_fd)
-    preload(mad.enabled)
     log(
         f"started: remotes {installation.remotes}, drivers {','.join(sorted(mad.enabled)) or '-'}"
         f", {options.concurrency} at once, timeout {options.timeout_s or 'none'}"
@@ -929,4 +1040,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .madstart import main as start
+
+    sys.exit(start())

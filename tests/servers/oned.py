@@ -1,10 +1,11 @@
 """An oned simulator: install into a temporary ONE_LOCATION, spawn the MAD, talk to it.
 
 ``install.sh -d DIR -P <this interpreter>`` builds the layout oned would use (``lib/mads``,
-``var/remotes``); :class:`MadProcess` runs ``lib/mads/one_market`` with real pipes, writes
-oned's request lines, and collects replies and ``LOG`` lines with a reader thread, so that
-every wait is bounded and the MAD never blocks on a full stdout pipe. The requests' action
-data comes from :mod:`tests.payloads`.
+``var/remotes``); :class:`MadProcess` starts ``lib/mads/one_market`` exactly as oned's
+``Driver`` does (one-word ARGUMENTS, fd 2 closed, the INIT handshake, restart on EOF, the stop
+sequence), writes oned's request lines, and collects replies and ``LOG`` lines with a listener
+thread, so that every wait is bounded and the MAD never blocks on a full stdout pipe. The
+requests' action data comes from :mod:`tests.payloads`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import base64
 import contextlib
 import os
 import queue
+import select
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,55 +77,198 @@ def parse_log(line: str) -> LogLine:
     return LogLine(parts[1], int(parts[2]), parts[3])
 
 
-class MadProcess:
-    """A running MAD with oned's side of its pipes."""
+class DriverInitError(AssertionError):
+    """oned would refuse the MAD at start (``Driver::start_driver`` returned -1)."""
 
-    def __init__(self, command: list[str], env: dict[str, str], log_path: Path) -> None:
+
+class MadProcess:
+    """oned's ``Driver`` object (OpenNebula ``include/Driver.h``) around one MAD process.
+
+    Each rule cites master:include/Driver.h (same in one-6.10 and one-7.x):
+
+    - start_driver: two pipes, fork; in the child dup2 to fds 0 and 1, ``close(2)`` (l.283)
+      and ``execlp(cmd, cmd, arg.c_str(), NULL)`` (l.285): ARGUMENTS is ONE argv word, even
+      when empty. The child inherits oned's environment and working directory.
+    - INIT (l.305-349): write ``INIT\\n``, ``select`` at most 10 s (l.314), ONE ``read`` of at
+      most 31 bytes (l.327), first two words must be ``INIT SUCCESS`` (l.344); any bytes of
+      that read after them are lost.
+    - listener (l.356-375): reads reply lines; at EOF of the MAD's stdout while oned is not
+      stopping, ``stop_driver(1)`` then ``start_driver`` (a restart, INIT again).
+    - stop_driver(secs) (l.203-238): write ``FINALIZE\\n``, close both pipes at once, poll
+      ``waitpid(WNOHANG)`` once a second ``secs`` times, then ``kill(pid, SIGKILL)`` of the
+      MAD's pid only. oned stops the market driver with 10 s (MarketPlaceManager.h
+      ``drivers_timeout``, l.219) and restarts with 1 s.
+    """
+
+    INIT_TIMEOUT_S = 10.0
+    INIT_READ_BYTES = 31
+    SHUTDOWN_SECS = 10
+    RESTART_SECS = 1
+
+    def __init__(
+        self, command: str, argument: str, env: dict[str, str], log_path: Path, cwd: Path,
+        restart: bool = True,
+    ) -> None:  # fmt: skip
+        self.command = command
+        self.argument = argument
+        self.env = env
+        self.cwd = cwd
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(
-            command,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            env=env,
-        )
+        log_path.touch()
+        self.restart_on_eof = restart
         self.lines: list[str] = []
-        """Every stdout line, in order (replies and LOG lines)."""
+        """Every stdout line oned read, in order (replies and LOG lines)."""
         self.logs: list[LogLine] = []
+        self.restarts = 0
+        self.exit_statuses: list[int] = []
+        """Exit status of every MAD process stop_driver saw end (-9: oned SIGKILLed it)."""
+        self.init_answer = b""
         self._queue: queue.Queue[str | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._read_stdout, daemon=True)
+        self._terminate = False
+        self._lock = threading.Lock()
+        self.pid = -1
+        self.to_drv = -1
+        self.from_drv = -1
+        self._wake_r, self._wake_w = os.pipe()
+        self._released = threading.Event()
+        try:
+            self._start_driver()
+        except DriverInitError:
+            self.close()
+            raise
+        self._thread = threading.Thread(target=self._listener, daemon=True)
         self._thread.start()
 
-    def _read_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            line = raw.decode("utf-8", "replace")
-            self.lines.append(line)
-            self._queue.put(line)
-        self._queue.put(None)
+    # -- Driver::start_driver
+    def _start_driver(self) -> None:
+        to_r, to_w = os.pipe()
+        from_r, from_w = os.pipe()
+        actions = [
+            (os.POSIX_SPAWN_DUP2, to_r, 0),
+            (os.POSIX_SPAWN_DUP2, from_w, 1),
+            (os.POSIX_SPAWN_CLOSE, 2),
+        ]
+        old_cwd = os.getcwd()
+        os.chdir(self.cwd)  # posix_spawn has no cwd: the child starts in oned's folder
+        try:
+            self.pid = os.posix_spawnp(
+                self.command, [self.command, self.argument], self.env, file_actions=actions
+            )
+        finally:
+            os.chdir(old_cwd)
+            os.close(to_r)
+            os.close(from_w)
+        self.to_drv, self.from_drv = to_w, from_r
+        os.write(self.to_drv, b"INIT\n")
+        ready = select.select([self.from_drv], [], [], self.INIT_TIMEOUT_S)[0]
+        if not ready:
+            raise DriverInitError("Driver initialization time out")
+        self.init_answer = os.read(self.from_drv, self.INIT_READ_BYTES)
+        words = self.init_answer.decode("ascii", "replace").split()
+        if words[:2] != ["INIT", "SUCCESS"]:
+            raise DriverInitError(
+                f"Driver initialization failed, expected INIT SUCCESS message "
+                f"(got {self.init_answer!r}); MAD log:\n{self.log_text()}"
+            )
+
+    # -- Driver::stop_driver
+    def stop_driver(self, secs: int) -> int | None:
+        """FINALIZE, close both pipes, wait ``secs`` polls, SIGKILL: the exit status seen."""
+        with self._lock:
+            if self.pid == -1:
+                return None
+            with contextlib.suppress(OSError):
+                os.write(self.to_drv, b"FINALIZE\n")
+            self._close_pipes()
+            status = None
+            for _ in range(secs):
+                pid, raw = os.waitpid(self.pid, os.WNOHANG)
+                if pid != 0:
+                    status = os.waitstatus_to_exitcode(raw)
+                    break
+                time.sleep(1)
+            if status is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                status = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+            self.exit_statuses.append(status)
+            self.pid = -1
+            return status
+
+    def _close_pipes(self) -> None:
+        """Close both ends oned holds; the listener lets go of ``from_drv`` first."""
+        if self.to_drv != -1:
+            os.close(self.to_drv)
+            self.to_drv = -1
+        fd, self.from_drv = self.from_drv, -1
+        if fd == -1:
+            return
+        if threading.current_thread() is not getattr(self, "_thread", None):
+            os.write(self._wake_w, b"x")
+            self._released.wait(EXIT_TIMEOUT_S)
+        os.close(fd)
+
+    # -- the listener thread (Driver::start_listener)
+    def _listener(self) -> None:
+        try:
+            self._listen()
+        finally:
+            self._queue.put(None)
+            self._released.set()
+
+    def _listen(self) -> None:
+        buf = b""
+        while True:
+            fd = self.from_drv
+            if fd == -1:
+                return
+            ready = select.select([fd, self._wake_r], [], [])[0]
+            if self._wake_r in ready:
+                return  # another thread is closing the pipes: oned reads no more
+            data = os.read(fd, 65536)
+            if data:
+                *complete, buf = (buf + data).split(b"\n")
+                for raw in complete:
+                    line = raw.decode("utf-8", "replace") + "\n"
+                    self.lines.append(line)
+                    self._queue.put(line)
+                continue
+            # EOF: the MAD died or closed its stdout; oned restarts it unless it is stopping
+            buf = b""
+            if self._terminate or not self.restart_on_eof:
+                return
+            self.stop_driver(self.RESTART_SECS)
+            self.restarts += 1
+            self._start_driver()
 
     # -- oned -> MAD
     def send(self, *lines: str) -> None:
         """Write request lines at once (one write, as a burst from oned)."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("".join(f"{line}\n" for line in lines).encode())
-        self.proc.stdin.flush()
+        self.send_raw("".join(f"{line}\n" for line in lines).encode())
 
     def send_raw(self, data: bytes) -> None:
-        """Write bytes as they are (garbage, invalid UTF-8, NUL...)."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
+        """Write bytes as they are (garbage, invalid UTF-8, NUL...); oned ignores EPIPE."""
+        view = memoryview(data)
+        with contextlib.suppress(OSError):
+            while view:
+                view = view[os.write(self.to_drv, view) :]
 
     def request(self, action: str, id_: int, payload: str) -> None:
         """A request the way oned writes it: empty status, so two blanks after the action."""
         self.send(f"{action}  {id_} {payload}")
 
     def close_stdin(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
+        """Close oned's write end only (the MAD sees EOF; replies are still read)."""
+        if self.to_drv != -1:
+            os.close(self.to_drv)
+            self.to_drv = -1
+
+    def crash(self) -> None:
+        """oned dies: both pipes close at once, without FINALIZE, and nothing is restarted."""
+        self._terminate = True
+        with self._lock:
+            self._close_pipes()
 
     # -- MAD -> oned
     def next_line(self, timeout_s: float = LINE_TIMEOUT_S) -> str | None:
@@ -144,39 +291,54 @@ class MadProcess:
     def replies(self, count: int, timeout_s: float = LINE_TIMEOUT_S) -> list[Reply]:
         return [self.reply(timeout_s) for _ in range(count)]
 
-    def finalize(self, timeout_s: float = EXIT_TIMEOUT_S) -> int:
-        """Send FINALIZE and wait for the exit status."""
-        self.send("FINALIZE")
-        return self.wait(timeout_s)
+    def finalize(self, secs: int = SHUTDOWN_SECS) -> int | None:
+        """oned's shutdown: ``stop_driver(10)``; the MAD's exit status (-9 if oned killed it)."""
+        self._terminate = True
+        return self.stop_driver(secs)
 
     def wait(self, timeout_s: float = EXIT_TIMEOUT_S) -> int:
-        try:
-            return self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"MAD still running after {timeout_s} s; its log:\n{self.log_text()}")
+        """Wait for the MAD to exit on its own (oned does not; tests do)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                if self.pid == -1:
+                    return self.exit_statuses[-1]
+                pid, raw = os.waitpid(self.pid, os.WNOHANG)
+                if pid != 0:
+                    status = os.waitstatus_to_exitcode(raw)
+                    self.exit_statuses.append(status)
+                    self.pid = -1
+                    return status
+            if time.monotonic() > deadline:
+                pytest.fail(f"MAD still running after {timeout_s} s; its log:\n{self.log_text()}")
+            time.sleep(0.02)
 
     def rest(self, timeout_s: float = LINE_TIMEOUT_S) -> list[str]:
-        """Every line left once the MAD has exited."""
+        """Every line left once the MAD's output ended."""
         out = []
         while (line := self.next_line(timeout_s)) is not None:
             out.append(line)
         return out
 
     def log_text(self) -> str:
-        self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=EXIT_TIMEOUT_S)
-        if self.proc.stdin is not None:
-            with contextlib.suppress(BrokenPipeError):
-                self.proc.stdin.close()
-        self._thread.join(timeout=EXIT_TIMEOUT_S)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
+        self._terminate = True
+        if self.pid != -1:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        with self._lock:
+            self._close_pipes()
+            if self.pid != -1:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(self.pid, 0)
+                self.pid = -1
+        if hasattr(self, "_thread"):
+            self._thread.join(timeout=EXIT_TIMEOUT_S)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,16 +377,23 @@ class OneLocation:
             path.chmod(0o755)
         return folder
 
-    def start(self, *args: str, env: dict[str, str] | None = None) -> MadProcess:
-        """Spawn the MAD as oned does (ONE_LOCATION set, pipes on stdin and stdout)."""
+    def start(
+        self, *words: str, env: dict[str, str] | None = None, restart: bool = True
+    ) -> MadProcess:
+        """Start the MAD as oned does, INIT included (DriverInitError if oned would refuse it).
+
+        ``words`` are oned.conf's ARGUMENTS: joined into the ONE argv word oned passes.
+        """
         full_env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
         full_env["ONE_LOCATION"] = str(self.root)
         full_env.update(env or {})
         # ONE_MAD_DEBUG: the MAD wrapper appends the MAD's stderr to var/one_market.log, as the
-        # stock wrapper does; the wrapper's own stderr goes to the same file
+        # stock wrapper does
         full_env.setdefault("ONE_MAD_DEBUG", "1")
         log_path = self.root / "var" / "one_market.log"
-        mad = MadProcess([str(self.mad), *args], full_env, log_path)
+        cwd = self.root / "oned-cwd"
+        cwd.mkdir(exist_ok=True)
+        mad = MadProcess(str(self.mad), " ".join(words), full_env, log_path, cwd, restart)
         self.started.append(mad)
         return mad
 
