@@ -60,7 +60,7 @@ def peak_rss_mb(pid: int) -> float:
 def bench_mad(root: Path, b64: str, count: int) -> tuple[list[float], float, str]:
     env = dict(os.environ, ONE_LOCATION=str(root))
     proc = subprocess.Popen(
-        [str(root / "lib" / "mads" / "one_market"), "-t", "15", "-m", "http"],
+        [str(root / "lib" / "mads" / "one_market"), "-t 15 -m http"],  # one word, as oned
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
