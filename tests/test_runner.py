@@ -444,7 +444,7 @@ def test_real_http_monitor_missing_attributes(tmp_path) -> None:
 # --------------------------------------------------------------------------- driverlog
 
 
-def test_log_lines_prefixed_split_and_masked(monkeypatch) -> None:
+def test_log_lines_prefixed_one_line_and_masked(monkeypatch) -> None:
     import io
 
     out = io.StringIO()
@@ -453,15 +453,14 @@ def test_log_lines_prefixed_split_and_masked(monkeypatch) -> None:
     driverlog.redact("abc")  # too short to mask without masking everything
     driverlog.redact("secret")
     driverlog.redact("secret-longer")
-    driverlog.info("one\ntwo\r\n\nsecret-longer and secret")
-    driverlog.warn("w")
+    driverlog.info("one\ntwo\r\n\nsecret-longer and secret\n")
+    driverlog.warn("w\nERROR: forged\x1b[2J")
     driverlog.error("e")
     driverlog.debug("hidden")
+    driverlog.info(" \n ")
     assert out.getvalue().splitlines() == [
-        "INFO: one",
-        "INFO: two",
-        "INFO: **** and ****",
-        "WARN: w",
+        "INFO: one\\ntwo\\r\\n\\n**** and ****",
+        "WARN: w\\nERROR: forged\\x1b[2J",
         "ERROR: e",
     ]
 

@@ -1,7 +1,10 @@
 """Log lines of an action: ``INFO:``, ``WARN:``, ``ERROR:``, ``DEBUG:`` on stderr.
 
 The MAD turns these lines into oned ``LOG`` messages while the action runs, so each line is
-flushed at once. Stdout is reserved for the action's result. Secrets registered with
+flushed at once. Stdout is reserved for the action's result. Every message is exactly one
+line, whatever its origin: control characters (newlines included) are written as escapes
+(:func:`escape_controls`), so text from a catalog or a server can never start a line of its
+own (``LOG E ...`` forged from a key with a newline). Secrets registered with
 :func:`redact` are masked in every line, and the standard ``logging`` module (boto3, urllib3)
 is routed here at WARNING level so that no library writes to stdout.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import sys
 import threading
 from typing import TextIO
@@ -63,14 +67,30 @@ def set_debug(enabled: bool) -> None:
     _debug = enabled
 
 
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    ch = match.group()
+    return _NAMED_ESCAPES.get(ch) or (
+        f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
+    )
+
+
+def escape_controls(text: str) -> str:
+    """``text`` as one line: C0/C1 controls, DEL and U+2028/U+2029 written as ``\\n``,
+    ``\\r``, ``\\t``, ``\\xNN`` or ``\\uNNNN``."""
+    return _CONTROL_RE.sub(_escape, text)
+
+
 def _write(prefix: str, message: str) -> None:
-    lines = scrub(str(message)).replace("\r", "\n").split("\n")
-    text = "".join(f"{prefix}: {line}\n" for line in lines if line.strip())
-    if not text:
+    line = escape_controls(scrub(str(message)).strip())
+    if not line:
         return
     out = stream if stream is not None else sys.stderr
     with _lock:
-        out.write(text)
+        out.write(f"{prefix}: {line}\n")
         out.flush()
 
 
