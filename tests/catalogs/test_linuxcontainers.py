@@ -26,10 +26,11 @@ import requests
 from onemarket import driverlog, web
 from onemarket.action import Market
 from onemarket.backends.base import Context
+from onemarket.catalogs import linuxcontainers as lxc
 from onemarket.catalogs.linuxcontainers import CatalogStats, LinuxContainersCatalog, LxcOptions
 from onemarket.catalogs.qcow2 import fetch_virtual_size
 from onemarket.errors import ConfigError, RemoteError
-from onemarket.installation import Installation
+from onemarket.installation import Installation, ReleaseLine
 from onemarket.template import Template, parse_template
 
 from tests.qemu_img import qemu_img_virtual_size
@@ -51,17 +52,33 @@ ARCH = {
     "riscv64": "riscv64",
 }
 TESTED = {
-    "alpine",
-    "alt",
-    "rockylinux",
-    "almalinux",
-    "oracle",
-    "debian",
-    "ubuntu",
-    "fedora",
-    "devuan",
-    "amazonlinux",
+    "6.10": {
+        "alpine",
+        "alt",
+        "rockylinux",
+        "almalinux",
+        "oracle",
+        "debian",
+        "ubuntu",
+        "fedora",
+        "devuan",
+        "amazonlinux",
+    },
+    "7.x": {
+        "almalinux",
+        "alpine",
+        "amazonlinux",
+        "debian",
+        "devuan",
+        "fedora",
+        "opensuse",
+        "oracle",
+        "rockylinux",
+        "ubuntu",
+    },
 }
+"""The stock monitors' tested lists (one-6.10 and one-7.0 monitor, ``:tested_apps``)."""
+VERSION_FILE = {"6.10": "6.10.0.1\n", "7.x": "7.5.80\n"}
 CONTEXT = {"NETWORK": "YES", "SSH_PUBLIC_KEY": "$USER[SSH_PUBLIC_KEY]", "SET_HOSTNAME": "$NAME"}
 GRAPHICS = {"LISTEN": "0.0.0.0", "TYPE": "vnc"}
 
@@ -114,9 +131,16 @@ class Run:
     apps: list[Template]
     warnings: list[str]
     stats: CatalogStats
+    log: str = ""
 
 
-def run_monitor(endpoint: str, attrs: dict[str, str], one_location: Path) -> Run:
+def run_monitor(
+    endpoint: str, attrs: dict[str, str], one_location: Path, release: str | None = None
+) -> Run:
+    """Monitor as an installation of ``release`` ("6.10", "7.x"; None: no remotes/VERSION)."""
+    if release is not None:
+        (one_location / "var" / "remotes").mkdir(parents=True, exist_ok=True)
+        (one_location / "var" / "remotes" / "VERSION").write_text(VERSION_FILE[release])
     log = io.StringIO()
     saved = driverlog.stream
     driverlog.stream = log
@@ -131,7 +155,7 @@ def run_monitor(endpoint: str, attrs: dict[str, str], one_location: Path) -> Run
     assert [n for n in top.names() if n != "APP"] == ["USED_MB", "FREE_MB", "TOTAL_MB"]
     apps = [parse_template(base64.b64decode(v, validate=True)) for v in top.get_all("APP")]
     warnings = [line for line in log.getvalue().splitlines() if line.startswith("WARN: ")]
-    return Run(text, apps, warnings, stats)
+    return Run(text, apps, warnings, stats, log.getvalue())
 
 
 def qcow2_header(virtual_size: int) -> bytes:
@@ -170,18 +194,28 @@ def words(value: str | None, default: list[str]) -> list[str]:
     return [w for w in value.replace(",", " ").split() if w] or default
 
 
+def public(url: str) -> str:
+    """``url`` without ``user:password@`` (what PUBLISHER and LINK may show)."""
+    scheme, _, rest = url.partition("://")
+    host, slash, path = rest.partition("/")
+    return f"{scheme}://{host.rpartition('@')[2]}{slash}{path}"
+
+
 def expected_apps(
     catalog: dict,
     endpoint: str,
     attrs: dict[str, str],
     virtual_size: Callable[[dict], int] = synthetic_virtual_size,
+    release: str = "7.x",
 ) -> dict[str, dict]:
-    """NAME -> expected app (scalars plus the decoded APPTEMPLATE64/VMTEMPLATE64 items)."""
+    """NAME -> expected app (scalars plus the decoded APPTEMPLATE64/VMTEMPLATE64 items), by the
+    stock rules of ``release`` ("6.10" or "7.x") plus our documented extras."""
     yes = {"yes", "true", "1", "on"}
+    seven = release == "7.x"
     variants = words(attrs.get("VARIANTS"), ["default"])
-    arches = words(attrs.get("ARCHITECTURES"), ["x86_64", "aarch64"])
+    arches = words(attrs.get("ARCHITECTURES"), ["x86_64", "aarch64"] if seven else ["x86_64"])
     distros = words(attrs.get("DISTRIBUTIONS"), [])
-    skip_untested = attrs.get("SKIP_UNTESTED", "yes").lower() in yes
+    skip_untested = attrs.get("SKIP_UNTESTED", "yes") == "yes"
     size = attrs.get("IMAGE_SIZE_MB", "2048")
     fs = attrs.get("FILESYSTEM", "ext4")
     fmt = attrs.get("FORMAT", "raw")
@@ -189,50 +223,62 @@ def expected_apps(
     vm_variants = words(attrs.get("VM_VARIANTS"), ["cloud"])
     cpu, vcpu, memory = attrs.get("CPU", "1"), attrs.get("VCPU", "2"), attrs.get("MEMORY", "768")
     unprivileged = "false" if attrs.get("PRIVILEGED", "true").lower() in yes else "true"
+    shown = public(endpoint)
     out: dict[str, dict] = {}
     for key, product in catalog["products"].items():
-        distro, release, ss_arch, variant = key.split(":")
+        distro, release_name, ss_arch, variant = key.split(":")
         arch = ARCH.get(ss_arch, ss_arch)
         if arch not in arches:
             continue
         if distros and distro not in distros:
             continue
-        if not distros and skip_untested and distro not in TESTED:
+        if not distros and skip_untested and distro not in TESTED[release]:
             continue
         serial = max(product["versions"])  # YYYYMMDD_HH:MM sorts by date
         regtime = calendar.timegm(time.strptime(serial, "%Y%m%d_%H:%M"))
         items = product["versions"][serial]["items"]
-        base = f"{distro}_{release}" + ("" if variant == "default" else f"_{variant}")
+        base = f"{distro}_{release_name}" + ("" if variant == "default" else f"_{variant}")
         suffix = "" if arch == "x86_64" else f" ({arch})"
         if variant in variants and "root.tar.xz" in items:
             item = items["root.tar.xz"]
             md5 = hashlib.md5(f"lxc-rootfs\n{item['sha256']}\n{size}\n{fs}\n{fmt}".encode())
-            out[f"{base} - LXC{suffix}"] = {
-                "NAME": f"{base} - LXC{suffix}",
+            name = f"{base}{suffix}" if seven else f"{base} - LXC{suffix}"
+            if seven:
+                sched = f"HYPERVISOR=lxc & ARCH={arch}"
+            else:
+                sched = 'HYPERVISOR="lx*"' + ("" if arch == "x86_64" else f' & ARCH="{arch}"')
+            vmtemplate = [
+                ("SCHED_REQUIREMENTS", sched),
+                ("CPU", cpu),
+                ("VCPU", vcpu),
+                ("MEMORY", memory),
+                ("LXC_UNPRIVILEGED", unprivileged),
+                ("GRAPHICS", GRAPHICS),
+                ("CONTEXT", CONTEXT),
+            ]
+            if seven:
+                vmtemplate += [
+                    ("RAW", {"TYPE": "lxc", "DATA": "lxc.apparmor.profile=unconfined"}),
+                    ("HYPERVISOR", "lxc"),
+                ]
+            out[name] = {
+                "NAME": name,
                 "SOURCE": f"lxd://{endpoint}{item['path']}?size={size}&filesystem={fs}"
                 f"&format={fmt}",
                 "IMPORT_ID": "-1",
                 "ORIGIN_ID": "-1",
                 "TYPE": "IMAGE",
-                "PUBLISHER": endpoint,
+                "PUBLISHER": shown,
                 "FORMAT": fmt,
                 "VERSION": serial,
                 "REGTIME": str(regtime),
-                "LINK": endpoint + item["path"],
+                "LINK": shown + item["path"],
                 "SIZE": size,
                 "MD5": md5.hexdigest(),
                 "ARCHITECTURE": arch,
                 "HYPERVISOR": "lxc",
-                "APPTEMPLATE64": [("DRIVER", fmt)],
-                "VMTEMPLATE64": [
-                    ("SCHED_REQUIREMENTS", f'HYPERVISOR="lx*" & ARCH="{arch}"'),
-                    ("CPU", cpu),
-                    ("VCPU", vcpu),
-                    ("MEMORY", memory),
-                    ("LXC_UNPRIVILEGED", unprivileged),
-                    ("GRAPHICS", GRAPHICS),
-                    ("CONTEXT", CONTEXT),
-                ],
+                "APPTEMPLATE64": [("DRIVER", "raw")],
+                "VMTEMPLATE64": vmtemplate,
             }
         if vm and variant in vm_variants and "disk.qcow2" in items:
             item = items["disk.qcow2"]
@@ -258,11 +304,11 @@ def expected_apps(
                 "IMPORT_ID": "-1",
                 "ORIGIN_ID": "-1",
                 "TYPE": "IMAGE",
-                "PUBLISHER": endpoint,
+                "PUBLISHER": shown,
                 "FORMAT": "qcow2",
                 "VERSION": serial,
                 "REGTIME": str(regtime),
-                "LINK": endpoint + item["path"],
+                "LINK": shown + item["path"],
                 "SIZE": str(math.ceil(virtual_size(item) / MIB)),
                 "MD5": hashlib.md5(f"kvm-qcow2\n{item['sha256']}".encode()).hexdigest(),
                 "ARCHITECTURE": arch,
@@ -277,6 +323,7 @@ def expected_apps(
                     ("NIC_DEFAULT", {"MODEL": "virtio"}),
                     ("GRAPHICS", GRAPHICS),
                     ("CONTEXT", CONTEXT),
+                    *([("HYPERVISOR", "kvm")] if seven else []),
                 ],
             }
     return out
@@ -334,15 +381,16 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("release", ["7.x", "6.10"])
 @pytest.mark.parametrize(("profile", "seed", "attrs"), CASES)
 def test_monitor_maps_every_field(
-    httpd, catalog_dir, tmp_path: Path, profile: str, seed: str, attrs: dict
+    httpd, catalog_dir, tmp_path: Path, profile: str, seed: str, attrs: dict, release: str
 ) -> None:
     catalog = load(catalog_dir("--profile", profile, "--seed", seed))
     serve_catalog(httpd, catalog)
     endpoint = httpd.url + "/"
-    run = run_monitor(endpoint, attrs, tmp_path)
-    expected = expected_apps(catalog, endpoint, attrs)
+    run = run_monitor(endpoint, attrs, tmp_path, release)
+    expected = expected_apps(catalog, endpoint, attrs, release=release)
     assert len(expected) >= 10  # every case exercises a real share of the catalog
     check_apps(run, expected)
     assert run.warnings == []
@@ -364,15 +412,93 @@ def test_default_market_is_upstream_compatible(httpd, catalog_dir, tmp_path: Pat
     endpoint = httpd.url + "/"
     run = run_monitor(httpd.url, {}, tmp_path)  # no trailing slash: added once
     by_name = {a.get("NAME"): a for a in run.apps}
-    jammy = by_name["ubuntu_jammy - LXC"]
+    jammy = by_name["ubuntu_jammy"]  # no remotes/VERSION: the 7.x rules
     product = catalog["products"]["ubuntu:jammy:amd64:default"]
     serial = list(product["versions"])[-1]
     path = product["versions"][serial]["items"]["root.tar.xz"]["path"]
     assert jammy.get("SOURCE") == f"lxd://{endpoint}{path}?size=2048&filesystem=ext4&format=raw"
     assert jammy.get("SIZE") == "2048" and jammy.get("FORMAT") == "raw"
-    assert "ubuntu_jammy - LXC (aarch64)" in by_name
+    assert "ubuntu_jammy (aarch64)" in by_name
     assert not any(n.endswith("- KVM") for n in by_name)  # VM images are opt-in
     assert not any(n.startswith(("archlinux", "gentoo", "nixos")) for n in by_name)
+
+
+# --------------------------------------------------------------------------------------------
+# Field by field against the stock drivers' output (tests/data/stock-lxc, see its README)
+# --------------------------------------------------------------------------------------------
+
+STOCK_DATA = REPO / "tests" / "data" / "stock-lxc"
+IDENTITY = ("NAME", "SOURCE", "IMPORT_ID", "TYPE", "FORMAT", "ARCHITECTURE", "HYPERVISOR")
+SAME_AS_STOCK = (*IDENTITY, "SIZE", "ORIGIN_ID", "REGTIME", "PUBLISHER", "LINK")
+DELIBERATE = {"MD5", "VERSION", "DESCRIPTION"}
+"""Top-level attributes where we differ from stock on purpose (README, "Compatibility")."""
+
+
+def app_fields(app: Template, endpoint: str, stock_endpoint: str) -> dict:
+    """An app as the stock data stores it: nested templates decoded, our endpoint renamed."""
+    out: dict = {}
+    for name, value in app.items:
+        assert isinstance(value, str)
+        if name in ("APPTEMPLATE64", "VMTEMPLATE64"):
+            nested = parse_template(base64.b64decode(value, validate=True)).items
+            out[name] = [[k, v] for k, v in nested]
+        else:
+            out[name] = value
+    return json.loads(json.dumps(out).replace(endpoint, stock_endpoint))
+
+
+@pytest.mark.parametrize(
+    ("stock_file", "release"),
+    [
+        ("lxc-2025-7-7.5.80.json", "7.x"),
+        ("lxc-2025-7-untested-7.5.80.json", "7.x"),
+        ("lxc-2025-7-6.10.0.1.json", "6.10"),
+        ("lxc-2025-7-untested-6.10.0.1.json", "6.10"),
+    ],
+)
+def test_same_apps_as_the_stock_driver(
+    httpd, catalog_dir, tmp_path: Path, stock_file: str, release: str
+) -> None:
+    stock = json.loads((STOCK_DATA / stock_file).read_text())
+    assert stock["catalog"].endswith("--profile 2025 --seed 7")
+    catalog = load(catalog_dir("--profile", "2025", "--seed", "7"))
+    serve_catalog(httpd, catalog)
+    endpoint = httpd.url + "/"
+    run = run_monitor(endpoint, stock["market"], tmp_path, release)
+    assert run.warnings == []
+    ours = [app_fields(a, endpoint, stock["endpoint"]) for a in run.apps]
+    assert [a["NAME"] for a in ours] == [a["NAME"] for a in stock["apps"]]
+    for mine, theirs in zip(ours, stock["apps"], strict=True):
+        for attr in SAME_AS_STOCK:
+            if attr in theirs:
+                assert mine[attr] == theirs[attr], (mine["NAME"], attr)
+        # every stock attribute of the nested templates, with its value, and nothing else
+        for nested in ("APPTEMPLATE64", "VMTEMPLATE64"):
+            assert dict(map(tuple, mine[nested])) == dict(map(tuple, theirs[nested]))
+        changed = {k for k in theirs if mine.get(k) != theirs[k]}
+        assert changed == DELIBERATE, mine["NAME"]
+        added = set(mine) - set(theirs)
+        # 6.10's stock apps have no ARCHITECTURE/HYPERVISOR; ours say what 7.x says
+        assert added == (set() if release == "7.x" else {"ARCHITECTURE", "HYPERVISOR"})
+        assert mine["VERSION"] in mine["SOURCE"] and mine["PUBLISHER"] in mine["DESCRIPTION"]
+
+
+@pytest.mark.parametrize(
+    ("value", "skips"),
+    [(None, True), ("yes", True), (" yes ", True), ("no", False), ("YES", False), ("1", False)],
+)
+def test_skip_untested_follows_stock(
+    httpd, catalog_dir, tmp_path: Path, value: str | None, skips: bool
+) -> None:
+    """Stock skips untested distributions only for an absent or exactly ``yes`` SKIP_UNTESTED
+    (one-7.0 monitor:141): any other word publishes them all."""
+    catalog = load(catalog_dir("--profile", "2025", "--seed", "7"))
+    serve_catalog(httpd, catalog)
+    attrs = {} if value is None else {"SKIP_UNTESTED": value}
+    run = run_monitor(httpd.url, attrs, tmp_path, "7.x")
+    names = {a.get("NAME") for a in run.apps}
+    assert ("archlinux_current" not in names) is skips
+    assert "ubuntu_noble" in names and "opensuse_tumbleweed" in names
 
 
 def test_newest_version_is_chosen_whatever_the_order(httpd, catalog_dir, tmp_path: Path) -> None:
@@ -611,17 +737,105 @@ def test_warnings_are_bounded(httpd, catalog_dir, tmp_path: Path) -> None:
     assert len(run.warnings) == 21 and "more broken products" in run.warnings[-1]
 
 
-def test_hostile_catalog_text_cannot_break_the_output(httpd, catalog_dir, tmp_path) -> None:
+def test_floods_are_capped_and_counted(
+    httpd, catalog_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MAX_PRODUCTS nothing is read; a product with too many builds is skipped before its
+    serials are parsed; a build's items are searched for a disk only up to MAX_ITEMS; every
+    skip is counted in a bounded number of WARN lines."""
+    monkeypatch.setattr(lxc, "MAX_PRODUCTS", 400)
+    catalog = load(catalog_dir("--profile", "2024", "--seed", "2"))
+    real = copy.deepcopy(catalog["products"])
+    assert len(real) < 400
+    products = catalog["products"]
+    jammy = products["ubuntu:jammy:amd64:default"]
+    # serials that are not dates: an error if they were parsed
+    jammy["versions"] = {f"2024{i:08d}": {"items": {}} for i in range(50_000)}
+    cloud = products["ubuntu:jammy:amd64:cloud"]
+    newest = cloud["versions"][max(cloud["versions"])]["items"]
+    disk = newest.pop("disk.qcow2")
+    for i in range(5_000):
+        newest[f"junk{i}"] = {"ftype": "junk"}
+    newest["late"] = disk  # a disk past MAX_ITEMS under an unusual key is not looked for
+    for i in range(3_000):
+        products[f"ubuntu:flood{i}:amd64:default"] = {"versions": {}}
+    serve_catalog(httpd, catalog)
+    attrs = {"VM_IMAGES": "yes"}
+    run = run_monitor(httpd.url, attrs, tmp_path, "7.x")
+    del real["ubuntu:jammy:amd64:default"]
+    expected = expected_apps({"products": real}, httpd.url + "/", attrs)
+    del expected["ubuntu_jammy_cloud - KVM"]
+    check_apps(run, expected)
+    assert len(run.warnings) == lxc.MAX_WARNINGS + 2
+    assert "'ubuntu:jammy:amd64:default': product has 50000 builds" in run.warnings[0]
+    more = len(real) + 1 + 3_000 - 400  # products past the cap
+    assert run.warnings[-1].endswith(f"{more} products past the first 400 not read")
+    assert "more broken products skipped" in run.warnings[-2]
+
+
+def test_log_lines_escape_catalog_text(httpd, catalog_dir, tmp_path: Path) -> None:
+    """A catalog cannot forge log lines: its text is quoted with control characters escaped."""
+    catalog = load(catalog_dir("--profile", "2024", "--seed", "2"))
+    products = catalog["products"]
+    evil = "ubuntu:x\nLOG E 777 pwned\r\x1b[31m\u2028:amd64:default"
+    products[evil] = {"versions": {"20240101_00:00\nLOG W 1300": {"items": {}}}}
+    products["ubuntu:y:amd64:default"] = {
+        "versions": {"20240101_00:00": {"items": {"root.tar.xz": {"path": "a\nb"}}}}
+    }
+    httpd.routes[CATALOG] = dump(catalog)
+    run = run_monitor(httpd.url, {}, tmp_path, "7.x")
+    lines = run.log.splitlines()
+    assert len(lines) == 2 and all(line.startswith("WARN: linuxcontainers: ") for line in lines)
+    assert "\\nLOG E 777 pwned\\r\\x1b[31m\\u2028" in lines[0]
+    assert "'20240101_00:00\\nLOG W 1300'" in lines[0]
+    assert "'root.tar.xz' has no usable path" in lines[1]
+    assert "\x1b" not in run.log and "\u2028" not in run.log
+
+
+def test_endpoint_credentials_stay_in_source(httpd, catalog_dir, tmp_path: Path) -> None:
+    """A password in ENDPOINT is kept where a download needs it (SOURCE) and nowhere else:
+    not in PUBLISHER, LINK, DESCRIPTION, the nested templates or a log line."""
+    catalog = load(catalog_dir("--profile", "2025", "--seed", "3"))
+    secret = "s3cr3t-Pa55"
+    endpoint = httpd.url.replace("http://", f"http://reader:{secret}@") + "/"
+    attrs = {"VM_IMAGES": "yes"}
+    expected = expected_apps(catalog, endpoint, attrs)
+    catalog["products"]["ubuntu:broken:amd64:default"] = {"versions": {}}
+    serve_catalog(httpd, catalog)
+    run = run_monitor(endpoint, attrs, tmp_path, "7.x")
+    check_apps(run, expected)
+    assert {a.get("PUBLISHER") for a in run.apps} == {httpd.url + "/"}
+    for app in run.apps:
+        for name, value in app.items:
+            if name in ("APPTEMPLATE64", "VMTEMPLATE64"):
+                value = base64.b64decode(value).decode()
+            if name == "SOURCE":
+                assert f"reader:{secret}@" in value
+            else:
+                assert secret not in value and "reader" not in value, (name, value)
+    assert run.warnings and secret not in run.log
+    assert all(r.headers.get("Authorization", "").startswith("Basic ") for r in httpd.requests)
+
+
+@pytest.mark.parametrize(
+    ("release", "names"),
+    [
+        ("6.10", ['ubuntu_ja"m]] >my\\ - LXC', "ubuntu_x; y - LXC"]),
+        ("7.x", ['ubuntu_ja"m]] >my\\ ', "ubuntu_x; y"]),  # a final backslash gets a space
+    ],
+)
+def test_hostile_catalog_text_cannot_break_the_output(
+    httpd, catalog_dir, tmp_path, release: str, names: list[str]
+) -> None:
     catalog = load(catalog_dir("--profile", "2024", "--seed", "2"))
     product = catalog["products"].pop("ubuntu:jammy:amd64:default")
     product["os"] = 'Ubu"ntu ]]> \\'
     catalog["products"]['ubuntu:ja"m]]>my\\:amd64:default'] = product
     catalog["products"]["ubuntu:x\ny:amd64:default"] = copy.deepcopy(product)
     httpd.routes[CATALOG] = dump(catalog)
-    run = run_monitor(httpd.url, {}, tmp_path)
-    names = [a.get("NAME") or "" for a in run.apps]
-    assert 'ubuntu_ja"m]] >my\\ - LXC' in names
-    assert "ubuntu_x; y - LXC" in names
+    run = run_monitor(httpd.url, {}, tmp_path, release)
+    published = [a.get("NAME") or "" for a in run.apps]
+    assert all(name in published for name in names), published
 
 
 def test_colliding_names_keep_the_first(httpd, catalog_dir, tmp_path: Path) -> None:
@@ -633,8 +847,8 @@ def test_colliding_names_keep_the_first(httpd, catalog_dir, tmp_path: Path) -> N
     }
     httpd.routes[CATALOG] = dump(catalog)
     run = run_monitor(httpd.url, {"DISTRIBUTIONS": "acme", "VARIANTS": "default c"}, tmp_path)
-    assert [a.get("NAME") for a in run.apps] == ["acme_b_c - LXC"]
-    assert len(run.warnings) == 1 and "acme_b_c - LXC" in run.warnings[0]
+    assert [a.get("NAME") for a in run.apps] == ["acme_b_c"]
+    assert len(run.warnings) == 1 and "'acme_b_c'" in run.warnings[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -650,6 +864,16 @@ def test_option_defaults() -> None:
     assert opts.skip_untested and not opts.vm_images
     assert opts.variants == ("default",) and opts.vm_variants == ("cloud",)
     assert opts.architectures == ("x86_64", "aarch64") and opts.distributions == ()
+    assert opts.rules.line == "7.x"  # no release given: the 7.x rules
+    lts = LxcOptions.from_market(Market(1, "m", "linuxcontainers", {}), ReleaseLine.of("6.10.0.1"))
+    assert lts.architectures == ("x86_64",) and lts.rules.line == "6.10"
+    assert (
+        "alt" in lts.rules.tested_distributions and "opensuse" not in lts.rules.tested_distributions
+    )
+    assert (
+        "opensuse" in opts.rules.tested_distributions
+        and "alt" not in opts.rules.tested_distributions
+    )
 
 
 @pytest.mark.parametrize(
@@ -661,7 +885,6 @@ def test_option_defaults() -> None:
         ("IMAGE_SIZE_MB", "-5"),
         ("MEMORY", "0"),
         ("CPU", "many"),
-        ("SKIP_UNTESTED", "perhaps"),
         ("ENDPOINT", "ftp://example.org/"),
         ("ENDPOINT", "https://example.org/?x=1"),
         ("FILESYSTEM", "ext4;rm -rf"),

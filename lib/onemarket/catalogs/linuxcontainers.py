@@ -1,26 +1,75 @@
 """Linux Containers image server catalog (``linuxcontainers`` driver, monitor only).
 
 Reads the simplestreams ``streams/v1/images.json`` of images.linuxcontainers.org (or a mirror
-named by ``ENDPOINT``) and publishes:
+named by ``ENDPOINT``) and publishes **container apps** exactly as the stock monitor of the
+installed OpenNebula release does (``Installation.release_line()``, read from
+``remotes/VERSION`` as the stock script does), so that switching drivers keeps every app id:
+oned identifies a monitored app by its NAME alone and only rewrites it when VERSION, MD5 or
+SOURCE changed (``MarketPlaceAppPool::import``, master:src/market/MarketPlaceAppPool.cc:141-150,
+one-6.10:src/market/MarketPlaceAppPool.cc:233-240). Opt-in extras (other variants and
+architectures, whose names get a suffix, and **KVM VM images**, ``VM_IMAGES=yes``: the
+``disk.qcow2`` of the configured variants, SIZE = virtual disk size read from the qcow2 header)
+never take a name the stock driver uses.
 
-* **container apps**, compatible with the stock driver: same NAME for the products it lists
-  (``<distro>_<release> - LXC``), the same ``lxd://`` SOURCE read by the stock datastore
-  downloader, SIZE = ``IMAGE_SIZE_MB``, REGTIME from the build serial and the same LXC VM
-  template, so that switching drivers updates the apps oned already has instead of replacing
-  them. Beyond upstream: other architectures and variants (their names get a suffix), a real
-  MD5 and a VERSION that says which build is published;
-* **KVM VM images** (``VM_IMAGES=yes``): the ``disk.qcow2`` of the configured variants as
-  qcow2 IMAGE apps whose SIZE is the virtual disk size read from the qcow2 header.
+Stock rules (``src/market_mad/remotes/linuxcontainers/{monitor,lxd.rb}`` of OpenNebula/one;
+7.0, 7.2, 7.4 and master are identical apart from the copyright line, so line numbers are the
+same on each 7.x branch):
 
-The catalog is fetched with a conditional GET (an unchanged catalog costs a 304). Broken
-products are skipped with a ``WARN:`` line; a failed fetch is one ``RemoteError`` line.
+* every release: products ``distro:release:arch:variant`` with variant ``default``
+  (one-6.10 monitor:120, one-7.0 monitor:140); distributions limited to a tested list unless
+  SKIP_UNTESTED is set to anything but exactly ``yes`` (one-6.10 monitor:121, one-7.0
+  monitor:141); the build is the last key of ``versions`` (monitor:124 / :155; we take the
+  newest serial, the same on the real server, which inserts builds oldest first) and its
+  ``items["root.tar.xz"]`` (monitor:127 / :158, no such item: skipped); SIZE = IMAGE_SIZE_MB,
+  FORMAT, SOURCE ``lxd://<ENDPOINT><path>?size=..&filesystem=..&format=..``, REGTIME from the
+  serial, IMPORT_ID and ORIGIN_ID ``-1``, TYPE ``IMAGE``, LINK ``<ENDPOINT><path>``
+  (one-6.10 monitor:134-149, :178-181); APPTEMPLATE64 ``DRIVER="raw"`` whatever FORMAT
+  (one-6.10 monitor:155, one-7.0 monitor:188); VMTEMPLATE64 CPU, VCPU, MEMORY,
+  ``LXC_UNPRIVILEGED="false"``, GRAPHICS and CONTEXT (one-6.10 lxd.rb:27-40);
+* 6.10 LTS: amd64 only, NAME ``<distro>_<release> - LXC`` (one-6.10 monitor:120, :135); tested
+  list with ``alt``, without ``opensuse`` (one-6.10 monitor:52-53, opensuse removed by
+  e34cc7008f in 2024-07); no ARCHITECTURE/HYPERVISOR;
+  ``SCHED_REQUIREMENTS = "HYPERVISOR=\\"lx*\\""`` (one-6.10 lxd.rb:27); the
+  template ends with a stray ``"`` after CONTEXT (lxd.rb:40) that carries no attribute and is
+  not reproduced;
+* 7.0 and later: arm64 too (one-7.0 monitor:140, 4bf7a016db, 2025-04); NAME
+  ``<distro>_<release>`` and ``<distro>_<release> (aarch64)`` (monitor:143-150, 63c38d7fb0,
+  2025-05); ARCHITECTURE ``x86_64``/``aarch64`` and HYPERVISOR ``lxc`` (monitor:180-181,
+  a7105d21ca and 63c38d7fb0); tested list with ``opensuse`` (2833b134aa), without ``alt``
+  (3b419f9cc0, 2025-06) (monitor:71-72); VM template ``SCHED_REQUIREMENTS =
+  "HYPERVISOR=lxc & ARCH=<arch>"`` and ``HYPERVISOR = "lxc"`` (one-7.0 lxd.rb:26, :44,
+  a7105d21ca), ``RAW = [TYPE="lxc", DATA="lxc.apparmor.profile=unconfined"]`` (lxd.rb:40-43,
+  monitor:78, 2833b134aa).
 
-MD5 (oned compares it to tell whether an app changed; it is not checked against a download,
-oned hands it to the image as ``FROM_APP_MD5``): the md5 of a text made of a kind tag, the
-item's sha256 and the options that shape the image, one per line:
+Deliberate differences (none touches NAME, SOURCE, IMPORT_ID, TYPE, FORMAT, ARCHITECTURE,
+HYPERVISOR or SIZE, nor a stock attribute of the nested templates under the default options):
 
-* container: ``lxc-rootfs``, sha256 of ``root.tar.xz``, IMAGE_SIZE_MB, FILESYSTEM, FORMAT;
-* KVM image: ``kvm-qcow2``, sha256 of ``disk.qcow2`` (published as-is, no option shapes it).
+* MD5: the md5 of a kind tag, the item's sha256 and the options that shape the image, one per
+  line (container: ``lxc-rootfs``, sha256 of ``root.tar.xz``, IMAGE_SIZE_MB, FILESYSTEM,
+  FORMAT; KVM image: ``kvm-qcow2``, its sha256). Stock hashes Ruby's ``inspect`` of its
+  option hash and the serial (monitor:193 / :226), which depends on the Ruby version. oned only
+  compares MD5 to decide whether to rewrite an app (and hands it to images as FROM_APP_MD5), so
+  the first monitor after a switch rewrites each app once, under the same id;
+* VERSION is the build serial (stock ``1.0``) and DESCRIPTION names the distribution, variant,
+  architecture and build (stock ``Downloaded from <ENDPOINT>``);
+* PRIVILEGED=no gives ``LXC_UNPRIVILEGED="true"`` (stock writes ``"false"`` for any value:
+  ``!"no"`` is false in Ruby, lxd.rb:30/31);
+* a password in ENDPOINT (``http://user:secret@host/``) stays only in SOURCE, where the
+  download needs it; PUBLISHER, LINK and DESCRIPTION name the endpoint without its user part;
+* 6.10 apps also carry ARCHITECTURE and HYPERVISOR, and apps of other architectures (opt-in)
+  add ``& ARCH="<arch>"`` to the 6.10 scheduling requirement;
+* a product that stock would crash on (bad serial, items not an object) is skipped with a WARN
+  instead of failing the whole monitor; an ENDPOINT without a trailing ``/`` gets one (stock
+  would glue the path to the host name).
+
+Hostile catalogs: products, builds per product and items per build beyond named caps
+(:data:`MAX_PRODUCTS`, :data:`MAX_VERSIONS`, :data:`MAX_ITEMS`) are skipped without parsing
+them, and every skip is counted: at most :data:`MAX_WARNINGS` WARN lines, then one summary.
+Text from the catalog reaches a log line only through :func:`shown` (one line, control
+characters escaped).
+
+The catalog is fetched with a conditional GET (an unchanged catalog costs a 304); a failed
+fetch is one ``RemoteError`` line.
 """
 
 from __future__ import annotations
@@ -30,12 +79,14 @@ import datetime as dt
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 from .. import driverlog
 from ..action import Market
 from ..backends.base import AppEntry, Backend, MonitorResult
 from ..errors import ConfigError, RemoteError, one_line
+from ..installation import DEFAULT_ONE_VERSION, ReleaseLine
 from ..template import write_template
 from ..web import CachedFetcher, fetch_json, make_session
 from .qcow2 import VirtualSizeCache, virtual_sizes
@@ -50,27 +101,16 @@ MAX_IMAGE_SIZE_MB = 16 * 1024 * 1024
 DEFAULT_FILESYSTEM = "ext4"
 DEFAULT_FORMAT = "raw"
 CONTAINER_FORMATS = ("raw", "qcow2")
+CONTAINER_DRIVER = "raw"
+"""APPTEMPLATE64 DRIVER of container apps: stock writes ``raw`` whatever FORMAT (the LXC driver
+picks its disk mapper from the image FORMAT, not from DRIVER)."""
 DEFAULT_MEMORY_MB = "768"
 DEFAULT_CPU = "1"
 DEFAULT_VCPU = "2"
 DEFAULT_VARIANTS = ("default",)
-DEFAULT_ARCHITECTURES = ("x86_64", "aarch64")
 DEFAULT_VM_VARIANTS = ("cloud",)
-
-TESTED_DISTRIBUTIONS = (
-    "alpine",
-    "alt",
-    "rockylinux",
-    "almalinux",
-    "oracle",
-    "debian",
-    "ubuntu",
-    "fedora",
-    "devuan",
-    "amazonlinux",
-)
-"""Distributions the stock driver lists when SKIP_UNTESTED=yes (its downloader can
-contextualize them)."""
+LXC_RAW_DATA = "lxc.apparmor.profile=unconfined"
+"""7.x stock RAW section data: without it containers may not start on AppArmor hosts."""
 
 ONE_TO_SIMPLESTREAMS_ARCH = {
     "x86_64": "amd64",
@@ -84,13 +124,14 @@ ONE_TO_SIMPLESTREAMS_ARCH = {
 """OpenNebula (kernel) architecture names -> the Debian-style names of the image server."""
 SIMPLESTREAMS_TO_ONE_ARCH = {v: k for k, v in ONE_TO_SIMPLESTREAMS_ARCH.items()}
 
-CONTAINER_FTYPE = "root.tar.xz"
+CONTAINER_ITEM = "root.tar.xz"
+"""Item key of the container rootfs (the only key stock reads)."""
+VM_ITEM = "disk.qcow2"
 VM_FTYPE = "disk-kvm.img"
 SERIAL_FORMATS = ("%Y%m%d_%H:%M", "%Y%m%d_%H%M")
 """Build serials: linuxcontainers.org writes ``20240110_07:42``, Canonical's server
 ``20240110_0742``."""
 
-LXC_SCHED_HYPERVISOR = 'HYPERVISOR="lx*"'
 KVM_DEV_PREFIX = "vd"
 OVMF_CODE_X86_64 = "/usr/share/OVMF/OVMF_CODE.fd"
 OVMF_SECBOOT_CODE_X86_64 = "/usr/share/OVMF/OVMF_CODE.secboot.fd"
@@ -107,17 +148,115 @@ AARCH64_OS = {
 CONTEXT = {"NETWORK": "YES", "SSH_PUBLIC_KEY": "$USER[SSH_PUBLIC_KEY]", "SET_HOSTNAME": "$NAME"}
 GRAPHICS = {"LISTEN": "0.0.0.0", "TYPE": "vnc"}
 
+MAX_PRODUCTS = 20_000
+"""Products examined in one catalog (the real server has about a thousand); the rest are
+counted as skipped without being looked at."""
+MAX_VERSIONS = 32
+"""Builds of one product (the real server keeps 3): a product with more is skipped."""
+MAX_ITEMS = 64
+"""Items of one build (the real server has at most 7) searched for a VM disk."""
 MAX_WARNINGS = 20
-"""WARN lines for broken products in one monitor; the rest are counted in one last line."""
+"""WARN lines for skipped products in one monitor; the rest are counted in one last line."""
+MAX_SHOWN_CHARS = 120
+"""Catalog text quoted in a log line is cut to this many characters."""
 MAX_NAME_PART_CHARS = 64
 _SAFE_PATH_RE = re.compile(r"[A-Za-z0-9._~:@+,=/-]+")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _WORD_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
-_FS_RE = re.compile(r"[a-z0-9]{1,16}")
+_FS_RE = re.compile(r"[A-Za-z0-9]{1,16}")
 
 
 class ProductError(ValueError):
     """One catalog product is malformed: it is skipped with a WARN line."""
+
+
+def shown(text: object, limit: int = MAX_SHOWN_CHARS) -> str:
+    """Catalog text as it may appear in a log line: quoted, cut, control characters escaped
+    (``repr`` escapes every non-printable character, so the result is always one line)."""
+    value = str(text)
+    if len(value) > limit:
+        value = value[: limit - 3] + "..."
+    return repr(value)
+
+
+# --------------------------------------------------------------------------------------------
+# What the stock driver of each release line publishes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StockRules:
+    """The stock monitor's rules of one release line (see the module docstring)."""
+
+    line: str
+    tested_distributions: tuple[str, ...]
+    """Distributions published when SKIP_UNTESTED=yes (the stock downloader contextualizes them)."""
+    architectures: tuple[str, ...]
+    """Architectures published by default (ARCHITECTURES widens the set)."""
+    name_suffix: str
+    """After ``<distro>_<release>``: `` - LXC`` in 6.10, nothing in 7.x."""
+    arch_scheduling: bool
+    """7.x: ``HYPERVISOR=lxc & ARCH=<arch>``; 6.10: ``HYPERVISOR="lx*"``."""
+    raw_and_hypervisor: bool
+    """7.x VM templates end with the RAW apparmor section and ``HYPERVISOR = "lxc"``."""
+
+    def container_name(self, base: str, arch: str) -> str:
+        return f"{base}{self.name_suffix}{arch_suffix(arch)}"
+
+    def sched_requirements(self, arch: str) -> str:
+        if self.arch_scheduling:
+            return f"HYPERVISOR=lxc & ARCH={arch}"
+        if arch == "x86_64":
+            return 'HYPERVISOR="lx*"'
+        return f'HYPERVISOR="lx*" & ARCH="{arch}"'
+
+
+STOCK_6_10 = StockRules(
+    line="6.10",
+    tested_distributions=(
+        "alpine",
+        "alt",
+        "rockylinux",
+        "almalinux",
+        "oracle",
+        "debian",
+        "ubuntu",
+        "fedora",
+        "devuan",
+        "amazonlinux",
+    ),
+    architectures=("x86_64",),
+    name_suffix=" - LXC",
+    arch_scheduling=False,
+    raw_and_hypervisor=False,
+)
+STOCK_7X = StockRules(
+    line="7.x",
+    tested_distributions=(
+        "almalinux",
+        "alpine",
+        "amazonlinux",
+        "debian",
+        "devuan",
+        "fedora",
+        "opensuse",
+        "oracle",
+        "rockylinux",
+        "ubuntu",
+    ),
+    architectures=("x86_64", "aarch64"),
+    name_suffix="",
+    arch_scheduling=True,
+    raw_and_hypervisor=True,
+)
+
+
+def stock_rules(line: ReleaseLine) -> StockRules:
+    return STOCK_7X if line.is_7x else STOCK_6_10
+
+
+def arch_suffix(arch: str) -> str:
+    return "" if arch == "x86_64" else f" ({arch})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,11 +273,21 @@ def _split_list(value: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def without_userinfo(url: str) -> str:
+    """``url`` without ``user:password@``: what may be shown to every user of the apps."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
 @dataclass(frozen=True)
 class LxcOptions:
     """Market attributes of a ``linuxcontainers`` marketplace, validated."""
 
     endpoint: str = DEFAULT_ENDPOINT
+    """As configured (with a trailing ``/``): what SOURCE and the catalog fetch use."""
     image_size_mb: int = DEFAULT_IMAGE_SIZE_MB
     filesystem: str = DEFAULT_FILESYSTEM
     format: str = DEFAULT_FORMAT
@@ -148,22 +297,30 @@ class LxcOptions:
     vcpu: str = DEFAULT_VCPU
     privileged: bool = True
     variants: tuple[str, ...] = DEFAULT_VARIANTS
-    architectures: tuple[str, ...] = DEFAULT_ARCHITECTURES
+    architectures: tuple[str, ...] = STOCK_7X.architectures
     distributions: tuple[str, ...] = ()
     vm_images: bool = False
     vm_variants: tuple[str, ...] = DEFAULT_VM_VARIANTS
+    rules: StockRules = STOCK_7X
 
     @property
     def catalog_url(self) -> str:
         return self.endpoint + CATALOG_PATH
 
+    @property
+    def public_endpoint(self) -> str:
+        """ENDPOINT without credentials, for PUBLISHER, LINK and DESCRIPTION."""
+        return without_userinfo(self.endpoint)
+
     def distribution_allowed(self, distro: str) -> bool:
         if self.distributions:
             return distro in self.distributions
-        return not self.skip_untested or distro in TESTED_DISTRIBUTIONS
+        return not self.skip_untested or distro in self.rules.tested_distributions
 
     @classmethod
-    def from_market(cls, market: Market) -> LxcOptions:
+    def from_market(cls, market: Market, line: ReleaseLine | None = None) -> LxcOptions:
+        """Options of ``market`` under the stock rules of ``line`` (default: 7.x)."""
+        rules = stock_rules(line or ReleaseLine.of(DEFAULT_ONE_VERSION))
         where = f"marketplace '{market.name}' ({DRIVER})"
 
         def bad(attr: str, value: str, expected: str) -> ConfigError:
@@ -210,16 +367,21 @@ class LxcOptions:
         size = number("IMAGE_SIZE_MB", str(DEFAULT_IMAGE_SIZE_MB), int)
         if int(size) > MAX_IMAGE_SIZE_MB:
             raise bad("IMAGE_SIZE_MB", size, f"at most {MAX_IMAGE_SIZE_MB}")
-        filesystem = (market.attr("FILESYSTEM") or DEFAULT_FILESYSTEM).strip().lower()
+        # stock copies FILESYSTEM and FORMAT into SOURCE and FORMAT as written
+        filesystem = (market.attr("FILESYSTEM") or DEFAULT_FILESYSTEM).strip()
         if not _FS_RE.fullmatch(filesystem):
             raise bad("FILESYSTEM", filesystem, "expected a file system name such as ext4")
-        fmt = (market.attr("FORMAT") or DEFAULT_FORMAT).strip().lower()
-        if fmt not in CONTAINER_FORMATS:
+        fmt = (market.attr("FORMAT") or DEFAULT_FORMAT).strip()
+        if fmt.lower() not in CONTAINER_FORMATS:
             raise bad("FORMAT", fmt, "expected raw or qcow2")
+        # stock skips untested distributions only when SKIP_UNTESTED is absent or exactly
+        # "yes" (one-7.0 monitor:141): "no", "YES", "" and anything else publish them all
+        skip_value = market.attrs.get("SKIP_UNTESTED")
+        skip_untested = skip_value is None or skip_value.strip() == "yes"
 
         arch_value = market.attr("ARCHITECTURES")
         architectures: list[str] = []
-        for arch in _split_list(arch_value) if arch_value else DEFAULT_ARCHITECTURES:
+        for arch in _split_list(arch_value) if arch_value else rules.architectures:
             one_arch = SIMPLESTREAMS_TO_ONE_ARCH.get(arch, arch)
             if one_arch not in ONE_TO_SIMPLESTREAMS_ARCH:
                 known = ", ".join(ONE_TO_SIMPLESTREAMS_ARCH)
@@ -232,16 +394,17 @@ class LxcOptions:
             image_size_mb=int(size),
             filesystem=filesystem,
             format=fmt,
-            skip_untested=flag("SKIP_UNTESTED", True),
+            skip_untested=skip_untested,
             memory=number("MEMORY", DEFAULT_MEMORY_MB, int),
             cpu=number("CPU", DEFAULT_CPU, float),
             vcpu=number("VCPU", DEFAULT_VCPU, int),
             privileged=flag("PRIVILEGED", True),
             variants=words("VARIANTS", DEFAULT_VARIANTS),
-            architectures=tuple(architectures or DEFAULT_ARCHITECTURES),
+            architectures=tuple(architectures or rules.architectures),
             distributions=words("DISTRIBUTIONS", ()),
             vm_images=flag("VM_IMAGES", False),
             vm_variants=words("VM_VARIANTS", DEFAULT_VM_VARIANTS),
+            rules=rules,
         )
 
 
@@ -278,38 +441,43 @@ class Build:
 
 def parse_serial(serial: object) -> int:
     """Epoch (UTC) of a build serial; ProductError when it is not one."""
-    if isinstance(serial, str):
+    if isinstance(serial, str) and len(serial) <= 32:
         for fmt in SERIAL_FORMATS:
             try:
                 when = dt.datetime.strptime(serial, fmt)
             except ValueError:
                 continue
             return int(when.replace(tzinfo=dt.UTC).timestamp())
-    raise ProductError(f"bad build serial {one_line(str(serial), 40)!r}")
+    raise ProductError(f"bad build serial {shown(serial, 40)}")
 
 
 def _item(name: str, raw: object) -> Item:
     if not isinstance(raw, dict):
-        raise ProductError(f"item {name!r} is not an object")
+        raise ProductError(f"item {shown(name)} is not an object")
     path, sha, size = raw.get("path"), raw.get("sha256"), raw.get("size")
-    if not isinstance(path, str) or not _SAFE_PATH_RE.fullmatch(path):
-        raise ProductError(f"item {name!r} has no usable path")
+    if not isinstance(path, str) or len(path) > 1024 or not _SAFE_PATH_RE.fullmatch(path):
+        raise ProductError(f"item {shown(name)} has no usable path")
     if path.startswith("/") or ".." in path.split("/"):
-        raise ProductError(f"item {name!r} path leaves the server root")
+        raise ProductError(f"item {shown(name)} path leaves the server root")
     if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha.lower()):
-        raise ProductError(f"item {name!r} has no valid sha256")
+        raise ProductError(f"item {shown(name)} has no valid sha256")
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-        raise ProductError(f"item {name!r} has no valid size")
-    return Item(ftype=str(raw.get("ftype", "")), path=path, sha256=sha.lower(), size=size)
+        raise ProductError(f"item {shown(name)} has no valid size")
+    ftype = raw.get("ftype", "")
+    return Item(
+        ftype=ftype if isinstance(ftype, str) else "", path=path, sha256=sha.lower(), size=size
+    )
 
 
-def _find_item(items: Mapping[str, object], ftype: str) -> Item | None:
-    """The item of ``ftype`` (by the key upstream uses, else by its ftype field)."""
-    if ftype in items:
-        return _item(ftype, items[ftype])
-    for name, raw in items.items():
-        if isinstance(raw, dict) and raw.get("ftype") == ftype:
-            return _item(name, raw)
+def _find_disk(items: Mapping[str, object]) -> Item | None:
+    """The qcow2 disk of a build: by its usual key, else by ftype among the first items."""
+    if VM_ITEM in items:
+        return _item(VM_ITEM, items[VM_ITEM])
+    for index, (name, raw) in enumerate(items.items()):
+        if index >= MAX_ITEMS:
+            break
+        if isinstance(raw, dict) and raw.get("ftype") == VM_FTYPE:
+            return _item(str(name), raw)
     return None
 
 
@@ -324,13 +492,15 @@ def newest_build(key: str, product: object, want_rootfs: bool, want_disk: bool) 
     versions = product.get("versions")
     if not isinstance(versions, dict) or not versions:
         raise ProductError("product has no versions")
+    if len(versions) > MAX_VERSIONS:
+        raise ProductError(f"product has {len(versions)} builds (at most {MAX_VERSIONS})")
     # the server inserts builds oldest first; take the newest by date, whatever the order
     dated = [(parse_serial(serial), serial) for serial in versions]
     regtime, serial = max(dated)
     version = versions[serial]
     items = version.get("items") if isinstance(version, dict) else None
     if not isinstance(items, dict):
-        raise ProductError(f"build {serial} has no items")
+        raise ProductError(f"build {shown(serial)} has no items")
     requirements = product.get("requirements", product.get("lxd_requirements", {}))
     if requirements is None:
         requirements = {}
@@ -339,6 +509,9 @@ def newest_build(key: str, product: object, want_rootfs: bool, want_disk: bool) 
     os_name = product.get("os", distro.title())
     if not isinstance(os_name, str):
         raise ProductError("os is not a string")
+    rootfs = None
+    if want_rootfs and CONTAINER_ITEM in items:
+        rootfs = _item(CONTAINER_ITEM, items[CONTAINER_ITEM])
     return Build(
         distro=distro,
         release=release,
@@ -347,14 +520,38 @@ def newest_build(key: str, product: object, want_rootfs: bool, want_disk: bool) 
         os_name=os_name,
         serial=serial,
         regtime=regtime,
-        requirements={str(k): str(v) for k, v in requirements.items()},
-        rootfs=_find_item(items, CONTAINER_FTYPE) if want_rootfs else None,
-        disk=_find_item(items, VM_FTYPE) if want_disk else None,
+        requirements={
+            str(k): str(v) for k, v in list(requirements.items())[:MAX_ITEMS] if isinstance(v, str)
+        },
+        rootfs=rootfs,
+        disk=_find_disk(items) if want_disk else None,
     )
 
 
-def _warn_product(key: str, reason: str) -> None:
-    driverlog.warn(f"{DRIVER}: skipping product {one_line(key, 120)!r}: {reason}")
+@dataclass
+class Skipped:
+    """Products skipped in one monitor: the first few get a WARN line, the rest a count."""
+
+    count: int = 0
+    unread: int = 0
+    """Products past :data:`MAX_PRODUCTS`, not looked at."""
+    reasons: list[str] = field(default_factory=list)
+
+    def add(self, key: str, reason: str) -> None:
+        self.count += 1
+        if len(self.reasons) < MAX_WARNINGS:
+            self.reasons.append(f"{DRIVER}: skipping product {shown(key)}: {reason}")
+
+    def warn(self) -> None:
+        for line in self.reasons:
+            driverlog.warn(line)
+        more = self.count - len(self.reasons)
+        if more > 0:
+            driverlog.warn(f"{DRIVER}: {more} more broken products skipped")
+        if self.unread:
+            driverlog.warn(
+                f"{DRIVER}: {self.unread} products past the first {MAX_PRODUCTS} not read"
+            )
 
 
 def select_builds(catalog: object, opts: LxcOptions, url: str) -> list[Build]:
@@ -364,9 +561,12 @@ def select_builds(catalog: object, opts: LxcOptions, url: str) -> list[Build]:
         raise RemoteError(f"{url} is not a simplestreams catalog (no products object)")
     wanted_arches = {ONE_TO_SIMPLESTREAMS_ARCH[a] for a in opts.architectures}
     builds: list[Build] = []
-    skipped = 0
-    for key, product in products.items():
-        parts = key.split(":") if isinstance(key, str) else []
+    skipped = Skipped()
+    for index, (key, product) in enumerate(products.items()):
+        if index >= MAX_PRODUCTS:
+            skipped.unread = len(products) - MAX_PRODUCTS
+            break
+        parts = key.split(":")
         if len(parts) == 4:
             distro, _release, arch, variant = parts
             want_ct = variant in opts.variants
@@ -378,17 +578,14 @@ def select_builds(catalog: object, opts: LxcOptions, url: str) -> list[Build]:
         else:
             want_ct = want_vm = True
         try:
-            build = newest_build(str(key), product, want_ct, want_vm)
+            build = newest_build(key, product, want_ct, want_vm)
         except ProductError as exc:
-            skipped += 1
-            if skipped <= MAX_WARNINGS:
-                _warn_product(str(key), str(exc))
+            skipped.add(key, str(exc))
             continue
         if build.rootfs is None and build.disk is None:
             continue  # nothing of the wanted kind in the newest build (a VM-only product)
         builds.append(build)
-    if skipped > MAX_WARNINGS:
-        driverlog.warn(f"{DRIVER}: {skipped - MAX_WARNINGS} more broken products skipped")
+    skipped.warn()
     return builds
 
 
@@ -414,37 +611,31 @@ def _name_base(build: Build) -> str:
     return one_line(base, MAX_NAME_PART_CHARS)
 
 
-def _arch_suffix(build: Build) -> str:
-    return "" if build.arch == "x86_64" else f" ({build.arch})"
-
-
-def container_name(build: Build) -> str:
-    """Upstream's ``<distro>_<release> - LXC``; other variants and arches get a suffix."""
-    return f"{_name_base(build)} - LXC{_arch_suffix(build)}"
+def container_name(build: Build, rules: StockRules = STOCK_7X) -> str:
+    """The stock name of the release line; other variants and arches get a suffix."""
+    return rules.container_name(_name_base(build), build.arch)
 
 
 def vm_name(build: Build) -> str:
     """``<distro>_<release>_<variant> - KVM``: never equal to a container name."""
-    return f"{_name_base(build)} - KVM{_arch_suffix(build)}"
-
-
-def sched_requirements(hypervisor: str, arch: str) -> str:
-    return f'{hypervisor} & ARCH="{arch}"'
+    return f"{_name_base(build)} - KVM{arch_suffix(build.arch)}"
 
 
 def lxc_vm_template(opts: LxcOptions, build: Build) -> str:
-    """The stock driver's LXC template, restricted to hosts of the image's architecture."""
-    return write_template(
-        [
-            ("SCHED_REQUIREMENTS", sched_requirements(LXC_SCHED_HYPERVISOR, build.arch)),
-            ("CPU", opts.cpu),
-            ("VCPU", opts.vcpu),
-            ("MEMORY", opts.memory),
-            ("LXC_UNPRIVILEGED", "false" if opts.privileged else "true"),
-            ("GRAPHICS", GRAPHICS),
-            ("CONTEXT", CONTEXT),
-        ]
-    )
+    """The stock driver's LXC template of the release line."""
+    rules = opts.rules
+    attrs: list[tuple[str, object]] = [
+        ("SCHED_REQUIREMENTS", rules.sched_requirements(build.arch)),
+        ("CPU", opts.cpu),
+        ("VCPU", opts.vcpu),
+        ("MEMORY", opts.memory),
+        ("LXC_UNPRIVILEGED", "false" if opts.privileged else "true"),
+        ("GRAPHICS", GRAPHICS),
+        ("CONTEXT", CONTEXT),
+    ]
+    if rules.raw_and_hypervisor:
+        attrs += [("RAW", {"TYPE": "lxc", "DATA": LXC_RAW_DATA}), ("HYPERVISOR", "lxc")]
+    return write_template(attrs)
 
 
 def kvm_os_section(build: Build) -> dict[str, str]:
@@ -462,32 +653,34 @@ def kvm_os_section(build: Build) -> dict[str, str]:
 
 
 def kvm_vm_template(opts: LxcOptions, build: Build) -> str:
-    return write_template(
-        [
-            ("SCHED_REQUIREMENTS", sched_requirements('HYPERVISOR="kvm"', build.arch)),
-            ("CPU", opts.cpu),
-            ("VCPU", opts.vcpu),
-            ("MEMORY", opts.memory),
-            ("OS", kvm_os_section(build)),
-            ("NIC_DEFAULT", {"MODEL": "virtio"}),
-            ("GRAPHICS", GRAPHICS),
-            ("CONTEXT", CONTEXT),
-        ]
-    )
+    attrs: list[tuple[str, object]] = [
+        ("SCHED_REQUIREMENTS", f'HYPERVISOR="kvm" & ARCH="{build.arch}"'),
+        ("CPU", opts.cpu),
+        ("VCPU", opts.vcpu),
+        ("MEMORY", opts.memory),
+        ("OS", kvm_os_section(build)),
+        ("NIC_DEFAULT", {"MODEL": "virtio"}),
+        ("GRAPHICS", GRAPHICS),
+        ("CONTEXT", CONTEXT),
+    ]
+    if opts.rules.raw_and_hypervisor:
+        attrs.append(("HYPERVISOR", "kvm"))
+    return write_template(attrs)
 
 
 def _build_fields(opts: LxcOptions, build: Build, path: str, kind: str) -> dict[str, object]:
     """AppEntry fields every app of one build shares, container or KVM image."""
+    public = opts.public_endpoint
     return {
         "import_id": "-1",
-        "publisher": opts.endpoint,
+        "publisher": public,
         "description": (
             f"{build.os_name} {build.release} {build.variant} {kind} for {build.arch} "
-            f"(build {build.serial}), downloaded from {opts.endpoint}"
+            f"(build {build.serial}), downloaded from {public}"
         ),
         "version": build.serial,
         "regtime": build.regtime,
-        "link": opts.endpoint + path,
+        "link": public + path,
         "architecture": build.arch,
     }
 
@@ -497,7 +690,7 @@ def container_app(opts: LxcOptions, build: Build) -> AppEntry:
     assert item is not None
     query = f"size={opts.image_size_mb}&filesystem={opts.filesystem}&format={opts.format}"
     return AppEntry(
-        name=container_name(build),
+        name=container_name(build, opts.rules),
         source=f"lxd://{opts.endpoint}{item.path}?{query}",
         format=opts.format,
         size_mb=opts.image_size_mb,
@@ -505,7 +698,7 @@ def container_app(opts: LxcOptions, build: Build) -> AppEntry:
             "lxc-rootfs", item.sha256, opts.image_size_mb, opts.filesystem, opts.format
         ),
         hypervisor="lxc",
-        apptemplate64=_b64(write_template([("DRIVER", opts.format)])),
+        apptemplate64=_b64(write_template([("DRIVER", CONTAINER_DRIVER)])),
         vmtemplate64=_b64(lxc_vm_template(opts, build)),
         **_build_fields(opts, build, item.path, "container"),  # type: ignore[arg-type]
     )
@@ -544,6 +737,7 @@ def build_apps(
     """Apps in catalog order; a name already used (odd release names) is skipped with a WARN."""
     apps: list[AppEntry] = []
     seen: set[str] = set()
+    collisions = 0
     for build in builds:
         candidates: list[AppEntry] = []
         if build.rootfs is not None and build.variant in opts.variants:
@@ -554,12 +748,17 @@ def build_apps(
                 candidates.append(vm_app(opts, build, size))
         for app in candidates:
             if app.name in seen:
-                driverlog.warn(
-                    f"{DRIVER}: two products give the app name {app.name!r}; keeping the first"
-                )
+                collisions += 1
+                if collisions <= MAX_WARNINGS:
+                    driverlog.warn(
+                        f"{DRIVER}: two products give the app name {shown(app.name)}; "
+                        "keeping the first"
+                    )
                 continue
             seen.add(app.name)
             apps.append(app)
+    if collisions > MAX_WARNINGS:
+        driverlog.warn(f"{DRIVER}: {collisions - MAX_WARNINGS} more duplicate app names skipped")
     return apps
 
 
@@ -581,8 +780,9 @@ class LinuxContainersCatalog(Backend):
         return result
 
     def monitor_with_stats(self) -> tuple[MonitorResult, CatalogStats]:
-        opts = LxcOptions.from_market(self.market)
-        cache_dir = self.context.installation.cache_dir
+        installation = self.context.installation
+        opts = LxcOptions.from_market(self.market, installation.release_line())
+        cache_dir = installation.cache_dir
         session = make_session(self.user_agent())
         stats = CatalogStats()
         try:
@@ -590,6 +790,7 @@ class LinuxContainersCatalog(Backend):
                 CachedFetcher(session, cache_dir), opts.catalog_url
             )
             builds = select_builds(catalog, opts, opts.catalog_url)
+            del catalog  # the parsed document is the largest thing a monitor holds
             stats.products = len(builds)
             sizes: dict[str, int] = {}
             if opts.vm_images:
@@ -601,7 +802,7 @@ class LinuxContainersCatalog(Backend):
                 lookup = virtual_sizes(session, wanted, VirtualSizeCache.in_dir(cache_dir))
                 stats.ranged_requests = lookup.requests
                 for error in list(lookup.failures.values())[:MAX_WARNINGS]:
-                    driverlog.warn(f"{DRIVER}: skipping a KVM image: {error}")
+                    driverlog.warn(f"{DRIVER}: skipping a KVM image: {one_line(error, 400)}")
                 if lookup.not_tried:
                     driverlog.warn(
                         f"{DRIVER}: {lookup.not_tried} more KVM images skipped "
@@ -614,7 +815,8 @@ class LinuxContainersCatalog(Backend):
         stats.containers = sum(1 for a in apps if a.hypervisor == "lxc")
         stats.vm_images = sum(1 for a in apps if a.hypervisor == "kvm")
         driverlog.debug(
-            f"{DRIVER}: {stats.containers} container and {stats.vm_images} KVM apps from "
-            f"{opts.catalog_url}{' (unchanged)' if stats.from_cache else ''}"
+            f"{DRIVER}: {stats.containers} container and {stats.vm_images} KVM apps "
+            f"({opts.rules.line} rules) from {opts.catalog_url}"
+            f"{' (unchanged)' if stats.from_cache else ''}"
         )
         return MonitorResult(used_mb=0, free_mb=0, total_mb=0, apps=apps), stats
