@@ -11,6 +11,7 @@ import hashlib
 import io
 import lzma
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -52,13 +53,21 @@ def run_downloader(
     )
 
 
+def failure_lines(error_line: str) -> list[str]:
+    """What a failure writes: the ``ERROR:`` line for oned.log, then (OpenNebula 7.x, the
+    default release line) the same text unprefixed, the line oned keeps for the image's error
+    message (see downloader.report_failure)."""
+    assert error_line.startswith("ERROR: ")
+    return [error_line, error_line[len("ERROR: ") :] + ";"]
+
+
 def one_line_error(proc: subprocess.CompletedProcess[bytes]) -> str:
-    """The failure line; asserts a failure with exactly one line and nothing on stdout."""
+    """The failure line; asserts a failure with exactly that one message and nothing on
+    stdout."""
     assert proc.returncode == dl.EXIT_FAILURE, proc.stderr
     assert proc.stdout == b""
     lines = proc.stderr.decode().splitlines()
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("ERROR: ")
+    assert lines == failure_lines(lines[0]), lines
     return lines[0]
 
 
@@ -129,10 +138,12 @@ def test_hash_with_partial_read_refused_like_stock() -> None:
         (["/var/tmp/f", "-"], False),
         (["--weird-option", "http://h/f", "-"], False),
         (["S3://b/k", "-"], False),
+        (["lxd://http://h/images/x/rootfs.tar.xz?size=1", "-"], True),
+        (["--weird-option", "lxd://http://h/x", "-"], True),
     ],
 )
 def test_which_sources_are_ours(argv: list[str], ours: bool) -> None:
-    assert dl.is_s3_request(argv) is ours
+    assert (dl.request_scheme(argv) is not None) is ours
 
 
 def test_s3_locations() -> None:
@@ -408,7 +419,7 @@ ARGV_CASES = [
     ["-c", "1024", "/var/lib/one/datastores/1/abc", "-"],
     ["--nodecomp", "--noretry", "ssh://host:/path/to/it's here", "-"],
     ["rbd://host/pool/img", "-", "--sha1", "x"],
-    ["--no-such-option", "lxd://x"],
+    ["--no-such-option", "restic://x"],
 ]
 
 
@@ -699,7 +710,7 @@ def test_rgw_reader_closing_stdout_early(apps: dict[str, Any]) -> None:
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=TIMEOUT_S) == dl.EXIT_FAILURE
-    assert err.splitlines() == ["ERROR: standard output closed by its reader"]
+    assert err.splitlines() == failure_lines("ERROR: standard output closed by its reader")
 
 
 def test_rgw_download_stopped_by_sigterm(apps: dict[str, Any], tmp_path: Path) -> None:
@@ -720,9 +731,9 @@ def test_rgw_download_stopped_by_sigterm(apps: dict[str, Any], tmp_path: Path) -
     out, err = proc.communicate(timeout=TIMEOUT_S)
     assert proc.returncode == dl.EXIT_FAILURE
     assert out == b""
-    assert err.decode().splitlines() == [
-        "ERROR: s3:// download stopped by SIGTERM (action timeout or driver shutdown)"
-    ]
+    assert err.decode().splitlines() == failure_lines(
+        "ERROR: s3:// download stopped by SIGTERM (action time limit, driver shutdown or kill)"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -941,8 +952,66 @@ def test_resume_refused_when_the_server_ignores_the_range(httpd: Any, tmp_path: 
     assert proc.returncode == dl.EXIT_FAILURE
     lines = proc.stderr.decode().splitlines()
     assert lines[0].startswith("WARN: ") and "resuming" in lines[0]
-    assert lines[1:] == [
+    assert lines[1:] == failure_lines(
         f"ERROR: download of s3://fake-bucket/obj: S3 at {httpd.url} ignored the range "
         "asked to resume at byte 1048576"
-    ]
+    )
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The failure reaching `oneimage show` (issue 12): what oned's datastore driver does with stderr
+
+_LOG_LINE_RE = re.compile(r"^(ERROR|INFO|WARN|DEBUG):\s+(\d+)?\s*(.*)$")
+
+
+def stock_cp_stderr(downloader_stderr: str, src: str, dst: str) -> str:
+    """The datastore ``cp`` script's stderr around a failed downloader: multiline_exec_and_log
+    logs ``Command "..." failed: $EXEC_LOG_ERR`` (the downloader's stderr, so its first line
+    lands on the log line) then prints the error message (one-7.0:
+    src/mad/sh/scripts_common.sh:286-306, src/datastore_mad/remotes/fs/cp:179)."""
+    captured = downloader_stderr.rstrip("\n")  # $(...) drops the trailing newlines
+    return (
+        f'ERROR: cp: Command "set -e -o pipefail; downloader.sh {src} {dst}" failed: '
+        f"{captured}\nError copying {src} to {dst}\n"
+    )
+
+
+def image_error_7x(cp_stderr: str) -> str:
+    """7.x get_info_from_execution (one-7.0: src/mad/ruby/DriverExecHelper.rb:167-210): log
+    lines are sent as LOG, every other line is stripped and appended, without a separator; oned
+    prefixes the result (src/image/ImageManagerProtocol.cc, ImageManager::_cp)."""
+    info = "".join(
+        ln.strip() for ln in cp_stderr.splitlines() if not _LOG_LINE_RE.match(ln.strip())
+    )
+    return f"Error copying image in the datastore: {info}"
+
+
+def image_error_610(cp_stderr: str) -> str:
+    """6.10 get_error_message (one-6.10: src/mad/ruby/CommandManager.rb:97-101): all of stderr,
+    newlines turned into spaces."""
+    return f"Error copying image in the datastore: {cp_stderr.replace(chr(10), ' ').strip()}"
+
+
+@pytest.mark.parametrize("version", ["7.0.1", "7.4.0", "6.10.3"])
+def test_failure_cause_reaches_the_image_error_message(tmp_path: Path, version: str) -> None:
+    """A failed export names its cause in `oneimage show`, not only in oned.log: before, the
+    single ``ERROR:`` line was folded into the cp script's log line and 7.x kept only
+    "Error copying s3://... to ..."."""
+    (tmp_path / "var" / "remotes").mkdir(parents=True)
+    (tmp_path / "var" / "remotes" / "VERSION").write_text(version + "\n")
+    env = env_with(None)
+    env["ONE_LOCATION"] = str(tmp_path)
+    proc = run_downloader("s3://bucket/key", str(tmp_path / "img"), env=env)
+    assert proc.returncode == dl.EXIT_FAILURE
+    stderr = proc.stderr.decode()
+    cause = "DRV_ACTION is not set"
+    cp = stock_cp_stderr(stderr, "s3://bucket/key", "/var/lib/one/datastores/1/abc")
+    if version.startswith("7."):
+        message = image_error_7x(cp)
+        assert message.startswith(f"Error copying image in the datastore: {cause}")
+        assert message.endswith(";Error copying s3://bucket/key to /var/lib/one/datastores/1/abc")
+    else:
+        assert stderr.splitlines() == [ln for ln in stderr.splitlines() if ln.startswith("ERROR:")]
+        message = image_error_610(cp)
+        assert message.count(cause) == 1

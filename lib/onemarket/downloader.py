@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import tarfile
 import tempfile
@@ -34,7 +35,7 @@ import time
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote
@@ -49,6 +50,7 @@ from .errors import (
     SourceError,
     StorageError,
     from_os_error,
+    one_line,
 )
 
 EXIT_FAILURE = 255
@@ -164,17 +166,31 @@ def parse_args(argv: list[str]) -> Options:
     return Options(source=args[0], dest=args[1], hashes=tuple(hashes.items()), **values)
 
 
-def is_s3_request(argv: list[str]) -> bool:
-    """Whether this command line is ours: its FROM is ``s3://...``.
+OUR_SCHEMES = ("s3://", "lxd://")
+"""Sources read here; every other one goes to the original script."""
+
+
+def request_scheme(argv: list[str]) -> str | None:
+    """``s3://`` or ``lxd://`` when this command line's FROM is ours, else None.
 
     Anything else, a command line getopt rejects included, goes to the original script
-    untouched (it prints its own error), unless one of its words names an s3:// source.
+    untouched (it prints its own error), unless one of its words names one of our sources
+    (then our own one-line usage error is clearer than the stock script's).
     """
     try:
         _, args = getopt.gnu_getopt(argv, _SHORT_OPTS, _LONG_OPTS)
     except getopt.GetoptError:
-        return any(a.startswith("s3://") for a in argv)
-    return bool(args) and args[0].startswith("s3://")
+        args = argv
+        words = [a for a in argv if a.startswith(OUR_SCHEMES)]
+        return next(s for s in OUR_SCHEMES if words[0].startswith(s)) if words else None
+    if not args:
+        return None
+    return next((s for s in OUR_SCHEMES if args[0].startswith(s)), None)
+
+
+def is_s3_request(argv: list[str]) -> bool:
+    """Whether this command line is an ``s3://`` download."""
+    return request_scheme(argv) == "s3://"
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,7 +249,7 @@ def exec_stock(argv: list[str]) -> int:
     """
     stock = find_stock_downloader(os.environ)
     if stock is None:
-        driverlog.error(
+        report_failure(
             "the stock datastore downloader (downloader.sh.orig) is not installed, so this "
             f"source cannot be downloaded; set {STOCK_ENV} or reinstall OpenNebula's datastore "
             "remotes"
@@ -251,7 +267,7 @@ def exec_stock(argv: list[str]) -> int:
         else:
             os.execve(stock, [os.fsencode(stock), *map(os.fsencode, argv)], env)
     except OSError as exc:
-        driverlog.error(f"cannot run the stock downloader {stock}: {exc.strerror or exc}")
+        report_failure(f"cannot run the stock downloader {stock}: {exc.strerror or exc}")
     return EXIT_FAILURE
 
 
@@ -550,7 +566,9 @@ class FileSink:
                 self._fh: BinaryIO = open(self.dest, "wb", buffering=WRITE_BUFFER_BYTES)  # noqa: SIM115
             else:
                 fd, tmp = tempfile.mkstemp(
-                    prefix=f".{self.dest.name}.", suffix=".part", dir=self.dest.parent
+                    prefix=f".{self.dest.name}.{_owner_tag()}.",
+                    suffix=".part",
+                    dir=self.dest.parent,
                 )
                 self._tmp = Path(tmp)
                 os.fchmod(fd, 0o666 & ~_umask())
@@ -818,28 +836,295 @@ def download_s3(opts: Options, environ: dict[str, str] | os._Environ[str]) -> Co
 
 
 # --------------------------------------------------------------------------------------------
+# lxd:// (Linux Containers apps): verified rootfs -> contextualized disk, built without root
+
+LXD_WORKDIR_PREFIX = ".onemarket-lxd."
+"""Work folder of one lxd:// download (rootfs, staging tree, image), beside the destination."""
+DEFAULT_LXD_TMP = "/var/tmp"
+"""Where the work folder goes when the image is written to standard output (as stock)."""
+CONTAINER_IMAGE_HELPER = "sh/create_container_image.sh"
+"""The stock root helper under OpenNebula's lib folder (sudoers ONE_MARKET alias)."""
+
+
+def _drv_action_market_attrs(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    """The MARKETPLACE attributes of DRV_ACTION when there are some (an lxd:// export works
+    without them: the rootfs URL says where the catalog is)."""
+    if not environ.get(DRV_ACTION_ENV, "").strip():
+        return {}
+    try:
+        return dict(market_from_drv_action(environ).attrs)
+    except MarketError as exc:
+        driverlog.debug(f"lxd:// download without marketplace attributes: {exc}")
+        return {}
+
+
+def lxd_workdir(dest: str, environ: dict[str, str] | os._Environ[str]) -> Path:
+    """A fresh work folder, on the destination's file system when the destination is a file
+    (so the image is renamed into place, sparse, without a copy)."""
+    if dest != "-" and not Path(dest).is_dir():
+        parent = Path(dest).parent
+    else:
+        parent = Path(environ.get("TMPDIR") or DEFAULT_LXD_TMP)
+    try:
+        return Path(tempfile.mkdtemp(prefix=f"{LXD_WORKDIR_PREFIX}{_owner_tag()}.", dir=parent))
+    except OSError as exc:
+        raise from_os_error(exc, f"work folder in {parent}") from None
+
+
+def root_helper(environ: dict[str, str] | os._Environ[str]) -> Path | None:
+    """The stock helper when ``sudo -n`` may run it (the stock script's rule), else None."""
+    loc = environ.get("ONE_LOCATION", "").strip()
+    helper = (
+        Path(loc) / "lib" / CONTAINER_IMAGE_HELPER
+        if loc
+        else Path("/usr/lib/one") / (CONTAINER_IMAGE_HELPER)
+    )
+    sudo = shutil.which("sudo")
+    if not helper.is_file() or sudo is None:
+        return None
+    import subprocess
+
+    try:
+        allowed = subprocess.run(
+            [sudo, "-n", "-l", str(helper)], capture_output=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return helper if allowed.returncode == 0 else None
+
+
+def deliver(image: Path, opts: Options, what: str) -> None:
+    """The built image to the destination: renamed into place, or streamed (stdout, ``-c``,
+    ``-m``/``-s`` checks, a device or FIFO destination)."""
+    direct = (
+        not opts.to_stdout
+        and not opts.hashes
+        and opts.max_size is None
+        and not (Path(opts.dest).exists() and not Path(opts.dest).is_file())
+    )
+    if direct:
+        try:
+            os.chmod(image, 0o666 & ~_umask())
+            os.replace(image, opts.dest)
+        except OSError as exc:
+            raise from_os_error(exc, f"moving the image into {opts.dest}") from None
+        return
+    checks = Checks(what, opts, "", "")
+    sink: Sink = StdoutSink() if opts.to_stdout else FileSink(opts.dest, what)
+    try:
+        with open(image, "rb") as fh:
+            copy_stream(fh, sink, replace(opts, nodecomp=True), checks, what)
+        sink.commit(unpack=False)
+    except BaseException:
+        sink.abort()
+        raise
+
+
+def download_lxd(opts: Options, environ: dict[str, str] | os._Environ[str]) -> None:
+    """``lxd://<ENDPOINT><path>?size=&filesystem=&format=``: the rootfs found in its server's
+    catalog, downloaded and checked (size, sha256), the OpenNebula context package added, the
+    disk built without root and written to the destination."""
+    from . import containerdisk, contextpkg, lxdsource
+    from .installation import Installation
+    from .progress import Progress, log_progress
+    from .web import CONNECT_TIMEOUT_S, READ_TIMEOUT_S, CachedFetcher, fetch_json, make_session
+
+    src = lxdsource.LxdSource.parse(opts.source)
+    spec = containerdisk.DiskSpec(src.size_mb, src.filesystem, src.format)
+    spec.check()
+    attrs = _drv_action_market_attrs(environ)
+    installation = Installation.detect(dict(environ))
+    session = make_session(f"OpenNebula {installation.one_version()} (Market Driver)")
+    if opts.noretry:
+        for adapter in session.adapters.values():
+            adapter.max_retries.total = 0  # type: ignore[attr-defined]
+    timeouts = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
+    try:
+        fetcher = CachedFetcher(session, installation.cache_dir)
+        rootfs = lxdsource.locate(
+            src, lambda url: fetch_json(fetcher, url)[0], lxdsource.market_endpoint(attrs)
+        )
+        what = f"container {rootfs.distro} {rootfs.release} {rootfs.variant} ({rootfs.serial})"
+        workdir = lxd_workdir(opts.dest, environ)
+        try:
+            tarball = workdir / f"rootfs.{lxdsource.rootfs_suffix(rootfs.path)}"
+            driverlog.info(f"{what}: downloading {rootfs.url} ({rootfs.size} bytes)")
+            reader = ResumingReader(
+                lxdsource.HttpRange(session, rootfs.url, timeouts, rootfs.size),
+                rootfs.size,
+                f"download of {rootfs.url}",
+                attempts=0 if opts.noretry else RESUME_ATTEMPTS,
+                resumable=_http_resumable_errors(),
+            )
+            progress = Progress(rootfs.size, log_progress(f"{what}: download"))
+            try:
+                with open(tarball, "wb", buffering=WRITE_BUFFER_BYTES) as fh:
+                    lxdsource.save_verified(reader, rootfs, fh, progress)
+            except OSError as exc:
+                raise from_os_error(exc, f"{what}: saving the rootfs in {workdir}") from None
+            finally:
+                reader.close()
+            progress.finish()
+            overlay = contextpkg.build_overlay(
+                rootfs.distro, rootfs.release, attrs, environ, session, workdir, timeouts
+            )
+            layers = [(tarball, f"rootfs {rootfs.url}")]
+            if overlay.tar is not None:
+                layers.append((overlay.tar, f"context package {overlay.package}"))
+            image = containerdisk.build(layers, spec, workdir, what)
+            if overlay.skipped_depends:
+                helper = root_helper(environ)
+                driverlog.warn(
+                    f"{what}: context package {overlay.package} installed without the "
+                    "distribution's package manager (that needs root: "
+                    + (
+                        f"sudo -n {helper} is allowed but not used, the disk is built rootless"
+                        if helper
+                        else "sudo -n for OpenNebula's create_container_image.sh is not granted"
+                    )
+                    + f"): its dependencies {', '.join(overlay.skipped_depends)} and its "
+                    "post-install script were skipped, the container has only those its rootfs "
+                    "ships"
+                )
+            deliver(image, opts, what)
+            driverlog.info(f"{what}: {spec.format} disk of {spec.size_mb} MB written")
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    finally:
+        session.close()
+
+
+def _http_resumable_errors() -> tuple[type[BaseException], ...]:
+    import http.client
+
+    import requests
+    from urllib3 import exceptions as uexc
+
+    return (
+        requests.ConnectionError,
+        requests.Timeout,
+        requests.exceptions.ChunkedEncodingError,
+        uexc.ProtocolError,
+        uexc.ReadTimeoutError,
+        http.client.IncompleteRead,
+        ConnectionError,
+        TimeoutError,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Failure line and leftovers
+
+
+def report_failure(message: str) -> None:
+    """The failure as oned's datastore driver needs it to reach the image's error message.
+
+    ``ERROR: <message>`` for oned.log, then, under OpenNebula 7.x, the message again without a
+    prefix: the datastore ``cp`` script folds the first line of the downloader's stderr into its
+    own ``ERROR: ... Command ... failed:`` log line (multiline_exec_and_log, one-7.0:
+    src/mad/sh/scripts_common.sh:286-306), and 7.x's driver keeps out of the error message every
+    line starting with ``ERROR:``/``INFO:``/``WARN:``/``DEBUG:``, joining the others
+    (get_info_from_execution, one-7.0: src/mad/ruby/DriverExecHelper.rb:167-210), so only an
+    unprefixed line after the first reaches ``oneimage show``. 6.10 puts all of stderr in the
+    message (one-6.10: src/mad/ruby/CommandManager.rb:97-101), where the ERROR line suffices.
+    The plain line ends with ``;``: the driver joins lines without a space, and its next one is
+    the cp script's "Error copying ...".
+    """
+    from .installation import Installation
+
+    driverlog.error(message)
+    if Installation.detect(dict(os.environ)).release_line().is_7x:
+        line = driverlog.scrub(one_line(message))
+        out = driverlog.stream if driverlog.stream is not None else sys.stderr
+        out.write(f"{line};\n")
+        out.flush()
+
+
+STALE_NAME_RE = re.compile(
+    r"^(?:\.onemarket-lxd\.(?P<a>[^.]+)\.[^.]+|\..+\.(?P<b>[^.]+)\.[^.]+\.part)$"
+)
+"""A leftover of ours: the lxd work folder or a ``.part`` file, named with host and pid."""
+
+
+def _owner_tag() -> str:
+    """``<host>-<pid>`` in leftover names, so a later run can tell whether their owner died."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_leftovers(dest: str, environ: Any = None) -> list[Path]:
+    """Remove what a SIGKILLed run of this host left (its ``.part`` file or lxd work folder),
+    beside the destination and in the lxd temporary folder; the owner's pid must be gone."""
+    env = os.environ if environ is None else environ
+    folders = [Path(env.get("TMPDIR") or DEFAULT_LXD_TMP)]
+    if dest != "-":
+        folders.insert(0, Path(dest).parent)
+    host_prefix = _owner_tag().rsplit("-", 1)[0] + "-"
+    removed: list[Path] = []
+    for folder in folders:
+        try:
+            names = [e.name for e in os.scandir(folder) if e.name.startswith(".")]
+        except OSError:
+            continue
+        for name in names:
+            m = STALE_NAME_RE.match(name)
+            tag = m and (m.group("a") or m.group("b"))
+            if not tag or not tag.startswith(host_prefix):
+                continue
+            pid = tag[len(host_prefix) :]
+            if not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+            path = folder / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            removed.append(path)
+            driverlog.info(f"removed {path}, left by an earlier download that was killed")
+    return removed
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: ``downloader.sh [options] FROM TO``."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if not is_s3_request(args):
+    scheme = request_scheme(args)
+    if scheme is None:
         return exec_stock(args)
-    from .transfer.interrupt import sigterm_raises
+    from .transfer.interrupt import interruptible
 
     driverlog.set_debug(driverlog.debug_from_env())
     driverlog.route_std_logging()
+    what = f"{scheme} download"
     try:
-        with sigterm_raises("s3:// download"):
-            download_s3(parse_args(args), os.environ)
+        with interruptible(what):
+            opts = parse_args(args)
+            remove_stale_leftovers(opts.dest)
+            if scheme == "lxd://":
+                download_lxd(opts, os.environ)
+            else:
+                download_s3(opts, os.environ)
     except MarketError as exc:
-        driverlog.error(str(exc))
+        report_failure(str(exc))
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        driverlog.error("s3:// download interrupted")
+        report_failure(f"{what} interrupted")
         return EXIT_FAILURE
     except Exception as exc:  # noqa: BLE001 - last resort: one line, never a traceback
-        driverlog.error(f"s3:// download failed ({type(exc).__name__})")
+        report_failure(f"{what} failed ({type(exc).__name__})")
         return EXIT_FAILURE
     return 0
 
