@@ -10,6 +10,7 @@ the catalog, so a client can download and verify them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -18,8 +19,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-
-import pytest
 
 from tests.servers.httpd import StaticHttpServer
 
@@ -99,8 +98,9 @@ class Appmarket:
         return sum(1 for r in self.server.requests if r.path.startswith("/cdn/"))
 
 
-@pytest.fixture
-def appmarket() -> Iterator[Appmarket]:
+@contextlib.contextmanager
+def running_appmarket() -> Iterator[Appmarket]:
+    """A started server holding the Community Marketplace appliances (stopped on exit)."""
     market = Appmarket()
     market.server.start()
     try:

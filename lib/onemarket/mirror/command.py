@@ -247,7 +247,7 @@ def run(args: argparse.Namespace, installation: Installation) -> int:
     agent = user_agent_for(market, installation, args.one_version)
     session = make_session(agent)
     try:
-        plan = make_plan(market, session, installation.cache_dir, selection)
+        plan = make_plan(market, session, installation, selection)
     finally:
         session.close()
     if not plan.entries:
@@ -267,6 +267,13 @@ def _todo(plan: Plan, store: LocalStore) -> list[MirrorEntry]:
     return [e for e in plan.entries if not all(store.exists(f) for f in e.files)]
 
 
+def _in_place_status(entry: MirrorEntry, previous: dict[str, tuple[dict, list]]) -> str:
+    """Status of an entry whose files are all published: unchanged, unless the entry is new
+    or its catalog document differs."""
+    same = previous.get(entry.key, ({}, []))[0] == entry.doc
+    return STATUS_UNCHANGED if same else STATUS_MIRRORED
+
+
 def _fetch_bytes(entry: MirrorEntry, store: LocalStore) -> int:
     return sum(f.size or 0 for f in entry.files if not store.exists(f) and not store.staged(f))
 
@@ -282,9 +289,7 @@ def mirror(args: argparse.Namespace, plan: Plan, store: LocalStore, agent: str) 
     )
     for entry in plan.entries:
         if entry.key not in todo_keys:
-            # every file in place: unchanged, unless the entry itself is new or different
-            same = previous.get(entry.key, ({}, []))[0] == entry.doc
-            status = STATUS_UNCHANGED if same else STATUS_MIRRORED
+            status = _in_place_status(entry, previous)
             outcome.status[entry.key] = status
             reporter.entry(status, entry)
     cancel = threading.Event()
@@ -364,10 +369,12 @@ def dry_run(args: argparse.Namespace, plan: Plan, store: LocalStore) -> int:
 
     rows = []
     total = 0
+    previous = previous_entries(plan.kind, store.read_catalogs(catalog_file_names(plan.kind)))
     for entry in plan.entries:
         fetch = _fetch_bytes(entry, store)
         total += fetch
-        unchanged = all(store.exists(f) for f in entry.files)
+        in_place = all(store.exists(f) for f in entry.files)
+        unchanged = in_place and _in_place_status(entry, previous) == STATUS_UNCHANGED
         rows.append(
             {
                 "name": entry.label,

@@ -29,6 +29,9 @@ FILE_ATTEMPTS = 3
 """Downloads of one file before its entry is reported failed (1 + 2 retries)."""
 RETRY_WAIT_S = 1.0
 """Wait before the second attempt of a file, doubled before each next one."""
+MAX_FAILURES_IN_ROW = 5
+"""Entries failing one after the other before the rest are not tried (a source that went down
+would otherwise cost every remaining file its attempts and timeouts)."""
 
 
 class Cancelled(MarketError):
@@ -89,6 +92,7 @@ class Fetcher:
         self.cancel = cancel
         self.on_bytes = on_bytes
         self.requests = 0
+        self.failures_in_row = 0
         self._lock = threading.Lock()
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
@@ -112,6 +116,9 @@ class Fetcher:
         """Every file of ``entry`` that is neither published nor staged yet; never raises for
         a bad file (the result says why), only :class:`Cancelled`."""
         result = EntryResult(entry)
+        if self.failures_in_row >= MAX_FAILURES_IN_ROW:
+            result.error = f"not tried: the source failed {self.failures_in_row} times in a row"
+            return result
         for f in entry.files:
             if self.store.exists(f):
                 continue
@@ -124,8 +131,13 @@ class Fetcher:
                 raise
             except MarketError as exc:
                 result.error = str(exc)
+                if not isinstance(exc, StorageError):
+                    with self._lock:
+                        self.failures_in_row += 1
                 return result
             result.fetched.append(f)
+        with self._lock:
+            self.failures_in_row = 0
         return result
 
     def fetch_file(self, f: MirrorFile) -> int:

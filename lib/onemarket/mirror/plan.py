@@ -29,6 +29,7 @@ from ..catalogs import linuxcontainers as lxc
 from ..catalogs import opennebula as one
 from ..catalogs.qcow2 import VirtualSizeCache, virtual_sizes
 from ..errors import ConfigError, RemoteError, one_line
+from ..installation import Installation
 from ..web import CachedFetcher, fetch_json
 
 KIND_ONE = "one"
@@ -274,14 +275,16 @@ def _renamed_one_doc(raw: Mapping, app_id: str, suffix: str, mirrored: set[str])
     return doc
 
 
-def plan_one(market: Market, session: requests.Session, cache_dir, selection: Selection) -> Plan:
+def plan_one(
+    market: Market, session: requests.Session, installation: Installation, selection: Selection
+) -> Plan:
     """Appliances of a ``one`` catalog the driver publishes, selected and their references."""
     base_url = one.base_url_of(market.attr("ENDPOINT", one.DEFAULT_ENDPOINT) or "")
     flt = one.CatalogFilter.from_attrs(
         market.attr(one.FILTER_ARCHITECTURES), market.attr(one.FILTER_HYPERVISORS)
     )
     url = f"{base_url}/appliance"
-    doc, from_cache = fetch_json(CachedFetcher(session, cache_dir), url)
+    doc, from_cache = fetch_json(CachedFetcher(session, installation.cache_dir), url)
     appliances = one.appliance_list(doc, url)
     apps, _skipped, _filtered = one.build_apps(appliances, base_url, flt)
     raw_by_id = {}
@@ -360,13 +363,14 @@ def _renamed_key(key: str, suffix: str) -> str:
 
 
 def plan_simplestreams(
-    market: Market, session: requests.Session, cache_dir, selection: Selection
+    market: Market, session: requests.Session, installation: Installation, selection: Selection
 ) -> Plan:
     """Products whose newest build the ``linuxcontainers`` driver publishes, with the items
     those apps need (root file or qcow2 disk, and the metadata tarball)."""
     if ":" in selection.name_suffix:
         raise ConfigError("--name-suffix must not contain ':' for a simplestreams catalog")
-    opts = lxc.LxcOptions.from_market(market)
+    opts = lxc.LxcOptions.from_market(market, installation.release_line())
+    cache_dir = installation.cache_dir
     url = opts.catalog_url
     catalog, from_cache = fetch_json(CachedFetcher(session, cache_dir), url)
     builds = lxc.select_builds(catalog, opts, url)
@@ -420,11 +424,13 @@ def plan_simplestreams(
         doc = {k: v for k, v in product.items() if k != "versions"}
         doc["versions"] = {build.serial: {**version, "items": kept_items}}
         suffix = selection.name_suffix
-        renamed = dataclasses.replace(build, release=build.release + suffix)
-        names = tuple(
-            lxc.vm_name(renamed) if app.hypervisor == "kvm" else lxc.container_name(renamed)
-            for _item, app in picked
-        )
+        names = tuple(app.name for _item, app in picked)
+        if suffix:  # the names the driver will give the renamed product
+            renamed = dataclasses.replace(build, release=build.release + suffix)
+            links = {opts.endpoint + item.path for item, _app in picked}
+            names = tuple(
+                app.name for app in lxc.build_apps(opts, [renamed], sizes) if app.link in links
+            )
         entries.append(
             MirrorEntry(
                 key=_renamed_key(key, suffix),
@@ -438,7 +444,9 @@ def plan_simplestreams(
     return Plan(KIND_SIMPLESTREAMS, url, entries, top, 1, from_cache, ranged)
 
 
-def make_plan(market: Market, session: requests.Session, cache_dir, selection: Selection) -> Plan:
+def make_plan(
+    market: Market, session: requests.Session, installation: Installation, selection: Selection
+) -> Plan:
     kind = DRIVER_KINDS.get(market.driver)
     if kind is None:
         raise ConfigError(
@@ -446,7 +454,7 @@ def make_plan(market: Market, session: requests.Session, cache_dir, selection: S
             "catalogs one and linuxcontainers can be mirrored"
         )
     planner = plan_one if kind == KIND_ONE else plan_simplestreams
-    plan = planner(market, session, cache_dir, selection)
+    plan = planner(market, session, installation, selection)
     for warning in plan.warnings:
         driverlog.warn(warning)
     return plan

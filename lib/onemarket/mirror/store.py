@@ -40,6 +40,7 @@ MANIFEST = "manifest.json"
 LOCK = "lock"
 MANIFEST_FORMAT = 1
 READY_SUFFIX = ".ready"
+NEW_SUFFIX = ".new"
 IDENTITY_HEX_CHARS = 16
 """Characters of the identity hash in a staged file's name (64 bits: distinct versions of one
 file never collide)."""
@@ -70,6 +71,25 @@ class BytesSource:
         chunk = self._data[self._offset : self._offset + n]
         self._offset += len(chunk)
         return bytes(chunk)
+
+
+class Sha256Source:
+    """A source whose bytes are also fed to SHA-256 as they are read: the atomic writer
+    hashes MD5 only (what oned uses), simplestreams catalogs give SHA-256 only."""
+
+    def __init__(self, source: Source) -> None:
+        self._source = source
+        self._sha256 = hashlib.sha256()
+        self.description = source.description
+        self.size_bytes = source.size_bytes
+
+    def read(self, n: int = CHUNK_BYTES) -> bytes:
+        data = self._source.read(n)
+        self._sha256.update(data)
+        return data
+
+    def hexdigest(self) -> str:
+        return self._sha256.hexdigest()
 
 
 def safe_relative(path: str) -> PurePosixPath:
@@ -166,20 +186,22 @@ class LocalStore:
         self._mkdirs(ready.parent)
         with contextlib.suppress(FileNotFoundError):  # a killed run's temporary (we hold the lock)
             os.unlink(ready.parent / temp_name(ready.name))
+        hashed = Sha256Source(source) if f.sha256 else source
         result = write_atomically(
-            source, ready.parent, ready.name, expected_md5=f.md5, progress=progress
+            hashed, ready.parent, ready.name, expected_md5=f.md5, progress=progress
         )
         digests = result.digests
+        sha256 = hashed.hexdigest() if isinstance(hashed, Sha256Source) else digests.sha256
         problem = ""
-        if f.sha256 and digests.sha256 != f.sha256:
-            problem = f"SHA-256 mismatch (catalog {f.sha256}, read {digests.sha256})"
+        if f.sha256 and sha256 != f.sha256:
+            problem = f"SHA-256 mismatch (catalog {f.sha256}, read {sha256})"
         elif f.size is not None and digests.size_bytes != f.size:
             problem = f"size mismatch (catalog {f.size} bytes, read {digests.size_bytes})"
         if problem:
             with contextlib.suppress(OSError):
                 os.unlink(ready)
             raise ChecksumError(f"{source.description}: {problem}")
-        return Inserted(f.path, digests.size_bytes, digests.md5, digests.sha256)
+        return Inserted(f.path, digests.size_bytes, digests.md5, sha256)
 
     def remove(self, path: str) -> None:
         try:
@@ -208,26 +230,37 @@ class LocalStore:
         return True
 
     def publish(self, staged: Iterable[MirrorFile], catalogs: Mapping[str, bytes]) -> None:
-        """Rename staged files over their public names, then replace the catalog files (in
-        order), with SIGINT/SIGTERM/SIGHUP held back meanwhile."""
+        """Make ``staged`` files and ``catalogs`` (in order) the published mirror.
+
+        Everything is written first (new manifest and catalogs under temporary names), so a
+        full disk fails here with the previous mirror untouched; then only renames follow,
+        SIGINT/SIGTERM/SIGHUP held back while they run."""
+        staged = list(staged)
+        manifest = {**self.manifest, **{f.path: f.identity for f in staged}}
+        data = json.dumps({"format": MANIFEST_FORMAT, "files": manifest}, indent=0).encode()
+        pending: list[tuple[Path, Path]] = []
+        try:
+            pending.append(self._write_new(self.state / MANIFEST, data))
+            for name, body in catalogs.items():
+                pending.append(self._write_new(self.final_path(name), body))
+        except BaseException:
+            for new, _final in pending:
+                with contextlib.suppress(OSError):
+                    os.unlink(new)
+            raise
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         try:
             folders: set[Path] = set()
-            for f in staged:
-                ready, final = self.ready_path(f), self.final_path(f.path)
+            moves = [(self.ready_path(f), self.final_path(f.path)) for f in staged] + pending
+            for source, final in moves:
                 try:
-                    os.replace(ready, final)
+                    os.replace(source, final)
                 except OSError as exc:
                     raise from_os_error(exc, f"cannot publish {final}") from None
-                self.manifest[f.path] = f.identity
                 folders.add(final.parent)
             for folder in folders:
                 _fsync_dir(folder)
-            self._save_manifest()
-            for name, data in catalogs.items():
-                final = self.final_path(name)
-                self._mkdirs(final.parent)
-                self._write_bytes(final.parent, final.name, data)
+            self._manifest = manifest
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
@@ -273,3 +306,10 @@ class LocalStore:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(folder / temp_name(name))
         write_atomically(BytesSource(data, f"{folder / name}"), folder, name)
+
+    def _write_new(self, final: Path, data: bytes) -> tuple[Path, Path]:
+        """``data`` written (synced) beside ``final`` under a hidden name: (that name, final)."""
+        self._mkdirs(final.parent)
+        name = f".{final.name}{NEW_SUFFIX}"
+        self._write_bytes(final.parent, name, data)
+        return final.parent / name, final

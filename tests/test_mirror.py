@@ -1,0 +1,622 @@
+"""``one-market mirror`` against loopback sources, the mirror served by nginx with the README rule.
+
+Sources: an appmarket-simple-like server (tests/servers/appmarket.py, the real Community
+Marketplace answer with small real files) and a Linux Containers tree with real bytes
+(tests/tools/gen_images_json.py --real-bytes) served statically. The check is the issue's:
+our drivers pointed at the mirror publish the same NAME, MD5, SIZE and VERSION as pointed at
+the source, and every SOURCE inside the mirror downloads with the catalog's checksum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from onemarket import cli, driverlog, web
+from onemarket.action import Market
+from onemarket.backends.base import Context, MonitorResult
+from onemarket.catalogs.linuxcontainers import LinuxContainersCatalog
+from onemarket.catalogs.opennebula import OpenNebulaCatalog
+from onemarket.installation import Installation
+from onemarket.mirror import fetch
+from onemarket.mirror.command import add_mirror_parser
+from onemarket.template import Template, parse_template
+
+from tests.servers import need_program
+from tests.servers.appmarket import Appmarket, running_appmarket
+from tests.servers.httpd import StaticHttpServer, truncated
+from tests.servers.mirror_web import MirrorWeb, running_mirror_web
+
+REPO = Path(__file__).resolve().parents[1]
+GENERATOR = REPO / "tests" / "tools" / "gen_images_json.py"
+LXC_ONLY = (
+    r"^(ubuntu:jammy:amd64:(default|cloud)|alpine:3\.19:(amd64|arm64):(default|cloud)"
+    r"|debian:bookworm:amd64:default)$"
+)
+GENERATOR_ARGS = ("--profile", "2024", "--seed", "8", "--versions", "2", "--real-bytes")
+GENERATOR_ARGS += ("--only", LXC_ONLY)
+PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+@pytest.fixture(autouse=True)
+def _loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No proxy of the machine in the way; no wait between download attempts."""
+    for name in PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setattr(fetch, "RETRY_WAIT_S", 0.0)
+    monkeypatch.setattr(web, "RETRY_BACKOFF_S", 0.0)
+
+
+@pytest.fixture
+def appmarket() -> Iterator[Appmarket]:
+    with running_appmarket() as market:
+        yield market
+
+
+@pytest.fixture
+def mirror_web(tmp_path: Path) -> Iterator[MirrorWeb]:
+    with running_mirror_web(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture
+def installation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Installation:
+    base = tmp_path / "one"
+    inst = Installation(base, base / "var" / "remotes", base / "var", base / "lib" / "mads")
+    inst.remotes.mkdir(parents=True)
+    (inst.remotes / "VERSION").write_text("7.0.0\n")
+    (inst.var_dir / "cache" / "market").mkdir(parents=True)
+    monkeypatch.setenv("ONE_LOCATION", str(base))
+    return inst
+
+
+def template_file(folder: Path, name: str, driver: str, endpoint: str, **attrs: str) -> Path:
+    path = folder / f"{name}.tmpl"
+    lines = [f'NAME = "{name}"', f'MARKET_MAD = "{driver}"', f'ENDPOINT = "{endpoint}"']
+    lines += [f'{k} = "{v}"' for k, v in attrs.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def mirror(installation: Installation, *argv: str) -> tuple[int, str, str]:
+    """Run ``one-market mirror ARGV`` in this process: (exit status, stdout, stderr)."""
+    common = cli.Parser(add_help=False)
+    common.add_argument("--json", action="store_true")
+    common.add_argument("--debug", action="store_true")
+    parser = cli.Parser(prog="one-market")
+    add_mirror_parser(parser.add_subparsers(dest="command"), common, lambda: installation)
+    out, err = io.StringIO(), io.StringIO()
+    saved = driverlog.stream
+    driverlog.stream = err
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            args = parser.parse_args(["mirror", *argv])
+            try:
+                code = args.func(args)
+            except cli.MarketError as exc:
+                err.write(f"one-market: {exc}\n")
+                code = 1
+    finally:
+        driverlog.stream = saved
+    return code, out.getvalue(), err.getvalue()
+
+
+def mirror_json(installation: Installation, *argv: str) -> tuple[int, dict]:
+    code, out, err = mirror(installation, *argv, "--json")
+    assert out, err
+    return code, json.loads(out)
+
+
+def apps_of(result: MonitorResult) -> list[Template]:
+    top = parse_template(result.to_template())
+    return [parse_template(base64.b64decode(v)) for v in top.get_all("APP")]
+
+
+def one_apps(installation: Installation, endpoint: str, **attrs: str) -> list[Template]:
+    market = Market(0, "m", "one", {"ENDPOINT": endpoint, **attrs})
+    return apps_of(OpenNebulaCatalog(market, Context(installation)).monitor())
+
+
+def lxc_apps(installation: Installation, endpoint: str, **attrs: str) -> list[Template]:
+    market = Market(0, "m", "linuxcontainers", {"ENDPOINT": endpoint, **attrs})
+    return apps_of(LinuxContainersCatalog(market, Context(installation)).monitor())
+
+
+def published(apps: list[Template]) -> dict[str, tuple]:
+    fields = ("MD5", "SIZE", "VERSION", "TYPE", "FORMAT", "ARCHITECTURE", "HYPERVISOR")
+    return {a.get("NAME"): tuple(a.get(f) for f in fields) for a in apps}
+
+
+def curl(url: str, out: Path) -> bytes:
+    """Download as the stock downloader.sh does for http SOURCEs (curl --fail -L)."""
+    need_program("curl", "curl")
+    subprocess.run(["curl", "--fail", "-sS", "-k", "-L", "-o", str(out), url], check=True)
+    return out.read_bytes()
+
+
+def tree_files(tree: Path) -> set[str]:
+    return {p.relative_to(tree).as_posix() for p in tree.rglob("*") if p.is_file()}
+
+
+def leftovers(tree: Path) -> list[str]:
+    return sorted(p for p in tree_files(tree) if p.endswith((".part", ".ready")))
+
+
+def assert_valid_one_mirror(tree: Path) -> set[str]:
+    """Every file appliance.json lists is in place with its md5; returns the names listed."""
+    doc = json.loads((tree / "appliance.json").read_bytes())
+    for app in doc["appliances"]:
+        for n, f in enumerate(app.get("files") or []):
+            body = (tree / "appliance" / app["_id"]["$oid"] / "download" / str(n)).read_bytes()
+            assert hashlib.md5(body).hexdigest() == f["md5"], app["name"]
+    return {a["name"] for a in doc["appliances"]}
+
+
+# --------------------------------------------------------------------------- one catalogs
+
+
+def test_one_mirror_publishes_as_the_source(
+    appmarket: Appmarket, mirror_web: MirrorWeb, installation: Installation, tmp_path: Path
+) -> None:
+    source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
+    code, summary = mirror_json(installation, str(source), str(mirror_web.tree), "--jobs", "3")
+    assert code == 0, summary
+    assert len(summary["mirrored"]) == len(appmarket.appliances)
+    assert summary["bytes"] == sum(len(b) for b in appmarket.blobs.values())
+
+    at_source = one_apps(installation, appmarket.url + "/")
+    at_mirror = one_apps(installation, mirror_web.url)
+    assert published(at_mirror) == published(at_source)
+    assert len(at_mirror) == len(appmarket.appliances)
+    for app in at_mirror:
+        assert app.get("SOURCE").startswith(mirror_web.url + "appliance/")
+        if app.get("TYPE") == "IMAGE":
+            body = curl(app.get("SOURCE"), tmp_path / "download")
+            assert hashlib.md5(body).hexdigest() == app.get("MD5")
+    doc = json.loads((mirror_web.tree / "appliance.json").read_bytes())
+    assert appmarket.url not in json.dumps(doc)  # relocatable: links are relative
+    assert leftovers(mirror_web.tree) == []
+
+
+def test_one_second_run_downloads_nothing_and_a_changed_appliance_is_fetched(
+    appmarket: Appmarket, installation: Installation, tmp_path: Path
+) -> None:
+    source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
+    dest = tmp_path / "tree"
+    assert mirror_json(installation, str(source), str(dest))[0] == 0
+    first = appmarket.file_requests()
+
+    code, summary = mirror_json(installation, str(source), str(dest))
+    assert code == 0
+    assert appmarket.file_requests() == first
+    assert summary["downloads"] == 0 and summary["bytes"] == 0
+    assert summary["catalog_unchanged"] is True  # conditional GET answered 304
+    assert len(summary["unchanged"]) == len(appmarket.appliances)
+
+    nixos = appmarket.by_name("NixOS")
+    appmarket.set_file(nixos, 0, os.urandom(5000))
+    nixos["version"] = "26.05"
+    appmarket.publish()
+    code, summary = mirror_json(installation, str(source), str(dest))
+    assert code == 0
+    assert summary["mirrored"] == ["NixOS"]
+    assert summary["downloads"] == 1 and summary["bytes"] == 5000
+    served = dest / "appliance" / nixos["_id"]["$oid"] / "download" / "0"
+    assert hashlib.md5(served.read_bytes()).hexdigest() == nixos["files"][0]["md5"]
+
+
+def test_selection_templates_bring_their_images_and_names_follow_the_suffix(
+    appmarket: Appmarket, mirror_web: MirrorWeb, installation: Installation, tmp_path: Path
+) -> None:
+    source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
+    code, _out, err = mirror(
+        installation,
+        str(source),
+        str(mirror_web.tree),
+        "--include",
+        "lithops service",
+        "--exclude",
+        "RabbitMQ",
+        "--name-suffix",
+        " (air)",
+    )
+    assert code == 0, err
+    assert "refers to 'Lithops', which this catalog does not publish" in err
+    apps = {a.get("NAME"): a for a in one_apps(installation, mirror_web.url)}
+    # the service brings its roles' VM templates and images, even one --exclude names
+    assert set(apps) == {
+        f"{n} (air)"
+        for n in (
+            "Lithops Service",
+            "Lithops - Virtual Router",
+            "Lithops - MinIO",
+            "Lithops - Client",
+            "Lithops - Worker",
+            "RabbitMQ",
+        )
+    }
+    roles = {r["NAME"]: r["APP"] for r in apps["Lithops Service (air)"].get_all("ROLE")}
+    assert roles["rabbitmq"] == "RabbitMQ (air)"
+    assert roles["vr"] == "Lithops - Virtual Router (air)"
+    disks = [d["APP"] for d in apps["Lithops - Virtual Router (air)"].get_all("DISK")]
+    assert disks == ["Service Virtual Router"]  # not in this catalog: left as it was
+
+
+def test_driver_filters_of_the_source_template_apply(
+    appmarket: Appmarket, installation: Installation, tmp_path: Path
+) -> None:
+    appmarket.by_name("NemoClaw")["os-arch"] = "aarch64"
+    appmarket.by_name("UERANSIM")["hypervisor"] = "LXC"
+    appmarket.publish()
+    attrs = {"ARCHITECTURES": "x86_64", "HYPERVISORS": "kvm"}
+    source = template_file(tmp_path, "Community", "one", appmarket.url + "/", **attrs)
+    dest = tmp_path / "tree"
+    code, summary = mirror_json(installation, str(source), str(dest))
+    assert code == 0
+    expected = {a.get("NAME") for a in one_apps(installation, appmarket.url + "/", **attrs)}
+    assert set(summary["mirrored"]) == expected
+    assert "NemoClaw" not in expected and "UERANSIM" not in expected
+
+
+def test_dry_run_lists_sizes_and_writes_nothing(
+    appmarket: Appmarket, installation: Installation, tmp_path: Path
+) -> None:
+    source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
+    dest = tmp_path / "tree"
+    code, out = mirror_json(installation, str(source), str(dest), "--dry-run")
+    assert code == 0
+    assert out["fetch_bytes"] == sum(len(b) for b in appmarket.blobs.values())
+    assert {e["status"] for e in out["entries"]} == {"fetch"}
+    assert not dest.exists()
+    assert appmarket.file_requests() == 0
+    code, text, _err = mirror(installation, str(source), str(dest), "--dry-run")
+    assert code == 0 and "apps," in text.splitlines()[-1]
+
+
+def test_prune_removes_what_no_entry_names(
+    appmarket: Appmarket, installation: Installation, tmp_path: Path
+) -> None:
+    source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
+    dest = tmp_path / "tree"
+    assert mirror_json(installation, str(source), str(dest))[0] == 0
+    gone = appmarket.by_name("Phoenix RTOS")
+    appmarket.appliances.remove(gone)
+    appmarket.publish()
+    folder = dest / "appliance" / gone["_id"]["$oid"]
+    assert mirror_json(installation, str(source), str(dest))[0] == 0
+    assert folder.is_dir()  # without --prune old files stay
+    code, summary = mirror_json(installation, str(source), str(dest), "--prune")
+    assert code == 0 and summary["pruned"] == 1
+    assert not folder.exists()
+    doc = json.loads((dest / "appliance.json").read_bytes())
+    assert "Phoenix RTOS" not in {a["name"] for a in doc["appliances"]}
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def test_truncated_download_is_retried_then_left_out(
+    appmarket: Appmarket, installation: Installation, tmp_path: Path
+) -> None:
+    nixos = appmarket.by_name("NixOS")
+    cdn = nixos["files"][0]["url"].removeprefix(appmarket.url)
+    appmarket.server.routes[cdn] = truncated(appmarket.blobs[cdn], 1000)
+    source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
+    dest = tmp_path / "tree"
+    code, summary = mirror_json(installation, str(source), str(dest))
+    assert code == 1
+    assert [f["name"] for f in summary["failed"]] == ["NixOS"]
+    assert appmarket.server.count(cdn) == fetch.FILE_ATTEMPTS
+    assert len(summary["mirrored"]) == len(appmarket.appliances) - 1
+    doc = json.loads((dest / "appliance.json").read_bytes())
+    assert "NixOS" not in {a["name"] for a in doc["appliances"]}
+    assert leftovers(dest) == []
+
+
+def test_wrong_checksum_keeps_the_previous_copy(
+    appmarket: Appmarket, installation: Installation, tmp_path: Path
+) -> None:
+    source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
+    dest = tmp_path / "tree"
+    assert mirror_json(installation, str(source), str(dest))[0] == 0
+    before = (dest / "appliance.json").read_bytes()
+    nixos = appmarket.by_name("NixOS")
+    path = dest / "appliance" / nixos["_id"]["$oid"] / "download" / "0"
+    old = path.read_bytes()
+    appmarket.set_file(nixos, 0, os.urandom(4000))
+    nixos["files"][0]["md5"] = nixos["files"][0]["checksum"]["md5"] = "0" * 32
+    nixos["version"] = "26.05"
+    appmarket.publish()
+    code, summary = mirror_json(installation, str(source), str(dest))
+    assert code == 1
+    assert summary["failed"][0]["name"] == "NixOS"
+    assert "MD5 mismatch" in summary["failed"][0]["error"]
+    assert summary["failed"][0]["previous_kept"] is True
+    assert path.read_bytes() == old
+    assert (dest / "appliance.json").read_bytes() == before
+    assert leftovers(dest) == []
+
+
+def test_source_down_mid_run_leaves_the_mirror_valid_and_the_next_run_resumes(
+    appmarket: Appmarket, installation: Installation, tmp_path: Path
+) -> None:
+    source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
+    dest = tmp_path / "tree"
+    assert mirror_json(installation, str(source), str(dest))[0] == 0
+    before = (dest / "appliance.json").read_bytes()
+    images = [a for a in appmarket.appliances if a.get("files")]
+    for app in images:  # a new release of every image
+        appmarket.set_file(app, 0, os.urandom(3000))
+        app["version"] += "-new"
+    appmarket.publish()
+    served = {"n": 0}
+    routes = appmarket.server.routes
+
+    def down_after_three(path: str, body: bytes):
+        def handler(h) -> None:
+            served["n"] += 1
+            if served["n"] > 3:  # the source goes away: connections are dropped unanswered
+                h.close_connection = True
+                return
+            appmarket.server.serve_bytes(h, body)
+
+        return handler
+
+    for path in [p for p in routes if p.startswith("/cdn/")]:
+        routes[path] = down_after_three(path, appmarket.blobs[path])
+    code, summary = mirror_json(installation, str(source), str(dest), "--jobs", "1")
+    assert code == 1
+    assert len(summary["failed"]) == len(images) - 3
+    assert all(f["previous_kept"] for f in summary["failed"])
+    not_tried = [f for f in summary["failed"] if f["error"].startswith("not tried")]
+    assert len(not_tried) == len(images) - 3 - fetch.MAX_FAILURES_IN_ROW
+    assert_valid_one_mirror(dest)
+    doc = json.loads((dest / "appliance.json").read_bytes())
+    old = {a["name"]: a for a in json.loads(before)["appliances"]}
+    for app in doc["appliances"]:
+        if app["name"] in {f["name"] for f in summary["failed"]}:
+            assert app == old[app["name"]]
+
+    appmarket.publish()  # the source is back
+    requests_before = appmarket.file_requests()
+    code, summary = mirror_json(installation, str(source), str(dest))
+    assert code == 0
+    assert appmarket.file_requests() - requests_before == len(images) - 3
+    assert leftovers(dest) == []
+
+
+def test_sigterm_mid_run_leaves_the_previous_mirror_and_keeps_verified_files(
+    appmarket: Appmarket, installation: Installation, tmp_path: Path
+) -> None:
+    source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
+    dest = tmp_path / "tree"
+    assert mirror_json(installation, str(source), str(dest), "--include", "NixOS")[0] == 0
+    before = (dest / "appliance.json").read_bytes()
+    stuck = appmarket.by_name("UERANSIM")
+    cdn = stuck["files"][0]["url"].removeprefix(appmarket.url)
+    body = appmarket.blobs[cdn]
+    release = __import__("threading").Event()
+
+    def hang(h) -> None:  # half the file, then nothing until the test ends
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body[: len(body) // 2])
+        h.wfile.flush()
+        release.wait(60)
+
+    appmarket.server.routes[cdn] = hang
+    env = {**os.environ, "ONE_LOCATION": str(installation.one_location)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "onemarket.cli", "mirror", str(source), str(dest), "--jobs", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        for _ in range(600):  # bounded: until the hanging file is being written (or exit)
+            if any(p.endswith(".part") for p in tree_files(dest)) and (
+                appmarket.file_requests() >= len(appmarket.blobs)
+            ):
+                break
+            if proc.poll() is not None:
+                break
+            __import__("time").sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        proc.terminate()
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == cli.EXIT_TERMINATED, err
+    assert (dest / "appliance.json").read_bytes() == before
+    assert not [p for p in tree_files(dest) if p.endswith(".part")]
+    staged = [p for p in tree_files(dest) if p.endswith(".ready")]
+    assert staged  # verified downloads wait for the next run
+
+    appmarket.publish()
+    requests_before = appmarket.file_requests()
+    code, summary = mirror_json(installation, str(source), str(dest))
+    assert code == 0, summary
+    # only what was not verified yet is fetched again: the interrupted file, at most
+    assert appmarket.file_requests() - requests_before == len(appmarket.blobs) - 1 - len(staged)
+    assert leftovers(dest) == []
+
+
+def _tmpfs(folder: Path, size_bytes: int) -> bool:
+    folder.mkdir(parents=True)
+    if os.geteuid() != 0:
+        return False
+    opts = f"size={size_bytes},mode=0755"
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(folder)], capture_output=True
+    )
+    return done.returncode == 0
+
+
+def test_disk_full_fails_the_run_and_leaves_the_previous_mirror(
+    appmarket: Appmarket,
+    installation: Installation,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dest = tmp_path / "small"
+    room = 400 * 1024
+    mounted = _tmpfs(dest, room)
+    if not mounted:  # no mount here: the same ENOSPC from the writes, once the room is used
+        from onemarket.transfer import streamcopy
+
+        real = streamcopy._pwrite_all
+        used = {"n": 0}
+
+        def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+            used["n"] += len(view)
+            if used["n"] > room:
+                raise OSError(28, "No space left on device")
+            real(fd, view, offset)
+
+        monkeypatch.setattr(streamcopy, "_pwrite_all", pwrite_all)
+    try:
+        source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
+        code, summary = mirror_json(installation, str(source), str(dest), "--include", "NixOS")
+        assert code == 0, summary
+        before = (dest / "appliance.json").read_bytes()
+        code, _out, err = mirror(installation, str(source), str(dest), "--jobs", "1")
+        assert code == 1
+        assert "storage full" in err
+        # what fitted may be published, the rest is not; the mirror stays valid either way
+        listed = assert_valid_one_mirror(dest)
+        assert "NixOS" in listed
+        assert len(listed) < len(appmarket.appliances)
+        assert (dest / "appliance.json").read_bytes() == before or "FAILED" in err
+        assert not [p for p in tree_files(dest) if p.endswith((".part", ".new"))]
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(dest)], check=False)
+
+
+# --------------------------------------------------------------------------- simplestreams
+
+
+@pytest.fixture(scope="module")
+def lxc_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    need_program("qemu-img", "qemu-utils")
+    out = tmp_path_factory.mktemp("lxc-source")
+    subprocess.run(
+        [sys.executable, str(GENERATOR), "-o", str(out), *GENERATOR_ARGS],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return out
+
+
+@pytest.fixture
+def lxc_source(lxc_tree: Path) -> Iterator[StaticHttpServer]:
+    server = StaticHttpServer()
+    for path in lxc_tree.rglob("*"):
+        if path.is_file():
+            server.routes["/" + path.relative_to(lxc_tree).as_posix()] = path.read_bytes()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_simplestreams_mirror_publishes_as_the_source(
+    lxc_source: StaticHttpServer,
+    lxc_tree: Path,
+    mirror_web: MirrorWeb,
+    installation: Installation,
+    tmp_path: Path,
+) -> None:
+    attrs = {"VM_IMAGES": "yes", "ARCHITECTURES": "x86_64 aarch64"}
+    source = template_file(tmp_path, "LXC", "linuxcontainers", lxc_source.url + "/", **attrs)
+    code, summary = mirror_json(installation, str(source), str(mirror_web.tree))
+    assert code == 0, summary
+    at_source = lxc_apps(installation, lxc_source.url + "/", **attrs)
+    at_mirror = lxc_apps(installation, mirror_web.url, **attrs)
+    assert published(at_mirror) == published(at_source)
+    assert {a.get("HYPERVISOR") for a in at_mirror} == {"lxc", "kvm"}
+
+    catalog = json.loads((lxc_tree / "streams/v1/images.json").read_bytes())
+    sha = {
+        item["path"]: item["sha256"]
+        for product in catalog["products"].values()
+        for version in product["versions"].values()
+        for item in version["items"].values()
+    }
+    with requests.Session() as session:
+        for app in at_mirror:
+            url = app.get("SOURCE").removeprefix("lxd://").split("?", 1)[0]
+            assert url.startswith(mirror_web.url)
+            body = session.get(url, timeout=30).content
+            assert hashlib.sha256(body).hexdigest() == sha[url.removeprefix(mirror_web.url)]
+    mirrored = json.loads((mirror_web.tree / "streams/v1/images.json").read_bytes())
+    index = json.loads((mirror_web.tree / "streams/v1/index.json").read_bytes())
+    assert index["index"]["images"]["products"] == sorted(mirrored["products"])
+    for product in mirrored["products"].values():
+        assert len(product["versions"]) == 1  # the newest build, the one the driver publishes
+        (version,) = product["versions"].values()
+        ftypes = {i["ftype"] for i in version["items"].values()}
+        assert "incus.tar.xz" in ftypes  # the metadata tarball LXD and Incus need
+        assert "squashfs" not in ftypes
+        for item in version["items"].values():
+            assert (
+                hashlib.sha256((mirror_web.tree / item["path"]).read_bytes()).hexdigest()
+                == (item["sha256"])
+            )
+    assert lxc_source.url not in json.dumps(mirrored)
+
+    before = len(lxc_source.requests)
+    code, summary = mirror_json(installation, str(source), str(mirror_web.tree))
+    assert code == 0 and summary["downloads"] == 0
+    paths = [r.path for r in lxc_source.requests[before:]]
+    assert paths == ["/streams/v1/images.json"]  # and it answered 304
+
+
+def test_simplestreams_name_suffix_goes_after_the_release(
+    lxc_source: StaticHttpServer, installation: Installation, tmp_path: Path
+) -> None:
+    source = template_file(tmp_path, "LXC", "linuxcontainers", lxc_source.url + "/")
+    dest = tmp_path / "tree"
+    code, summary = mirror_json(
+        installation, str(source), str(dest), "--name-suffix=-air", "--include", "ubuntu*"
+    )
+    assert code == 0, summary
+    at_source = [a.get("NAME") for a in lxc_apps(installation, lxc_source.url + "/")]
+    expected = [n.replace("jammy", "jammy-air", 1) for n in at_source if n.startswith("ubuntu")]
+    assert len(expected) == 1
+    assert summary["mirrored"] == expected
+    web = StaticHttpServer()
+    for path in dest.rglob("*"):
+        if path.is_file():
+            web.routes["/" + path.relative_to(dest).as_posix()] = path.read_bytes()
+    web.start()
+    try:
+        names = [a.get("NAME") for a in lxc_apps(installation, web.url + "/")]
+    finally:
+        web.stop()
+    assert names == expected
+
+
+def test_cli_runs_mirror(appmarket: Appmarket, installation: Installation, tmp_path: Path) -> None:
+    source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
+    code = cli.main(["mirror", str(source), str(tmp_path / "tree"), "--include", "NixOS"])
+    assert code == 0
+    assert (tmp_path / "tree" / "appliance.json").is_file()
+    assert isinstance(argparse.Namespace, type)
