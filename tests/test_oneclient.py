@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from pathlib import Path
 
@@ -11,11 +12,18 @@ from onemarket.errors import ConfigError, RemoteError
 
 from tests.servers import free_port
 from tests.servers.fake_oned import (
+    FakeApp,
+    FakeDatastore,
     FakeHost,
+    FakeImage,
     FakeMarket,
     FakeOned,
+    app_element,
+    datastore_element,
+    image_element,
     market_element,
     market_pool_element,
+    pool_element,
     to_text,
     use_one_auth,
     validate,
@@ -36,18 +44,49 @@ S3_MARKET = FakeMarket(
 )
 
 
-def test_documents_validate_against_opennebula_xsd() -> None:
-    validate(to_text(market_element(HTTP_MARKET)), "marketplace.xsd")
-    validate(to_text(market_pool_element([HTTP_MARKET, S3_MARKET])), "marketplace_pool.xsd")
-    validate(to_text(market_pool_element([])), "marketplace_pool.xsd")
+DATASTORE = FakeDatastore(1, "default")
+IMAGE = FakeImage(5, "disk", "/srv/disk.qcow2", DATASTORE, 12, "qcow2", app_clones=[6])
+APP = FakeApp(6, "Debian", FakeMarket(100, "Private http", "http"), 5, error="boom")
 
 
-def test_xsd_check_rejects_a_wrong_document() -> None:
+def test_documents_validate_against_the_oned_schema() -> None:
+    for element in (
+        market_element(HTTP_MARKET),
+        market_pool_element([HTTP_MARKET, S3_MARKET]),
+        market_pool_element([]),
+        app_element(APP),
+        pool_element("MARKETPLACEAPP_POOL", [app_element(APP)]),
+        image_element(IMAGE),
+        datastore_element(DATASTORE),
+        pool_element("DATASTORE_POOL", []),
+    ):
+        validate(to_text(element))
+
+
+@pytest.mark.parametrize(
+    ("element", "edit"),
+    [
+        (market_element(HTTP_MARKET), ("<STATE>0</STATE>", "")),  # a required element missing
+        (market_element(HTTP_MARKET), ("<ZONE_ID>0</ZONE_ID>", "<ZONE_ID>0</ZONE_ID><X/>")),
+        (app_element(APP), ("<SIZE>0</SIZE>", "<SIZE>big</SIZE>")),  # an integer
+        (image_element(IMAGE), ("<BACKUP_INCREMENTS/>", "")),
+        (datastore_element(DATASTORE), ("<TYPE>0</TYPE><DISK_TYPE>0</DISK_TYPE>",
+                                        "<DISK_TYPE>0</DISK_TYPE><TYPE>0</TYPE>")),  # order
+    ],
+)  # fmt: skip
+def test_schema_rejects_a_wrong_document(element, edit: tuple[str, str]) -> None:
     from lxml import etree
 
-    bad = to_text(market_element(HTTP_MARKET)).replace("<STATE>0</STATE>", "")
+    text = to_text(element)
+    assert edit[0] in text
     with pytest.raises(etree.DocumentInvalid):
-        validate(bad, "marketplace.xsd")
+        validate(text.replace(*edit, 1))
+
+
+def test_schema_takes_an_optional_lock_with_only_its_level() -> None:
+    text = to_text(app_element(APP))
+    locked = text.replace("<REGTIME>", "<LOCK><LOCKED>1</LOCKED></LOCK><REGTIME>", 1)
+    validate(locked)
 
 
 def test_endpoint_and_auth_file_like_the_cli(tmp_path: Path) -> None:
@@ -160,3 +199,85 @@ def test_find_market_wrong_credentials_hide_the_password(
         oneclient.find_market(server, "Ceph")
     assert "refused the credentials" in str(info.value)
     assert "Wrong-Secret-99" not in str(info.value)
+
+
+def test_connection_failure_names_the_endpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}/RPC2"
+    use_one_auth(monkeypatch, tmp_path / "auth", "oneadmin:pw-endpoint")
+    monkeypatch.setenv("ONE_XMLRPC", url)
+    server = oneclient.connect()
+    assert server is not None
+    with pytest.raises(RemoteError) as info:
+        oneclient.find_market(server, "7")
+    assert f"cannot connect to oned at {url} (ONE_XMLRPC)" in str(info.value)
+
+
+def test_market_state_and_apps(fake_oned: FakeOned) -> None:
+    fake_oned.markets = [FakeMarket(3, "off", "http", app_ids=[1, 2], state=1), HTTP_MARKET]
+    server = oneclient.connect()
+    off = oneclient.find_market(server, "3")
+    assert isinstance(off, oneclient.OnedMarket)
+    assert off.disabled and off.app_ids == (1, 2)
+    assert not oneclient.find_market(server, "Private http").disabled
+
+
+def test_find_datastore(fake_oned: FakeOned) -> None:
+    fake_oned.datastores = [
+        FakeDatastore(0, "system", type=1),
+        FakeDatastore(1, "default"),
+        FakeDatastore(2, "off", state=1),
+        FakeDatastore(3, "twin"),
+        FakeDatastore(4, "twin"),
+    ]
+    server = oneclient.connect()
+    assert oneclient.find_datastore(server, "1").name == "default"
+    assert oneclient.find_datastore(server, "default").id == 1
+    for ref, words in [
+        ("0", "is a SYSTEM datastore"),
+        ("off", "is disabled"),
+        ("twin", "several datastores"),
+        ("9", "no datastore with id 9"),
+        ("nope", "no datastore named 'nope'"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            oneclient.find_datastore(server, ref)
+    for document in fake_oned.answers:
+        validate(document)
+
+
+def test_image_and_app_life_cycle(fake_oned: FakeOned, tmp_path: Path) -> None:
+    """allocate, LOCKED, READY, delete, for an image and an app made from it."""
+    fake_oned.datastores = [FakeDatastore(1, "default")]
+    fake_oned.markets = [FakeMarket(100, "Private http", "http")]
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"x" * 3000)
+    server = oneclient.connect()
+    image_id = oneclient.allocate_image(server, f'NAME="d"\nPATH="{disk}"\n', 1)
+    states = [oneclient.image_info(server, image_id).state for _ in range(2)]
+    assert states == [oneclient.IMAGE_STATE_LOCKED, oneclient.IMAGE_STATE_READY]
+    app_id = oneclient.allocate_app(server, f'NAME="a"\nORIGIN_ID="{image_id}"\n', 100)
+    first, second = (oneclient.app_info(server, app_id) for _ in range(2))
+    assert (first.state_name, second.state_name) == ("LOCKED", "READY")
+    assert second.md5 == hashlib.md5(disk.read_bytes()).hexdigest()
+    assert (second.size_mb, second.market_id) == (1, 100)
+    assert [a.id for a in oneclient.apps_with_source(server, second.source)] == [app_id]
+    assert oneclient.apps_with_source(server, "http://elsewhere/x") == []
+    oneclient.delete_app(server, app_id)
+    assert oneclient.app_info(server, app_id) is None
+    oneclient.delete_image(server, image_id)
+    assert oneclient.image_info(server, image_id) is None
+    oneclient.delete_image(server, image_id)  # gone already: not an error
+    for document in fake_oned.answers:
+        validate(document)
+
+
+def test_oned_refusals_are_one_line(fake_oned: FakeOned, tmp_path: Path) -> None:
+    fake_oned.datastores = [FakeDatastore(1, "default")]
+    fake_oned.markets = [FakeMarket(0, "public", "one")]
+    server = oneclient.connect()
+    with pytest.raises(RemoteError, match=r"creating an image in datastore 1: .*SIZE"):
+        oneclient.allocate_image(server, f'NAME="d"\nPATH="{tmp_path / "absent"}"\n', 1)
+    with pytest.raises(RemoteError, match="Create disabled for market: public"):
+        oneclient.allocate_app(server, 'NAME="a"\nORIGIN_ID="1"\n', 0)

@@ -10,14 +10,22 @@ pyone's own ``timeout`` sets the process-wide socket default (it would slow down
 socket of an import), and its transport posts without a timeout. The client returned here
 uses a transport with its own bounded connect and read timeouts instead. The password is
 registered with :func:`driverlog.redact` and never appears in a message of this module.
+
+Besides reading markets and host states, it makes the calls ``one-market`` needs to work
+through oned as an administrator would with ``oneimage`` and ``onemarketapp``: allocate, read and
+delete images and apps (``one.image.*``, ``one.marketapp.*``), find datastores and the apps of a
+SOURCE. Each answer becomes a small typed record; each failure one :class:`RemoteError` or
+:class:`ConfigError` line naming the object and, for a connection failure, the endpoint.
 """
 
 from __future__ import annotations
 
 import os
 import xmlrpc.client
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pyone
 import requests
@@ -50,6 +58,41 @@ UNUSABLE_HOST_STATES = frozenset(
     }
 )
 """oned host states (``one.hostpool.info`` STATE) in which a bridge host must not be used."""
+
+MARKET_STATE_ENABLED = 0
+MARKET_STATE_DISABLED = 1
+"""``MARKETPLACE/STATE`` (``onemarket enable/disable``); oned does not monitor a disabled one."""
+
+IMAGE_STATE_READY = 1
+IMAGE_STATE_LOCKED = 4
+IMAGE_STATE_ERROR = 5
+IMAGE_STATE_NAMES = {
+    0: "INIT",
+    1: "READY",
+    2: "USED",
+    3: "DISABLED",
+    4: "LOCKED",
+    5: "ERROR",
+    6: "CLONE",
+    7: "DELETE",
+    8: "USED_PERS",
+    9: "LOCKED_USED",
+    10: "LOCKED_USED_PERS",
+}
+"""``IMAGE/STATE`` values (image.xsd); LOCKED while the datastore driver copies the file."""
+
+APP_STATE_READY = 1
+APP_STATE_LOCKED = 2
+APP_STATE_ERROR = 3
+APP_STATE_NAMES = {0: "INIT", 1: "READY", 2: "LOCKED", 3: "ERROR", 4: "DISABLED"}
+"""``MARKETPLACEAPP/STATE`` values; LOCKED while the market driver imports the image."""
+
+DATASTORE_TYPE_IMAGE = 0
+DATASTORE_TYPE_NAMES = {0: "IMAGE", 1: "SYSTEM", 2: "FILE", 3: "BACKUP"}
+DATASTORE_STATE_DISABLED = 1
+
+POOL_ALL = -2
+"""``filter_flag`` of the pool info calls: every object the user may see."""
 
 
 class _TimeoutTransport(xmlrpc.client.Transport):
@@ -150,18 +193,27 @@ def connect(
     return server
 
 
+def _url_of(exc: BaseException) -> str:
+    """The endpoint a failed requests call was sent to (password masked), or ONE_XMLRPC's."""
+    request = getattr(exc, "request", None)
+    url = str(getattr(request, "url", "") or "") or endpoint()
+    driverlog.redact_url(url)
+    return driverlog.scrub(url)
+
+
 def describe_failure(exc: BaseException) -> str:
-    """One line about a failed oned call, without the session string."""
+    """One line about a failed oned call, without the session string; a connection failure
+    names the endpoint tried, so a wrong ONE_XMLRPC shows at once."""
     if isinstance(exc, pyone.OneAuthenticationException):
         return "oned refused the credentials of ONE_AUTH"
     if isinstance(exc, pyone.OneAuthorizationException):
         return "oned denied the request to the user of ONE_AUTH"
     if isinstance(exc, requests.Timeout):
-        return "oned did not answer in time"
+        return f"oned did not answer in time at {_url_of(exc)} (ONE_XMLRPC)"
     if isinstance(exc, requests.ConnectionError):
-        return "cannot connect to oned"
+        return f"cannot connect to oned at {_url_of(exc)} (ONE_XMLRPC)"
     if isinstance(exc, xmlrpc.client.ProtocolError):
-        return f"oned answered HTTP {exc.errcode}"
+        return f"oned answered HTTP {exc.errcode} at {_url_of(exc)}"
     text = one_line(driverlog.scrub(str(exc)), 300)
     return f"oned call failed: {text or type(exc).__name__}"
 
@@ -173,20 +225,46 @@ def _template_attrs(template: object) -> dict[str, str]:
     return {str(k): v.strip() for k, v in template.items() if isinstance(v, str)}
 
 
-def market_from_pyone(obj: object) -> Market:
-    """A :class:`Market` from pyone's MARKETPLACE binding."""
+def _int(obj: object, name: str, default: int = -1) -> int:
+    try:
+        return int(getattr(obj, name))
+    except (TypeError, ValueError):
+        return default
+
+
+def _str(obj: object, name: str) -> str:
+    value = getattr(obj, name, None)
+    return "" if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class OnedMarket(Market):
+    """A marketplace read from oned: the driver's view plus what only oned knows."""
+
+    state: int = MARKET_STATE_ENABLED
+    app_ids: tuple[int, ...] = ()
+
+    @property
+    def disabled(self) -> bool:
+        return self.state == MARKET_STATE_DISABLED
+
+
+def market_from_pyone(obj: object) -> OnedMarket:
+    """An :class:`OnedMarket` from pyone's MARKETPLACE binding."""
     attrs = _template_attrs(getattr(obj, "TEMPLATE", None))
-    driver = str(getattr(obj, "MARKET_MAD", "") or attrs.get("MARKET_MAD", ""))
-    raw_id = getattr(obj, "ID", -1)
-    return Market(
-        id=int(raw_id) if raw_id is not None else -1,
-        name=str(getattr(obj, "NAME", "") or ""),
+    driver = _str(obj, "MARKET_MAD") or attrs.get("MARKET_MAD", "")
+    apps = getattr(getattr(obj, "MARKETPLACEAPPS", None), "ID", None) or []
+    return OnedMarket(
+        id=_int(obj, "ID"),
+        name=_str(obj, "NAME"),
         driver=driver,
         attrs=attrs,
+        state=_int(obj, "STATE", MARKET_STATE_ENABLED),
+        app_ids=tuple(int(i) for i in apps),
     )
 
 
-def find_market(server: xmlrpc.client.ServerProxy, ref: str) -> Market:
+def find_market(server: xmlrpc.client.ServerProxy, ref: str) -> OnedMarket:
     """The marketplace ``ref`` (an id, or a name) as oned describes it."""
     try:
         if ref.strip().isdigit():
@@ -229,3 +307,204 @@ def usable_hosts(names: Iterable[str], timeout_s: float = HOSTS_TIMEOUT_S) -> se
         except (TypeError, ValueError):
             continue
     return {n for n in wanted if states.get(n) not in UNUSABLE_HOST_STATES}
+
+
+# ---------------------------------------------------------------------------- images, apps
+
+
+@dataclass(frozen=True)
+class OnedImage:
+    id: int
+    name: str
+    state: int
+    size_mb: int
+    datastore_id: int
+    error: str = ""
+
+    @property
+    def state_name(self) -> str:
+        return IMAGE_STATE_NAMES.get(self.state, str(self.state))
+
+
+@dataclass(frozen=True)
+class OnedApp:
+    id: int
+    name: str
+    state: int
+    market_id: int
+    market: str
+    source: str
+    md5: str
+    size_mb: int
+    format: str
+    error: str = ""
+
+    @property
+    def state_name(self) -> str:
+        return APP_STATE_NAMES.get(self.state, str(self.state))
+
+
+@dataclass(frozen=True)
+class OnedDatastore:
+    id: int
+    name: str
+    type: int
+    state: int
+    free_mb: int
+
+    @property
+    def type_name(self) -> str:
+        return DATASTORE_TYPE_NAMES.get(self.type, str(self.type))
+
+
+def _error_of(obj: object) -> str:
+    """The ``TEMPLATE/ERROR`` message oned leaves on an object whose operation failed."""
+    return one_line(_template_attrs(getattr(obj, "TEMPLATE", None)).get("ERROR", ""), 1000)
+
+
+def image_from_pyone(obj: object) -> OnedImage:
+    return OnedImage(
+        id=_int(obj, "ID"),
+        name=_str(obj, "NAME"),
+        state=_int(obj, "STATE"),
+        size_mb=_int(obj, "SIZE", 0),
+        datastore_id=_int(obj, "DATASTORE_ID"),
+        error=_error_of(obj),
+    )
+
+
+def app_from_pyone(obj: object) -> OnedApp:
+    return OnedApp(
+        id=_int(obj, "ID"),
+        name=_str(obj, "NAME"),
+        state=_int(obj, "STATE"),
+        market_id=_int(obj, "MARKETPLACE_ID"),
+        market=_str(obj, "MARKETPLACE"),
+        source=_str(obj, "SOURCE"),
+        md5=_str(obj, "MD5"),
+        size_mb=_int(obj, "SIZE", 0),
+        format=_str(obj, "FORMAT"),
+        error=_error_of(obj),
+    )
+
+
+def datastore_from_pyone(obj: object) -> OnedDatastore:
+    return OnedDatastore(
+        id=_int(obj, "ID"),
+        name=_str(obj, "NAME"),
+        type=_int(obj, "TYPE"),
+        state=_int(obj, "STATE", 0),
+        free_mb=_int(obj, "FREE_MB", 0),
+    )
+
+
+T = TypeVar("T")
+
+
+def call(what: str, request: Callable[[], T]) -> T:
+    """Run one oned call; any failure becomes one RemoteError line starting with ``what``.
+
+    ``OneNoExistsException`` is left to the caller, which knows what a missing object means.
+    """
+    try:
+        return request()
+    except pyone.OneNoExistsException:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any transport or binding failure: one line
+        raise RemoteError(f"{what}: {describe_failure(exc)}") from None
+
+
+def find_datastore(server: Any, ref: str) -> OnedDatastore:
+    """The datastore ``ref`` (id or name); images can only be made in an IMAGE datastore."""
+    ref = ref.strip()
+    try:
+        if ref.isdigit():
+            found = [
+                datastore_from_pyone(
+                    call(f"datastore {ref}", lambda: server.datastore.info(int(ref)))
+                )
+            ]
+        else:
+            pool = call("datastore pool", lambda: server.datastorepool.info())
+            found = [
+                datastore_from_pyone(d)
+                for d in (getattr(pool, "DATASTORE", None) or [])
+                if str(d.NAME) == ref
+            ]
+    except pyone.OneNoExistsException:
+        raise ConfigError(f"oned has no datastore with id {ref}") from None
+    if not found:
+        raise ConfigError(f"oned has no datastore named '{ref}'")
+    if len(found) > 1:
+        ids = ", ".join(str(d.id) for d in found)
+        raise ConfigError(f"several datastores are named '{ref}' (ids {ids}): use the id")
+    ds = found[0]
+    if ds.type != DATASTORE_TYPE_IMAGE:
+        raise ConfigError(
+            f"datastore {ds.id} '{ds.name}' is a {ds.type_name} datastore: "
+            "--datastore must name an IMAGE datastore"
+        )
+    if ds.state == DATASTORE_STATE_DISABLED:
+        raise ConfigError(f"datastore {ds.id} '{ds.name}' is disabled in oned")
+    return ds
+
+
+def allocate_image(server: Any, template: str, datastore_id: int) -> int:
+    """``one.image.allocate``: oned checks the path, sizes it and starts the copy (LOCKED)."""
+    return int(
+        call(
+            f"creating an image in datastore {datastore_id}",
+            lambda: server.image.allocate(template, datastore_id, False),
+        )
+    )
+
+
+def image_info(server: Any, image_id: int) -> OnedImage | None:
+    """The image, or None once oned no longer has it."""
+    try:
+        return image_from_pyone(call(f"image {image_id}", lambda: server.image.info(image_id)))
+    except pyone.OneNoExistsException:
+        return None
+
+
+def delete_image(server: Any, image_id: int) -> None:
+    try:
+        call(f"deleting image {image_id}", lambda: server.image.delete(image_id, False))
+    except pyone.OneNoExistsException:
+        return
+
+
+def allocate_app(server: Any, template: str, market_id: int) -> int:
+    """``one.marketapp.allocate``: oned records the app (LOCKED) and sends IMPORT to the MAD."""
+    return int(
+        call(
+            f"creating an app in marketplace {market_id}",
+            lambda: server.marketapp.allocate(template, market_id),
+        )
+    )
+
+
+def app_info(server: Any, app_id: int) -> OnedApp | None:
+    """The app, or None once oned no longer has it (a DELETE it sent has been answered)."""
+    try:
+        return app_from_pyone(call(f"app {app_id}", lambda: server.marketapp.info(app_id)))
+    except pyone.OneNoExistsException:
+        return None
+
+
+def delete_app(server: Any, app_id: int) -> None:
+    """``one.marketapp.delete``: oned sends DELETE to the MAD and drops the app on its answer."""
+    try:
+        call(f"deleting app {app_id}", lambda: server.marketapp.delete(app_id))
+    except pyone.OneNoExistsException:
+        return
+
+
+def apps_with_source(server: Any, source: str) -> list[OnedApp]:
+    """Every app oned lists whose SOURCE is ``source`` (any marketplace)."""
+    try:
+        pool = call("app pool", lambda: server.marketapppool.info(POOL_ALL, -1, -1))
+    except pyone.OneNoExistsException:
+        return []
+    apps = [app_from_pyone(a) for a in (getattr(pool, "MARKETPLACEAPP", None) or [])]
+    return [a for a in apps if a.source.strip() == source.strip()]
