@@ -19,9 +19,17 @@ import requests
 from onemarket import cli
 from onemarket.progress import ProgressEvent
 from onemarket.template import parse_template, write_template
+from rich.console import Console
 
 from tests.servers import free_port
-from tests.servers.fake_oned import FakeHost, FakeMarket, FakeOned, validate
+from tests.servers.fake_oned import (
+    FakeDatastore,
+    FakeHost,
+    FakeMarket,
+    FakeOned,
+    use_one_auth,
+    validate,
+)
 from tests.servers.httpd import StaticHttpServer
 from tests.servers.nginx import Nginx
 from tests.servers.sshd import Sshd
@@ -396,6 +404,18 @@ def test_s3_check_wrong_secret(capfd, tmp_path: Path, rgw) -> None:
     assert secret not in out + err
 
 
+def test_s3_debug_shows_no_credentials(capfd, s3_market: str, rgw) -> None:
+    """--debug: our DEBUG lines, none of boto's request signing (Authorization headers with
+    the access key id and signature, canonical requests, strings to sign)."""
+    code, out, err = run(capfd, "check", s3_market, "--debug")
+    assert code == 0, err
+    text = out + err
+    assert rgw.access_key not in text and rgw.secret_key not in text
+    for word in ("Authorization", "Signature=", "Credential=", "StringToSign", "Canonical"):
+        assert word not in text
+    assert len(err.splitlines()) < 60, err  # was ~220 lines of botocore
+
+
 # --------------------------------------------------------------------------- oned via pyone
 
 
@@ -415,14 +435,14 @@ def test_markets_from_oned_by_id_and_name(
     code, out, _ = run(capfd, "check", "100")
     assert code == 0, out
     assert out.startswith("marketplace 'Private web' (MARKET_MAD=http)")
+    assert "PASS  state: marketplace 100 is ENABLED in oned" in out
+    assert out.splitlines()[-1] == "6 checks, 0 failed"
     code, out, _ = run(capfd, "--json", "check", "OpenNebula Public")
     assert code == 0, out
     assert json.loads(out)["market"] == {"id": 0, "name": "OpenNebula Public", "driver": "one"}
     assert fake_oned.calls == ["one.market.info", "one.marketpool.info"]
-    schemas = {"MARKETPLACE": "marketplace.xsd", "MARKETPLACE_POOL": "marketplace_pool.xsd"}
-    for document in fake_oned.answers[:2]:
-        root = document[1 : document.index(">")]
-        validate(document, schemas[root])
+    for document in fake_oned.answers:
+        validate(document)
 
 
 def test_oned_errors_are_one_line(capfd, fake_oned: FakeOned, tmp_path: Path, monkeypatch) -> None:
@@ -464,6 +484,7 @@ def test_bad_template_file(capfd, tmp_path: Path) -> None:
     code, out, _ = run(capfd, "check", odd)
     assert code == 1
     assert "FAIL  driver: unknown MARKET_MAD 'ftp'" in out
+    assert out.splitlines()[-1] == "1 check, 1 failed"
 
 
 # --------------------------------------------------------------------------- pieces
@@ -495,16 +516,63 @@ def test_sniff_format(tmp_path: Path, head: bytes, fmt: str) -> None:
     assert cli.sniff_format(path) == fmt
 
 
-def test_terminal_bar_draws_one_line() -> None:
+def terminal(width: int = 100) -> tuple[Console, io.StringIO]:
     buf = io.StringIO()
-    bar = cli.TerminalBar("push x", buf)
+    return Console(file=buf, force_terminal=True, width=width, color_system=None), buf
+
+
+def test_transfer_bar_draws_bytes_rate_and_percent() -> None:
+    out, buf = terminal()
+    bar = cli.TransferBar("push x", out)
     bar(ProgressEvent(50 * MIB, 100 * MIB, 1.0))
     bar(ProgressEvent(100 * MIB, 100 * MIB, 2.0, final=True))
+    bar.close()  # idempotent after the final event
     text = buf.getvalue()
-    assert text.startswith("\rpush x [")
-    assert "(50%)" in text and "(100%)" in text
-    assert text.endswith("\n") and text.count("\n") == 1
-    assert cli.TerminalBar.interval_s < 1
+    assert "push x" in text and "50%" in text and "100%" in text
+    assert "100.0/100.0 MiB" in text
+    assert cli.TransferBar.interval_s < 1
+
+
+def test_table_fits_a_terminal_and_is_plain_otherwise(capsys) -> None:
+    rows = [("A" * 80, "1.0", "IMAGE", "x86_64", "kvm", "2.0 GiB", "qcow2")]
+    out, buf = terminal(width=70)
+    cli.print_table(rows, out)
+    lines = buf.getvalue().splitlines()
+    assert lines[0].split() == list(cli.APP_COLUMNS)
+    assert all(len(line) <= 70 for line in lines)
+    assert "\u2026" in lines[1]  # the long name is cut with an ellipsis
+    cli.print_table(rows, Console(file=io.StringIO()))  # not a terminal: plain print
+    plain = capsys.readouterr().out.splitlines()
+    assert plain[1].startswith("A" * 80)
+
+
+def test_steps_are_plain_lines_off_a_terminal() -> None:
+    buf = io.StringIO()
+    with cli.Steps(False, Console(file=buf)) as steps:
+        steps.show("image 1: LOCKED")
+        steps.show("image 1: LOCKED")  # unchanged: not repeated
+        steps.done("image 1: READY")
+    assert buf.getvalue().splitlines() == [
+        "one-market: image 1: LOCKED",
+        "one-market: image 1: READY",
+    ]
+    buf = io.StringIO()
+    with cli.Steps(True, Console(file=buf)) as steps:
+        steps.done("image 1: READY")
+    assert buf.getvalue() == ""
+
+
+def test_mask_credentials_in_library_lines() -> None:
+    line = (
+        "botocore.endpoint: Sending http request: <AWSPreparedRequest headers={'Authorization': "
+        "b'AWS4-HMAC-SHA256 Credential=AKIAEXAMPLE/20260101/us-east-1/s3/aws4_request, "
+        "SignedHeaders=host, Signature=0123abcd'}> https://h/b?X-Amz-Signature=beef&x=1"
+    )
+    masked = cli.mask_credentials(line)
+    for secret in ("AKIAEXAMPLE", "0123abcd", "beef", "AWS4-HMAC"):
+        assert secret not in masked
+    assert "Signature:\n****" in cli.mask_credentials("Signature:\n0f0f0f")
+    assert "x=1" in masked
 
 
 def test_printable_strips_terminal_controls() -> None:
@@ -553,12 +621,23 @@ def test_push_shows_a_bar_on_a_terminal_only(tmp_path: Path, http_market: str) -
         if slave >= 0:
             os.close(slave)
     assert proc.returncode == 0, seen
-    assert b"(100%)" in seen and b"[" in seen
+    assert b"100%" in seen and b"MiB" in seen
     assert parse_template(out.decode()).get("MD5") == hashlib.md5(image.read_bytes()).hexdigest()
 
 
-def test_push_interrupted_leaves_nothing(tmp_path: Path, http_market: str, nginx: Nginx) -> None:
-    """Ctrl-C mid-copy: exit 130, one line, no partial or temporary file in PUBLIC_DIR.
+@pytest.mark.parametrize(
+    ("signum", "status", "words"),
+    [
+        (signal.SIGINT, cli.EXIT_INTERRUPTED, "push interrupted (Ctrl-C)"),
+        (signal.SIGTERM, cli.EXIT_TERMINATED, "push stopped by SIGTERM (sent by kill, timeout"),
+        (signal.SIGHUP, cli.EXIT_HANGUP, "push stopped by SIGHUP (its terminal or ssh session"),
+    ],
+)
+def test_push_stopped_by_a_signal_leaves_nothing(
+    tmp_path: Path, http_market: str, nginx: Nginx, signum: int, status: int, words: str
+) -> None:
+    """Ctrl-C, kill or a closed ssh session mid-copy: the shell's exit status for the signal,
+    one line in words for a terminal user, no partial or temporary file in PUBLIC_DIR.
 
     The image is a named pipe fed by the test, so the signal lands mid-copy without timing.
     """
@@ -580,14 +659,16 @@ def test_push_interrupted_leaves_nothing(tmp_path: Path, http_market: str, nginx
                     break
                 time.sleep(0.05)
             assert any(nginx.public_dir.iterdir()), "the copy never started"
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signum)
             out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-    assert proc.returncode == cli.EXIT_INTERRUPTED, err
-    assert err.decode().strip() == "one-market: interrupted"
+    assert proc.returncode == status, err
+    line = err.decode().strip()
+    assert line.startswith(f"one-market: {words}"), line
+    assert "\n" not in line and "driver shutdown" not in line
     assert out == b""
     assert list(nginx.public_dir.iterdir()) == []
 
@@ -656,6 +737,241 @@ def test_sigterm_during_check_removes_the_probe(tmp_path: Path) -> None:
             proc.kill()
             proc.wait(10)
     assert proc.returncode == cli.EXIT_TERMINATED, err
-    assert err.decode().strip() == "one-market: check stopped by SIGTERM"
-    assert json.loads(out) == {"ok": False, "error": "check stopped by SIGTERM"}
+    said = "check stopped by SIGTERM (sent by kill, timeout, a service manager or a shutdown)"
+    assert err.decode().strip() == f"one-market: {said}"
+    assert json.loads(out) == {"ok": False, "error": said}
     assert list(public.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- push, rm via oned
+
+
+@pytest.fixture
+def oned_http(fake_oned: FakeOned, nginx: Nginx, monkeypatch: pytest.MonkeyPatch) -> FakeOned:
+    """oned with http marketplace 100 (nginx) and image datastore 1, whose market driver is
+    our http backend: an app's import and delete really write and remove PUBLIC_DIR files."""
+    from onemarket.action import App, ImportInfo, Market
+    from onemarket.backends.base import ImportRequest
+    from onemarket.registry import load_backend
+
+    market = FakeMarket(
+        100,
+        "Private web",
+        "http",
+        {"BASE_URL": nginx.base_url, "PUBLIC_DIR": str(nginx.public_dir)},
+    )
+    fake_oned.markets = [market, FakeMarket(0, "OpenNebula Public", "one")]
+    fake_oned.datastores = [FakeDatastore(0, "system", type=1), FakeDatastore(1, "default")]
+
+    def backend():  # built here: the fake answers one call at a time, so no oned lookup
+        defined = Market(id=market.id, name=market.name, driver="http", attrs=market.template)
+        return load_backend("http", defined, cli.context())
+
+    def importer(image, app):
+        info = ImportInfo(source=image.path, size_mb=image.size_mb, format=image.format)
+        request = ImportRequest(App(id=app.id, name=app.name, size_mb=image.size_mb), info)
+        result = backend().import_app(request)
+        return result.source, result.md5, result.size_mb, result.format
+
+    fake_oned.importer = importer
+    fake_oned.deleter = lambda app: backend().delete_app(App(id=app.id, name="", source=app.source))
+    monkeypatch.setattr(cli, "POLL_FIRST_S", 0.01)
+    monkeypatch.setattr(cli, "POLL_MAX_S", 0.02)
+    return fake_oned
+
+
+def test_push_through_oned_makes_a_ready_app_and_rm_deletes_it(
+    capfd, tmp_path: Path, oned_http: FakeOned, nginx: Nginx
+) -> None:
+    image = image_file(tmp_path, 3 * MIB + 5, head=b"QFI\xfb")
+    md5 = hashlib.md5(image.read_bytes()).hexdigest()
+    args = ("push", "100", str(image), "--name", "Pushed Debian", "--datastore", "default")
+    code, out, err = run(capfd, *args, "--delete-image")
+    assert code == 0, err
+    result = parse_template(out)
+    (app,) = oned_http.apps.values()
+    assert (app.name, app.state, app.md5, app.size_mb) == ("Pushed Debian", 1, md5, 4)
+    assert result.get("ID") == str(app.id) and result.get("MD5") == md5
+    assert result.get("SIZE") == "4" and result.get("FORMAT") == "qcow2"
+    assert hashlib.md5(requests.get(app.source, timeout=10).content).hexdigest() == md5
+    assert oned_http.images == {}  # --delete-image
+    assert oned_http.markets[0].app_ids == [app.id]
+    lines = err.splitlines()  # not a terminal: one plain line per step and state
+    assert any(x.startswith("one-market: image 1 in datastore 1 'default': LOCKED") for x in lines)
+    assert f"one-market: app {app.id} 'Pushed Debian' in marketplace 100 'Private web': READY, " \
+           f"4 MB, MD5 {md5}" in lines  # fmt: skip
+    assert "plain upload" not in err
+    calls = [c for c in oned_http.calls if not c.endswith(".info")]
+    assert calls == ["one.image.allocate", "one.marketapp.allocate", "one.image.delete"]
+
+    code, out, err = run(capfd, "rm", "100", app.source)
+    assert code == 0, err
+    assert out == f"deleted app {app.id} through oned: {app.source}\n"
+    assert oned_http.apps == {}
+    assert list(nginx.public_dir.iterdir()) == []
+    assert "one.marketapp.delete" in oned_http.calls
+    for document in oned_http.answers:
+        validate(document)
+
+
+def test_push_through_oned_json_keeps_the_image_unless_asked(
+    capfd, tmp_path: Path, oned_http: FakeOned
+) -> None:
+    image = image_file(tmp_path, 1000)
+    code, out, err = run(capfd, "--json", "push", "Private web", str(image), "--datastore", "1")
+    assert code == 0, err
+    data = json.loads(out)
+    (app,) = oned_http.apps.values()
+    assert data["app_id"] == app.id and data["name"] == "disk.img"
+    assert data["md5"] == hashlib.md5(image.read_bytes()).hexdigest()
+    assert data["market"] == {"id": 100, "name": "Private web", "driver": "http"}
+    assert data["image_deleted"] is False and list(oned_http.images) == [data["image_id"]]
+    assert err == ""  # --json: no step lines
+
+
+def test_push_through_oned_failures_remove_what_they_made(
+    capfd, tmp_path: Path, oned_http: FakeOned, nginx: Nginx
+) -> None:
+    image = image_file(tmp_path, 1000)
+
+    def broken(image, app):
+        raise OSError("No space left on device")
+
+    oned_http.importer = broken
+    code, _, err = run(capfd, "push", "100", str(image), "--datastore", "1", "--quiet")
+    assert code == 1
+    line = one_line_error(err)
+    assert "oned could not make app" in line and "No space left on device" in line
+    assert [a.deleting for a in oned_http.apps.values()] == [True]  # dropped on the MAD's answer
+    assert oned_http.images == {}
+
+    oned_http.image_copy_fails = "cp: /srv is in RESTRICTED_DIRS"
+    code, _, err = run(capfd, "push", "100", str(image), "--datastore", "1", "--quiet")
+    assert code == 1
+    assert "could not copy" in one_line_error(err) and "RESTRICTED_DIRS" in err
+    assert oned_http.images == {}
+    assert list(nginx.public_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("--datastore", "0"), "is a SYSTEM datastore"),
+        (("--datastore", "nope"), "no datastore named 'nope'"),
+        ((), "needs --datastore"),
+        (("--datastore", "1", "--id", "5"), "--id is for template files"),
+    ],
+)
+def test_push_through_oned_usage(capfd, tmp_path: Path, oned_http: FakeOned, args, words) -> None:
+    image = image_file(tmp_path, 100)
+    code, _, err = run(capfd, "push", "100", str(image), *args)
+    assert code == 1
+    assert words in one_line_error(err)
+    assert oned_http.images == {}
+
+
+def test_push_to_a_public_marketplace_of_oned_is_refused(
+    capfd, tmp_path: Path, oned_http: FakeOned
+) -> None:
+    code, _, err = run(capfd, "push", "0", str(image_file(tmp_path, 100)), "--datastore", "1")
+    assert code == 1
+    assert "public catalog" in one_line_error(err)
+
+
+def test_plain_push_says_so(capfd, tmp_path: Path, http_market: str) -> None:
+    code, _, err = run(capfd, "push", http_market, str(image_file(tmp_path, 100)), "--id", "1")
+    assert code == 0
+    (line,) = err.splitlines()
+    assert line.startswith("one-market: plain upload (") and "no app was made in oned" in line
+    code, _, err = run(capfd, "push", http_market, str(image_file(tmp_path, 1)), "--datastore", "1")
+    assert code == 1
+    assert "need MARKET to be a marketplace of oned" in one_line_error(err)
+
+
+def test_sigterm_while_oned_copies_says_what_is_left(tmp_path: Path, oned_http: FakeOned) -> None:
+    """The image copy is oned's work: a stop signal leaves it running and says what to remove."""
+    oned_http.image_copy_infos = 10**9  # never done
+    exe = Path(sys.executable).parent / "one-market"
+    image = image_file(tmp_path, 100)
+    proc = subprocess.Popen(
+        [exe, "push", "100", str(image), "--datastore", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(600):  # bounded wait for the CLI to be waiting on the copy
+            if "one.image.info" in oned_http.calls or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert "one.image.info" in oned_http.calls, "push never waited for the image"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == cli.EXIT_TERMINATED, err
+    last = err.decode().splitlines()[-1]
+    assert last.startswith("one-market: push stopped by SIGTERM")
+    assert "oned goes on with image 1 (oneimage delete 1)" in last
+    assert out == b""
+
+
+def test_rm_refuses_a_source_an_app_of_oned_uses(
+    capfd, tmp_path: Path, oned_http: FakeOned, http_market: str, nginx: Nginx
+) -> None:
+    image = image_file(tmp_path, 1000)
+    code, out, err = run(capfd, "push", "100", str(image), "--datastore", "1", "--quiet")
+    assert code == 0, err
+    source = parse_template(out).get("SOURCE") or ""
+    (app,) = oned_http.apps.values()
+    code, _, err = run(capfd, "rm", http_market, source)  # the template file of the same folder
+    assert code == 1
+    line = one_line_error(err)
+    assert f"SOURCE of app {app.id} 'disk.img' of marketplace 100" in line
+    assert "--force" in line
+    assert len(list(nginx.public_dir.iterdir())) == 1
+    code, out, err = run(capfd, "rm", http_market, source, "--force")
+    assert code == 0, err
+    assert out == f"deleted {source}\n"
+    assert list(nginx.public_dir.iterdir()) == []
+
+
+def test_rm_of_a_missing_source_is_an_error(capfd, http_market: str, nginx: Nginx) -> None:
+    code, out, err = run(capfd, "rm", http_market, nginx.base_url + "/app-5-0123456789abcdef")
+    assert code == 1
+    assert out == ""
+    line = one_line_error(err)
+    assert "does not exist, nothing deleted" in line and "deleted app" not in line
+
+
+def test_rm_with_oned_unreachable_needs_force(
+    capfd, tmp_path: Path, http_market: str, nginx: Nginx, monkeypatch
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}/RPC2"
+    use_one_auth(monkeypatch, tmp_path / "auth", "oneadmin:pw-rm")
+    monkeypatch.setenv("ONE_XMLRPC", url)
+    (nginx.public_dir / "app-1-00").write_bytes(b"x")
+    code, _, err = run(capfd, "rm", http_market, nginx.base_url + "/app-1-00")
+    assert code == 1
+    assert f"cannot connect to oned at {url}" in one_line_error(err)
+    code, _, err = run(capfd, "rm", http_market, nginx.base_url + "/app-1-00", "--force")
+    assert code == 0, err
+    assert list(nginx.public_dir.iterdir()) == []
+
+
+def test_check_says_disabled_and_names_the_endpoint(
+    capfd, tmp_path: Path, oned_http: FakeOned, monkeypatch
+) -> None:
+    oned_http.markets[0].state = 1
+    code, out, _ = run(capfd, "check", "100")
+    assert code == 1
+    assert "FAIL  state: marketplace 100 is DISABLED in oned" in out
+    assert "onemarket enable 100" in out
+    assert out.splitlines()[-1] == "6 checks, 1 failed"
+    url = f"http://127.0.0.1:{free_port()}/RPC2"
+    monkeypatch.setenv("ONE_XMLRPC", url)
+    code, _, err = run(capfd, "check", "100")
+    assert code == 1
+    assert f"cannot connect to oned at {url} (ONE_XMLRPC)" in one_line_error(err)

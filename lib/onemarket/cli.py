@@ -2,9 +2,16 @@
 
 MARKET is a template file (``NAME``, ``MARKET_MAD`` and the driver attributes, OpenNebula
 syntax) or the id or name of a marketplace of the oned found through ``ONE_XMLRPC`` and
-``ONE_AUTH``. Every action goes through :func:`onemarket.registry.load_backend`, so what works
-here works in oned. Failures are one line on stderr and exit status 1; ``--debug`` adds the
-traceback and the drivers' DEBUG lines. Exit status 2 is a usage error.
+``ONE_AUTH``. With a marketplace of oned, ``push`` and ``rm`` work through oned, as an
+administrator would with ``oneimage`` and ``onemarketapp`` (an image, then an app made from it,
+so oned lists the app); with a template file they are plain uploads and deletions done with the
+drivers' code (:func:`onemarket.registry.load_backend`), so what works here works in oned.
+Failures are one line on stderr and exit status 1; ``--debug`` adds the traceback and the
+drivers' DEBUG lines, never credentials. Exit status 2 is a usage error; a stop signal exits
+with the shell's status for it (143 SIGTERM, 130 SIGINT, 129 SIGHUP) after cleaning up.
+
+Terminal output uses rich (progress bars, spinners, tables) only when the stream is a
+terminal; otherwise it is plain lines, and ``--json`` output does not depend on either.
 """
 
 from __future__ import annotations
@@ -13,11 +20,11 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
 import secrets
-import shutil
 import signal
 import stat
 import subprocess
@@ -27,24 +34,52 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+from rich.text import Text
 
 from . import __version__, driverlog, oneclient
 from .action import APP_TYPE_IMAGE, App, ImportInfo, Market
 from .backends.base import AppEntry, Backend, Context, ImportRequest, ImportResult, MonitorResult
 from .bridge import parse_bridge_list
-from .errors import ConfigError, MarketError, SourceError, from_os_error, one_line
+from .errors import (
+    ActionTimeout,
+    ConfigError,
+    MarketError,
+    NotSupportedError,
+    RemoteError,
+    SourceError,
+    StorageError,
+    from_os_error,
+    one_line,
+)
 from .installation import Installation
 from .markets import PUBLIC_DRIVERS, load_market, missing_attrs
+from .oneclient import OnedApp, OnedMarket
 from .progress import ProgressEvent, human_bytes
 from .registry import DRIVERS, backend_class, load_backend
+from .template import write_template
+from .transfer.interrupt import Interrupted, interruptible
 from .transfer.sources import ssh_argv
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_HANGUP = 129
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
@@ -60,11 +95,23 @@ PROBE_BYTES = 64
 """Size of the random probe file written to PUBLIC_DIR (read back whole, bounded)."""
 BAR_INTERVAL_S = 0.2
 """Redraw period of the terminal progress bar."""
+SPINNER_REFRESH_PER_S = 4
+"""Redraws per second of the spinner lines shown while oned works."""
+POLL_FIRST_S = 0.5
+POLL_MAX_S = 5.0
+"""oned is asked for the state of an image or app first after POLL_FIRST_S, then at doubling
+intervals up to POLL_MAX_S (an image copy takes minutes; no need to ask oned ten times a second)."""
+ONED_WAIT_LIMIT_S = 24 * 3600.0
+"""Default bound on each wait for oned (image copy, app import, app deletion): ``--timeout``."""
 SNIFF_BYTES = 512
 """Header bytes read to tell the image format of a pushed file."""
 NAME_COLUMN_MAX_CHARS = 60
 """Widest NAME column of the ``apps`` table (longer names are cut; ``--json`` has them whole)."""
+NAME_COLUMN_MIN_CHARS = 12
+"""Narrowest NAME column on a narrow terminal (the other columns keep their width)."""
 MB = 1024 * 1024
+MAX_EXCEPTION_CHAIN = 8
+"""How far back the causes of a failure are searched for notes."""
 SSH_FAILED = 255
 """Exit status of ssh itself failing (connection, authentication, host key)."""
 SSH_TIMED_OUT = -1
@@ -82,6 +129,59 @@ def printable(text: object) -> str:
 
 def emit_json(data: object) -> None:
     sys.stdout.write(driverlog.scrub(json.dumps(data, indent=2, ensure_ascii=False)) + "\n")
+
+
+def counted(n: int, noun: str) -> str:
+    """``1 check``, ``5 checks``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def console(stderr: bool = False) -> Console:
+    """A rich console on stdout or stderr: styles and live lines only on a terminal (rich
+    decides, honouring NO_COLOR and TERM=dumb); markup and highlighting off, since catalog
+    text is data, never formatting."""
+    return Console(stderr=stderr, markup=False, highlight=False, emoji=False, soft_wrap=True)
+
+
+_CREDENTIAL_RES = (
+    re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*b?['\"]?)[^'\",}\n]+"),
+    re.compile(r"(?i)((?:credential|signature|x-amz-signature|x-amz-credential)=)[^,&\s'\"]+"),
+    re.compile(r"(?i)(x-amz-security-token['\"]?\s*[:=]\s*b?['\"]?)[^'\",}\n]+"),
+    re.compile(r"(?im)^(signature:\s*)\S+"),
+)
+"""Where a request signature or key id shows in a library's debug line (headers, the query
+of a presigned URL, botocore's "Signature:" line)."""
+
+
+def mask_credentials(text: str) -> str:
+    for pattern in _CREDENTIAL_RES:
+        text = pattern.sub(lambda m: m.group(1) + "****", text)
+    return text
+
+
+class _NoCredentials(logging.Filter):
+    """Masks signatures and Authorization headers in any library's log record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record: drop it rather than leak
+            return False
+        record.msg, record.args = mask_credentials(message), None
+        return True
+
+
+SIGNING_LOGGERS = ("botocore", "boto3", "s3transfer")
+"""Libraries whose DEBUG lines are the request signing (canonical request, string to sign,
+headers with the signature): hundreds of lines per call, useless to an administrator."""
+
+
+def quiet_signing_libraries() -> None:
+    """``--debug`` keeps our DEBUG lines and urllib3's connection lines, not boto's signing."""
+    for name in SIGNING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_NoCredentials())
 
 
 @contextlib.contextmanager
@@ -125,6 +225,14 @@ class CliInstallation(Installation):
 def installation() -> Installation:
     base = Installation.detect()
     return CliInstallation(base.one_location, base.remotes, base.var_dir, base.mads_dir)
+
+
+def load(ref: str) -> Market:
+    """The marketplace MARKET names; its S3 access key id is masked in every line from now on
+    (with the secret, it is what a leaked debug line would give away)."""
+    market = load_market(ref)
+    driverlog.redact(market.attrs.get("ACCESS_KEY_ID", "").strip())
+    return market
 
 
 def context(progress: Any = None) -> Context:
@@ -184,6 +292,8 @@ class Checker:
 
     def run(self) -> None:
         market = self.market
+        if isinstance(market, OnedMarket):
+            self.check_state(market)
         if market.driver not in DRIVERS:
             known = ", ".join(DRIVERS)
             self.add("driver", False, f"unknown MARKET_MAD '{market.driver}' (known: {known})")
@@ -204,6 +314,17 @@ class Checker:
         elif market.driver == "s3":
             self.check_s3()
         self.check_monitor()
+
+    def check_state(self, market: OnedMarket) -> None:
+        if market.disabled:
+            self.add(
+                "state",
+                False,
+                f"marketplace {market.id} is DISABLED in oned: it is not monitored, so its apps "
+                f"and usage are not refreshed (enable it with 'onemarket enable {market.id}')",
+            )
+        else:
+            self.add("state", True, f"marketplace {market.id} is ENABLED in oned")
 
     def backend(self) -> Backend:
         return load_backend(self.market.driver, self.market, self.context)
@@ -441,28 +562,94 @@ def run_ssh(host: str, command: str, data: bytes = b"") -> tuple[int, str]:
 # ---------------------------------------------------------------------------- push
 
 
-class TerminalBar:
-    """Progress callback drawing one self-overwriting line on a terminal (stderr)."""
+class TransferBar:
+    """Progress callback drawing a rich progress bar (bytes, rate, time left) on stderr.
+
+    rich sizes the bar to the terminal, keeps the line when it is resized and leaves a clean
+    final line; the hand-drawn bar it replaces did none of this. Redrawn by the callback
+    itself (no refresh thread), at most every :data:`BAR_INTERVAL_S`.
+    """
 
     interval_s = BAR_INTERVAL_S
 
-    def __init__(self, label: str, stream: Any = None) -> None:
+    def __init__(self, label: str, out: Console | None = None) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=out or console(stderr=True),
+            auto_refresh=False,
+        )
         self.label = label
-        self.stream = stream or sys.stderr
+        self.task: Any = None
 
     def __call__(self, event: ProgressEvent) -> None:
-        width = shutil.get_terminal_size((80, 24)).columns
-        text = event.describe()
-        pct = event.percent
-        room = width - len(self.label) - len(text) - 6
-        bar = ""
-        if pct is not None and room >= 10:
-            cells = min(room, 40)
-            full = int(cells * pct / 100)
-            bar = "[" + "#" * full + "." * (cells - full) + "] "
-        line = f"{self.label} {bar}{text}"[: max(width - 1, 10)]
-        self.stream.write("\r" + line.ljust(max(width - 1, 10)) + ("\n" if event.final else ""))
-        self.stream.flush()
+        if self.task is None:
+            self.progress.start()
+            self.task = self.progress.add_task(self.label, total=event.total_bytes)
+        self.progress.update(self.task, completed=event.done_bytes, total=event.total_bytes)
+        self.progress.refresh()
+        if event.final:
+            self.close()
+
+    def close(self) -> None:
+        """Leave the bar's last state on screen (idempotent; also after a failure)."""
+        self.progress.stop()
+
+
+class Steps:
+    """What a push or rm through oned is waiting for, one step at a time, on stderr.
+
+    On a terminal: a spinner line per step with its elapsed time, rewritten as the state
+    changes and kept, ticked, when the step is done. Not on a terminal: one plain line per
+    change of state. ``quiet``: nothing.
+    """
+
+    def __init__(self, quiet: bool, out: Console | None = None) -> None:
+        self.out = out or console(stderr=True)
+        self.quiet = quiet
+        self.live = not quiet and self.out.is_terminal
+        self.progress = Progress(
+            SpinnerColumn(finished_text="ok"),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=self.out,
+            refresh_per_second=SPINNER_REFRESH_PER_S,
+        )
+        self.task: Any = None
+        self.last = ""
+
+    def __enter__(self) -> Steps:
+        if self.live:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live:
+            self.progress.stop()
+
+    def show(self, text: str) -> None:
+        """The current state of the current step (a new step when none is open)."""
+        text = printable(text)
+        if text == self.last or self.quiet:
+            return
+        self.last = text
+        if not self.live:
+            self.out.print(Text(f"one-market: {text}"))
+        elif self.task is None:
+            self.task = self.progress.add_task(text, total=1)
+        else:
+            self.progress.update(self.task, description=text)
+
+    def done(self, text: str) -> None:
+        """Close the current step with ``text``."""
+        self.show(text)
+        if self.live and self.task is not None:
+            self.progress.update(self.task, completed=1)
+        self.task = None
 
 
 def sniff_format(path: Path) -> str:
@@ -500,34 +687,199 @@ def default_app_id() -> int:
     return int(time.time() * 1000)
 
 
+@dataclass(frozen=True)
+class LocalImage:
+    """The file to push, checked once: readable, not a folder; size, MB and format known."""
+
+    path: Path
+    size_bytes: int
+    size_mb: int
+    format: str
+
+    @classmethod
+    def open(cls, file: str, fmt: str | None) -> LocalImage:
+        path = Path(file)
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise SourceError(f"cannot read {file}: {exc.strerror or exc}") from None
+        if path.is_dir():
+            raise SourceError(f"{file} is a directory, not an image file")
+        if not os.access(path, os.R_OK):
+            raise SourceError(f"cannot read {file}: permission denied")
+        size_mb = max(1, math.ceil(st.st_size / MB)) if st.st_size else 0
+        return cls(path.resolve(), st.st_size, size_mb, fmt or sniff_format(path))
+
+
 def push(
     market: Market, file: str, name: str | None, app_id: int | None, fmt: str | None, progress: bool
 ) -> tuple[App, ImportResult]:
     """Import a local file (or block device, or pipe) through the market's backend."""
-    path = Path(file)
-    try:
-        st = path.stat()
-    except OSError as exc:
-        raise SourceError(f"cannot read {file}: {exc.strerror or exc}") from None
-    if path.is_dir():
-        raise SourceError(f"{file} is a directory, not an image file")
-    if not os.access(path, os.R_OK):
-        raise SourceError(f"cannot read {file}: permission denied")
-    size_mb = max(1, math.ceil(st.st_size / MB)) if st.st_size else 0
-    image_format = fmt or sniff_format(path)
+    image = LocalImage.open(file, fmt)
     app = App(
         id=default_app_id() if app_id is None else app_id,
-        name=name or path.name,
-        size_mb=size_mb,
-        format=image_format,
+        name=name or image.path.name,
+        size_mb=image.size_mb,
+        format=image.format,
         type=APP_TYPE_IMAGE,
     )
-    info = ImportInfo(source=str(path.resolve()), size_mb=size_mb, format=image_format)
-    callback = TerminalBar(f"push {app.name}") if progress else None
-    backend = load_backend(market.driver, market, context(callback))
-    with stdout_to_stderr():
-        result = backend.import_app(ImportRequest(app=app, source=info))
+    info = ImportInfo(source=str(image.path), size_mb=image.size_mb, format=image.format)
+    bar = TransferBar(f"push {printable(app.name)}") if progress else None
+    backend = load_backend(market.driver, market, context(bar))
+    try:
+        with stdout_to_stderr():
+            result = backend.import_app(ImportRequest(app=app, source=info))
+    finally:
+        if bar is not None:
+            bar.close()
     return app, result
+
+
+T = TypeVar("T")
+
+
+def wait_for(
+    read: Callable[[], T | None],
+    finished: Callable[[T | None], bool],
+    describe: Callable[[T | None], str],
+    steps: Steps,
+    limit_s: float,
+    what: str,
+) -> T | None:
+    """Ask oned with ``read`` until ``finished``, showing each state; bounded by ``limit_s``."""
+    delay = POLL_FIRST_S
+    deadline = time.monotonic() + limit_s
+    for _ in range(math.ceil(limit_s / POLL_FIRST_S) + 1):  # bounded even if the clock stalls
+        obj = read()
+        steps.show(describe(obj))
+        if finished(obj):
+            return obj
+        if time.monotonic() + delay > deadline:
+            break
+        time.sleep(delay)
+        delay = min(delay * 2, POLL_MAX_S)
+    raise ActionTimeout(f"{what}: oned was not done after {limit_s:.0f} s ({describe(read())})")
+
+
+@dataclass
+class OnedPush:
+    """``push`` to a marketplace of oned, as an administrator does it by hand: an image made
+    from FILE in an image datastore (``oneimage create``), then an app made from that image
+    (``onemarketapp create --image``), which oned imports through the market driver; then,
+    when asked, the image removed. A failure removes what this push made; a stop signal leaves
+    oned's running work alone and says what is left."""
+
+    server: Any
+    market: OnedMarket
+    steps: Steps
+    limit_s: float
+    image_id: int = -1
+    app_id: int = -1
+
+    def run(
+        self, local: LocalImage, name: str, datastore_ref: str, delete_image: bool
+    ) -> tuple[OnedApp, bool]:
+        ds = oneclient.find_datastore(self.server, datastore_ref)
+        size = human_bytes(local.size_bytes)
+        template = [
+            ("NAME", f"{name} (one-market {secrets.token_hex(3)})"),
+            ("PATH", str(local.path)),
+            ("TYPE", "OS"),
+            ("DESCRIPTION", f"uploaded by one-market for marketplace app '{name}'"),
+        ]
+        self.steps.show(f"image: asking oned to copy {local.path} ({size}) into datastore {ds.id}")
+        self.image_id = oneclient.allocate_image(self.server, write_template(template), ds.id)
+        try:
+            return self._image_to_app(local, name, ds, delete_image)
+        except MarketError:
+            self._clean_up()
+            raise
+        except BaseException as exc:  # a stop signal: oned goes on, say with what
+            exc.add_note(self._left_in_oned())
+            raise
+
+    def _image_to_app(
+        self, local: LocalImage, name: str, ds: oneclient.OnedDatastore, delete_image: bool
+    ) -> tuple[OnedApp, bool]:
+        what = f"image {self.image_id} in datastore {ds.id} '{ds.name}'"
+        image = wait_for(
+            lambda: oneclient.image_info(self.server, self.image_id),
+            lambda i: (
+                i is None or i.state in (oneclient.IMAGE_STATE_READY, oneclient.IMAGE_STATE_ERROR)
+            ),
+            lambda i: f"{what}: " + ("gone" if i is None else f"{i.state_name}, {i.size_mb} MB"),
+            self.steps,
+            self.limit_s,
+            what,
+        )
+        if image is None:
+            raise RemoteError(f"{what} vanished from oned while it copied {local.path}")
+        if image.state == oneclient.IMAGE_STATE_ERROR:
+            raise StorageError(
+                f"oned could not copy {local.path} into {what}: {image.error or 'ERROR'}"
+            )
+        self.steps.done(f"{what}: READY, {image.size_mb} MB")
+
+        app_template = [("NAME", name), ("ORIGIN_ID", str(self.image_id)), ("TYPE", "IMAGE")]
+        market = f"marketplace {self.market.id} '{self.market.name}'"
+        self.steps.show(f"app '{name}': asking oned to import image {self.image_id} into {market}")
+        self.app_id = oneclient.allocate_app(
+            self.server, write_template(app_template), self.market.id
+        )
+        what = f"app {self.app_id} '{name}' in {market}"
+        app = wait_for(
+            lambda: oneclient.app_info(self.server, self.app_id),
+            lambda a: (
+                a is None or a.state in (oneclient.APP_STATE_READY, oneclient.APP_STATE_ERROR)
+            ),
+            lambda a: f"{what}: " + ("gone" if a is None else a.state_name),
+            self.steps,
+            self.limit_s,
+            what,
+        )
+        if app is None:
+            raise RemoteError(f"{what} vanished from oned during its import")
+        if app.state == oneclient.APP_STATE_ERROR:
+            raise RemoteError(f"oned could not make {what}: {app.error or 'ERROR'}")
+        self.steps.done(f"{what}: READY, {app.size_mb} MB, MD5 {app.md5}")
+        deleted = False
+        if delete_image:
+            deleted = self._delete_image_after(app)
+        return app, deleted
+
+    def _delete_image_after(self, app: OnedApp) -> bool:
+        try:
+            oneclient.delete_image(self.server, self.image_id)
+        except MarketError as exc:
+            driverlog.warn(f"app {app.id} is READY, but image {self.image_id} stays: {exc}")
+            return False
+        self.steps.done(f"image {self.image_id}: deleted (--delete-image)")
+        return True
+
+    def _clean_up(self) -> None:
+        """After a failure: remove the app and image this push made (best effort, one WARN
+        line for what could not be removed)."""
+        with contextlib.suppress(MarketError):
+            if self.app_id >= 0:
+                oneclient.delete_app(self.server, self.app_id)
+        with contextlib.suppress(MarketError):
+            if self.image_id >= 0:
+                image = oneclient.image_info(self.server, self.image_id)
+                if image is not None and image.state != oneclient.IMAGE_STATE_LOCKED:
+                    oneclient.delete_image(self.server, self.image_id)
+                    return
+        if self.image_id >= 0:
+            driverlog.warn(self._left_in_oned())
+
+    def _left_in_oned(self) -> str:
+        made = []
+        if self.image_id >= 0:
+            made.append(f"image {self.image_id} (oneimage delete {self.image_id})")
+        if self.app_id >= 0:
+            made.append(f"app {self.app_id} (onemarketapp delete {self.app_id})")
+        if not made:
+            return "nothing was made in oned"
+        return "oned goes on with " + " and ".join(made) + ": remove what you do not want"
 
 
 # ---------------------------------------------------------------------------- apps
@@ -544,7 +896,27 @@ def app_row(app: AppEntry) -> tuple[str, ...]:
     return tuple(printable(f) or "-" for f in fields)
 
 
-def print_table(rows: list[tuple[str, ...]]) -> None:
+def print_table(rows: list[tuple[str, ...]], out: Console | None = None) -> None:
+    """The apps as a table: rich's on a terminal (fitted to its width, long cells cut with an
+    ellipsis instead of wrapping the whole row), plain aligned columns for pipes and files."""
+    out = out or console()
+    if out.is_terminal:
+        widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(APP_COLUMNS)]
+        gaps = 2 * (len(APP_COLUMNS) - 1)
+        room = max(NAME_COLUMN_MIN_CHARS, out.width - sum(widths[1:]) - gaps)
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        for i, column in enumerate(APP_COLUMNS):  # the name gives way, the short fields keep
+            table.add_column(
+                column,
+                overflow="ellipsis",
+                no_wrap=True,
+                max_width=room if i == 0 else None,
+                min_width=None if i == 0 else widths[i],
+            )
+        for row in rows:
+            table.add_row(*(Text(c) for c in row))
+        out.print(table)
+        return
     widths = [max(len(r[i]) for r in [APP_COLUMNS, *rows]) for i in range(len(APP_COLUMNS))]
     for row in [APP_COLUMNS, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -564,11 +936,117 @@ def market_json(market: Market) -> dict[str, Any]:
     return {"id": market.id, "name": market.name, "driver": market.driver}
 
 
+# ---------------------------------------------------------------------------- rm
+
+NOTHING_TO_DELETE = "nothing to delete"
+"""Words of the backends' WARN line for a SOURCE that is not there (oned's DELETE of a missing
+file must succeed, so the backends warn instead of failing; the command turns it into an error)."""
+
+
+class _MissingSource(StorageError):
+    """The SOURCE named on the command line does not exist in the marketplace."""
+
+
+class _WarnWatch:
+    """A line stream for :data:`driverlog.stream` that holds back the backend's
+    "nothing to delete" WARN line (it becomes the failure) and passes on every other line."""
+
+    def __init__(self) -> None:
+        self.missing: list[str] = []
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines(keepends=True):
+            if line.startswith("WARN: ") and NOTHING_TO_DELETE in line:
+                self.missing.append(line[len("WARN: ") :].strip())
+            else:
+                sys.stderr.write(line)
+        return len(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def delete_file(market: Market, source: str, app_id: int) -> None:
+    """Delete SOURCE with the market's backend; a SOURCE that is not there is an error."""
+    backend = load_backend(market.driver, market, context())
+    watch = _WarnWatch()
+    saved, driverlog.stream = driverlog.stream, watch  # type: ignore[assignment]
+    try:
+        with stdout_to_stderr():
+            backend.delete_app(App(id=app_id, name="", source=source, type=APP_TYPE_IMAGE))
+    finally:
+        driverlog.stream = saved
+    if watch.missing:
+        raise _MissingSource(f"{source} does not exist, nothing deleted ({watch.missing[0]})")
+
+
+def oned_apps_of(source: str, market: Market, force: bool) -> tuple[Any, list[OnedApp]]:
+    """oned's client and the apps it lists with SOURCE ``source``.
+
+    With a template file and no oned configured: no apps. An oned that is configured but cannot
+    be asked is a failure unless ``force``: deleting a file oned still serves is what rm must
+    not do blindly.
+    """
+    server = oneclient.connect()
+    if server is None:
+        if isinstance(market, OnedMarket):
+            raise ConfigError("oned is not configured (ONE_AUTH)")
+        return None, []
+    try:
+        return server, oneclient.apps_with_source(server, source)
+    except MarketError as exc:
+        if force and not isinstance(market, OnedMarket):
+            driverlog.warn(f"not checked with oned whether an app uses {source} (--force): {exc}")
+            return None, []
+        raise type(exc)(
+            f"{exc}; cannot check that no app of oned uses {source} (--force deletes anyway)"
+        ) from None
+
+
+def delete_through_oned(server: Any, app: OnedApp, steps: Steps, limit_s: float) -> None:
+    """``onemarketapp delete``: oned has the market driver delete SOURCE, then drops the app."""
+    what = f"app {app.id} '{app.name}' of marketplace {app.market_id}"
+    steps.show(f"{what}: asking oned to delete it")
+    oneclient.delete_app(server, app.id)
+    wait_for(
+        lambda: oneclient.app_info(server, app.id),
+        lambda a: a is None,
+        lambda a: f"{what}: " + ("deleted" if a is None else f"{a.state_name}, deleting"),
+        steps,
+        limit_s,
+        what,
+    )
+    steps.done(f"{what}: deleted")
+
+
+def rm(args: argparse.Namespace, market: Market, source: str) -> dict[str, Any]:
+    """Remove SOURCE: through oned when one of its apps is SOURCE, otherwise the file itself."""
+    server, apps = oned_apps_of(source, market, args.force)
+    if isinstance(market, OnedMarket):
+        mine = [a for a in apps if a.market_id == market.id]
+        if mine:
+            app = mine[0]
+            with Steps(args.quiet or args.json) as steps:
+                delete_through_oned(server, app, steps, args.timeout)
+            return {"deleted": source, "app_id": app.id, "through": "oned"}
+    if apps and not args.force:
+        app = apps[0]
+        raise ConfigError(
+            f"{source} is the SOURCE of app {app.id} '{app.name}' of marketplace "
+            f"{app.market_id} '{app.market}' in oned: remove the app with 'one-market rm "
+            f"{app.market_id} SOURCE' or 'onemarketapp delete {app.id}' "
+            "(--force deletes the file and leaves the app broken)"
+        )
+    app_id = app_id_from_source(source) if args.id is None else args.id
+    delete_file(market, source, app_id)
+    return {"deleted": source}
+
+
 # ---------------------------------------------------------------------------- commands
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    market = load_market(args.market)
+    market = load(args.market)
     checker = Checker(market, context(), echo=not args.json)
     if not args.json:
         print(f"marketplace '{printable(market.name)}' (MARKET_MAD={market.driver})", flush=True)
@@ -583,12 +1061,12 @@ def cmd_check(args: argparse.Namespace) -> int:
             }
         )
     else:
-        print(f"{len(checker.checks)} checks, {failed} failed")
+        print(f"{counted(len(checker.checks), 'check')}, {failed} failed")
     return EXIT_OK if checker.ok else EXIT_FAILED
 
 
 def cmd_apps(args: argparse.Namespace) -> int:
-    market = load_market(args.market)
+    market = load(args.market)
     backend = load_backend(market.driver, market, context())
     with stdout_to_stderr():
         result = backend.monitor()
@@ -600,14 +1078,28 @@ def cmd_apps(args: argparse.Namespace) -> int:
     elif market.driver not in PUBLIC_DRIVERS:
         print(f"no apps listed: the apps of a private '{market.driver}' marketplace live in oned")
     usage = f"USED_MB={result.used_mb} FREE_MB={result.free_mb} TOTAL_MB={result.total_mb}"
-    print(f"{len(result.apps)} apps, {usage}")
+    print(f"{counted(len(result.apps), 'app')}, {usage}")
     return EXIT_OK
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    market = load_market(args.market)
+    market = load(args.market)
+    if isinstance(market, OnedMarket):
+        return push_through_oned(args, market)
+    if args.datastore is not None or args.delete_image:
+        raise ConfigError(
+            "--datastore and --delete-image need MARKET to be a marketplace of oned (id or "
+            "name), not a template file"
+        )
     show = not args.json and not args.quiet and sys.stderr.isatty()
     app, result = push(market, args.file, args.name, args.id, args.format, show)
+    if not args.json:
+        print(
+            f"one-market: plain upload ({args.market} is a template file): no app was made in "
+            "oned; give a marketplace id or name to make one",
+            file=sys.stderr,
+            flush=True,
+        )
     if args.json:
         data = dataclasses.asdict(result)
         data.update({"app_id": app.id, "name": app.name})
@@ -617,42 +1109,79 @@ def cmd_push(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def push_through_oned(args: argparse.Namespace, market: OnedMarket) -> int:
+    if market.driver in PUBLIC_DRIVERS:
+        raise NotSupportedError(
+            f"marketplace {market.id} '{market.name}' is a public catalog ({market.driver}): "
+            "apps cannot be pushed to it"
+        )
+    if args.id is not None:
+        raise ConfigError("--id is for template files: oned numbers the apps it makes")
+    if not args.datastore:
+        raise ConfigError(
+            f"pushing to marketplace {market.id} through oned needs --datastore: the image "
+            "datastore (id or name) oned copies FILE into before making the app from it"
+        )
+    local = LocalImage.open(args.file, args.format)
+    name = args.name or local.path.name
+    server = oneclient.connect()
+    if server is None:
+        raise ConfigError("oned is not configured (ONE_AUTH)")
+    with Steps(args.quiet or args.json) as steps:
+        job = OnedPush(server, market, steps, args.timeout)
+        app, image_deleted = job.run(local, name, args.datastore, args.delete_image)
+    if args.json:
+        emit_json(
+            {
+                "source": app.source,
+                "md5": app.md5,
+                "size_mb": app.size_mb,
+                "format": app.format,
+                "app_id": app.id,
+                "name": app.name,
+                "market": market_json(market),
+                "image_id": job.image_id,
+                "image_deleted": image_deleted,
+            }
+        )
+    else:
+        pairs = [("ID", str(app.id)), ("NAME", app.name), ("SOURCE", app.source)]
+        pairs += [("MD5", app.md5), ("SIZE", str(app.size_mb)), ("FORMAT", app.format or "raw")]
+        sys.stdout.write(write_template(pairs))
+    return EXIT_OK
+
+
 def cmd_rm(args: argparse.Namespace) -> int:
-    market = load_market(args.market)
+    market = load(args.market)
     source = args.source.strip()
     if not source:
         raise ConfigError("no SOURCE given")
-    app_id = app_id_from_source(source) if args.id is None else args.id
-    backend = load_backend(market.driver, market, context())
-    with stdout_to_stderr():
-        backend.delete_app(App(id=app_id, name="", source=source, type=APP_TYPE_IMAGE))
+    if market.driver in PUBLIC_DRIVERS:
+        raise NotSupportedError(
+            f"marketplace '{market.name}' is a public catalog ({market.driver}): "
+            "nothing can be removed from it"
+        )
+    done = rm(args, market, source)
     if args.json:
-        emit_json({"market": market_json(market), "deleted": source})
+        emit_json({"market": market_json(market), **done})
+    elif "app_id" in done:
+        print(f"deleted app {done['app_id']} through oned: {printable(source)}")
     else:
         print(f"deleted {printable(source)}")
     return EXIT_OK
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised like KeyboardInterrupt: no handler of ordinary errors (a check turning a
-    MarketError into a failed line) swallows it, and every ``finally`` runs."""
+STOPPED_BY = {
+    signal.SIGTERM: "stopped by SIGTERM (sent by kill, timeout, a service manager or a shutdown)",
+    signal.SIGINT: "interrupted (Ctrl-C)",
+    signal.SIGHUP: "stopped by SIGHUP (its terminal or ssh session closed)",
+}
+"""What a stop signal means to someone at a terminal (the drivers' words are about oned)."""
 
 
-@contextlib.contextmanager
-def sigterm_unwinds() -> Iterator[None]:
-    """Within the block SIGTERM (``timeout``, a service manager) raises :class:`Terminated`
-    instead of killing the process, so that ``check``'s probe file in PUBLIC_DIR is removed;
-    a second SIGTERM is ignored while that clean-up runs."""
-
-    def handler(_signum: int, _frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def stopped_message(command: str, exc: Interrupted) -> str:
+    said = STOPPED_BY.get(signal.Signals(exc.signum), f"stopped by signal {exc.signum}")
+    return f"{command} {said}"
 
 
 class UsageError(MarketError):
@@ -676,7 +1205,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug",
         action="store_true",
         default=argparse.SUPPRESS,
-        help="show DEBUG lines and tracebacks",
+        help="show DEBUG lines and tracebacks (never credentials)",
     )
     parser = Parser(
         prog="one-market",
@@ -696,19 +1225,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("market", metavar="MARKET")
     p.set_defaults(func=cmd_apps)
 
-    p = sub.add_parser("push", parents=[common], help="import a local image file")
+    wait = Parser(add_help=False)
+    wait.add_argument(
+        "--timeout",
+        type=float,
+        default=ONED_WAIT_LIMIT_S,
+        metavar="SECONDS",
+        help=f"longest wait for each step oned runs (default {ONED_WAIT_LIMIT_S:.0f})",
+    )
+    wait.add_argument("--quiet", action="store_true", help="no progress bar or step lines")
+
+    p = sub.add_parser(
+        "push",
+        parents=[common, wait],
+        help="make an app from a local image file (through oned when MARKET is one of its "
+        "marketplaces; a plain upload with a template file)",
+    )
     p.add_argument("market", metavar="MARKET")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--name", help="app name (default: the file name)")
-    p.add_argument("--id", type=int, help="app id (default: current time in milliseconds)")
+    p.add_argument(
+        "--datastore",
+        metavar="DATASTORE",
+        help="oned: image datastore (id or name) that FILE is first copied into, as an image",
+    )
+    p.add_argument(
+        "--delete-image",
+        action="store_true",
+        help="oned: delete that image once the app is READY",
+    )
+    p.add_argument(
+        "--id", type=int, help="template file: app id (default: current time in milliseconds)"
+    )
     p.add_argument("--format", help="image format (default: read from the file header)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_push)
 
-    p = sub.add_parser("rm", parents=[common], help="remove an app by its SOURCE")
+    p = sub.add_parser(
+        "rm",
+        parents=[common, wait],
+        help="remove an app by its SOURCE (through oned when oned lists it)",
+    )
     p.add_argument("market", metavar="MARKET")
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--id", type=int, help="app id (default: read from SOURCE, else -1)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="template file: delete the file even if an app of oned uses it",
+    )
     p.set_defaults(func=cmd_rm)
     return parser
 
@@ -725,16 +1289,17 @@ def main(argv: list[str] | None = None) -> int:
     args.debug = getattr(args, "debug", False) or driverlog.debug_from_env()
     driverlog.set_debug(args.debug)
     driverlog.route_std_logging()
+    quiet_signing_libraries()
     try:
-        with sigterm_unwinds():
+        with interruptible(f"one-market {args.command}"):
             return args.func(args)
-    except Terminated:
-        fail(f"{args.command} stopped by SIGTERM", args.debug, args.json)
-        return EXIT_TERMINATED
+    except Interrupted as exc:
+        fail(with_notes(stopped_message(args.command, exc), exc), args.debug, args.json)
+        return exc.exit_status
     except MarketError as exc:
-        return fail(str(exc), args.debug, args.json)
-    except KeyboardInterrupt:
-        fail("interrupted", args.debug, args.json)
+        return fail(with_notes(str(exc), exc), args.debug, args.json)
+    except KeyboardInterrupt:  # SIGINT ignored on entry, then raised by Python itself
+        fail(f"{args.command} interrupted (Ctrl-C)", args.debug, args.json)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         with contextlib.suppress(OSError):
@@ -744,11 +1309,24 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"internal error: {type(exc).__name__}: {exc}", args.debug, args.json)
 
 
+def with_notes(message: str, exc: BaseException) -> str:
+    """The message and what the command added on the way out (e.g. what is left in oned),
+    also when the exception was replaced on the way (a signal becomes :class:`Interrupted`)."""
+    notes: list[str] = []
+    seen: BaseException | None = exc
+    for _ in range(MAX_EXCEPTION_CHAIN):
+        if seen is None:
+            break
+        notes += [n for n in getattr(seen, "__notes__", []) if n and n not in notes]
+        seen = seen.__cause__ or seen.__context__
+    return "; ".join([message, *notes])
+
+
 def fail(message: str, debug: bool, as_json: bool = False) -> int:
     """The one line on stderr; with ``--json`` also ``{"ok": false, "error": ...}`` on stdout,
     so a script parsing stdout always gets JSON, whatever happened."""
     if debug:
-        sys.stderr.write(driverlog.scrub(traceback.format_exc()))
+        sys.stderr.write(mask_credentials(driverlog.scrub(traceback.format_exc())))
     line = driverlog.scrub(one_line(message))
     sys.stderr.write(f"one-market: {line}\n")
     sys.stderr.flush()
