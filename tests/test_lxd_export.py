@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from onemarket import downloader as dl
 
-from tests.servers import need_program
+from tests.servers import need, need_program
 from tests.tools import gen_images_json
 
 TIMEOUT_S = 120
@@ -600,3 +600,49 @@ def test_leftovers_of_a_killed_run_are_removed(work: Path) -> None:
     removed = dl.remove_stale_leftovers(str(work / "new-image"), {"TMPDIR": str(work)})
     assert sorted(removed) == sorted({stale_dir, stale_part})
     assert sorted(p.name for p in work.iterdir()) == sorted([live.name, other_host.name])
+
+
+FAKE_HELPER = """#!/bin/bash
+# stands in for OpenNebula's create_container_image.sh: records what it was given
+set -e
+[ -f "$1/$2.raw" ] && [ -d "$1/$2" ] && tar tJf "$1/$2.$3" > "{record}.members"
+printf '%s\\n' "$@" > "{record}.args"
+cat > "{record}.stdin"
+{tail}
+"""
+
+
+@pytest.mark.parametrize("helper_fails", [False, True])
+def test_sudo_rule_runs_the_package_manager_as_stock(
+    server: Any, work: Path, helper_fails: bool
+) -> None:
+    """Where ``sudo -n`` may run OpenNebula's root helper (root may, here), it gets the disk in
+    its layout and the package-manager commands; a failure of it is one WARN, the rootless
+    install stays."""
+    need(os.geteuid() == 0 and shutil.which("sudo") is not None, "needs root and sudo")
+    env = env_for(work, ONE_MARKET_CONTEXT_PACKAGES=str(work / "ctx"))
+    (work / "ctx").mkdir()
+    (work / "ctx" / "one-context_6.10.0-1.deb").write_bytes(fake_deb())
+    record = work / "record"
+    helper = Path(env["ONE_LOCATION"]) / "lib" / "sh" / "create_container_image.sh"
+    helper.parent.mkdir(parents=True)
+    tail = "echo 'mount: no loop device' >&2; exit 32" if helper_fails else "exit 0"
+    helper.write_text(FAKE_HELPER.format(record=record, tail=tail))
+    helper.chmod(0o755)
+    dest = work / "img"
+    proc = run([], source_of(server, "ubuntu:jammy:amd64:default"), str(dest), env=env)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert (work / "record.args").exists(), proc.stderr.decode()
+    args = (work / "record.args").read_text().split("\n")
+    assert args[1:4] == ["chroot", "tar.xz", "/bin/sh"]
+    assert (work / "record.members").read_text() == ""  # the disk is built: nothing to untar
+    script = (work / "record.stdin").read_text()
+    assert "apt-get install -y /root/one-context_6.10.0-1.deb" in script
+    assert "$" not in script.replace("\\$", "")  # nothing the helper's heredoc would expand
+    err = proc.stderr.decode()
+    warnings = [ln for ln in err.splitlines() if ln.startswith("WARN: ")]
+    if helper_fails:
+        assert len(warnings) == 1 and "mount: no loop device" in warnings[0], err
+    else:
+        assert warnings == [] and "installed by the package manager" in err
+    assert "echo context" in debugfs(dest, "cat /usr/sbin/one-contextd")

@@ -475,8 +475,17 @@ def to_qcow2(raw: Path, out: Path, what: str) -> None:
         raise StorageError(f"{what}: qemu-img convert failed: {one_line(_tool_error(proc), 300)}")
 
 
-def build(tarballs: Iterable[tuple[Path, str]], spec: DiskSpec, workdir: Path, what: str) -> Path:
-    """The disk image (raw or qcow2) of the tarballs unpacked in order, built in ``workdir``.
+@dataclass(frozen=True)
+class Built:
+    raw: Path
+    root_uid: int
+    root_gid: int
+    stats: Stats
+
+
+def build(tarballs: Iterable[tuple[Path, str]], spec: DiskSpec, workdir: Path, what: str) -> Built:
+    """The raw disk image of the tarballs unpacked in order, built in ``workdir`` (then
+    :func:`finish` gives it the asked format).
 
     ``tarballs`` are (path, label) pairs: the rootfs, then overlays such as the context package
     (unpacked through the rootfs' symlinks to folders, as its package manager would).
@@ -493,10 +502,26 @@ def build(tarballs: Iterable[tuple[Path, str]], spec: DiskSpec, workdir: Path, w
     make_filesystem(staging, raw, spec, what)
     apply_metadata(staging, raw, workdir, what)
     shutil.rmtree(staging.root, ignore_errors=True)
+    root = staging.entries[""]
+    return Built(raw, root.uid, root.gid, staging.stats)
+
+
+def finish(raw: Path, spec: DiskSpec, what: str) -> Path:
+    """The raw image in the asked format (qcow2: converted beside it, the raw one removed)."""
     if spec.format != "qcow2":
         return raw
     driverlog.info(f"{what}: converting to qcow2")
-    out = workdir / "disk.qcow2"
+    out = raw.with_suffix(".qcow2")
     to_qcow2(raw, out, what)
     raw.unlink()
     return out
+
+
+def set_root_owner(raw: Path, uid: int, gid: int, what: str) -> None:
+    """Give the root folder back its owner (OpenNebula's root helper chowns it to oneadmin)."""
+    proc = _run([find_tool("debugfs") or "debugfs", "-w", "-R", f"sif / uid {uid}", str(raw)], what)
+    proc2 = _run(
+        [find_tool("debugfs") or "debugfs", "-w", "-R", f"sif / gid {gid}", str(raw)], what
+    )
+    if proc.returncode or proc2.returncode:
+        raise StorageError(f"{what}: debugfs could not reset the root folder's owner")

@@ -105,6 +105,10 @@ class Overlay:
 
     tar: Path | None
     package: str = ""
+    install_kind: str = ""
+    """How the package manager installs it: deb, apk, rpm or suse (contextroot)."""
+    package_in_image: str = ""
+    """Where the package file itself was put in the image (for the package manager), or ""."""
     skipped_depends: list[str] = field(default_factory=list)
     services: list[str] = field(default_factory=list)
 
@@ -385,6 +389,7 @@ def build_overlay(
     session: Any,
     workdir: Path,
     timeouts: tuple[float, float],
+    include_package_file: bool = False,
 ) -> Overlay:
     """The context overlay for a distribution, or a WARN and the stock 'not supported' note."""
     source = configured_source(attrs, environ)
@@ -430,10 +435,19 @@ def build_overlay(
             f"context package {name} is not a valid {family.kind} ({type(exc).__name__})"
         ) from None
     links = enable_services(members, family.kind)
-    write_overlay(members + links, out)
+    extra: list[tuple[tarfile.TarInfo, bytes | None]] = []
+    in_image = ""
+    if include_package_file:
+        in_image = f"/root/{name}"
+        info = tarfile.TarInfo(in_image.lstrip("/"))
+        info.mode = 0o600
+        extra.append((info, data))
+    write_overlay(members + links + extra, out)
     overlay = Overlay(
         tar=out,
         package=name,
+        install_kind="suse" if family is SUSE else family.kind,
+        package_in_image=in_image,
         skipped_depends=depends,
         services=[m.name.rsplit("/", 1)[-1] for m, _ in links],
     )

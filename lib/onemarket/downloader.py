@@ -842,8 +842,6 @@ LXD_WORKDIR_PREFIX = ".onemarket-lxd."
 """Work folder of one lxd:// download (rootfs, staging tree, image), beside the destination."""
 DEFAULT_LXD_TMP = "/var/tmp"
 """Where the work folder goes when the image is written to standard output (as stock)."""
-CONTAINER_IMAGE_HELPER = "sh/create_container_image.sh"
-"""The stock root helper under OpenNebula's lib folder (sudoers ONE_MARKET alias)."""
 
 
 def _drv_action_market_attrs(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
@@ -871,26 +869,27 @@ def lxd_workdir(dest: str, environ: dict[str, str] | os._Environ[str]) -> Path:
         raise from_os_error(exc, f"work folder in {parent}") from None
 
 
-def root_helper(environ: dict[str, str] | os._Environ[str]) -> Path | None:
-    """The stock helper when ``sudo -n`` may run it (the stock script's rule), else None."""
-    loc = environ.get("ONE_LOCATION", "").strip()
-    helper = (
-        Path(loc) / "lib" / CONTAINER_IMAGE_HELPER
-        if loc
-        else Path("/usr/lib/one") / (CONTAINER_IMAGE_HELPER)
-    )
-    sudo = shutil.which("sudo")
-    if not helper.is_file() or sudo is None:
-        return None
-    import subprocess
+def install_with_package_manager(
+    helper: Path, built: Any, overlay: Any, workdir: Path, what: str
+) -> None:
+    """What the stock script does with its sudo rule: the package manager, in a chroot of the
+    image, installs the context package with its dependencies and scripts."""
+    from . import containerdisk, contextroot
 
-    try:
-        allowed = subprocess.run(
-            [sudo, "-n", "-l", str(helper)], capture_output=True, timeout=30, check=False
+    script = contextroot.commands(overlay.install_kind, overlay.package_in_image)
+    terminal = "/bin/ash" if overlay.install_kind == "apk" else "/bin/sh"
+    problem = contextroot.run_helper(helper, built.raw, workdir, script, terminal, what)
+    containerdisk.set_root_owner(built.raw, built.root_uid, built.root_gid, what)
+    if problem is None:
+        driverlog.info(
+            f"{what}: context package {overlay.package} installed by the package manager"
         )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return helper if allowed.returncode == 0 else None
+        return
+    driverlog.warn(
+        f"{what}: installing context package {overlay.package} with the package manager through "
+        f"sudo {helper} failed ({problem}): the image keeps its files unpacked without root, "
+        f"without the dependencies {', '.join(overlay.skipped_depends) or 'it names'}"
+    )
 
 
 def deliver(image: Path, opts: Options, what: str) -> None:
@@ -924,7 +923,7 @@ def download_lxd(opts: Options, environ: dict[str, str] | os._Environ[str]) -> N
     """``lxd://<ENDPOINT><path>?size=&filesystem=&format=``: the rootfs found in its server's
     catalog, downloaded and checked (size, sha256), the OpenNebula context package added, the
     disk built without root and written to the destination."""
-    from . import containerdisk, contextpkg, lxdsource
+    from . import containerdisk, contextpkg, contextroot, lxdsource
     from .installation import Installation
     from .progress import Progress, log_progress
     from .web import CONNECT_TIMEOUT_S, READ_TIMEOUT_S, CachedFetcher, fetch_json, make_session
@@ -965,27 +964,33 @@ def download_lxd(opts: Options, environ: dict[str, str] | os._Environ[str]) -> N
             finally:
                 reader.close()
             progress.finish()
+            helper = contextroot.usable_helper(environ)
             overlay = contextpkg.build_overlay(
-                rootfs.distro, rootfs.release, attrs, environ, session, workdir, timeouts
+                rootfs.distro,
+                rootfs.release,
+                attrs,
+                environ,
+                session,
+                workdir,
+                timeouts,
+                include_package_file=helper is not None,
             )
             layers = [(tarball, f"rootfs {rootfs.url}")]
             if overlay.tar is not None:
                 layers.append((overlay.tar, f"context package {overlay.package}"))
-            image = containerdisk.build(layers, spec, workdir, what)
-            if overlay.skipped_depends:
-                helper = root_helper(environ)
+            built = containerdisk.build(layers, spec, workdir, what)
+            tarball.unlink()
+            if overlay.package_in_image and helper is not None:
+                install_with_package_manager(helper, built, overlay, workdir, what)
+            elif overlay.skipped_depends:
                 driverlog.warn(
-                    f"{what}: context package {overlay.package} installed without the "
-                    "distribution's package manager (that needs root: "
-                    + (
-                        f"sudo -n {helper} is allowed but not used, the disk is built rootless"
-                        if helper
-                        else "sudo -n for OpenNebula's create_container_image.sh is not granted"
-                    )
-                    + f"): its dependencies {', '.join(overlay.skipped_depends)} and its "
-                    "post-install script were skipped, the container has only those its rootfs "
-                    "ships"
+                    f"{what}: context package {overlay.package} unpacked without the "
+                    "distribution's package manager (that needs root, and sudo -n for "
+                    f"{contextroot.helper_path(environ)} is not granted): its dependencies "
+                    f"{', '.join(overlay.skipped_depends)} and its install scripts were "
+                    "skipped, the container has only those its rootfs ships"
                 )
+            image = containerdisk.finish(built.raw, spec, what)
             deliver(image, opts, what)
             driverlog.info(f"{what}: {spec.format} disk of {spec.size_mb} MB written")
         finally:
