@@ -773,6 +773,51 @@ def test_floods_are_capped_and_counted(
     assert "more broken products skipped" in run.warnings[-2]
 
 
+def test_bytes_that_are_not_utf8_cost_only_their_entry(httpd, catalog_dir, tmp_path) -> None:
+    """Invalid UTF-8 becomes U+FFFD (web.decode_text): in a description it is published as
+    such, in a path it makes that one product unusable; every other app is published."""
+    catalog = load(catalog_dir("--profile", "2024", "--seed", "2"))
+    products = catalog["products"]
+    products["ubuntu:jammy:amd64:default"]["os"] = "UbuQQntu"
+    focal = products["ubuntu:focal:amd64:default"]
+    items = focal["versions"][max(focal["versions"])]["items"]
+    items["root.tar.xz"]["path"] = items["root.tar.xz"]["path"].replace("rootfs", "ZZrootfs")
+    body = dump(catalog).replace(b"QQ", b"\xff\xfe").replace(b"ZZ", b"\xc3\x28")
+    httpd.routes[CATALOG] = body
+    with pytest.raises(UnicodeDecodeError):
+        body.decode("utf-8")
+    run = run_monitor(httpd.url, {}, tmp_path, "7.x")
+    del products["ubuntu:focal:amd64:default"]
+    check_apps(run, expected_apps(catalog, httpd.url + "/", {}))
+    jammy = next(a for a in run.apps if a.get("NAME") == "ubuntu_jammy")
+    assert "Ubu\ufffd\ufffdntu jammy" in (jammy.get("DESCRIPTION") or "")
+    assert len(run.warnings) == 1
+    assert "'ubuntu:focal:amd64:default'" in run.warnings[0] and "no usable path" in run.warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("cap", "value", "expect"),
+    [
+        ("MAX_CATALOG_BYTES", 100_000, "answered more than 100000 bytes"),
+        ("MAX_JSON_VALUES", 20_000, "more than 20000 values"),
+    ],
+)
+def test_oversized_catalogs_are_refused_in_one_line(
+    httpd, catalog_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap, value, expect
+) -> None:
+    """Memory is bounded before parsing: by the body size, then by the number of JSON values
+    (``[{},{},...]`` costs ~38 bytes of memory per 3 bytes of answer)."""
+    catalog = load(catalog_dir("--profile", "2024", "--seed", "2"))
+    catalog["padding"] = [{}] * 30_000
+    httpd.routes[CATALOG] = dump(catalog)
+    assert run_monitor(httpd.url, {}, tmp_path / "real", "7.x").apps  # under the real caps
+    monkeypatch.setattr(lxc, cap, value)
+    with pytest.raises(RemoteError) as err:
+        run_monitor(httpd.url, {}, tmp_path / "capped", "7.x")
+    msg = str(err.value)
+    assert "\n" not in msg and expect in msg and httpd.url + CATALOG in msg
+
+
 def test_log_lines_escape_catalog_text(httpd, catalog_dir, tmp_path: Path) -> None:
     """A catalog cannot forge log lines: its text is quoted with control characters escaped."""
     catalog = load(catalog_dir("--profile", "2024", "--seed", "2"))

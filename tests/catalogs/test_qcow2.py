@@ -166,3 +166,25 @@ def test_failures_stop_after_the_limit(httpd, tmp_path: Path, monkeypatch) -> No
         out = virtual_sizes(s, wanted, VirtualSizeCache(None), concurrency=1)
     assert out.requests == 2 and len(out.failures) == 2 and out.not_tried == 3
     assert len(httpd.requests) == 2
+
+
+def test_requests_per_run_are_capped_and_the_rest_deferred(
+    httpd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A catalog listing thousands of new images cannot hold one monitor for thousands of
+    ranged requests: the rest wait for the next monitors, which the cache makes cheap."""
+    monkeypatch.setattr(qcow2, "MAX_REQUESTS_PER_RUN", 4)
+    wanted = {}
+    for i in range(10):
+        httpd.routes[f"/{i}.qcow2"] = header((i + 1) << 30)
+        wanted[f"{i:064x}"] = f"{httpd.url}/{i}.qcow2"
+    runs = []
+    with requests.Session() as s:
+        for _ in range(3):
+            runs.append(virtual_sizes(s, wanted, VirtualSizeCache.in_dir(tmp_path)))
+    assert [(r.requests, r.deferred, len(r.sizes)) for r in runs] == [
+        (4, 6, 4),
+        (4, 2, 8),
+        (2, 0, 10),
+    ]
+    assert len(httpd.requests) == 10

@@ -62,9 +62,14 @@ HYPERVISOR or SIZE, nor a stock attribute of the nested templates under the defa
   instead of failing the whole monitor; an ENDPOINT without a trailing ``/`` gets one (stock
   would glue the path to the host name).
 
-Hostile catalogs: products, builds per product and items per build beyond named caps
-(:data:`MAX_PRODUCTS`, :data:`MAX_VERSIONS`, :data:`MAX_ITEMS`) are skipped without parsing
-them, and every skip is counted: at most :data:`MAX_WARNINGS` WARN lines, then one summary.
+Hostile catalogs: memory and time are bounded before and after parsing. An answer over
+:data:`MAX_CATALOG_BYTES`, or that may hold more than :data:`MAX_JSON_VALUES` JSON values
+(counted before ``json.loads`` builds anything, ``web.loads_bounded``), fails the monitor in one
+line; bytes that are not UTF-8 become U+FFFD, so they cost at most the entry holding them.
+Products, builds per product and items per build beyond named caps (:data:`MAX_PRODUCTS`,
+:data:`MAX_VERSIONS`, :data:`MAX_ITEMS`) are skipped without being parsed, and every skip is
+counted: at most :data:`MAX_WARNINGS` WARN lines, then one summary. KVM images need one ranged
+request each at most once (cached by sha256), at most ``qcow2.MAX_REQUESTS_PER_RUN`` a monitor.
 Text from the catalog reaches a log line only through :func:`shown` (one line, control
 characters escaped).
 
@@ -80,7 +85,6 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
 
 from .. import driverlog
 from ..action import Market
@@ -88,8 +92,8 @@ from ..backends.base import AppEntry, Backend, MonitorResult
 from ..errors import ConfigError, RemoteError, one_line
 from ..installation import DEFAULT_ONE_VERSION, ReleaseLine
 from ..template import write_template
-from ..web import CachedFetcher, fetch_json, make_session
-from .qcow2 import VirtualSizeCache, virtual_sizes
+from ..web import CachedFetcher, fetch_json, make_session, public_url
+from .qcow2 import MAX_REQUESTS_PER_RUN, VirtualSizeCache, virtual_sizes
 
 DRIVER = "linuxcontainers"
 DEFAULT_ENDPOINT = "https://images.linuxcontainers.org/"
@@ -148,6 +152,12 @@ AARCH64_OS = {
 CONTEXT = {"NETWORK": "YES", "SSH_PUBLIC_KEY": "$USER[SSH_PUBLIC_KEY]", "SET_HOSTNAME": "$NAME"}
 GRAPHICS = {"LISTEN": "0.0.0.0", "TYPE": "vnc"}
 
+MAX_CATALOG_BYTES = 16 * 1024 * 1024
+"""Largest images.json accepted (16 MiB; the 2025 matrix with every architecture of 2023 is
+1.8 MB): it is held in memory as bytes, as text (up to 4 bytes a character) and parsed."""
+MAX_JSON_VALUES = 1_000_000
+"""JSON values accepted in images.json, bounded before parsing (the full 2025 matrix has
+about 85,000); at CPython's ~70 bytes per value the parsed document stays under ~70 MB."""
 MAX_PRODUCTS = 20_000
 """Products examined in one catalog (the real server has about a thousand); the rest are
 counted as skipped without being looked at."""
@@ -273,15 +283,6 @@ def _split_list(value: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def without_userinfo(url: str) -> str:
-    """``url`` without ``user:password@``: what may be shown to every user of the apps."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-
-
 @dataclass(frozen=True)
 class LxcOptions:
     """Market attributes of a ``linuxcontainers`` marketplace, validated."""
@@ -310,7 +311,7 @@ class LxcOptions:
     @property
     def public_endpoint(self) -> str:
         """ENDPOINT without credentials, for PUBLISHER, LINK and DESCRIPTION."""
-        return without_userinfo(self.endpoint)
+        return public_url(self.endpoint)
 
     def distribution_allowed(self, distro: str) -> bool:
         if self.distributions:
@@ -787,7 +788,9 @@ class LinuxContainersCatalog(Backend):
         stats = CatalogStats()
         try:
             catalog, stats.from_cache = fetch_json(
-                CachedFetcher(session, cache_dir), opts.catalog_url
+                CachedFetcher(session, cache_dir, max_body_bytes=MAX_CATALOG_BYTES),
+                opts.catalog_url,
+                max_values=MAX_JSON_VALUES,
             )
             builds = select_builds(catalog, opts, opts.catalog_url)
             del catalog  # the parsed document is the largest thing a monitor holds
@@ -807,6 +810,11 @@ class LinuxContainersCatalog(Backend):
                     driverlog.warn(
                         f"{DRIVER}: {lookup.not_tried} more KVM images skipped "
                         "after repeated failures to read their qcow2 header"
+                    )
+                if lookup.deferred:
+                    driverlog.warn(
+                        f"{DRIVER}: {lookup.deferred} KVM images left for the next monitor "
+                        f"(at most {MAX_REQUESTS_PER_RUN} qcow2 headers are read per monitor)"
                     )
                 sizes = lookup.sizes
         finally:

@@ -38,6 +38,10 @@ RANGED_FETCH_CONCURRENCY = 4
 MAX_FAILURES_PER_RUN = 8
 """After this many failed ranged requests in one monitor, the remaining images are not tried
 (an unreachable server would otherwise cost one timeout per image)."""
+MAX_REQUESTS_PER_RUN = 256
+"""Ranged requests one monitor makes at most (a real catalog has about a hundred VM images, all
+cached after the first run): the others are deferred to the next monitors, so a catalog listing
+thousands of new images cannot hold a monitor for thousands of requests."""
 CACHE_MAX_ENTRIES = 8192
 """Sizes remembered (about 100 bytes each on disk); the least recently used go first."""
 MAX_VIRTUAL_SIZE_BYTES = 1 << 50
@@ -178,6 +182,9 @@ class SizeLookup:
     failures: dict[str, str] = field(default_factory=dict)
     requests: int = 0
     not_tried: int = 0
+    """Images not tried after :data:`MAX_FAILURES_PER_RUN` failures."""
+    deferred: int = 0
+    """Images left for the next monitor by :data:`MAX_REQUESTS_PER_RUN`."""
 
 
 def virtual_sizes(
@@ -195,6 +202,9 @@ def virtual_sizes(
             missing.append((sha, url))
         else:
             out.sizes[sha] = size
+    if len(missing) > MAX_REQUESTS_PER_RUN:
+        out.deferred = len(missing) - MAX_REQUESTS_PER_RUN
+        missing = missing[:MAX_REQUESTS_PER_RUN]
     if not missing:
         cache.save()
         return out
