@@ -859,6 +859,8 @@ def test_endpoint_credentials_stay_in_source(httpd, catalog_dir, tmp_path: Path)
             else:
                 assert secret not in value and "reader" not in value, (name, value)
     assert run.warnings and secret not in run.log
+    cached = [f for f in (tmp_path / "var" / "cache" / "market").rglob("*") if f.is_file()]
+    assert cached and not any(secret.encode() in f.read_bytes() for f in cached)
     assert all(r.headers.get("Authorization", "").startswith("Basic ") for r in httpd.requests)
 
 
