@@ -14,8 +14,9 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
-from onemarket import mad as mad_mod
 from onemarket.installation import Installation
+from onemarket.mad import children, driver, failures, options
+from onemarket.mad.lines import LineSplitter
 
 from tests.payloads import (
     action_payload,
@@ -555,33 +556,33 @@ def test_proxy_option_reaches_actions(oned: OneLocation, tmp_path: Path, proxy: 
 
 
 def test_parse_args() -> None:
-    assert mad_mod.parse_args([]) == mad_mod.Options()
-    opts = mad_mod.parse_args(["-t", "4", "-m", "http, s3,", "-w", "7200", "-p", "http://p:3128"])
-    assert opts == mad_mod.Options(4, ("http", "s3"), 7200.0, "http://p:3128")
-    assert mad_mod.parse_args(["--timeout", "0"]).timeout_s is None
+    assert options.parse_args([]) == options.Options()
+    opts = options.parse_args(["-t", "4", "-m", "http, s3,", "-w", "7200", "-p", "http://p:3128"])
+    assert opts == options.Options(4, ("http", "s3"), 7200.0, "http://p:3128")
+    assert options.parse_args(["--timeout", "0"]).timeout_s is None
     for bad in (["-t", "0"], ["-t", "x"], ["-w", "-1"], ["-w", "nan"], ["--what"], ["extra"]):
-        with pytest.raises(mad_mod.UsageError):
-            mad_mod.parse_args(bad)
+        with pytest.raises(options.UsageError):
+            options.parse_args(bad)
 
 
 def test_installed_scripts_are_recognised_as_ours(oned: OneLocation) -> None:
-    for driver in ("http", "s3", "one", "linuxcontainers"):
-        assert mad_mod.is_ours(oned.remotes / "market" / driver / "monitor")
+    for name in ("http", "s3", "one", "linuxcontainers"):
+        assert children.is_ours(oned.remotes / "market" / name / "monitor")
     custom = oned.add_driver("tiny", {"monitor": MONITOR_OK}) / "monitor"
-    assert not mad_mod.is_ours(custom)
-    assert not mad_mod.is_ours(oned.root / "missing")
+    assert not children.is_ours(custom)
+    assert not children.is_ours(oned.root / "missing")
 
 
 def test_scrubber_hides_action_data() -> None:
     data = base64.b64encode(b"<MARKET_DRIVER_ACTION_DATA>secret</MARKET_DRIVER_ACTION_DATA>")
-    scrub = mad_mod.Scrubber([data, "short"])
+    scrub = failures.Scrubber([data, "short"])
     assert scrub(f"bad {data.decode()}!") == "bad <action data>!"
     assert scrub("short stays") == "short stays"
     assert scrub("https://example.org/a/b/c.qcow2 sha256 " + "a" * 64).endswith("a" * 64)
     # a piece cut out of the payload (a script logging part of its argument) is hidden, with
     # letters glued to it; a long name that merely looks like base64 keeps the failure's cause
     long_payload = base64.b64encode(os.urandom(600)).decode()
-    scrub = mad_mod.Scrubber([long_payload])
+    scrub = failures.Scrubber([long_payload])
     assert scrub(f"arg{long_payload[100:400]} failed") == "<base64 data> failed"
     bucket = "mybucket" + "a1b2c3d4" * 30
     assert scrub(f"cannot create s3://{bucket}: invalid name") == (
@@ -590,37 +591,25 @@ def test_scrubber_hides_action_data() -> None:
 
 
 def test_outcome_failure_text() -> None:
-    assert mad_mod.Outcome(1, errors=["a", "b"]).failure_text("x y") == "a; b"
-    assert mad_mod.Outcome(1, killed="x y timed out").failure_text("x y") == "x y timed out"
-    assert "exit code 4" in mad_mod.Outcome(4).failure_text("x y")
-    assert "SIGKILL" in mad_mod.Outcome(-signal.SIGKILL).failure_text("x y")
-    assert not mad_mod.Outcome(0, killed="cancelled").ok and mad_mod.Outcome(0).ok
+    assert failures.Outcome(1, errors=["a", "b"]).failure_text("x y") == "a; b"
+    assert failures.Outcome(1, killed="x y timed out").failure_text("x y") == "x y timed out"
+    assert "exit code 4" in failures.Outcome(4).failure_text("x y")
+    assert "SIGKILL" in failures.Outcome(-signal.SIGKILL).failure_text("x y")
+    assert not failures.Outcome(0, killed="cancelled").ok and failures.Outcome(0).ok
 
 
-def test_line_reader_bounds_long_lines(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mad_mod, "MAX_LINE_BYTES", 1000)
-    got: list[tuple[bytes, bool]] = []
-    read_fd, write_fd = os.pipe()
+def test_line_splitter_bounds_long_lines() -> None:
+    lines = LineSplitter(max_bytes=1000, keep_bytes=256)
     data = b"INIT\nMONITOR  5 " + b"A" * 5000 + b"\nDELETE  6 abc\r\nlast"
-    os.write(write_fd, data)
-    os.close(write_fd)
-
-    async def run() -> None:
-        done = asyncio.Event()
-        mad_mod.LineReader(asyncio.get_running_loop(), read_fd, lambda *a: got.append(a), done.set)
-        await asyncio.wait_for(done.wait(), WAIT_S)
-
-    try:
-        asyncio.run(run())
-    finally:
-        os.close(read_fd)
+    got = [x for i in range(0, len(data), 777) for x in lines.feed(data[i : i + 777])]
+    got += lines.finish()
     assert got[0] == (b"INIT", False)
     assert got[1][1] is True and got[1][0].startswith(b"MONITOR  5 AAA")
-    assert len(got[1][0]) <= mad_mod.LINE_PREFIX_BYTES + 1000
+    assert len(got[1][0]) <= 256
     assert got[2:] == [(b"DELETE  6 abc\r", False), (b"last", False)]
 
 
-def test_line_reader_reads_regular_files(tmp_path: Path) -> None:
+def test_request_reader_reads_regular_files(tmp_path: Path) -> None:
     path = tmp_path / "requests"
     path.write_bytes(b"INIT\n" * 3)
     got: list[tuple[bytes, bool]] = []
@@ -628,9 +617,7 @@ def test_line_reader_reads_regular_files(tmp_path: Path) -> None:
     async def run() -> None:
         done = asyncio.Event()
         with open(path, "rb") as f:
-            mad_mod.LineReader(
-                asyncio.get_running_loop(), f.fileno(), lambda *a: got.append(a), done.set
-            )
+            await driver.RequestReader(lambda *a: got.append(a), done.set).attach(f.fileno())
             await asyncio.wait_for(done.wait(), WAIT_S)
 
     asyncio.run(run())
@@ -640,13 +627,13 @@ def test_line_reader_reads_regular_files(tmp_path: Path) -> None:
 def test_oversized_request_gets_one_failure(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(mad_mod, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(driver, "MAX_LINE_BYTES", 1000)
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
     os.write(in_w, b"INIT\nMONITOR  5 " + b"A" * 5000 + b"\nFINALIZE\n")
     os.close(in_w)
     installation = Installation.detect({"ONE_LOCATION": str(tmp_path)})
-    mad = mad_mod.Mad(mad_mod.Options(), installation, out_w, in_r)
+    mad = driver.Mad(options.Options(), installation, out_w, in_r)
     try:
         assert asyncio.run(asyncio.wait_for(mad.run(), WAIT_S)) == 0
         os.close(out_w)

@@ -108,14 +108,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ensure_std_fds()
     words = split_arguments(sys.argv[1:] if argv is None else argv)
     try:
-        from . import mad
+        from .mad import driver, options
     except Exception as exc:  # noqa: BLE001 - any import failure must reach the admin
         init_failure(f"cannot load the driver library ({type(exc).__name__}: {exc})")
     try:
-        options = mad.parse_args(words)
-    except mad.UsageError as exc:
+        parsed = options.parse_args(words)
+    except options.UsageError as exc:
         init_failure(f"wrong ARGUMENTS in oned.conf: {exc}")
-    return mad.main(options)
+    return driver.main(parsed)
 
 
 if __name__ == "__main__":

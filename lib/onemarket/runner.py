@@ -18,12 +18,13 @@ import traceback
 from pathlib import Path
 
 from . import driverlog
-from .action import APP_TYPE_IMAGE, ActionData, decode_action
+from .action import ActionData, decode_action
 from .backends.base import Context, ImportRequest
 from .errors import MarketError, NotSupportedError, PayloadError, one_line
 from .installation import Installation
 from .progress import log_progress
 from .registry import ACTIONS, load_backend
+from .workflow import runs_nothing
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -32,8 +33,7 @@ DISPOSE_TIMEOUT_S = 600
 
 
 def _perform(driver: str, action: str, data: ActionData, context: Context) -> str:
-    app = data.app
-    if action == "delete" and app is not None and app.type != APP_TYPE_IMAGE:
+    if runs_nothing(action, data):
         return ""
     backend = load_backend(driver, data.market, context)
     if action == "monitor":
@@ -74,11 +74,14 @@ def _dispose(command: str) -> None:
 def run_action(
     driver: str,
     action: str,
-    payload: str | bytes,
+    payload: str | bytes | ActionData,
     installation: Installation | None = None,
     result_fd: int = 1,
 ) -> int:
-    """Run one action: result to ``result_fd``, failure line to stderr; returns the exit code."""
+    """Run one action: result to ``result_fd``, failure line to stderr; returns the exit code.
+
+    ``payload`` is oned's base64 action data, or the MAD's already decoded copy (a forked
+    child shares it: the data is decoded once per request)."""
     driverlog.set_debug(driverlog.debug_from_env())
     driverlog.route_std_logging()
     saved = os.dup(result_fd)
@@ -99,7 +102,7 @@ def run_action(
             installation=inst,
             progress=log_progress(f"{driver} {action}") if action == "import" else None,
         )
-        data = decode_action(payload)
+        data = payload if isinstance(payload, ActionData) else decode_action(payload)
         result = _perform(driver, action, data, context)
         code = EXIT_OK
     except MarketError as exc:
