@@ -381,6 +381,9 @@ def test_s3_check_push_apps_rm(capfd, tmp_path: Path, s3_market: str, rgw) -> No
 
     code, out, _ = run(capfd, "rm", s3_market, source)
     assert code == 0, out
+    code, out, err = run(capfd, "rm", s3_market, source)  # gone now: an error, not "deleted"
+    assert code == 1 and out == ""
+    assert "does not exist, nothing deleted" in one_line_error(err)
 
 
 def test_s3_check_wrong_secret(capfd, tmp_path: Path, rgw) -> None:
@@ -797,9 +800,9 @@ def test_push_through_oned_makes_a_ready_app_and_rm_deletes_it(
     assert oned_http.images == {}  # --delete-image
     assert oned_http.markets[0].app_ids == [app.id]
     lines = err.splitlines()  # not a terminal: one plain line per step and state
-    assert any(x.startswith("one-market: image 1 in datastore 1 'default': LOCKED") for x in lines)
-    assert f"one-market: app {app.id} 'Pushed Debian' in marketplace 100 'Private web': READY, " \
-           f"4 MB, MD5 {md5}" in lines  # fmt: skip
+    assert "one-market: image 1 (datastore 1 'default'): LOCKED, 4 MB" in lines
+    assert "one-market: image 1: READY, 4 MB" in lines
+    assert f"one-market: app {app.id} 'Pushed Debian': READY, 4 MB, MD5 {md5}" in lines
     assert "plain upload" not in err
     calls = [c for c in oned_http.calls if not c.endswith(".info")]
     assert calls == ["one.image.allocate", "one.marketapp.allocate", "one.image.delete"]
@@ -882,7 +885,7 @@ def test_plain_push_says_so(capfd, tmp_path: Path, http_market: str) -> None:
     code, _, err = run(capfd, "push", http_market, str(image_file(tmp_path, 100)), "--id", "1")
     assert code == 0
     (line,) = err.splitlines()
-    assert line.startswith("one-market: plain upload (") and "no app was made in oned" in line
+    assert line.startswith("one-market: plain upload (") and "no app of oned lists it" in line
     code, _, err = run(capfd, "push", http_market, str(image_file(tmp_path, 1)), "--datastore", "1")
     assert code == 1
     assert "need MARKET to be a marketplace of oned" in one_line_error(err)

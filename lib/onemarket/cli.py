@@ -69,6 +69,7 @@ from .errors import (
 )
 from .installation import Installation
 from .markets import PUBLIC_DRIVERS, load_market, missing_attrs
+from .mirror.command import add_mirror_parser
 from .oneclient import OnedApp, OnedMarket
 from .progress import ProgressEvent, human_bytes
 from .registry import DRIVERS, backend_class, load_backend
@@ -787,7 +788,7 @@ class OnedPush:
             ("TYPE", "OS"),
             ("DESCRIPTION", f"uploaded by one-market for marketplace app '{name}'"),
         ]
-        self.steps.show(f"image: asking oned to copy {local.path} ({size}) into datastore {ds.id}")
+        self.steps.show(f"image: asking oned to copy {local.path.name} ({size}) into '{ds.name}'")
         self.image_id = oneclient.allocate_image(self.server, write_template(template), ds.id)
         try:
             return self._image_to_app(local, name, ds, delete_image)
@@ -801,7 +802,7 @@ class OnedPush:
     def _image_to_app(
         self, local: LocalImage, name: str, ds: oneclient.OnedDatastore, delete_image: bool
     ) -> tuple[OnedApp, bool]:
-        what = f"image {self.image_id} in datastore {ds.id} '{ds.name}'"
+        what = f"image {self.image_id} (datastore {ds.id} '{ds.name}')"
         image = wait_for(
             lambda: oneclient.image_info(self.server, self.image_id),
             lambda i: (
@@ -818,15 +819,15 @@ class OnedPush:
             raise StorageError(
                 f"oned could not copy {local.path} into {what}: {image.error or 'ERROR'}"
             )
-        self.steps.done(f"{what}: READY, {image.size_mb} MB")
+        self.steps.done(f"image {self.image_id}: READY, {image.size_mb} MB")
 
         app_template = [("NAME", name), ("ORIGIN_ID", str(self.image_id)), ("TYPE", "IMAGE")]
         market = f"marketplace {self.market.id} '{self.market.name}'"
-        self.steps.show(f"app '{name}': asking oned to import image {self.image_id} into {market}")
+        self.steps.show(f"app '{name}': asking oned to make it in {market}")
         self.app_id = oneclient.allocate_app(
             self.server, write_template(app_template), self.market.id
         )
-        what = f"app {self.app_id} '{name}' in {market}"
+        what = f"app {self.app_id} '{name}'"
         app = wait_for(
             lambda: oneclient.app_info(self.server, self.app_id),
             lambda a: (
@@ -840,7 +841,7 @@ class OnedPush:
         if app is None:
             raise RemoteError(f"{what} vanished from oned during its import")
         if app.state == oneclient.APP_STATE_ERROR:
-            raise RemoteError(f"oned could not make {what}: {app.error or 'ERROR'}")
+            raise RemoteError(f"oned could not make {what} in {market}: {app.error or 'ERROR'}")
         self.steps.done(f"{what}: READY, {app.size_mb} MB, MD5 {app.md5}")
         deleted = False
         if delete_image:
@@ -1095,8 +1096,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     app, result = push(market, args.file, args.name, args.id, args.format, show)
     if not args.json:
         print(
-            f"one-market: plain upload ({args.market} is a template file): no app was made in "
-            "oned; give a marketplace id or name to make one",
+            f"one-market: plain upload ({args.market} is a template file): no app of oned lists "
+            "it and only 'one-market rm' removes it; give a marketplace id or name to make an app",
             file=sys.stderr,
             flush=True,
         )
@@ -1274,6 +1275,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="template file: delete the file even if an app of oned uses it",
     )
     p.set_defaults(func=cmd_rm)
+
+    add_mirror_parser(sub, common, installation)
     return parser
 
 

@@ -8,10 +8,11 @@ and order of OpenNebula's schemas, so tests validate them against ``tests/data/x
 
 Asynchronous work is stepped by the info calls instead of a clock, so tests need no timing:
 after ``one.image.allocate`` the image is LOCKED for the first ``one.image.info`` and READY
-(its "copy" done) from the second (``image_copy_infos``); an app is LOCKED for its first ``one.marketapp.info`` and
-imported during the second, by ``FakeOned.importer`` (tests plug in our real backend there,
-as oned's MAD would run it); ``one.marketapp.delete`` runs ``FakeOned.deleter`` and drops the
-app at the next info call, whatever the deleter said (oned drops it on SUCCESS and FAILURE).
+(its "copy" done) from the second (``image_copy_infos``); an app is LOCKED for its first
+``one.marketapp.info`` and imported during the second, by ``FakeOned.importer`` (tests plug
+in our real backend there, as oned's MAD would run it); ``one.marketapp.delete`` runs
+``FakeOned.deleter`` and drops the app at the next info call, whatever the deleter said (oned
+drops it on SUCCESS and FAILURE).
 """
 
 from __future__ import annotations
