@@ -9,7 +9,6 @@ the source, and every SOURCE inside the mirror downloads with the catalog's chec
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import hashlib
@@ -18,6 +17,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -407,7 +408,7 @@ def test_sigterm_mid_run_leaves_the_previous_mirror_and_keeps_verified_files(
     stuck = appmarket.by_name("UERANSIM")
     cdn = stuck["files"][0]["url"].removeprefix(appmarket.url)
     body = appmarket.blobs[cdn]
-    release = __import__("threading").Event()
+    release = threading.Event()
 
     def hang(h) -> None:  # half the file, then nothing until the test ends
         h.send_response(200)
@@ -433,7 +434,7 @@ def test_sigterm_mid_run_leaves_the_previous_mirror_and_keeps_verified_files(
                 break
             if proc.poll() is not None:
                 break
-            __import__("time").sleep(0.05)
+            time.sleep(0.05)
         assert proc.poll() is None, proc.communicate()
         proc.terminate()
         _out, err = proc.communicate(timeout=60)
@@ -619,4 +620,26 @@ def test_cli_runs_mirror(appmarket: Appmarket, installation: Installation, tmp_p
     code = cli.main(["mirror", str(source), str(tmp_path / "tree"), "--include", "NixOS"])
     assert code == 0
     assert (tmp_path / "tree" / "appliance.json").is_file()
-    assert isinstance(argparse.Namespace, type)
+
+
+def test_to_market_puts_the_tree_under_public_dir(
+    lxc_source: StaticHttpServer, nginx, installation: Installation, tmp_path: Path
+) -> None:
+    source = template_file(tmp_path, "LXC", "linuxcontainers", lxc_source.url + "/")
+    target = tmp_path / "http.tmpl"
+    target.write_text(
+        f'NAME = "Private"\nMARKET_MAD = "http"\nBASE_URL = "{nginx.base_url}"\n'
+        f'PUBLIC_DIR = "{nginx.public_dir}"\n'
+    )
+    code, out, err = mirror(installation, str(source), "--to-market", str(target))
+    assert code == 0, err
+    endpoint = f"{nginx.base_url}/mirror/"
+    assert f'ENDPOINT = "{endpoint}"' in out  # the marketplace to create, printed
+    assert (nginx.public_dir / "mirror" / "streams" / "v1" / "index.json").is_file()
+    at_source = lxc_apps(installation, lxc_source.url + "/")
+    assert published(lxc_apps(installation, endpoint)) == published(at_source)
+
+    s3 = tmp_path / "s3.tmpl"
+    s3.write_text('NAME = "S3"\nMARKET_MAD = "s3"\nBUCKET = "b"\n')
+    code, _out, err = mirror(installation, str(source), "--to-market", str(s3))
+    assert code == 1 and "only http marketplaces" in err

@@ -11,13 +11,11 @@ what they were writing and leave the previous mirror as it was.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shutil
-import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from ..installation import Installation
 from ..markets import load_market
 from ..progress import human_bytes
 from ..template import write_template
+from ..transfer.interrupt import interruptible
 from ..web import make_session
 from .fetch import EntryResult, Fetcher
 from .plan import (
@@ -190,16 +189,6 @@ class Outcome:
         return not any(s in (STATUS_FAILED, STATUS_KEPT) for s in self.status.values())
 
 
-@contextlib.contextmanager
-def hangup_unwinds() -> Iterator[None]:
-    """SIGHUP (a closed terminal) is handled as SIGTERM is (the CLI makes that unwind)."""
-    previous = signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGHUP, previous)
-
-
 def resolve_dest(args: argparse.Namespace) -> tuple[Path, str]:
     """The folder receiving the tree, and the URL it is served at ("" when unknown)."""
     if args.to_market:
@@ -257,7 +246,7 @@ def run(args: argparse.Namespace, installation: Installation) -> int:
     store = LocalStore(dest)
     if args.dry_run:
         return dry_run(args, plan, store)
-    with hangup_unwinds(), store.locked():
+    with interruptible(f"mirror into {dest}"), store.locked():
         outcome = mirror(args, plan, store, agent)
     report(args, market, outcome, served_at)
     return 0 if outcome.ok else 1
@@ -310,7 +299,7 @@ def mirror(args: argparse.Namespace, plan: Plan, store: LocalStore, agent: str) 
                         _record(outcome, result, previous, store, reporter)
                     reporter.draw()
             except BaseException:
-                cancel.set()  # threads stop at their next chunk; the pool waits for them
+                fetcher.abort()  # threads stop at once; the pool waits for them
                 for future in futures:
                     future.cancel()
                 raise

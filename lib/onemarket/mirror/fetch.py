@@ -13,6 +13,7 @@ stop within one chunk and the atomic writer removes what they were writing.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -96,15 +97,34 @@ class Fetcher:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
+        self._active: dict[int, object] = {}
 
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = make_session(self.user_agent)
             session.headers["Accept-Encoding"] = "identity"
+            session.hooks["response"].append(self._track)
             with self._lock:
                 self._sessions.append(session)
         return session
+
+    def _track(self, response: requests.Response, *_args: object, **_kwargs: object) -> None:
+        """Remember the thread's answer being read, so :meth:`abort` can shut it down."""
+        with self._lock:
+            self._active[threading.get_ident()] = response.raw
+
+    def abort(self) -> None:
+        """Cancel: shut down the connections being read, so that a read blocked on a stalled
+        server returns now instead of after its timeout (urllib3's ``shutdown``)."""
+        self.cancel.set()
+        with self._lock:
+            answers = list(self._active.values())
+        for raw in answers:
+            shutdown = getattr(raw, "shutdown", None)  # urllib3 >= 2.3
+            if shutdown is not None:
+                with contextlib.suppress(Exception):
+                    shutdown()
 
     def close(self) -> None:
         with self._lock:
@@ -178,4 +198,6 @@ class Fetcher:
                 )
             self.store.insert(f, _Watched(source, f.size, self.cancel, count))
         finally:
+            with self._lock:
+                self._active.pop(threading.get_ident(), None)
             source.close()
