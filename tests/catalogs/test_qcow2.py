@@ -188,3 +188,11 @@ def test_requests_per_run_are_capped_and_the_rest_deferred(
         (2, 0, 10),
     ]
     assert len(httpd.requests) == 10
+
+
+def test_failure_messages_mask_the_password(httpd) -> None:
+    url = httpd.url.replace("http://", "http://reader:s3cr3t-Pa55@") + "/missing.qcow2"
+    with requests.Session() as s, pytest.raises(RemoteError) as err:
+        fetch_virtual_size(s, url)
+    msg = str(err.value)
+    assert "s3cr3t" not in msg and "reader:****@" in msg and "HTTP 404" in msg

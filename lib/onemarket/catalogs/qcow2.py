@@ -73,7 +73,9 @@ def parse_virtual_size(header: bytes) -> int:
 
 
 def fetch_virtual_size(session: requests.Session, url: str) -> int:
-    """Virtual size of the qcow2 image at ``url``, reading only its header."""
+    """Virtual size of the qcow2 image at ``url``, reading only its header (messages name the
+    URL with its password masked)."""
+    shown = web.display_url(url)
     headers = {"Range": f"bytes=0-{HEADER_BYTES - 1}", "Accept-Encoding": "identity"}
     try:
         resp = session.get(
@@ -81,11 +83,11 @@ def fetch_virtual_size(session: requests.Session, url: str) -> int:
         )
     except requests.RequestException as exc:
         raise RemoteError(
-            f"cannot read the qcow2 header of {url}: {web.describe_request_error(exc)}"
+            f"cannot read the qcow2 header of {shown}: {web.describe_request_error(exc)}"
         ) from None
     try:
         if resp.status_code not in (200, 206):
-            raise RemoteError(f"{url} answered HTTP {resp.status_code} to a ranged request")
+            raise RemoteError(f"{shown} answered HTTP {resp.status_code} to a ranged request")
         data = b""
         # a server ignoring Range answers 200 with the whole file: stop after the header
         for chunk in resp.iter_content(HEADER_BYTES):
@@ -94,14 +96,14 @@ def fetch_virtual_size(session: requests.Session, url: str) -> int:
                 break
     except requests.RequestException as exc:
         raise RemoteError(
-            f"reading the qcow2 header of {url} failed: {web.describe_request_error(exc)}"
+            f"reading the qcow2 header of {shown} failed: {web.describe_request_error(exc)}"
         ) from None
     finally:
         resp.close()
     try:
         return parse_virtual_size(data[:HEADER_BYTES])
     except Qcow2HeaderError as exc:
-        raise RemoteError(f"{url}: {exc}") from None
+        raise RemoteError(f"{shown}: {exc}") from None
 
 
 class VirtualSizeCache:
