@@ -12,6 +12,7 @@ import io
 import lzma
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -713,8 +714,18 @@ def test_rgw_reader_closing_stdout_early(apps: dict[str, Any]) -> None:
     assert err.splitlines() == failure_lines("ERROR: standard output closed by its reader")
 
 
-def test_rgw_download_stopped_by_sigterm(apps: dict[str, Any], tmp_path: Path) -> None:
-    """The datastore action's time limit (SIGTERM) leaves no partial file behind."""
+@pytest.mark.parametrize(
+    ("signum", "reason"),
+    [
+        (signal.SIGTERM, "SIGTERM (action time limit, driver shutdown or kill)"),
+        (signal.SIGHUP, "SIGHUP (terminal or ssh session closed)"),
+    ],
+)
+def test_rgw_download_stopped_by_sigterm(
+    apps: dict[str, Any], tmp_path: Path, signum: int, reason: str
+) -> None:
+    """The datastore action's time limit (SIGTERM) or a dropped session (SIGHUP) leaves no
+    partial file behind."""
     source, _ = apps["plain"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "onemarket.downloader", "-l", "256k", source, str(tmp_path / "i")],
@@ -727,13 +738,11 @@ def test_rgw_download_stopped_by_sigterm(apps: dict[str, Any], tmp_path: Path) -
             break
         threading.Event().wait(0.1)
     assert [p.name.endswith(".part") for p in tmp_path.iterdir()] == [True]
-    proc.terminate()
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=TIMEOUT_S)
     assert proc.returncode == dl.EXIT_FAILURE
     assert out == b""
-    assert err.decode().splitlines() == failure_lines(
-        "ERROR: s3:// download stopped by SIGTERM (action time limit, driver shutdown or kill)"
-    )
+    assert err.decode().splitlines() == failure_lines(f"ERROR: s3:// download stopped by {reason}")
     assert list(tmp_path.iterdir()) == []
 
 
