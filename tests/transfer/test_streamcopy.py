@@ -18,7 +18,7 @@ from onemarket.transfer.streamcopy import (
     SparseFileSink,
     copy_stream,
     data_runs,
-    file_segments,
+    file_extents,
 )
 
 MIB = 1 << 20
@@ -78,6 +78,7 @@ def test_update_zeros_equals_hashing_zero_bytes() -> None:
     d.update_zeros(3 * MIB + 5)
     assert d.md5 == hashlib.md5(b"ab" + bytes(3 * MIB + 5)).hexdigest()
     assert d.sha256 == hashlib.sha256(b"ab" + bytes(3 * MIB + 5)).hexdigest()
+    assert Digests(sha256=False).sha256 == ""
     assert d.size_bytes == 3 * MIB + 7
 
 
@@ -96,15 +97,16 @@ def test_local_sparse_file_keeps_holes_and_hashes_every_byte(tmp_path: Path) -> 
     assert allocated(dst) < 64 * 1024
 
 
-def test_file_segments_skip_holes_without_reading(tmp_path: Path) -> None:
+def test_file_extents_skip_holes_without_reading(tmp_path: Path) -> None:
     src = tmp_path / "src"
     make_sparse(src, [(4 * MIB, b"data")], 8 * MIB)
     with src.open("rb") as f:
-        segments = list(file_segments(f.fileno(), "src"))
-    holes = sum(s for s in segments if isinstance(s, int))
-    read = sum(len(s) for s in segments if isinstance(s, bytes))
+        extents = list(file_extents(f.fileno(), "src"))
+    holes = sum(n for _, n, is_data in extents if not is_data)
+    read = sum(n for _, n, is_data in extents if is_data)
     assert holes + read == 8 * MIB
     assert holes >= 4 * MIB
+    assert [off for off, _, _ in extents] == sorted(off for off, _, _ in extents)
 
 
 def test_stream_zero_blocks_become_holes(tmp_path: Path) -> None:
@@ -144,6 +146,32 @@ def test_file_truncated_while_read_fails(tmp_path: Path) -> None:
         copy_to(tmp_path / "dst", Shrinking(f, str(src), 4 * MIB))
 
 
+def test_a_non_sparse_zero_run_becomes_a_hole(tmp_path: Path) -> None:
+    """Zeros written as data (a raw image copied without holes) are not written either."""
+    src = tmp_path / "src"
+    content = os.urandom(5000) + bytes(20 * MIB) + os.urandom(7)
+    src.write_bytes(content)
+    dst = tmp_path / "dst"
+    with open_source(str(src)) as s:
+        digests = copy_to(dst, s)
+    assert dst.read_bytes() == content and digests.md5 == hashlib.md5(content).hexdigest()
+    assert allocated(dst) < 64 * 1024
+
+
+@pytest.mark.parametrize("size", [4 * MIB - 1, 8 * MIB, 30 * MIB + 3])
+def test_local_file_through_the_buffer_pool(tmp_path: Path, size: int) -> None:
+    """More chunks than pooled buffers, and sizes on and off the chunk boundary."""
+    src = tmp_path / "src"
+    content = os.urandom(size)
+    src.write_bytes(content)
+    dst = tmp_path / "dst"
+    with open_source(str(src)) as s:
+        digests = copy_to(dst, s, sha256=True)
+    assert dst.read_bytes() == content
+    assert digests.md5 == hashlib.md5(content).hexdigest()
+    assert digests.sha256 == hashlib.sha256(content).hexdigest()
+
+
 def test_writer_error_reaches_the_reader(tmp_path: Path) -> None:
     class Failing:
         def write(self, data: bytes) -> None:
@@ -157,6 +185,11 @@ def test_writer_error_reaches_the_reader(tmp_path: Path) -> None:
 
     with pytest.raises(OSError, match="No space"):
         copy_stream(Stream(os.urandom(3 * MIB)), Failing())
+    # a local file: more chunks than pooled buffers, none given back by the failed writer
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(40 * MIB))
+    with open_source(str(src)) as s, pytest.raises(OSError, match="No space"):
+        copy_stream(s, Failing())
 
 
 def test_progress_reports_bytes_and_final_event(tmp_path: Path) -> None:

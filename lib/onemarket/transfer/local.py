@@ -63,7 +63,7 @@ def write_atomically(
                 ours = False
                 raise
             try:
-                sink = SparseFileSink(fd)
+                sink = SparseFileSink(fd, early_writeback=True)
                 digests = copy_stream(source, sink, progress=progress, deadline=deadline)
                 sink.finish()
                 digests.verify_md5(expected_md5, f"import of {source.description}")
