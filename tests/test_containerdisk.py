@@ -4,6 +4,7 @@ the debugfs metadata pass."""
 from __future__ import annotations
 
 import io
+import lzma
 import stat
 import subprocess
 import tarfile
@@ -175,3 +176,13 @@ def test_built_disk_has_the_tree(tmp_path: Path) -> None:
 def test_other_file_systems_refused_before_download(fs: str) -> None:
     with pytest.raises(ConfigError, match=f"filesystem={fs} cannot be built without root"):
         cd.DiskSpec(64, fs, "raw").check()
+
+
+def test_corrupt_compressed_rootfs_is_one_source_error(tmp_path: Path) -> None:
+    """Bytes that pass the catalog's checksum but are no valid tar.xz (a broken build)."""
+    bad = tmp_path / "rootfs.tar.xz"
+    good = tarball(tmp_path / "g.tar.gz", [("./f", tarfile.REGTYPE, {"data": b"x" * 4096})])
+    data = lzma.compress(good.read_bytes())
+    bad.write_bytes(data[: len(data) // 2] + b"\0" * 64 + data[len(data) // 2 :])
+    with pytest.raises(SourceError, match="not a valid tarball"):
+        cd.unpack(cd.Staging(tmp_path / "tree"), bad, "rootfs")

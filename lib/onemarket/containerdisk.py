@@ -25,6 +25,7 @@ the finished raw image.
 from __future__ import annotations
 
 import contextlib
+import lzma
 import os
 import posixpath
 import shutil
@@ -32,6 +33,7 @@ import stat
 import subprocess
 import tarfile
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -324,7 +326,7 @@ def unpack(
                         f"{what}: unpacked {staging.stats.entries} entries, "
                         f"{staging.stats.bytes >> 20} MiB"
                     )
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+    except (tarfile.TarError, EOFError, OSError, ValueError, lzma.LZMAError, zlib.error) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             from .errors import from_os_error
 
