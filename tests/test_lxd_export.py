@@ -543,10 +543,11 @@ def test_unsupported_distribution_gets_the_stock_note(server: Any, work: Path) -
     assert "no context package ending in deb" in proc.stderr.decode()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
 def test_stop_signals_leave_nothing(server: Any, work: Path, signum: int) -> None:
     """The action's time limit (SIGTERM) or a dropped session (SIGHUP) during a slow rootfs
-    download: no image, no work folder."""
+    download: no image, no work folder. SIGKILL leaves the work folder: the next download
+    removes it."""
     dest_dir = work / "ds"
     dest_dir.mkdir()
     publish(server, "alpine:3.19:amd64:default", os.urandom(8 << 20))
@@ -580,8 +581,15 @@ def test_stop_signals_leave_nothing(server: Any, work: Path, signum: int) -> Non
     assert found, proc.stderr.read() if proc.stderr else ""
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=TIMEOUT_S)
-    assert proc.returncode == dl.EXIT_FAILURE, err
     assert out == b""
+    if signum == signal.SIGKILL:
+        assert [p.name for p in dest_dir.iterdir()] == [found[0].name]
+        gone = "lxd://http://127.0.0.1:1/images/x/rootfs.tar.xz?size=8"  # fails, after the sweep
+        proc2 = run([], "-o", gone, str(dest_dir / "other"), env=env)
+        assert proc2.returncode == dl.EXIT_FAILURE
+        assert f"removed {found[0]}, left by an earlier download" in proc2.stderr.decode()
+    else:
+        assert proc.returncode == dl.EXIT_FAILURE, err
     assert list(dest_dir.iterdir()) == []
 
 
