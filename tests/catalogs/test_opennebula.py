@@ -26,7 +26,7 @@ from onemarket.installation import Installation
 from onemarket.template import Template, parse_template
 
 from tests.servers import free_port
-from tests.servers.httpd import StaticHttpServer, failing_then, slow, truncated
+from tests.servers.httpd import failing_then, slow, truncated
 
 REPO = Path(__file__).resolve().parents[2]
 CATALOG_PATH = REPO / "tests" / "data" / "one-community-appliance.json"
@@ -98,104 +98,132 @@ def warns(log: io.StringIO) -> list[str]:
     return [line for line in log.getvalue().splitlines() if line.startswith("WARN: ")]
 
 
-def expected_attrs(raw: dict, base: str) -> dict[str, str]:
-    """Upstream's mapping of one appliance, written out independently of the driver."""
-    oid = raw["_id"]["$oid"]
-    arch = {"amd64": "x86_64", "arm64": "aarch64", "": "all"}.get(
-        (raw.get("os-arch") or "").lower(), (raw.get("os-arch") or "").lower()
-    )
-    hyper = (raw.get("hypervisor") or "").lower()
-    hyper = "kvm" if hyper in ("", "all") else hyper
-    out = {
-        "NAME": raw["name"],
-        "SOURCE": f"{base}/appliance/{oid}/download/0",
-        "IMPORT_ID": oid,
-        "ORIGIN_ID": "-1",
-        "TYPE": raw.get("type") or "IMAGE",
-        "PUBLISHER": raw["publisher"],
-        "DESCRIPTION": raw["short_description"],
-        "VERSION": raw["version"],
-        "TAGS": ", ".join(raw["tags"]),
-        "REGTIME": str(raw["creation_time"]),
-        "LINK": f"{base}/appliance/{oid}",
-        "ARCHITECTURE": arch,
-        "HYPERVISOR": hyper,
-    }
-    if raw.get("format"):
-        out["FORMAT"] = raw["format"]
-    if out["TYPE"] == "IMAGE":
-        f = raw["files"][0]
-        out["SIZE"] = str(math.ceil(f["size"] / 2**20))
-        out["MD5"] = f["md5"]
-    else:
-        out["SIZE"] = "0"
-    return out
+STOCK = json.loads((REPO / "tests" / "data" / "stock-one" / "expected.json").read_text())
+"""What the stock monitors print, per catalog and release (its ``about`` says how it was read)."""
+STOCK_ENDPOINT = STOCK["endpoint"]
+DELIBERATE_ADDITIONS = {
+    # 6.10's template_to_str has no Array case (6.10:225-244): it drops a list of NICs; ours
+    # writes them as 7.0 does (7.0:250-267), an addition where stock set nothing.
+    ("stock-one/variants.json", "6.10.0.1", "NIC list"): {"VMTEMPLATE64": {"NIC"}},
+}
 
 
-def check_vm_template(text: str, raw: dict, arch: str, hyper: str) -> None:
-    t = parse_template(text)
-    source = json.loads(raw["opennebula_template"])
-    names = [n for n in t.names() if n != "SCHED_REQUIREMENTS"]
-    assert names == [k.upper() for k, v in source.items() if v not in (None, "", {}, [])]
-    for key, value in source.items():
-        if isinstance(value, dict) and value and key.upper() != "OS":
-            vec = t.get_all(key.upper())[0]
-            assert vec == {k.upper(): str(v) for k, v in value.items() if v not in (None, "")}
-        elif isinstance(value, str) and value:
-            assert t.get(key.upper()) == value
-    want = f'HYPERVISOR="{hyper}"' + (f' & ARCH="{arch}"' if arch != "all" else "")
-    assert t.get("SCHED_REQUIREMENTS") == want
+def app_fields(t: Template) -> dict:
+    """One published APP in the format of tests/data/stock-one/expected.json."""
+    entry: dict = {"attrs": {}, "DISK": [], "ROLE": []}
+    for name, value in t.items:
+        if name in ("APPTEMPLATE64", "VMTEMPLATE64"):
+            text = base64.b64decode(value, validate=True).decode()
+            if t.get("TYPE") == "SERVICE_TEMPLATE":
+                entry[name] = text
+            else:
+                entry[name] = [[n, v] for n, v in parse_template(text).items]
+        elif name == "DISK":
+            assert isinstance(value, dict) and len(value["NAME"]) == 10
+            int(value["NAME"], 16)
+            entry["DISK"].append(value["APP"])
+        elif name == "ROLE":
+            entry["ROLE"].append(value)
+        else:
+            assert isinstance(value, str) and name not in entry["attrs"], name
+            entry["attrs"][name] = value
+    return entry
+
+
+def rebased(value: object, url: str) -> object:
+    """``value`` with the ENDPOINT of the stock run replaced by this test's server."""
+    if isinstance(value, str):
+        return value.replace(STOCK_ENDPOINT, url)
+    if isinstance(value, list):
+        return [rebased(v, url) for v in value]
+    if isinstance(value, dict):
+        return {k: rebased(v, url) for k, v in value.items()}
+    return value
+
+
+def compare_with_stock(catalog: str, release: str, apps: list[Template], url: str) -> None:
+    """Field by field: what oned keeps of stock's output (the last APP of each NAME, at the
+    first one's place, MarketPlaceAppPool::import) against ours."""
+    stock: dict[str, dict] = {}
+    for entry in rebased(STOCK["catalogs"][catalog][release], url):
+        stock[entry["attrs"]["NAME"]] = entry  # dict order: first place, last content
+    ours = {t.get("NAME"): app_fields(t) for t in apps}
+    assert list(ours) == list(stock), "same NAME set, in the same order"
+    for name, want in stock.items():
+        got = ours[name]
+        assert got["attrs"] == want["attrs"], name
+        assert (got["DISK"], got["ROLE"]) == (want["DISK"], want["ROLE"]), name
+        allowed = DELIBERATE_ADDITIONS.get((catalog, release, name), {})
+        for nested in ("APPTEMPLATE64", "VMTEMPLATE64"):
+            mine, theirs = got.get(nested), want.get(nested)
+            if isinstance(theirs, str) or theirs is None:
+                assert mine == theirs, (name, nested)
+                continue
+            assert mine is not None, (name, nested)
+            missing = [item for item in theirs if item not in mine]
+            assert missing == [], (name, nested, "stock attributes missing or changed")
+            extra = {n for n, v in mine if [n, v] not in theirs}
+            assert extra == allowed.get(nested, set()), (name, nested, "additions")
 
 
 # --------------------------------------------------------------------------- the catalog
 
 
-def test_shared_catalog_every_field(httpd: StaticHttpServer, installation, log):
-    httpd.routes[ROUTE] = CATALOG_BYTES
-    result = run(installation, httpd.url + "/")
+@pytest.mark.parametrize("release", ["7.5.80", "6.10.0.1"])
+@pytest.mark.parametrize("catalog", ["one-community-appliance.json", "stock-one/variants.json"])
+def test_stock_output_field_by_field(httpd, installation, log, catalog, release):
+    """Against what the stock monitor of the release prints (tests/data/stock-one): the same
+    NAMEs, every single attribute, DISK APPs, ROLEs and every attribute of APPTEMPLATE64 and
+    VMTEMPLATE64 (rules and their upstream lines: module docstring of catalogs/opennebula)."""
+    httpd.routes[ROUTE] = (REPO / "tests" / "data" / catalog).read_bytes()
+    (installation.remotes / "VERSION").write_text(f"{release}\n")
+    result = run(installation, httpd.url)
     outer, apps = parse_output(result)
     assert (outer.get("USED_MB"), outer.get("FREE_MB"), outer.get("TOTAL_MB")) == ("0", "0", "0")
-    assert len(apps) == len(APPLIANCES) == 14
-    assert warns(log) == []
-    assert {t.get("TYPE") for t in apps} == {"IMAGE", "VMTEMPLATE", "SERVICE_TEMPLATE"}
-    ua = httpd.requests[0].headers["User-Agent"]
-    assert ua == "OpenNebula 7.0.0 (Market Driver)"
+    compare_with_stock(catalog, release, apps, httpd.url)
+    assert httpd.requests[0].headers["User-Agent"] == f"OpenNebula {release} (Market Driver)"
+    assert [r.path for r in httpd.requests] == [ROUTE]
+    if catalog == "one-community-appliance.json":
+        assert len(apps) == len(APPLIANCES) == 14
+        assert {t.get("TYPE") for t in apps} == {"IMAGE", "VMTEMPLATE", "SERVICE_TEMPLATE"}
+        lines = warns(log)
+        assert lines == ([] if release.startswith("7") else [SLASH_WARNING])
 
-    for raw, t in zip(APPLIANCES, apps, strict=True):
-        want = expected_attrs(raw, httpd.url)
-        got = t.as_dict()
-        for key, value in want.items():
-            assert got.get(key) == value, (raw["name"], key)
-        kind = want["TYPE"]
-        arch, hyper = want["ARCHITECTURE"], want["HYPERVISOR"]
-        if kind == "IMAGE":
-            f = raw["files"][0]
-            assert parse_template(decoded(t, "APPTEMPLATE64")).items == [
-                ("DEV_PREFIX", f["dev_prefix"]),
-                ("DRIVER", f["driver"]),
-                ("TYPE", f["type"]),
-            ]
-            check_vm_template(decoded(t, "VMTEMPLATE64"), raw, arch, hyper)
-            assert t.get_all("DISK") == [] and t.get_all("ROLE") == []
-        elif kind == "VMTEMPLATE":
-            check_vm_template(decoded(t, "APPTEMPLATE64"), raw, arch, hyper)
-            disks = t.get_all("DISK")
-            assert [d["APP"] for d in disks] == raw["disks"]
-            for d in disks:
-                assert len(d["NAME"]) == 10 and int(d["NAME"], 16) >= 0
-            assert t.get("VMTEMPLATE64") is None and t.get("MD5") is None
-        else:
-            assert decoded(t, "APPTEMPLATE64") == raw["opennebula_template"]
-            assert [(r["NAME"], r["APP"]) for r in t.get_all("ROLE")] == list(raw["roles"].items())
+
+SLASH_WARNING = (
+    "WARN: ENDPOINT does not end with '/': like the stock driver of OpenNebula 6.10, the apps'"
+    " SOURCE and LINK join it to 'appliance/<id>' as written and are not usable URLs"
+    " (OpenNebula bug #6619, fixed in 7.0); add the final '/'"
+)
+
+
+def test_release_follows_remotes_version(httpd, installation, log):
+    httpd.routes[ROUTE] = CATALOG_BYTES
+    oid = APPLIANCES[0]["_id"]["$oid"]
+    sources = {}
+    for version in ("6.10.0.1", "6.10.3", "7.0.0", "7.2.1", "7.5.80"):
+        (installation.remotes / "VERSION").write_text(version + "\n")
+        _, apps = parse_output(run(installation, httpd.url + "/"))
+        sources[version] = (apps[0].get("SOURCE"), apps[0].get("ARCHITECTURE"))
+    for version, (source, arch) in sources.items():
+        assert source == f"{httpd.url}/appliance/{oid}/download/0"
+        assert arch == (None if version.startswith("6.") else "x86_64")
+    assert warns(log) == []  # the final '/' is there: no 6.10 warning
 
 
 def test_official_endpoint_default_and_trailing_slashes(installation, httpd, log):
+    """7.x: SOURCE is ENDPOINT as written, with a '/' added when missing (7.0:67,178-179)."""
     httpd.routes[ROUTE] = CATALOG_BYTES
-    sources = set()
+    oid = APPLIANCES[0]["_id"]["$oid"]
+    sources = []
     for endpoint in (httpd.url, httpd.url + "/", httpd.url + "//"):
         _, apps = parse_output(run(installation, endpoint))
-        sources.add(apps[0].get("SOURCE"))
-    assert sources == {f"{httpd.url}/appliance/{APPLIANCES[0]['_id']['$oid']}/download/0"}
+        sources.append(apps[0].get("SOURCE"))
+    assert sources == [
+        f"{httpd.url}/appliance/{oid}/download/0",
+        f"{httpd.url}/appliance/{oid}/download/0",
+        f"{httpd.url}//appliance/{oid}/download/0",
+    ]
     assert all(r.path == ROUTE for r in httpd.requests)
     assert opennebula.DEFAULT_ENDPOINT == "https://marketplace.opennebula.io/"
 
@@ -231,7 +259,9 @@ def variant(**changes: object) -> dict:
     return raw
 
 
-def test_arch_and_hypervisor_mapping_and_aarch64_os(httpd, installation, log):
+def test_placement_rules_of_7x(httpd, installation, log):
+    """7.0:282-303 and 313-332, written out: only aarch64 gets an ARCH clause, the appliance's
+    own requirements come first, unquoted, and HYPERVISOR is set in the template."""
     tmpl = json.dumps({"OS": {"ARCH": "x86_64", "BOOT": "disk0"}, "SCHED_REQUIREMENTS": "ID>0"})
     cases = [
         variant(_id={"$oid": "a1"}, name="arm", **{"os-arch": "arm64", "hypervisor": "KVM"}),
@@ -239,37 +269,66 @@ def test_arch_and_hypervisor_mapping_and_aarch64_os(httpd, installation, log):
         variant(_id={"$oid": "a3"}, name="none", **{"os-arch": "", "hypervisor": ""}),
         variant(_id={"$oid": "a4"}, name="lxc", **{"os-arch": "aarch64", "hypervisor": "LXC"}),
         variant(_id={"$oid": "a5"}, name="own", opennebula_template=tmpl, **{"os-arch": "arm64"}),
+        variant(
+            _id={"$oid": "a6"},
+            name="blank own",
+            opennebula_template='{"CPU": "1", "sched_requirements": " "}',
+            **{"os-arch": "x86_64", "hypervisor": "all"},
+        ),
     ]
-    del cases[2]["hypervisor"]
     httpd.routes[ROUTE] = catalog_bytes(cases)
     _, apps = parse_output(run(installation, httpd.url))
-    got = {t.get("NAME"): t for t in apps}
+    got = {t.get("NAME"): parse_template(decoded(t, "VMTEMPLATE64")) for t in apps}
     assert [(t.get("ARCHITECTURE"), t.get("HYPERVISOR")) for t in apps] == [
         ("aarch64", "kvm"),
         ("x86_64", "kvm"),
         ("all", "kvm"),
         ("aarch64", "lxc"),
         ("aarch64", "kvm"),
+        ("x86_64", "all"),  # only "ALL" means kvm (7.0:316)
     ]
-    aarch64_os = {
-        "ARCH": "aarch64",
-        "FIRMWARE": "/usr/share/AAVMF/AAVMF_CODE.fd",
-        "FIRMWARE_SECURE": "no",
-        "MACHINE": "virt",
+    requirements = {name: t.get("SCHED_REQUIREMENTS") for name, t in got.items()}
+    assert requirements == {
+        "arm": "HYPERVISOR=kvm & ARCH=aarch64",
+        "amd": "HYPERVISOR=kvm",
+        "none": "HYPERVISOR=kvm",
+        "lxc": "HYPERVISOR=lxc & ARCH=aarch64",
+        "own": "ID>0 & HYPERVISOR=kvm & ARCH=aarch64",
+        "blank own": "HYPERVISOR=all",  # stock: " & HYPERVISOR=all", not an expression
     }
-    arm = parse_template(decoded(got["arm"], "VMTEMPLATE64"))
-    assert arm.get_all("OS") == [aarch64_os]
-    assert arm.get("SCHED_REQUIREMENTS") == 'HYPERVISOR="kvm" & ARCH="aarch64"'
-    amd = parse_template(decoded(got["amd"], "VMTEMPLATE64"))
-    assert amd.get_all("OS") == [{"ARCH": "x86_64"}]
-    assert amd.get("SCHED_REQUIREMENTS") == 'HYPERVISOR="kvm" & ARCH="x86_64"'
-    none = parse_template(decoded(got["none"], "VMTEMPLATE64"))
-    assert none.get("SCHED_REQUIREMENTS") == 'HYPERVISOR="kvm"'
-    lxc = parse_template(decoded(got["lxc"], "VMTEMPLATE64"))
-    assert lxc.get("SCHED_REQUIREMENTS") == 'HYPERVISOR="lxc" & ARCH="aarch64"'
-    own = parse_template(decoded(got["own"], "VMTEMPLATE64"))
-    assert own.get_all("OS") == [{"BOOT": "disk0", **aarch64_os}]
-    assert own.get("SCHED_REQUIREMENTS") == '(ID>0) & HYPERVISOR="kvm" & ARCH="aarch64"'
+    assert {name: t.get("HYPERVISOR") for name, t in got.items()} == {
+        "arm": "kvm",
+        "amd": "kvm",
+        "none": "kvm",
+        "lxc": "lxc",
+        "own": "kvm",
+        "blank own": "all",
+    }
+    aarch64_os = dict(opennebula.AARCH64_OS)
+    assert got["arm"].get_all("OS") == [aarch64_os]
+    assert got["amd"].get_all("OS") == [{"ARCH": "x86_64"}]
+    assert got["own"].get_all("OS") == [{"ARCH": "aarch64", "BOOT": "disk0", **aarch64_os}]
+    assert got["blank own"].names() == ["CPU", "SCHED_REQUIREMENTS", "HYPERVISOR"]
+
+
+def test_6_10_rules(httpd, installation, log):
+    """6.10: no ARCHITECTURE/HYPERVISOR, the catalog's template unchanged (6.10:179-191,
+    225-244), ENDPOINT joined as written (6.10:170) with a WARN when that breaks the URLs."""
+    (installation.remotes / "VERSION").write_text("6.10.0\n")
+    raw = variant(_id={"$oid": "x1"}, name="arm", **{"os-arch": "arm64", "hypervisor": "XEN?"})
+    httpd.routes[ROUTE] = catalog_bytes([raw])
+    _, apps = parse_output(run(installation, httpd.url))
+    (t,) = apps
+    assert t.get("ARCHITECTURE") is None and t.get("HYPERVISOR") is None
+    assert t.get("SOURCE") == f"{httpd.url}appliance/x1/download/0"
+    vm = parse_template(decoded(t, "VMTEMPLATE64"))
+    assert "SCHED_REQUIREMENTS" not in vm.names() and "HYPERVISOR" not in vm.names()
+    assert warns(log) == [SLASH_WARNING]
+    log.truncate(0)
+    log.seek(0)
+    _, apps = parse_output(run(installation, httpd.url + "/", ARCHITECTURES="aarch64"))
+    assert apps[0].get("SOURCE") == f"{httpd.url}/appliance/x1/download/0"
+    assert warns(log) == []
 
 
 def test_size_rounds_up_and_md5_from_checksum(httpd, installation, log):
@@ -318,7 +377,7 @@ def test_filters(httpd, installation, log):
 
 
 def hostile_catalog() -> tuple[list, list[str], list[str]]:
-    """(appliances, names expected to be published, labels expected in WARN lines)."""
+    """(appliances, names expected to be published, labels expected in skip WARN lines)."""
     good = [
         variant(
             _id={"$oid": "h1"},
@@ -339,6 +398,13 @@ def hostile_catalog() -> tuple[list, list[str], list[str]]:
         ),
         variant(_id={"$oid": "h5"}, name="numeric version", version=7, creation_time="1747149743"),
         variant(_id={"$oid": "h6"}, name="no template", opennebula_template=None),
+        # published as stock publishes them (6.10:82-111), without what cannot be read
+        variant(_id={"$oid": "h7"}, name="no files", files=[]),
+        variant(_id={"$oid": "h8"}, name="files object", files={"a": 1}),
+        variant(_id={"$oid": "h9"}, name="size word", files=[{"size": "big"}]),
+        variant(_id={"$oid": "h10"}, name="bad md5", files=[{"size": 1, "md5": "zz"}]),
+        variant(_id={"$oid": "h11"}, name="bad template", opennebula_template="{nope"),
+        variant(_id={"$oid": "h12"}, name="template list", opennebula_template="[1]"),
     ]
     bad = [
         ("missing _id", {k: v for k, v in variant(name="no id").items() if k != "_id"}),
@@ -347,16 +413,11 @@ def hostile_catalog() -> tuple[list, list[str], list[str]]:
         ("no name", variant(_id={"$oid": "b1"}, name="")),
         ("name wrong type", variant(_id={"$oid": "b2"}, name=["x"])),
         ("tags wrong type", variant(_id={"$oid": "b3"}, name="tags", tags="a,b")),
-        ("files wrong type", variant(_id={"$oid": "b4"}, name="files", files={"a": 1})),
-        ("no files", variant(_id={"$oid": "b5"}, name="nofiles", files=[])),
-        ("size wrong", variant(_id={"$oid": "b6"}, name="size", files=[{"size": "big"}])),
-        ("bad md5", variant(_id={"$oid": "b7"}, name="md5", files=[{"size": 1, "md5": "zz"}])),
-        ("bad template", variant(_id={"$oid": "b8"}, name="tmpl", opennebula_template="{nope")),
-        ("template list", variant(_id={"$oid": "b9"}, name="tmpl2", opennebula_template="[1]")),
         ("unknown type", variant(_id={"$oid": "b10"}, name="type", type="CONTAINER")),
         ("publisher object", variant(_id={"$oid": "b11"}, name="pub", publisher={"a": 1})),
         ("creation_time bool", variant(_id={"$oid": "b12"}, name="ct", creation_time=True)),
         ("hypervisor quote", variant(_id={"$oid": "b13"}, name="hv", hypervisor='kvm" | 1')),
+        ("arch injection", variant(_id={"$oid": "b17"}, name="ar", **{"os-arch": "x | ID>0"})),
         (
             "disks wrong",
             {**variant(_id={"$oid": "b14"}, name="vmt"), "type": "VMTEMPLATE", "disks": [1]},
@@ -371,23 +432,26 @@ def hostile_catalog() -> tuple[list, list[str], list[str]]:
         ),
         ("not an object", "just a string"),
         ("null", None),
-        ("duplicate name", variant(_id={"$oid": "b16"}, name="big")),
     ]
     appliances = [*good[:3], *(b for _, b in bad), *good[3:]]
     return appliances, [g["name"] for g in good], [what for what, _ in bad]
 
 
-def test_hostile_entries_never_break_output(httpd, installation, log):
+def test_hostile_entries_never_break_output(httpd, installation, log, monkeypatch):
+    monkeypatch.setattr(opennebula, "MAX_SKIP_WARNINGS", 100)
     appliances, good_names, bad = hostile_catalog()
-    httpd.routes[ROUTE] = catalog_bytes(appliances)
+    duplicate = variant(
+        _id={"$oid": "h13"}, name="big", short_description="D" * 100_000, version="the last one"
+    )
+    httpd.routes[ROUTE] = catalog_bytes([*appliances, duplicate])
     result = run(installation, httpd.url)
     _, apps = parse_output(result)
     assert [t.get("NAME") for t in apps] == [
         n.replace("]]>", "]] >") + (" " if n.endswith("\\") else "") for n in good_names
     ]
-    skipped = [w for w in warns(log) if w.startswith("WARN: skipping appliance #")]
+    lines = warns(log)
+    skipped = [w for w in lines if w.startswith("WARN: skipping appliance #")]
     assert len(skipped) == len(bad)
-    assert all("\n" not in w for w in skipped)
     by_name = {t.get("NAME"): t for t in apps}
     h1 = apps[0]
     assert h1.get("DESCRIPTION") == 'He said "hi" and left a backslash \\ '
@@ -395,24 +459,53 @@ def test_hostile_entries_never_break_output(httpd, installation, log):
     assert h1.get("TAGS") == 'a"b, c]] >d, e\\ '
     assert h1.get("PUBLISHER") == "x\ny\r\nz"
     assert by_name["big"].get("DESCRIPTION") == "D" * 100_000
+    assert by_name["big"].get("VERSION") == "the last one"  # what oned keeps of stock's two
+    assert apps[1] is by_name["big"]  # at the first one's place
     vm = parse_template(decoded(by_name["hostile template"], "VMTEMPLATE64"))
     assert vm.get_all("CONTEXT") == [{"X": 'a"b]] >c\\ '}]
     assert vm.get_all("N") == [{"A": "1"}]
-    assert any("bad key!" in w for w in warns(log))
+    assert any("bad key!" in w for w in lines)
     assert by_name["numeric version"].get("VERSION") == "7"
     assert by_name["numeric version"].get("REGTIME") == "1747149743"
     assert by_name["no template"].get("VMTEMPLATE64") is None
-    for line in skipped:
+    for name in ("no files", "files object"):
+        t = by_name[name]
+        assert (t.get("SIZE"), t.get("MD5"), t.get("VMTEMPLATE64")) == (None, None, None), name
+    assert by_name["size word"].get("SIZE") == "0"
+    assert by_name["bad md5"].get("MD5") is None and by_name["bad md5"].get("SIZE") == "1"
+    for name in ("bad template", "template list"):
+        assert by_name[name].get("VMTEMPLATE64") is None, name
+    assert any("'bad md5' (h10): files[0].md5 is not an MD5" in w for w in lines)
+    assert any("'bad template' (h11): opennebula_template is not valid JSON" in w for w in lines)
+    for line in lines:
         assert len(line) < 400
 
 
+def test_hostile_template_key_cannot_forge_log_lines(httpd, installation, log):
+    """A template key with a newline reaches a WARN line (members left out) as one line."""
+    forged = "x\nLOG E 777 pwned\r\nERROR: forged"
+    raw = variant(
+        _id={"$oid": "f1"},
+        name="forger\nLOG E 1 name",
+        opennebula_template=json.dumps({forged: "v", "CPU": "1", "CONTEXT": {forged: "w"}}),
+    )
+    httpd.routes[ROUTE] = catalog_bytes([raw, {"name": "no id\nLOG E 2 label", "_id": 1}])
+    _, apps = parse_output(run(installation, httpd.url))
+    assert len(apps) == 1
+    lines = log.getvalue().splitlines()
+    assert all(line.startswith(("INFO: ", "WARN: ")) for line in lines), lines
+    assert not any("LOG E" in line.split(": ", 1)[1][:6] for line in lines)
+    (dropped,) = [w for w in lines if "left out" in w]
+    assert "x; LOG E 777 pwned; ERROR: forged, CONTEXT.x; LOG E 777" in dropped
+
+
 def test_skip_lines_name_the_appliance(httpd, installation, log):
-    raw = variant(_id={"$oid": "b8"}, name="Broken\nTemplate", opennebula_template="{nope")
+    raw = variant(_id={"$oid": "b8"}, name="Broken\nTags", tags="not a list")
     httpd.routes[ROUTE] = catalog_bytes([APPLIANCES[0], raw])
     _, apps = parse_output(run(installation, httpd.url))
     assert len(apps) == 1
     assert warns(log) == [
-        "WARN: skipping appliance #1 'Broken; Template' (b8): opennebula_template is not valid JSON"
+        "WARN: skipping appliance #1 'Broken; Tags' (b8): tags is not a list of words"
     ]
 
 
@@ -429,7 +522,9 @@ def test_500_then_200_is_retried(httpd, installation, log):
 def test_404_is_a_one_line_failure(httpd, installation, log):
     with pytest.raises(RemoteError) as exc:
         run(installation, httpd.url)
-    assert str(exc.value) == f"{httpd.url}/appliance answered HTTP 404 Not Found"
+    assert str(exc.value) == (
+        f"marketplace 'OpenNebula Public': {httpd.url}/appliance answered HTTP 404 Not Found"
+    )
 
 
 def test_persistent_500_fails_after_bounded_retries(httpd, installation, log):
@@ -445,14 +540,18 @@ def test_timeout(httpd, installation, log, monkeypatch):
     httpd.routes[ROUTE] = slow(2.0, CATALOG_BYTES)
     with pytest.raises(RemoteError) as exc:
         run(installation, httpd.url)
-    assert str(exc.value) == f"cannot fetch {httpd.url}/appliance: timed out"
+    assert str(exc.value) == (
+        f"marketplace 'OpenNebula Public': cannot fetch {httpd.url}/appliance: timed out"
+    )
 
 
 def test_unreachable_endpoint(installation, log):
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(RemoteError) as exc:
         run(installation, url)
-    assert str(exc.value) == f"cannot fetch {url}/appliance: connection refused"
+    assert str(exc.value) == (
+        f"marketplace 'OpenNebula Public': cannot fetch {url}/appliance: connection refused"
+    )
 
 
 def test_truncated_transfer(httpd, installation, log):
@@ -465,7 +564,10 @@ def test_truncated_json(httpd, installation, log):
     httpd.routes[ROUTE] = CATALOG_BYTES[: len(CATALOG_BYTES) // 2]
     with pytest.raises(RemoteError) as exc:
         run(installation, httpd.url)
-    assert str(exc.value) == f"{httpd.url}/appliance did not answer valid JSON (JSONDecodeError)"
+    assert str(exc.value) == (
+        f"marketplace 'OpenNebula Public': {httpd.url}/appliance did not answer valid JSON"
+        " (JSONDecodeError)"
+    )
 
 
 def test_html_instead_of_json(httpd, installation, log):
@@ -487,7 +589,10 @@ def test_json_of_another_shape(httpd, installation, log, body, cause):
     httpd.routes[ROUTE] = body
     with pytest.raises(RemoteError) as exc:
         run(installation, httpd.url)
-    assert str(exc.value) == f"{httpd.url}/appliance did not answer an appliance catalog ({cause})"
+    assert str(exc.value) == (
+        f"marketplace 'OpenNebula Public': {httpd.url}/appliance did not answer an appliance"
+        f" catalog ({cause})"
+    )
 
 
 def test_redirect_is_followed(httpd, installation, log):
@@ -588,7 +693,9 @@ def test_action_script_end_to_end(httpd, tmp_path):
     proc = run_script(httpd.url, tmp_path)
     assert proc.returncode != 0
     assert proc.stdout == b""
-    assert proc.stderr.decode() == f"{httpd.url}/appliance answered HTTP 404 Not Found\n"
+    assert proc.stderr.decode() == (
+        f"marketplace 'OpenNebula Public': {httpd.url}/appliance answered HTTP 404 Not Found\n"
+    )
 
 
 # --------------------------------------------------------------------------- property tests
@@ -655,4 +762,94 @@ def test_skip_warnings_are_capped(log):
     assert apps == [] and skipped == len(broken)
     lines = warns(log)
     assert len(lines) == opennebula.MAX_SKIP_WARNINGS + 1
-    assert lines[-1] == "WARN: 7 more appliances skipped (not listed)"
+    assert lines[-1] == (
+        f"WARN: 7 more warnings about appliances not listed ({len(broken)} appliances skipped"
+        " in all)"
+    )
+
+
+# --------------------------------------------------------------------------- hostile catalogs
+
+
+def test_one_invalid_utf8_byte_costs_one_character(httpd, installation, log):
+    name = APPLIANCES[0]["name"].encode()
+    assert CATALOG_BYTES.count(b'"name":"' + name + b'"') == 1
+    body = CATALOG_BYTES.replace(b'"name":"' + name + b'"', b'"name":"' + name + b'\xff"')
+    httpd.routes[ROUTE] = body
+    _, apps = parse_output(run(installation, httpd.url))
+    assert len(apps) == 14
+    assert apps[0].get("NAME") == APPLIANCES[0]["name"] + "\ufffd"
+
+
+def test_entry_count_is_capped_and_skips_are_summed_up(httpd, installation, log):
+    entries = opennebula.MAX_APPLIANCES * 4
+    httpd.routes[ROUTE] = b'{"appliances":[' + b",".join([b"{}"] * entries) + b"]}"
+    result = run(installation, httpd.url)
+    assert result.apps == []
+    lines = log.getvalue().splitlines()
+    assert len(lines) <= opennebula.MAX_SKIP_WARNINGS + 4
+    assert f"WARN: the catalog lists {entries} appliances: only the first" in log.getvalue()
+    assert f"0 of {entries} appliances published" in log.getvalue()
+    assert f"{entries} skipped" in log.getvalue()
+
+
+def test_catalog_of_millions_of_values_is_refused_before_parsing(httpd, installation, log):
+    """``{"appliances":[{},{},...]}``: 40 M entries cost a monitor 3 GB; the value bound refuses
+    such a document on a count of bytes, before json.loads builds anything."""
+    entries = opennebula.CATALOG_MAX_JSON_VALUES // 2 + 1
+    httpd.routes[ROUTE] = b'{"appliances":[' + b",".join([b"{}"] * entries) + b"]}"
+    with pytest.raises(RemoteError) as exc:
+        run(installation, httpd.url)
+    assert str(exc.value).startswith("marketplace 'OpenNebula Public': ")
+    assert f"more than {opennebula.CATALOG_MAX_JSON_VALUES} values" in str(exc.value)
+    httpd.routes[ROUTE] = b" " * (opennebula.CATALOG_MAX_BODY_BYTES + 1)
+    with pytest.raises(RemoteError, match=f"more than {opennebula.CATALOG_MAX_BODY_BYTES} bytes"):
+        run(installation, httpd.url)
+
+
+def test_endpoint_credentials_only_in_source(httpd, installation, log):
+    """ENDPOINT=http://user:secret@host/: the password reaches the server and SOURCE (a
+    download needs it), not LINK, any other field, the cache or the log."""
+    secret = "s3cr3t-pass"
+    httpd.routes[ROUTE] = CATALOG_BYTES
+    endpoint = httpd.url.replace("http://", f"http://user:{secret}@") + "/"
+    _, apps = parse_output(run(installation, endpoint))
+    assert httpd.requests[0].headers["Authorization"].startswith("Basic ")
+    oid = APPLIANCES[0]["_id"]["$oid"]
+    assert apps[0].get("SOURCE") == f"{endpoint}appliance/{oid}/download/0"
+    assert apps[0].get("LINK") == f"{httpd.url}/appliance/{oid}"
+    for t in apps:
+        fields = {n: v for n, v in t.items if n != "SOURCE"}
+        assert secret not in json.dumps(fields), t.get("NAME")
+        for nested in ("APPTEMPLATE64", "VMTEMPLATE64"):
+            if t.get(nested):
+                assert secret not in decoded(t, nested)
+    cached = list(installation.cache_dir.iterdir())
+    assert cached
+    for path in cached:
+        assert secret not in path.name and secret.encode() not in path.read_bytes()
+    assert secret not in log.getvalue()
+
+
+def test_failed_fetch_is_one_line_naming_the_market(installation, monkeypatch):
+    """No ``Retrying (...)`` WARN per retry: one failure line, after the retries."""
+    import logging
+
+    monkeypatch.setattr(web, "RETRY_BACKOFF_S", 0.0)
+    out = io.StringIO()
+    monkeypatch.setattr(driverlog, "stream", out)
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, logging.getLogger("urllib3").level)
+    url = f"http://127.0.0.1:{free_port()}"
+    try:
+        driverlog.route_std_logging()
+        with pytest.raises(RemoteError) as exc:
+            run(installation, url)
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        logging.getLogger("urllib3").setLevel(saved[2])
+    assert out.getvalue() == ""
+    assert str(exc.value) == (
+        f"marketplace 'OpenNebula Public': cannot fetch {url}/appliance: connection refused"
+    )
