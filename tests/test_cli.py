@@ -549,6 +549,19 @@ def test_table_fits_a_terminal_and_is_plain_otherwise(capsys) -> None:
     assert plain[1].startswith("A" * 80)
 
 
+def test_check_lines_are_coloured_on_a_terminal_only(tmp_path: Path) -> None:
+    from onemarket.action import Market
+
+    buf = io.StringIO()
+    out = Console(file=buf, force_terminal=True, width=100, color_system="standard")
+    checker = cli.Checker(Market(-1, "x", "http"), cli.context(), echo=True, out=out)
+    checker.add("driver", True, "MARKET_MAD=http")
+    checker.add("BASE_URL", False, "no\x1b[2J escape")
+    lines = buf.getvalue().splitlines()
+    assert "\x1b[" in lines[0] and "PASS" in lines[0] and "MARKET_MAD=http" in lines[0]
+    assert lines[1].count("\x1b[2J") == 0  # catalog or error text never drives the terminal
+
+
 def test_steps_are_plain_lines_off_a_terminal() -> None:
     buf = io.StringIO()
     with cli.Steps(False, Console(file=buf)) as steps:
@@ -863,6 +876,7 @@ def test_push_through_oned_failures_remove_what_they_made(
         (("--datastore", "nope"), "no datastore named 'nope'"),
         ((), "needs --datastore"),
         (("--datastore", "1", "--id", "5"), "--id is for template files"),
+        (("--datastore", "1", "--format", "qcow2"), "--format is for template files"),
     ],
 )
 def test_push_through_oned_usage(capfd, tmp_path: Path, oned_http: FakeOned, args, words) -> None:

@@ -266,16 +266,23 @@ class Check:
 class Checker:
     """Runs the checks of one market, printing each line as soon as it is known."""
 
-    def __init__(self, market: Market, context: Context, echo: bool) -> None:
+    def __init__(
+        self, market: Market, context: Context, echo: bool, out: Console | None = None
+    ) -> None:
         self.market = market
         self.context = context
         self.echo = echo
+        self.out = out or console()
         self.checks: list[Check] = []
 
     def add(self, name: str, ok: bool, detail: str) -> bool:
         check = Check(name, ok, one_line(driverlog.scrub(detail), 400))
         self.checks.append(check)
-        if self.echo:
+        if self.echo and self.out.is_terminal:  # the same line, PASS green and FAIL red
+            line = Text(check.line())
+            line.stylize("bold green" if ok else "bold red", 0, 4)
+            self.out.print(line)
+        elif self.echo:
             print(check.line(), flush=True)
         return ok
 
@@ -1118,6 +1125,10 @@ def push_through_oned(args: argparse.Namespace, market: OnedMarket) -> int:
         )
     if args.id is not None:
         raise ConfigError("--id is for template files: oned numbers the apps it makes")
+    if args.format:
+        raise ConfigError(
+            "--format is for template files: oned's datastore driver reads the format of FILE"
+        )
     if not args.datastore:
         raise ConfigError(
             f"pushing to marketplace {market.id} through oned needs --datastore: the image "

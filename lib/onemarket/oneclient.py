@@ -196,7 +196,7 @@ def connect(
 def _url_of(exc: BaseException) -> str:
     """The endpoint a failed requests call was sent to (password masked), or ONE_XMLRPC's."""
     request = getattr(exc, "request", None)
-    url = str(getattr(request, "url", "") or "") or endpoint()
+    url = str(getattr(request, "url", "") or getattr(exc, "url", "") or "") or endpoint()
     driverlog.redact_url(url)
     return driverlog.scrub(url)
 
