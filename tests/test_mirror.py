@@ -643,3 +643,33 @@ def test_to_market_puts_the_tree_under_public_dir(
     s3.write_text('NAME = "S3"\nMARKET_MAD = "s3"\nBUCKET = "b"\n')
     code, _out, err = mirror(installation, str(source), "--to-market", str(s3))
     assert code == 1 and "only http marketplaces" in err
+
+
+def test_a_product_whose_item_leaves_the_tree_is_skipped(
+    lxc_source: StaticHttpServer, lxc_tree: Path, installation: Installation, tmp_path: Path
+) -> None:
+    catalog = json.loads(lxc_source.routes["/streams/v1/images.json"])
+    product = catalog["products"]["debian:bookworm:amd64:default"]
+    for version in product["versions"].values():
+        version["items"]["incus.tar.xz"]["path"] = "../../outside/incus.tar.xz"
+    lxc_source.routes["/streams/v1/images.json"] = json.dumps(catalog).encode()
+    source = template_file(tmp_path, "LXC", "linuxcontainers", lxc_source.url + "/")
+    dest = tmp_path / "tree"
+    code, _out, err = mirror(installation, str(source), str(dest))
+    assert code == 0, err
+    assert "skipping product debian:bookworm" in err and "leaves the mirror folder" in err
+    mirrored = json.loads((dest / "streams/v1/images.json").read_bytes())
+    assert "debian:bookworm:amd64:default" not in mirrored["products"]
+    assert mirrored["products"]
+    assert not (tmp_path / "outside").exists()
+
+
+def test_bad_options_are_one_line_errors(installation: Installation, tmp_path: Path) -> None:
+    source = template_file(tmp_path, "Community", "one", "http://127.0.0.1:9/")
+    code, _out, err = mirror(installation, str(source), str(tmp_path / "t"), "--name-suffix=a\nb")
+    assert code == 1 and "--name-suffix" in err
+    code, _out, err = mirror(installation, str(source), str(tmp_path / "t"), "--jobs", "0")
+    assert code == 1 and "--jobs" in err
+    http = template_file(tmp_path, "Private", "http", "")
+    code, _out, err = mirror(installation, str(http), str(tmp_path / "t"))
+    assert code == 1 and "only the public catalogs" in err

@@ -123,6 +123,17 @@ class Reporter:
         self.started = time.monotonic()
         self._lock = threading.Lock()
         self._drawn = False
+        self._active: dict[str, int] = {}
+
+    def begin(self, entry: MirrorEntry) -> None:
+        with self._lock:
+            self._active[entry.label] = self._active.get(entry.label, 0) + 1
+
+    def end(self, entry: MirrorEntry) -> None:
+        with self._lock:
+            left = self._active.pop(entry.label, 1) - 1
+            if left > 0:
+                self._active[entry.label] = left
 
     def add_bytes(self, n: int) -> None:
         with self._lock:
@@ -152,6 +163,10 @@ class Reporter:
             f"{human_bytes(self.total_bytes)} ({min(pct, 100):.0f}%) at "
             f"{human_bytes(int(done / elapsed))}/s"
         )
+        with self._lock:
+            active = ", ".join(one_line(label, 40) for label in self._active)
+        if active:
+            text += f" - {active}"
         width = shutil.get_terminal_size((80, 24)).columns
         self.stream.write("\r" + text[: width - 1].ljust(width - 1))
         self.stream.flush()
@@ -284,10 +299,18 @@ def mirror(args: argparse.Namespace, plan: Plan, store: LocalStore, agent: str) 
     cancel = threading.Event()
     fetcher = Fetcher(store, agent, cancel, reporter.add_bytes)
     results: list[EntryResult] = []
+
+    def fetch_one(entry: MirrorEntry) -> EntryResult:
+        reporter.begin(entry)
+        try:
+            return fetcher.fetch_entry(entry)
+        finally:
+            reporter.end(entry)
+
     try:
         with ThreadPoolExecutor(max_workers=args.jobs, thread_name_prefix="mirror") as pool:
             futures: dict[Future[EntryResult], MirrorEntry] = {
-                pool.submit(fetcher.fetch_entry, e): e for e in todo
+                pool.submit(fetch_one, e): e for e in todo
             }
             try:
                 pending = set(futures)

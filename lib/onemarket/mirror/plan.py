@@ -20,15 +20,17 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 import requests
 
 from .. import driverlog
 from ..action import Market
+from ..backends.base import AppEntry
 from ..catalogs import linuxcontainers as lxc
 from ..catalogs import opennebula as one
 from ..catalogs.qcow2 import VirtualSizeCache, virtual_sizes
-from ..errors import ConfigError, RemoteError, one_line
+from ..errors import ConfigError, MarketError, RemoteError, UnsafePathError, one_line
 from ..installation import Installation
 from ..web import CachedFetcher, fetch_json
 
@@ -124,6 +126,17 @@ class Plan:
     from_cache: bool = False
     ranged_requests: int = 0
     warnings: list[str] = field(default_factory=list)
+
+
+def safe_relative(path: str) -> PurePosixPath:
+    """A catalog path as a relative path inside the tree; UnsafePathError when it would leave
+    it or name a hidden file (hidden names are the mirror's own: staged files, its state)."""
+    rel = PurePosixPath(path)
+    if not path or rel.is_absolute() or any(p in ("", ".", "..") for p in path.split("/")):
+        raise UnsafePathError(f"catalog path {one_line(path, 120)!r} leaves the mirror folder")
+    if any(part.startswith(".") for part in rel.parts):
+        raise UnsafePathError(f"catalog path {one_line(path, 120)!r} names a hidden file")
+    return rel
 
 
 # --------------------------------------------------------------------------- catalog files
@@ -389,6 +402,7 @@ def plan_simplestreams(
     apps = lxc.build_apps(opts, builds, sizes)
     by_link = {app.link: app for app in apps}
     entries = []
+    warnings: list[str] = []
     for build in builds:
         picked = []
         for item in (build.rootfs, build.disk):
@@ -397,51 +411,66 @@ def plan_simplestreams(
                 picked.append((item, app))
         if not picked:
             continue
-        key = _product_key(products, build)
-        product = products[key]
-        version = product["versions"][build.serial]
-        items = version["items"]
-        keep = {name for name, raw in items.items() if raw.get("ftype") in METADATA_FTYPES}
-        keep |= {n for n in METADATA_FTYPES if n in items}
-        picked_paths = {item.path for item, _app in picked}
-        keep |= {name for name, raw in items.items() if raw.get("path") in picked_paths}
-        kept_items = {name: items[name] for name in items if name in keep}
-        files: dict[str, MirrorFile] = {}
-        for raw in kept_items.values():
-            path, sha, size = raw.get("path"), raw.get("sha256"), raw.get("size")
-            if not isinstance(path, str) or path.startswith("/") or ".." in path.split("/"):
-                raise RemoteError(f"product {key}: an item path leaves the server root")
-            files.setdefault(
-                path,
-                MirrorFile(
-                    path=path,
-                    url=opts.endpoint + path,
-                    size=_positive(size),
-                    sha256=_hex(sha, _SHA256_RE),
-                    version=build.serial,
-                ),
-            )
-        doc = {k: v for k, v in product.items() if k != "versions"}
-        doc["versions"] = {build.serial: {**version, "items": kept_items}}
-        suffix = selection.name_suffix
-        names = tuple(app.name for _item, app in picked)
-        if suffix:  # the names the driver will give the renamed product
-            renamed = dataclasses.replace(build, release=build.release + suffix)
-            links = {opts.endpoint + item.path for item, _app in picked}
-            names = tuple(
-                app.name for app in lxc.build_apps(opts, [renamed], sizes) if app.link in links
-            )
-        entries.append(
-            MirrorEntry(
-                key=_renamed_key(key, suffix),
-                names=names,
-                version=build.serial,
-                files=tuple(files.values()),
-                doc=doc,
-            )
-        )
+        try:
+            entries.append(_ss_entry(opts, products, build, picked, selection, sizes))
+        except (MarketError, KeyError, TypeError, AttributeError) as exc:
+            what = f"{build.distro}:{build.release}:{build.arch}:{build.variant}"
+            warnings.append(f"skipping product {one_line(what, 120)}: {one_line(str(exc), 200)}")
     top = {k: v for k, v in catalog.items() if k != "products"}  # type: ignore[union-attr]
-    return Plan(KIND_SIMPLESTREAMS, url, entries, top, 1, from_cache, ranged)
+    return Plan(KIND_SIMPLESTREAMS, url, entries, top, 1, from_cache, ranged, warnings)
+
+
+def _ss_entry(
+    opts: lxc.LxcOptions,
+    products: Mapping[str, dict],
+    build: lxc.Build,
+    picked: list[tuple[lxc.Item, AppEntry]],
+    selection: Selection,
+    sizes: Mapping[str, int],
+) -> MirrorEntry:
+    """The newest build of one product, limited to the items the picked apps need."""
+    key = _product_key(products, build)
+    product = products[key]
+    version = product["versions"][build.serial]
+    items = version["items"]
+    keep = {name for name, raw in items.items() if raw.get("ftype") in METADATA_FTYPES}
+    keep |= {n for n in METADATA_FTYPES if n in items}
+    picked_paths = {item.path for item, _app in picked}
+    keep |= {name for name, raw in items.items() if raw.get("path") in picked_paths}
+    kept_items = {name: items[name] for name in items if name in keep}
+    files: dict[str, MirrorFile] = {}
+    for raw in kept_items.values():
+        path = raw.get("path")
+        if not isinstance(path, str):
+            raise RemoteError("an item has no path")
+        safe_relative(path)
+        files.setdefault(
+            path,
+            MirrorFile(
+                path=path,
+                url=opts.endpoint + path,
+                size=_positive(raw.get("size")),
+                sha256=_hex(raw.get("sha256"), _SHA256_RE),
+                version=build.serial,
+            ),
+        )
+    doc = {k: v for k, v in product.items() if k != "versions"}
+    doc["versions"] = {build.serial: {**version, "items": kept_items}}
+    suffix = selection.name_suffix
+    names = tuple(app.name for _item, app in picked)
+    if suffix:  # the names the driver will give the renamed product
+        renamed = dataclasses.replace(build, release=build.release + suffix)
+        links = {opts.endpoint + item.path for item, _app in picked}
+        names = tuple(
+            app.name for app in lxc.build_apps(opts, [renamed], sizes) if app.link in links
+        )
+    return MirrorEntry(
+        key=_renamed_key(key, suffix),
+        names=names,
+        version=build.serial,
+        files=tuple(files.values()),
+        doc=doc,
+    )
 
 
 def make_plan(

@@ -27,13 +27,13 @@ import os
 import signal
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from ..errors import ChecksumError, StorageError, UnsafePathError, from_os_error, one_line
+from ..errors import ChecksumError, StorageError, from_os_error
 from ..progress import Progress
 from ..transfer.local import _fsync_dir, temp_name, write_atomically
 from ..transfer.sources import CHUNK_BYTES, Source
-from .plan import MirrorFile
+from .plan import MirrorFile, safe_relative
 
 STATE_DIR = ".onemarket-mirror"
 MANIFEST = "manifest.json"
@@ -90,17 +90,6 @@ class Sha256Source:
 
     def hexdigest(self) -> str:
         return self._sha256.hexdigest()
-
-
-def safe_relative(path: str) -> PurePosixPath:
-    """A catalog path as a relative path inside the tree; UnsafePathError when it would leave
-    it or name a hidden file (hidden names are the store's own)."""
-    rel = PurePosixPath(path)
-    if not path or rel.is_absolute() or any(p in ("", ".", "..") for p in path.split("/")):
-        raise UnsafePathError(f"catalog path {one_line(path, 120)!r} leaves the mirror folder")
-    if any(part.startswith(".") for part in rel.parts):
-        raise UnsafePathError(f"catalog path {one_line(path, 120)!r} names a hidden file")
-    return rel
 
 
 class LocalStore:
