@@ -673,3 +673,34 @@ def test_bad_options_are_one_line_errors(installation: Installation, tmp_path: P
     http = template_file(tmp_path, "Private", "http", "")
     code, _out, err = mirror(installation, str(http), str(tmp_path / "t"))
     assert code == 1 and "only the public catalogs" in err
+
+
+def test_project_downloader_exports_a_container_from_the_mirror(
+    lxc_source: StaticHttpServer, mirror_web: MirrorWeb, installation: Installation, tmp_path: Path
+) -> None:
+    """The lxd:// SOURCE a mirror market publishes, exported by our downloader.sh replacement:
+    the rootfs is found in the mirror's catalog, checked against its sha256, made a disk."""
+    need_program("mke2fs", "e2fsprogs")
+    attrs = {"IMAGE_SIZE_MB": "64"}
+    source = template_file(tmp_path, "LXC", "linuxcontainers", lxc_source.url + "/", **attrs)
+    code, summary = mirror_json(installation, str(source), str(mirror_web.tree))
+    assert code == 0, summary
+    app = next(
+        a for a in lxc_apps(installation, mirror_web.url, **attrs) if "ubuntu" in a.get("NAME")
+    )
+    assert app.get("SOURCE").startswith(f"lxd://{mirror_web.url}images/")
+    dest = tmp_path / "disk.raw"
+    env = {k: v for k, v in os.environ.items() if k != "DRV_ACTION"}
+    env.update(ONE_LOCATION=str(installation.one_location), ONE_MARKET_CONTEXT_PACKAGES="none")
+    env["PYTHONPATH"] = str(REPO / "lib")
+    before = len(lxc_source.requests)
+    done = subprocess.run(
+        [sys.executable, "-m", "onemarket.downloader", app.get("SOURCE"), str(dest)],
+        capture_output=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert dest.stat().st_size == 64 << 20
+    assert len(lxc_source.requests) == before  # everything came from the mirror
