@@ -704,3 +704,14 @@ def test_project_downloader_exports_a_container_from_the_mirror(
     assert done.returncode == 0, done.stderr.decode()
     assert dest.stat().st_size == 64 << 20
     assert len(lxc_source.requests) == before  # everything came from the mirror
+
+
+def test_a_second_run_rewrites_nothing(
+    appmarket: Appmarket, installation: Installation, tmp_path: Path
+) -> None:
+    source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
+    dest = tmp_path / "tree"
+    assert mirror_json(installation, str(source), str(dest))[0] == 0
+    before = {p: (dest / p).stat().st_mtime_ns for p in tree_files(dest)}
+    assert mirror_json(installation, str(source), str(dest), "--one-version", "7.0")[0] == 0
+    assert {p: (dest / p).stat().st_mtime_ns for p in tree_files(dest)} == before

@@ -11,6 +11,7 @@ what they were writing and leave the previous mirror as it was.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 import threading
@@ -54,6 +55,8 @@ POLL_S = 0.2
 """How often the main thread wakes while downloads run (progress redraw, signals)."""
 DEFAULT_SUB_PATH = "mirror"
 """Folder under an http marketplace's PUBLIC_DIR receiving the tree (``--to-market``)."""
+VERSION_RE = re.compile(r"\d{1,3}\.\d{1,3}(\.\d{1,4}){0,2}")
+"""An OpenNebula version as the catalog server reads it from the User-Agent (``7.0``)."""
 TEMPLATE_SKIPPED_ATTRS = ("ID", "NAME", "MARKET_MAD", "ENDPOINT")
 
 STATUS_MIRRORED = "mirrored"
@@ -245,6 +248,8 @@ def user_agent_for(market: Market, installation: Installation, version: str | No
 def run(args: argparse.Namespace, installation: Installation) -> int:
     if not 1 <= args.jobs <= MAX_JOBS:
         raise ConfigError(f"--jobs must be between 1 and {MAX_JOBS}")
+    if args.one_version is not None and not VERSION_RE.fullmatch(args.one_version):
+        raise ConfigError(f"--one-version {one_line(args.one_version, 40)!r}: expected X.Y")
     market = load_market(args.source)
     dest, served_at = resolve_dest(args)
     selection = Selection(tuple(args.include), tuple(args.exclude), args.name_suffix)

@@ -229,9 +229,13 @@ class LocalStore:
         data = json.dumps({"format": MANIFEST_FORMAT, "files": manifest}, indent=0).encode()
         pending: list[tuple[Path, Path]] = []
         try:
-            pending.append(self._write_new(self.state / MANIFEST, data))
-            for name, body in catalogs.items():
-                pending.append(self._write_new(self.final_path(name), body))
+            # what did not change is not rewritten: a second run leaves the tree as it was
+            # (same mtimes and ETags for the web server, nothing for rsync to copy)
+            for final, body in [(self.state / MANIFEST, data)] + [
+                (self.final_path(name), body) for name, body in catalogs.items()
+            ]:
+                if not _holds(final, body):
+                    pending.append(self._write_new(final, body))
         except BaseException:
             for new, _final in pending:
                 with contextlib.suppress(OSError):
@@ -302,3 +306,11 @@ class LocalStore:
         name = f".{final.name}{NEW_SUFFIX}"
         self._write_bytes(final.parent, name, data)
         return final.parent / name, final
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    """``path`` already has exactly ``data`` (a catalog or manifest: a few MB at most)."""
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
