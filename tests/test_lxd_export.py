@@ -695,3 +695,29 @@ def test_dropped_connection_resumed_and_catalog_cached(
     assert proc.returncode == 0, proc.stderr.decode()
     catalog_gets = [r for r in httpd.requests if r.path == "/streams/v1/images.json"]
     assert len(catalog_gets) == 2 and "If-None-Match" in catalog_gets[1].headers
+
+
+def test_export_reuses_the_monitors_catalog_cache(
+    httpd: Any, catalog_dir: Path, work: Path
+) -> None:
+    """The marketplace monitor fetched images.json; the export right after asks with the
+    validators the monitor stored (a 304), not for the whole catalog again."""
+    from onemarket.action import Market
+    from onemarket.backends.base import Context
+    from onemarket.catalogs.linuxcontainers import LinuxContainersCatalog
+    from onemarket.installation import Installation
+
+    catalog = (catalog_dir / "streams/v1/images.json").read_bytes()
+    versions = json.loads(catalog)["products"]["alpine:3.19:amd64:default"]["versions"]
+    path = versions[max(versions)]["items"]["root.tar.xz"]["path"]
+    httpd.routes["/streams/v1/images.json"] = catalog
+    httpd.routes["/" + path] = (catalog_dir / path).read_bytes()
+    env = env_for(work, ONE_MARKET_CONTEXT_PACKAGES="none")
+    market = Market(id=0, name="lxc", driver="linuxcontainers", attrs={"ENDPOINT": httpd.url})
+    installation = Installation.detect(env)
+    LinuxContainersCatalog(market, Context(installation)).monitor()
+    source = f"lxd://{httpd.url}/{path}?size={SIZE_MB}&filesystem=ext4&format=raw"
+    proc = run([], source, str(work / "img"), env=env)
+    assert proc.returncode == 0, proc.stderr.decode()
+    gets = [r for r in httpd.requests if r.path == "/streams/v1/images.json"]
+    assert len(gets) == 2 and "If-None-Match" in gets[1].headers

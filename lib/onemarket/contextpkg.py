@@ -394,7 +394,8 @@ def build_overlay(
     """The context overlay for a distribution, or a WARN and the stock 'not supported' note."""
     source = configured_source(attrs, environ)
     if source.lower() in OFF_WORDS:
-        driverlog.info(f"contextualization off ({CONTEXT_ATTR}={source})")
+        origin = CONTEXT_ATTR if attrs.get(CONTEXT_ATTR) else CONTEXT_ENV
+        driverlog.info(f"contextualization off ({origin}={source})")
         return Overlay(tar=None)
     out = workdir / "context-overlay.tar"
     family = family_for(distro, release)

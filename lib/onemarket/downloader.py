@@ -919,6 +919,17 @@ def deliver(image: Path, opts: Options, what: str) -> None:
         raise
 
 
+def catalog_user_agent(attrs: dict[str, str], installation: Any) -> str:
+    """The marketplace monitor's User-Agent, so the catalog answer it cached is reused (the
+    cache is keyed by URL and agent)."""
+    from .action import Market
+    from .backends.base import Context
+    from .catalogs.linuxcontainers import DRIVER, LinuxContainersCatalog
+
+    market = Market(id=-1, name="lxd:// export", driver=DRIVER, attrs=dict(attrs))
+    return LinuxContainersCatalog(market, Context(installation)).user_agent()
+
+
 def download_lxd(opts: Options, environ: dict[str, str] | os._Environ[str]) -> None:
     """``lxd://<ENDPOINT><path>?size=&filesystem=&format=``: the rootfs found in its server's
     catalog, downloaded and checked (size, sha256), the OpenNebula context package added, the
@@ -933,7 +944,7 @@ def download_lxd(opts: Options, environ: dict[str, str] | os._Environ[str]) -> N
     spec.check()
     attrs = _drv_action_market_attrs(environ)
     installation = Installation.detect(dict(environ))
-    session = make_session(f"OpenNebula {installation.one_version()} (Market Driver)")
+    session = make_session(catalog_user_agent(attrs, installation))
     if opts.noretry:
         for adapter in session.adapters.values():
             adapter.max_retries.total = 0  # type: ignore[attr-defined]
