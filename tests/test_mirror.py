@@ -715,3 +715,22 @@ def test_a_second_run_rewrites_nothing(
     before = {p: (dest / p).stat().st_mtime_ns for p in tree_files(dest)}
     assert mirror_json(installation, str(source), str(dest), "--one-version", "7.0")[0] == 0
     assert {p: (dest / p).stat().st_mtime_ns for p in tree_files(dest)} == before
+
+
+def test_proxies_come_from_the_environment(
+    appmarket: Appmarket,
+    installation: Installation,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A catalog host only the proxy can resolve: catalog and files went through the proxy."""
+    from tests.test_web import _Proxy
+
+    with _Proxy(appmarket.server.port) as proxy:
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.port}")
+        source = template_file(tmp_path, "Community", "one", "http://catalog.invalid/")
+        code, summary = mirror_json(installation, str(source), str(tmp_path / "tree"))
+    assert code == 0, summary
+    assert "http://catalog.invalid/appliance" in proxy.seen
+    downloads = [u for u in proxy.seen if u.startswith("http://catalog.invalid/appliance/")]
+    assert len(downloads) == len(appmarket.blobs)
