@@ -186,3 +186,14 @@ def test_corrupt_compressed_rootfs_is_one_source_error(tmp_path: Path) -> None:
     bad.write_bytes(data[: len(data) // 2] + b"\0" * 64 + data[len(data) // 2 :])
     with pytest.raises(SourceError, match="not a valid tarball"):
         cd.unpack(cd.Staging(tmp_path / "tree"), bad, "rootfs")
+
+
+def test_rootfs_without_files_never_becomes_a_disk(tmp_path: Path) -> None:
+    """A valid but empty tarball (only folders) is refused: an empty READY image is the bug
+    this builder replaces."""
+    empty = tarball(tmp_path / "r.tar.gz", [("./etc/", tarfile.DIRTYPE, {"mode": 0o755})])
+    work = tmp_path / "w"
+    work.mkdir()
+    with pytest.raises(SourceError, match="holds no file"):
+        cd.build([(empty, "rootfs")], cd.DiskSpec(8, "ext4", "raw"), work, "test")
+    assert not (work / "disk.raw").exists()

@@ -105,6 +105,7 @@ class Entry:
 @dataclass
 class Stats:
     entries: int = 0
+    files: int = 0
     bytes: int = 0
     devices: int = 0
     xattrs: int = 0
@@ -265,6 +266,7 @@ class Staging:
                     self.stats.bytes += len(chunk)
                 os.fchmod(out.fileno(), 0o600 | member.mode & 0o7777)
             kind = KIND_FILE
+            self.stats.files += 1
         elif member.issym():
             os.symlink(member.linkname, host)
             kind = KIND_SYMLINK
@@ -495,6 +497,10 @@ def build(tarballs: Iterable[tuple[Path, str]], spec: DiskSpec, workdir: Path, w
     staging = Staging(workdir / "tree")
     for n, (tarball, label) in enumerate(tarballs):
         unpack(staging, tarball, label, follow=n > 0)
+        if n == 0 and not staging.stats.files:
+            raise SourceError(
+                f"{label}: the tarball holds no file, refusing to build an empty disk"
+            )
     staging.set_times()
     driverlog.info(
         f"{what}: building a {spec.size_mb} MB {spec.filesystem} file system from "
