@@ -16,6 +16,15 @@ OpenNebula's appliance catalogs carry the VM template of an appliance as a JSON 
   with the same name in another case.
 
 The text is produced by :mod:`onemarket.template`, so no value can break oned's parse.
+
+Against the stock ``template_to_str`` (``src/market_mad/remotes/one/monitor``, one-6.10:225-244
+and one-7.0:235-272, unchanged up to master): the same for what stock can write, that is
+strings and objects of strings at the top level (names upper-cased, empty members left out;
+7.0 adds arrays of objects as repeated vectors, commit 674025ef51). Stock interpolates values
+without escaping, so a ``"`` in a value breaks its template, and it raises on a number or
+boolean anywhere (``empty?``), losing the whole template, which the caller then leaves out;
+6.10 drops arrays, 7.x writes an array of strings as ``KEY = [ "v" ]``, which oned cannot
+parse. Ours writes all of these from the JSON's meaning: additions where stock set nothing.
 """
 
 from __future__ import annotations
