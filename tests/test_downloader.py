@@ -978,7 +978,7 @@ def stock_cp_stderr(downloader_stderr: str, src: str, dst: str) -> str:
     """The datastore ``cp`` script's stderr around a failed downloader: multiline_exec_and_log
     logs ``Command "..." failed: $EXEC_LOG_ERR`` (the downloader's stderr, so its first line
     lands on the log line) then prints the error message (one-7.0:
-    src/mad/sh/scripts_common.sh:286-306, src/datastore_mad/remotes/fs/cp:179)."""
+    src/mad/sh/scripts_common.sh:275-296, src/datastore_mad/remotes/fs/cp:179)."""
     captured = downloader_stderr.rstrip("\n")  # $(...) drops the trailing newlines
     return (
         f'ERROR: cp: Command "set -e -o pipefail; downloader.sh {src} {dst}" failed: '
@@ -989,7 +989,7 @@ def stock_cp_stderr(downloader_stderr: str, src: str, dst: str) -> str:
 def image_error_7x(cp_stderr: str) -> str:
     """7.x get_info_from_execution (one-7.0: src/mad/ruby/DriverExecHelper.rb:167-210): log
     lines are sent as LOG, every other line is stripped and appended, without a separator; oned
-    prefixes the result (src/image/ImageManagerProtocol.cc, ImageManager::_cp)."""
+    prefixes the result (one-7.0: src/image/ImageManagerProtocol.cc:132, ImageManager::_cp)."""
     info = "".join(
         ln.strip() for ln in cp_stderr.splitlines() if not _LOG_LINE_RE.match(ln.strip())
     )

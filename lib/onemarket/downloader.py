@@ -1038,13 +1038,16 @@ def report_failure(message: str) -> None:
     ``ERROR: <message>`` for oned.log, then, under OpenNebula 7.x, the message again without a
     prefix: the datastore ``cp`` script folds the first line of the downloader's stderr into its
     own ``ERROR: ... Command ... failed:`` log line (multiline_exec_and_log, one-7.0:
-    src/mad/sh/scripts_common.sh:286-306), and 7.x's driver keeps out of the error message every
+    src/mad/sh/scripts_common.sh:275-296), and 7.x's driver keeps out of the error message every
     line starting with ``ERROR:``/``INFO:``/``WARN:``/``DEBUG:``, joining the others
     (get_info_from_execution, one-7.0: src/mad/ruby/DriverExecHelper.rb:167-210), so only an
     unprefixed line after the first reaches ``oneimage show``. 6.10 puts all of stderr in the
     message (one-6.10: src/mad/ruby/CommandManager.rb:97-101), where the ERROR line suffices.
     The plain line ends with ``;``: the driver joins lines without a space, and its next one is
-    the cp script's "Error copying ...".
+    the cp script's "Error copying ...". The same holds for every datastore whose ``cp`` runs the
+    downloader through multiline_exec_and_log (fs/cp:159,179, ceph/cp:150 on one-7.0). The old
+    ``ERROR MESSAGE --8<------`` block is parsed by neither release (only a stale spec,
+    src/mad/ruby/test/OpenNebulaDriver_spec.rb:262, still mentions it).
     """
     from .installation import Installation
 
