@@ -721,3 +721,26 @@ def test_export_reuses_the_monitors_catalog_cache(
     assert proc.returncode == 0, proc.stderr.decode()
     gets = [r for r in httpd.requests if r.path == "/streams/v1/images.json"]
     assert len(gets) == 2 and "If-None-Match" in gets[1].headers
+
+
+def test_market_attributes_of_the_export(server: Any, work: Path) -> None:
+    """oned's DRV_ACTION for an export carries the MARKETPLACE: its CONTEXT_PACKAGES wins over
+    the defaultrc variable, and its ENDPOINT (with credentials) splits the SOURCE."""
+    from tests import payloads
+
+    (work / "market-ctx").mkdir()
+    (work / "market-ctx" / "one-context_7.1.0-1.deb").write_bytes(fake_deb())
+    attrs = {"ENDPOINT": server.base_url + "/", "CONTEXT_PACKAGES": str(work / "market-ctx")}
+    doc = (
+        "<DS_DRIVER_ACTION_DATA>"
+        + payloads.image_xml(id=20, name="exported", source="", template={"FROM_APP": "3"})
+        + payloads.datastore_xml()
+        + payloads.market_xml("linuxcontainers", attrs, name="lxc market")
+        + "</DS_DRIVER_ACTION_DATA>"
+    )
+    env = env_for(work, ONE_MARKET_CONTEXT_PACKAGES="none", DRV_ACTION=payloads.b64(doc))
+    dest = work / "img"
+    proc = run([], source_of(server, "ubuntu:jammy:amd64:default"), str(dest), env=env)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert f"one-context_7.1.0-1.deb from {work / 'market-ctx'} added" in proc.stderr.decode()
+    assert "echo context" in debugfs(dest, "cat /usr/sbin/one-contextd")
