@@ -1,4 +1,5 @@
-"""The datastore downloader: ``s3://BUCKET/KEY`` read with boto3, every other source handed over.
+"""The datastore downloader: ``s3://`` read with boto3, ``lxd://`` container disks built here,
+every other source handed over.
 
 oned exports a marketplace app into a datastore by running the datastore's ``cp`` action, which
 calls ``remotes/datastore/downloader.sh [options] FROM TO`` with the datastore action document
@@ -12,8 +13,17 @@ wrapper running this module in its place and keeps the original as ``downloader.
   the object's metadata verified on the fly, and the stock script's options honoured (hash of the
   downloaded bytes, gzip/bzip2/xz decompression unless ``-n``, ``-c`` first bytes, tar/zip
   unpacked when TO is a path, ``-l`` rate limit, ``-o`` no retries).
+- ``lxd://<ENDPOINT><path>?size=&filesystem=&format=`` (Linux Containers apps) replaces the stock
+  ``lxd_downloader.sh``: the rootfs is found in the server's catalog and checked against its
+  sha256 and size, the disk is built without root and the context package added
+  (:mod:`lxdsource`, :mod:`containerdisk`, :mod:`contextpkg`, :mod:`contextroot`).
 - Any other source execs the original script with the same arguments, environment and stdin, so
   nothing changes for any datastore.
+
+A failure is an ``ERROR:`` line plus, on OpenNebula 7.x, its cause unprefixed, the line oned
+keeps for the image's error message (:func:`report_failure`). SIGTERM, SIGINT and SIGHUP unwind
+(:mod:`transfer.interrupt`), removing partial files; what a SIGKILLed run left is removed by the
+next run on the same host (:func:`remove_stale_leftovers`).
 """
 
 from __future__ import annotations
