@@ -12,40 +12,34 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import sys
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
-from urllib.parse import urlsplit
+from typing import Any
 
-from .. import driverlog
 from ..action import Market
 from ..catalogs.linuxcontainers import LinuxContainersCatalog
 from ..catalogs.opennebula import user_agent as one_user_agent
 from ..errors import ConfigError, one_line
 from ..installation import Installation
 from ..markets import load_market
-from ..progress import human_bytes
-from ..template import write_template
 from ..transfer.interrupt import interruptible
 from ..web import make_session
 from .fetch import EntryResult, Fetcher
-from .plan import (
-    KIND_ONE,
-    ONE_CATALOG_FILE,
-    MirrorEntry,
-    Plan,
-    Selection,
-    catalog_file_names,
-    catalog_files,
-    make_plan,
-    previous_entries,
+from .model import MirrorEntry, Plan, Previous, Selection
+from .plan import make_plan
+from .report import (
+    STATUS_FAILED,
+    STATUS_KEPT,
+    STATUS_MIRRORED,
+    STATUS_UNCHANGED,
+    Outcome,
+    Reporter,
+    summary,
 )
+from .report import dry_run as print_dry_run
 from .store import LocalStore
 
 DEFAULT_JOBS = 4
@@ -57,12 +51,6 @@ DEFAULT_SUB_PATH = "mirror"
 """Folder under an http marketplace's PUBLIC_DIR receiving the tree (``--to-market``)."""
 VERSION_RE = re.compile(r"\d{1,3}\.\d{1,3}(\.\d{1,4}){0,2}")
 """An OpenNebula version as the catalog server reads it from the User-Agent (``7.0``)."""
-TEMPLATE_SKIPPED_ATTRS = ("ID", "NAME", "MARKET_MAD", "ENDPOINT")
-
-STATUS_MIRRORED = "mirrored"
-STATUS_UNCHANGED = "unchanged"
-STATUS_FAILED = "failed"
-STATUS_KEPT = "kept"
 
 
 def add_mirror_parser(
@@ -109,102 +97,7 @@ def add_mirror_parser(
     p.set_defaults(func=lambda args: run(args, installation()))
 
 
-# ----------------------------------------------------------------------------- progress
-
-
-class Reporter:
-    """One line per entry on stderr; on a terminal also an overall line redrawn in place."""
-
-    def __init__(self, stream: TextIO, quiet: bool, total_bytes: int, total_entries: int):
-        self.stream = stream
-        self.quiet = quiet
-        self.tty = stream.isatty() and not quiet
-        self.total_bytes = total_bytes
-        self.total_entries = total_entries
-        self.done_bytes = 0
-        self.done_entries = 0
-        self.started = time.monotonic()
-        self._lock = threading.Lock()
-        self._drawn = False
-        self._active: dict[str, int] = {}
-
-    def begin(self, entry: MirrorEntry) -> None:
-        with self._lock:
-            self._active[entry.label] = self._active.get(entry.label, 0) + 1
-
-    def end(self, entry: MirrorEntry) -> None:
-        with self._lock:
-            left = self._active.pop(entry.label, 1) - 1
-            if left > 0:
-                self._active[entry.label] = left
-
-    def add_bytes(self, n: int) -> None:
-        with self._lock:
-            self.done_bytes += n
-
-    def line(self, text: str) -> None:
-        if self.quiet:
-            return
-        self._clear()
-        self.stream.write(driverlog.scrub(text) + "\n")
-        self.stream.flush()
-
-    def entry(self, status: str, entry: MirrorEntry, detail: str = "") -> None:
-        self.done_entries += 1
-        label = one_line(entry.label, 120)
-        extra = f" ({human_bytes(entry.size_bytes)})" if status == STATUS_MIRRORED else ""
-        self.line(f"{status} {label} {entry.version}{extra}{': ' + detail if detail else ''}")
-
-    def draw(self) -> None:
-        if not self.tty:
-            return
-        elapsed = max(time.monotonic() - self.started, 1e-6)
-        done = max(0, self.done_bytes)
-        pct = 100 * done / self.total_bytes if self.total_bytes else 100.0
-        text = (
-            f"mirror: {self.done_entries}/{self.total_entries} apps, {human_bytes(done)} of "
-            f"{human_bytes(self.total_bytes)} ({min(pct, 100):.0f}%) at "
-            f"{human_bytes(int(done / elapsed))}/s"
-        )
-        with self._lock:
-            active = ", ".join(one_line(label, 40) for label in self._active)
-        if active:
-            text += f" - {active}"
-        width = shutil.get_terminal_size((80, 24)).columns
-        self.stream.write("\r" + text[: width - 1].ljust(width - 1))
-        self.stream.flush()
-        self._drawn = True
-
-    def _clear(self) -> None:
-        if self._drawn:
-            width = shutil.get_terminal_size((80, 24)).columns
-            self.stream.write("\r" + " " * (width - 1) + "\r")
-            self._drawn = False
-
-    def close(self) -> None:
-        self._clear()
-
-
 # ----------------------------------------------------------------------------- the run
-
-
-@dataclass
-class Outcome:
-    plan: Plan
-    dest: Path
-    status: dict[str, str] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
-    bytes: int = 0
-    downloads: int = 0
-    requests: int = 0
-    pruned: list[str] = field(default_factory=list)
-
-    def names(self, status: str) -> list[str]:
-        return [e.label for e in self.plan.entries if self.status.get(e.key) == status]
-
-    @property
-    def ok(self) -> bool:
-        return not any(s in (STATUS_FAILED, STATUS_KEPT) for s in self.status.values())
 
 
 def resolve_dest(args: argparse.Namespace) -> tuple[Path, str]:
@@ -268,7 +161,7 @@ def run(args: argparse.Namespace, installation: Installation) -> int:
         return dry_run(args, plan, store)
     with interruptible(f"mirror into {dest}"), store.locked():
         outcome = mirror(args, plan, store, agent)
-    report(args, market, outcome, served_at)
+    summary(args, market, outcome, served_at)
     return 0 if outcome.ok else 1
 
 
@@ -276,7 +169,7 @@ def _todo(plan: Plan, store: LocalStore) -> list[MirrorEntry]:
     return [e for e in plan.entries if not all(store.exists(f) for f in e.files)]
 
 
-def _in_place_status(entry: MirrorEntry, previous: dict[str, tuple[dict, list]]) -> str:
+def _in_place_status(entry: MirrorEntry, previous: Previous) -> str:
     """Status of an entry whose files are all published: unchanged, unless the entry is new
     or its catalog document differs."""
     same = previous.get(entry.key, ({}, []))[0] == entry.doc
@@ -289,8 +182,8 @@ def _fetch_bytes(entry: MirrorEntry, store: LocalStore) -> int:
 
 def mirror(args: argparse.Namespace, plan: Plan, store: LocalStore, agent: str) -> Outcome:
     outcome = Outcome(plan, store.root, requests=plan.catalog_fetches + plan.ranged_requests)
-    names = catalog_file_names(plan.kind)
-    previous = previous_entries(plan.kind, store.read_catalogs(names))
+    names = plan.format.files
+    previous = plan.format.previous(store.read_catalogs(names))
     todo = _todo(plan, store)
     todo_keys = {e.key for e in todo}
     reporter = Reporter(
@@ -348,7 +241,7 @@ def mirror(args: argparse.Namespace, plan: Plan, store: LocalStore, agent: str) 
             keep += paths
     staged = [f for r in results if r.ok for f in r.staged]
     left_staged = [f for r in results if not r.ok for f in r.staged]
-    store.publish(staged, catalog_files(plan.kind, plan.top, docs))
+    store.publish(staged, plan.format.build(plan.top, docs))
     if args.prune:
         outcome.pruned = store.prune(keep, left_staged)
     return outcome
@@ -357,7 +250,7 @@ def mirror(args: argparse.Namespace, plan: Plan, store: LocalStore, agent: str) 
 def _record(
     outcome: Outcome,
     result: EntryResult,
-    previous: dict[str, tuple[dict, list]],
+    previous: Previous,
     store: LocalStore,
     reporter: Reporter,
 ) -> None:
@@ -378,15 +271,10 @@ def _record(
         reporter.entry("FAILED (left out)", entry, result.error)
 
 
-# ----------------------------------------------------------------------------- output
-
-
 def dry_run(args: argparse.Namespace, plan: Plan, store: LocalStore) -> int:
-    from ..cli import emit_json, printable
-
     rows = []
     total = 0
-    previous = previous_entries(plan.kind, store.read_catalogs(catalog_file_names(plan.kind)))
+    previous = plan.format.previous(store.read_catalogs(plan.format.files))
     for entry in plan.entries:
         fetch = _fetch_bytes(entry, store)
         total += fetch
@@ -402,82 +290,5 @@ def dry_run(args: argparse.Namespace, plan: Plan, store: LocalStore) -> int:
                 "status": STATUS_UNCHANGED if unchanged else "fetch",
             }
         )
-    if args.json:
-        emit_json({"ok": True, "dry_run": True, "entries": rows, "fetch_bytes": total})
-        return 0
-    for row in rows:
-        size = human_bytes(row["fetch_bytes"]) if row["status"] == "fetch" else "-"
-        print(f"{row['status']:9}  {size:>10}  {printable(row['name'])}  {row['version']}")
-    print(f"{len(rows)} apps, {human_bytes(total)} to fetch into {store.root}")
+    print_dry_run(args.json, rows, total, store.root)
     return 0
-
-
-def served_prefix(url: str) -> str:
-    path = urlsplit(url).path if url else "/mirror/"
-    return "/" + path.strip("/") if path.strip("/") else ""
-
-
-def web_rules(dest: Path, url: str) -> list[str]:
-    """The one web-server rule a ``one`` mirror needs: ``/appliance`` answered from the file."""
-    prefix = served_prefix(url)
-    catalog = dest.resolve() / ONE_CATALOG_FILE
-    return [
-        f"nginx:  location = {prefix}/appliance {{ alias {catalog}; "
-        "default_type application/json; }",
-        f'Apache: AliasMatch "^{prefix}/appliance/?$" "{catalog}"   (before the Alias of the tree)',
-    ]
-
-
-def market_template(market: Market, outcome: Outcome, url: str, suffix: str) -> str:
-    """A marketplace definition for the mirror: the SOURCE's filters, ENDPOINT the mirror."""
-    attrs: list[tuple[str, object]] = [
-        ("NAME", f"{market.name}{suffix or ' (mirror)'}"),
-        ("MARKET_MAD", market.driver),
-        ("ENDPOINT", url or "http://<web server>/<path of DEST>/"),
-    ]
-    attrs += [(k, v) for k, v in market.attrs.items() if k not in TEMPLATE_SKIPPED_ATTRS]
-    return write_template(attrs)
-
-
-def report(args: argparse.Namespace, market: Market, outcome: Outcome, url: str) -> None:
-    from ..cli import emit_json
-
-    plan = outcome.plan
-    summary = {
-        "ok": outcome.ok,
-        "source": plan.source_url,
-        "dest": str(outcome.dest),
-        "kind": plan.kind,
-        "mirrored": outcome.names(STATUS_MIRRORED),
-        "unchanged": outcome.names(STATUS_UNCHANGED),
-        "failed": [
-            {
-                "name": e.label,
-                "error": outcome.errors[e.key],
-                "previous_kept": outcome.status[e.key] == STATUS_KEPT,
-            }
-            for e in plan.entries
-            if e.key in outcome.errors
-        ],
-        "bytes": outcome.bytes,
-        "downloads": outcome.downloads,
-        "requests": outcome.requests,
-        "catalog_unchanged": plan.from_cache,
-        "pruned": len(outcome.pruned),
-    }
-    if args.json:
-        emit_json(summary)
-        return
-    failed = len(summary["failed"])
-    print(
-        f"{len(summary['mirrored'])} mirrored, {len(summary['unchanged'])} unchanged, "
-        f"{failed} failed; {human_bytes(outcome.bytes)} downloaded into {outcome.dest}"
-        + (f"; {len(outcome.pruned)} files pruned" if args.prune else "")
-    )
-    if plan.kind == KIND_ONE:
-        print("web server rule (GET <ENDPOINT>/appliance must answer appliance.json):")
-        for rule in web_rules(outcome.dest, url):
-            print(f"  {rule}")
-    print("marketplace for the mirror (onemarket create FILE):")
-    for line in market_template(market, outcome, url, args.name_suffix).splitlines():
-        print(f"  {line}")

@@ -23,7 +23,7 @@ import requests
 from ..errors import ChecksumError, MarketError, StorageError
 from ..transfer.sources import CHUNK_BYTES, HttpSource
 from ..web import make_session
-from .plan import MirrorEntry, MirrorFile
+from .model import MirrorEntry, MirrorFile
 from .store import LocalStore
 
 FILE_ATTEMPTS = 3

@@ -33,7 +33,7 @@ from ..errors import ChecksumError, StorageError, from_os_error
 from ..progress import Progress
 from ..transfer.local import _fsync_dir, temp_name, write_atomically
 from ..transfer.sources import CHUNK_BYTES, Source
-from .plan import MirrorFile, safe_relative
+from .model import MirrorFile, safe_relative
 
 STATE_DIR = ".onemarket-mirror"
 MANIFEST = "manifest.json"
