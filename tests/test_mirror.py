@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -398,8 +399,9 @@ def test_source_down_mid_run_leaves_the_mirror_valid_and_the_next_run_resumes(
     assert leftovers(dest) == []
 
 
-def test_sigterm_mid_run_leaves_the_previous_mirror_and_keeps_verified_files(
-    appmarket: Appmarket, installation: Installation, tmp_path: Path
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
+def test_a_signal_mid_run_leaves_the_previous_mirror_and_keeps_verified_files(
+    appmarket: Appmarket, installation: Installation, tmp_path: Path, signum: int
 ) -> None:
     source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
     dest = tmp_path / "tree"
@@ -436,15 +438,18 @@ def test_sigterm_mid_run_leaves_the_previous_mirror_and_keeps_verified_files(
                 break
             time.sleep(0.05)
         assert proc.poll() is None, proc.communicate()
-        proc.terminate()
+        proc.send_signal(signum)
         _out, err = proc.communicate(timeout=60)
     finally:
         release.set()
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == cli.EXIT_TERMINATED, err
+    if signum == signal.SIGKILL:  # no clean-up possible: the next run removes the .part
+        assert proc.returncode == -signal.SIGKILL
+    else:  # unwound: 128 + signal, as a shell reports it, and nothing half-written left
+        assert proc.returncode == 128 + signum, err
+        assert not [p for p in tree_files(dest) if p.endswith(".part")]
     assert (dest / "appliance.json").read_bytes() == before
-    assert not [p for p in tree_files(dest) if p.endswith(".part")]
     staged = [p for p in tree_files(dest) if p.endswith(".ready")]
     assert staged  # verified downloads wait for the next run
 
