@@ -744,3 +744,10 @@ def test_market_attributes_of_the_export(server: Any, work: Path) -> None:
     assert proc.returncode == 0, proc.stderr.decode()
     assert f"one-context_7.1.0-1.deb from {work / 'market-ctx'} added" in proc.stderr.decode()
     assert "echo context" in debugfs(dest, "cat /usr/sbin/one-contextd")
+
+
+def test_directory_destination_refused_before_download(server: Any, work: Path) -> None:
+    proc = run([], source_of(server, "alpine:3.19:amd64:default"), str(work), env=env_for(work))
+    assert proc.returncode == dl.EXIT_FAILURE
+    assert f"destination {work} is a directory" in proc.stderr.decode()
+    assert "downloading" not in proc.stderr.decode()

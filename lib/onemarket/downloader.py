@@ -952,6 +952,8 @@ def download_lxd(opts: Options, environ: dict[str, str] | os._Environ[str]) -> N
     src = lxdsource.LxdSource.parse(opts.source)
     spec = containerdisk.DiskSpec(src.size_mb, src.filesystem, src.format)
     spec.check()
+    if not opts.to_stdout and Path(opts.dest).is_dir():
+        raise StorageError(f"destination {opts.dest} is a directory")
     attrs = _drv_action_market_attrs(environ)
     installation = Installation.detect(dict(environ))
     session = make_session(catalog_user_agent(attrs, installation))
