@@ -1,24 +1,29 @@
 """The s3 private marketplace: appliances are objects in one bucket of AWS S3 or a compatible
 service (Ceph RGW, MinIO...), named ``<APP_PREFIX or "marketapp">-<app id>``.
 
-Import reads the source once, sequentially, into part buffers. A source smaller than one part
-goes up in a single PUT; a larger one as a multipart upload: while the next part is read, one
-thread feeds the parts in order to the whole-stream MD5/SHA-256, and a small pool of threads
-sends them, so reading, hashing and sending overlap and memory is bounded by the (reused) part
-buffers, whatever the image size. Every body carries Content-MD5, signed and checked by the
-server, so a corrupted part is refused; the body is therefore sent as UNSIGNED-PAYLOAD instead
-of being hashed a third time for the SigV4 signature. Any failure (source, network, server,
-checksum, timeout, SIGTERM) aborts the multipart upload and leaves nothing under the key.
+Import first claims the key (an empty placeholder stored with ``If-None-Match: *``, see
+``_claim``), then reads the source once, sequentially, into part buffers. A source smaller than
+one part goes up in a single PUT; a larger one as a multipart upload: while the next part is
+read, one thread feeds the parts in order to the whole-stream MD5 (the one MD5 pass: what oned
+stores), and a small pool of threads sends them, so reading, hashing and sending overlap and
+memory is bounded by the (reused) part buffers, whatever the image size
+(PART_MEMORY_BUDGET_BYTES).
+Every body is a SigV4 signed payload: the server checks each part against the SHA-256 in the
+signed ``x-amz-content-sha256`` header and refuses a corrupted one, which costs one SHA-256 pass
+(fast with the CPU's SHA extensions) instead of a second MD5 for Content-MD5. Any failure
+(source, network, server, checksum, timeout, SIGTERM/SIGHUP) aborts the multipart upload and
+leaves nothing under the key.
 
 Checksum metadata on multipart objects: S3 metadata is fixed when the upload is created, before
-the first byte is read, but the md5/sha256 of the whole stream are only known after the last
-one. So the object is first completed without them, checked (its multipart ETag must be the MD5
-of our part MD5s, and its MD5 must match the export's), and then copied onto itself server-side
-with ``MetadataDirective=REPLACE``, which rewrites metadata without moving data through us (RGW
-and S3 copy within the bucket; objects over 5 GiB, beyond CopyObject's limit, are copied with
-UploadPartCopy). A copy guarded by ``CopySourceIfMatch`` cannot pick up anybody else's object.
-If that step fails, the object is deleted: no object ever exists under the key without its
-checksums once the import has returned.
+the first byte is read, but the md5 of the whole stream is only known after the last one. So
+the object is first completed without it, checked (its multipart ETag must be the MD5 of the
+part ETags the server answered, and our MD5 must match the export's), and then copied onto
+itself server-side with ``MetadataDirective=REPLACE``, which rewrites metadata without moving
+data through us (RGW and S3 copy within the bucket; objects over 5 GiB, beyond CopyObject's
+limit, are copied with UploadPartCopy). A copy guarded by ``CopySourceIfMatch`` cannot pick up
+anybody else's object. If that step fails, the object is deleted: no object ever exists under
+the key without its checksum once the import has returned. (Objects of earlier versions also
+carry a ``sha256``; the downloader checks it when present.)
 """
 
 from __future__ import annotations
@@ -50,7 +55,6 @@ from ..progress import Progress
 from ..s3config import (
     METADATA_IMPORTING,
     METADATA_MD5,
-    METADATA_SHA256,
     S3Settings,
     client_error_code,
     is_missing,
@@ -71,8 +75,9 @@ from .base import (
 )
 
 MIB = 1 << 20
-DEFAULT_PART_SIZE_MB = 32
-"""Part size when READ_LENGTH is not set (upstream's default)."""
+DEFAULT_PART_SIZE_MB = 16
+"""Part size when READ_LENGTH is not set: the largest that lets PARTS_IN_MEMORY parts fit the
+memory budget (upstream reads 32 MB parts one at a time)."""
 MIN_PART_SIZE_MB = 5
 """S3's smallest part (all but the last)."""
 MAX_PART_BYTES = 5 << 30
@@ -82,12 +87,14 @@ MAX_PARTS = 10_000
 UPLOAD_WORKERS = 4
 """Parts sent at the same time. Each holds one part in memory while it is sent."""
 PARTS_IN_MEMORY = UPLOAD_WORKERS + 1
-"""Parts held at once: one per worker plus the one being read. Peak memory of an import is
-about PARTS_IN_MEMORY x part size (5 x 32 MiB = 160 MiB with the defaults)."""
-PART_MEMORY_BUDGET_BYTES = 512 * MIB
-"""Most bytes of part buffers held at once: with large parts (a big READ_LENGTH, or parts grown
-for a long stream of unknown size) fewer are sent at the same time, down to one being sent
-while the next is read (2 x part size, which only exceeds this for parts over 256 MiB)."""
+"""Parts held at once: one per worker plus the one being read (5 x 16 MiB = 80 MiB with the
+defaults), fewer when they would not fit PART_MEMORY_BUDGET_BYTES."""
+PART_MEMORY_BUDGET_BYTES = 80 * MIB
+"""Most bytes of part buffers held at once, the import's memory budget (with the ~60 MB of the
+interpreter, boto3 and the S3 model, a peak RSS under 150 MB). Larger parts (a big READ_LENGTH,
+or parts grown for a long stream of unknown size) mean fewer sent at the same time, down to one
+being sent while the next is read (2 x part size, which only exceeds this for parts over
+40 MiB): the budget holds whatever READ_LENGTH says, except that floor."""
 GROWTH_FROM_PART = 4_000
 """With no size known in advance, parts keep the planned size up to this part number, then
 double every GROWTH_STEP_PARTS parts (memory grows with them), so any stream fits 10,000 parts."""
@@ -112,10 +119,9 @@ USAGE_HEADER = "x-rgw-bytes-used"
 CONTENT_TYPE = "application/octet-stream"
 
 
-def md5_b64(data: bytes | bytearray | memoryview) -> tuple[str, bytes]:
-    """Content-MD5 header value and raw digest of ``data``."""
-    digest = hashlib.md5(data, usedforsecurity=False).digest()
-    return base64.b64encode(digest).decode("ascii"), digest
+def content_md5(hex_md5: str) -> str:
+    """The Content-MD5 header value (base64 of the raw digest) for a hex MD5."""
+    return base64.b64encode(bytes.fromhex(hex_md5)).decode("ascii")
 
 
 def plan_part_size(read_length_mb: int, expected_bytes: int | None) -> int:
@@ -164,14 +170,20 @@ class _Reader:
             buf = bytearray(size)
         view = memoryview(buf)
         filled = 0
+        # a local file is read straight into the part buffer, without a chunk copy in between
+        readinto = getattr(self.source, "readinto", None)
         try:
             while filled < size:
-                chunk = self.source.read(min(CHUNK_BYTES, size - filled))
-                if not chunk:
+                if readinto is not None:
+                    got = readinto(view[filled:size])
+                else:
+                    chunk = self.source.read(min(CHUNK_BYTES, size - filled))
+                    got = len(chunk)
+                    view[filled : filled + got] = chunk
+                if not got:
                     self.eof = True
                     break
-                view[filled : filled + len(chunk)] = chunk
-                filled += len(chunk)
+                filled += got
         finally:
             view.release()
         self.size_bytes += filled
@@ -188,6 +200,14 @@ class _Reader:
             raise SourceError(
                 f"{self.what}: source ended after {self.size_bytes} of {expected} bytes"
             )
+
+
+def _part_etag(answer: dict[str, Any], number: int) -> str:
+    """The hex ETag (the server's MD5 of the part) an UploadPart answer carries."""
+    etag = str(answer.get("ETag", "")).strip('"').lower()
+    if len(etag) != 32 or any(c not in "0123456789abcdef" for c in etag):
+        raise ChecksumError(f"part {number}: the server answered an ETag {etag[:80]!r}, not an MD5")
+    return etag
 
 
 class _BufferPool:
@@ -308,13 +328,15 @@ class S3Backend(Backend):
 
     @property
     def data_client(self) -> Any:
-        """The client for object bodies (PutObject, UploadPart). Every body it sends carries a
-        Content-MD5 header, which is signed and checked by the server, so the body itself is
-        sent as UNSIGNED-PAYLOAD: hashing each part once more with SHA-256 for the signature
-        (what botocore does over plain http) would add nothing but CPU time."""
+        """The client for object bodies (PutObject, UploadPart). Every body is sent as a SigV4
+        signed payload: its SHA-256 is in the signed ``x-amz-content-sha256`` header and the
+        server refuses a body that does not match it (XAmzContentSHA256Mismatch, checked on
+        Ceph RGW Pacific). That is the per-part integrity check, and SHA-256 (0.6-0.8 s/GiB
+        with the CPU's SHA extensions, in the upload threads) costs less than a second MD5
+        pass for Content-MD5 (1.4-1.9 s/GiB) on top of the whole-object MD5."""
         if self._data_client is None:
             self._data_client = make_client(
-                self.settings, self._session, sign_payload=False, **self.client_options
+                self.settings, self._session, sign_payload=True, **self.client_options
             )
         return self._data_client
 
@@ -355,7 +377,7 @@ class S3Backend(Backend):
                 self._claim(key, uri)
                 claimed = True
                 with open_source(info.source, self.context.installation) as src:
-                    digests = Digests()
+                    digests = Digests(sha256=False)
                     reader = _Reader(src, what)
                     exact = src.size_bytes is not None
                     expected = src.size_bytes if exact else (info.size_mb * MIB or None)
@@ -449,17 +471,16 @@ class S3Backend(Backend):
             raise self._error(exc, f"check of {uri}") from None
 
     def _metadata(self, digests: Digests) -> dict[str, str]:
-        return {METADATA_MD5: digests.md5, METADATA_SHA256: digests.sha256}
+        return {METADATA_MD5: digests.md5}
 
     def _put_single(self, key: str, uri: str, body: bytearray, digests: Digests) -> None:
-        content_md5, _ = md5_b64(body)
         try:
             self.data_client.put_object(
                 Bucket=self.bucket,
                 Key=key,
                 Body=body,
                 ContentLength=len(body),
-                ContentMD5=content_md5,
+                ContentMD5=content_md5(digests.md5),  # the whole object's, known already
                 ContentType=CONTENT_TYPE,
                 Metadata=self._metadata(digests),
             )
@@ -487,7 +508,7 @@ class S3Backend(Backend):
         completed = False
         inflight: list[Future[Any]] = []
         try:
-            part_md5s = self._send_parts(
+            part_etags = self._send_parts(
                 key, uri, upload_id, first, reader, digests, part_size, exact, progress, inflight
             )
             reader.check_complete()
@@ -499,8 +520,8 @@ class S3Backend(Backend):
                     UploadId=upload_id,
                     MultipartUpload={
                         "Parts": [
-                            {"PartNumber": n, "ETag": f'"{md5.hex()}"'}
-                            for n, md5 in enumerate(part_md5s, start=1)
+                            {"PartNumber": n, "ETag": f'"{etag}"'}
+                            for n, etag in enumerate(part_etags, start=1)
                         ]
                     },
                 )
@@ -508,7 +529,7 @@ class S3Backend(Backend):
                 raise self._error(exc, f"completion of multipart upload to {uri}") from None
             completed = True
             etag = str(answer.get("ETag", "")).strip('"') or self._etag_of(key, uri)
-            wanted = multipart_etag(part_md5s)
+            wanted = multipart_etag([bytes.fromhex(e) for e in part_etags])
             if etag != wanted:
                 raise ChecksumError(f"{uri}: server assembled ETag {etag}, expected {wanted}")
             self._set_metadata(key, uri, etag, digests)
@@ -547,31 +568,29 @@ class S3Backend(Backend):
         """Read parts in order; each goes to the (single, in-order) whole-stream hasher and to
         an upload worker, and its buffer is dropped once both are done. At most
         PARTS_IN_MEMORY buffers exist at once, fewer for large parts (:func:`buffers_for`).
-        Returns the parts' MD5s in order. On failure, queued parts are cancelled and the ones
-        being sent are left in ``inflight`` for the caller, which aborts the upload
-        without waiting for them first."""
+        Returns the parts' ETags (the server's MD5 of each) in order. On failure, queued parts
+        are cancelled and the ones being sent are left in ``inflight`` for the caller, which
+        aborts the upload without waiting for them first."""
         workers = max(self.upload_workers, 1)
         slots = buffers_for(part_size, workers)
         buffers = _BufferPool(slots)
         stop = threading.Event()
-        md5s: dict[int, bytes] = {}
+        etags: dict[int, str] = {}
         pending: dict[Future[tuple[int, bytes]], int] = {}
         hashed: list[Future[None]] = []
 
         def send(number: int, body: bytearray) -> tuple[int, bytes]:
             if stop.is_set():
                 raise StorageError("cancelled")
-            content_md5, digest = md5_b64(body)
-            self.data_client.upload_part(
+            answer = self.data_client.upload_part(
                 Bucket=self.bucket,
                 Key=key,
                 UploadId=upload_id,
                 PartNumber=number,
                 Body=body,
                 ContentLength=len(body),
-                ContentMD5=content_md5,
             )
-            return len(body), digest
+            return len(body), _part_etag(answer, number)
 
         def harvest(block: bool) -> None:
             while hashed and hashed[0].done():
@@ -584,8 +603,8 @@ class S3Backend(Backend):
                 exc = fut.exception()
                 if exc is not None:
                     raise self._error(exc, f"upload of part {number} of {uri}") from None
-                sent, digest = fut.result()
-                md5s[number] = digest
+                sent, etag = fut.result()
+                etags[number] = etag
                 progress.update(sent)
 
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3-part")
@@ -635,7 +654,7 @@ class S3Backend(Backend):
             raise
         pool.shutdown(wait=True)
         hasher.shutdown(wait=True)
-        return [md5s[n] for n in sorted(md5s)]
+        return [etags[n] for n in sorted(etags)]
 
     def _etag_of(self, key: str, uri: str) -> str:
         """ETag of an object (Ceph RGW 16 answers CompleteMultipartUpload with an empty one)."""

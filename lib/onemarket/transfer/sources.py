@@ -75,6 +75,13 @@ class FileSource:
         except OSError as exc:
             raise SourceError(f"cannot read {self.description}: {exc.strerror or exc}") from None
 
+    def readinto(self, buf: memoryview) -> int:
+        """Read into ``buf`` (no intermediate chunk); 0 at the end."""
+        try:
+            return self.stream.readinto(buf) or 0
+        except OSError as exc:
+            raise SourceError(f"cannot read {self.description}: {exc.strerror or exc}") from None
+
     def fileno(self) -> int:
         """The descriptor, so a copier can skip the holes of a local sparse file."""
         return self.stream.fileno()
