@@ -641,6 +641,25 @@ def test_push_shows_a_bar_on_a_terminal_only(tmp_path: Path, http_market: str) -
     assert parse_template(out.decode()).get("MD5") == hashlib.md5(image.read_bytes()).hexdigest()
 
 
+def open_writer(fifo: Path, proc: subprocess.Popen) -> io.BufferedWriter:
+    """The write end of ``fifo`` once ``proc`` has opened it for reading (bounded: a plain
+    open would block forever if the command failed before opening it)."""
+    import errno
+    import fcntl
+
+    for _ in range(1200):  # 1200 x 0.05 s
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO or proc.poll() is not None:
+                raise AssertionError(f"{fifo} not opened (exit {proc.poll()})") from None
+            time.sleep(0.05)
+            continue
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return os.fdopen(fd, "wb")
+    raise AssertionError(f"the command did not open {fifo} in time")
+
+
 @pytest.mark.parametrize(
     ("signum", "status", "words"),
     [
@@ -667,7 +686,7 @@ def test_push_stopped_by_a_signal_leaves_nothing(
         stdin=subprocess.DEVNULL,
     )
     try:
-        with open(fifo, "wb") as writer:  # returns once the CLI has opened the pipe
+        with open_writer(fifo, proc) as writer:
             writer.write(os.urandom(4 * MIB))
             writer.flush()
             for _ in range(400):  # bounded wait for the temporary file to appear
@@ -885,6 +904,17 @@ def test_push_through_oned_usage(capfd, tmp_path: Path, oned_http: FakeOned, arg
     assert code == 1
     assert words in one_line_error(err)
     assert oned_http.images == {}
+
+
+def test_push_of_a_file_oned_cannot_read_says_where_it_reads(
+    capfd, tmp_path: Path, oned_http: FakeOned
+) -> None:
+    image = image_file(tmp_path, 100)
+    oned_http.unreadable_paths.add(str(image))  # one-market runs on another host than oned
+    code, _, err = run(capfd, "push", "100", str(image), "--datastore", "1", "--quiet")
+    assert code == 1
+    line = one_line_error(err)
+    assert "Cannot parse image SIZE" in line and "on oned's host, as oneadmin" in line
 
 
 def test_push_to_a_public_marketplace_of_oned_is_refused(

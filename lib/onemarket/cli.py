@@ -796,7 +796,12 @@ class OnedPush:
             ("DESCRIPTION", f"uploaded by one-market for marketplace app '{name}'"),
         ]
         self.steps.show(f"image: asking oned to copy {local.path.name} ({size}) into '{ds.name}'")
-        self.image_id = oneclient.allocate_image(self.server, write_template(template), ds.id)
+        try:
+            self.image_id = oneclient.allocate_image(self.server, write_template(template), ds.id)
+        except RemoteError as exc:  # the usual cause: FILE is not on oned's host
+            raise RemoteError(
+                f"{exc} (oned's datastore driver reads {local.path} on oned's host, as oneadmin)"
+            ) from None
         try:
             return self._image_to_app(local, name, ds, delete_image)
         except MarketError:

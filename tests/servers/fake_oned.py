@@ -302,6 +302,8 @@ class FakeOned:
     """When set, the datastore "copy" of every new image fails with this message."""
     image_copy_infos: int = 2
     """The info call at which a new image's copy is done (LOCKED before)."""
+    unreadable_paths: set[str] = field(default_factory=set)
+    """Image PATHs oned's host cannot read (as when one-market runs on another machine)."""
     calls: list[str] = field(default_factory=list)
     answers: list[str] = field(default_factory=list)
     """Every XML document answered, in order (tests validate them against the XSD)."""
@@ -403,6 +405,8 @@ class FakeOned:
         if taken:
             raise _Failure(f"NAME is already taken by IMAGE {taken[0]}.", ONE_ALLOCATE)
         try:  # oned's stat action: the datastore driver sizes the file before allocating
+            if path in self.unreadable_paths:
+                raise FileNotFoundError(2, "No such file or directory")
             size = os.stat(path).st_size
             with open(path, "rb") as fh:
                 head = fh.read(4)
