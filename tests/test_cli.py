@@ -1022,3 +1022,67 @@ def test_check_says_disabled_and_names_the_endpoint(
     code, _, err = run(capfd, "check", "100")
     assert code == 1
     assert f"cannot connect to oned at {url} (ONE_XMLRPC)" in one_line_error(err)
+
+
+def test_s3_push_stopped_by_sighup_leaves_no_upload(tmp_path: Path, rgw) -> None:
+    """A dropped ssh session during a multipart push (issue 13, 7): exit 129, one line, and
+    neither an object nor an open multipart upload in the bucket."""
+    import boto3
+
+    bucket = f"cli-hup-{os.urandom(4).hex()}"
+    market = template_file(
+        tmp_path,
+        "ceph",
+        MARKET_MAD="s3",
+        ENDPOINT=rgw.endpoint,
+        ACCESS_KEY_ID=rgw.access_key,
+        SECRET_ACCESS_KEY=rgw.secret_key,
+        REGION="default",
+        BUCKET=bucket,
+        AWS="no",
+        READ_LENGTH="5",
+    )
+    client = boto3.client(
+        "s3",
+        endpoint_url=rgw.endpoint,
+        aws_access_key_id=rgw.access_key,
+        aws_secret_access_key=rgw.secret_key,
+        region_name="default",
+    )
+    exe = Path(sys.executable).parent / "one-market"
+    fifo = tmp_path / "image.fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        [exe, "push", market, str(fifo), "--id", "9"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+
+    def uploads() -> list:
+        try:
+            return client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+        except client.exceptions.NoSuchBucket:
+            return []
+
+    try:
+        with open_writer(fifo, proc) as writer:
+            writer.write(os.urandom(6 * MIB))  # more than one 5 MiB part: a multipart upload
+            writer.flush()
+            for _ in range(400):  # bounded wait for the upload to be open
+                if uploads() or proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+            assert uploads(), "no multipart upload was started"
+            proc.send_signal(signal.SIGHUP)
+            out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == cli.EXIT_HANGUP, err
+    last = err.decode().splitlines()[-1]  # after the backend's INFO lines
+    assert last == "one-market: push stopped by SIGHUP (its terminal or ssh session closed)"
+    assert out == b""
+    assert uploads() == []
+    assert client.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
