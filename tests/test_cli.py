@@ -729,7 +729,15 @@ def test_json_failure_is_json_on_stdout(capfd, args: tuple[str, ...]) -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [(), ("frobnicate",), ("push", "m.tmpl"), ("rm", "m", "s", "--id", "x"), ("check",)],
+    [
+        (),
+        ("frobnicate",),
+        ("push", "m.tmpl"),
+        ("rm", "m", "s", "--id", "x"),
+        ("check",),
+        ("push", "m", "f", "--timeout", "0"),
+        ("rm", "m", "s", "--timeout", "nan"),
+    ],
 )
 def test_usage_errors_are_one_line_and_json(capfd, args: tuple[str, ...]) -> None:
     """argparse's usage block plus error becomes one line, exit 2; JSON too with --json."""

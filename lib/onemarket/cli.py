@@ -177,10 +177,11 @@ SIGNING_LOGGERS = ("botocore", "boto3", "s3transfer")
 headers with the signature): hundreds of lines per call, useless to an administrator."""
 
 
-def quiet_signing_libraries() -> None:
+def quiet_signing_libraries(debug: bool) -> None:
     """``--debug`` keeps our DEBUG lines and urllib3's connection lines, not boto's signing."""
-    for name in SIGNING_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO)
+    if debug:
+        for name in SIGNING_LOGGERS:
+            logging.getLogger(name).setLevel(logging.INFO)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_NoCredentials())
 
@@ -1213,6 +1214,16 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = Parser(add_help=False)
     common.add_argument(
@@ -1245,7 +1256,7 @@ def build_parser() -> argparse.ArgumentParser:
     wait = Parser(add_help=False)
     wait.add_argument(
         "--timeout",
-        type=float,
+        type=positive_seconds,
         default=ONED_WAIT_LIMIT_S,
         metavar="SECONDS",
         help=f"longest wait for each step oned runs (default {ONED_WAIT_LIMIT_S:.0f})",
@@ -1308,7 +1319,7 @@ def main(argv: list[str] | None = None) -> int:
     args.debug = getattr(args, "debug", False) or driverlog.debug_from_env()
     driverlog.set_debug(args.debug)
     driverlog.route_std_logging()
-    quiet_signing_libraries()
+    quiet_signing_libraries(args.debug)
     try:
         with interruptible(f"one-market {args.command}"):
             return args.func(args)
