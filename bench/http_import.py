@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """Import of a large random file into an http market, against ``cp`` and ``md5sum``.
 
-Writes SIZE MiB of random data to a scratch folder, then times, in the same run and on the
-same (page-cached) file: ``cp`` to the same filesystem, ``md5sum``, and our import action
-(``python -m onemarket.runner http import``: read, MD5+SHA-256, sparse write, fsync, rename).
-Prints each time, the ratios and the importer's peak RSS (from ``wait4``).
+Writes SIZE MiB of random data to a scratch folder, then times, in the same run, alternating,
+on the same (page-cached) file: ``cp`` to the same filesystem, ``md5sum``, and our import
+action (``python -m onemarket.runner http import``: interpreter start, read, MD5, sparse write,
+fsync, rename). Prints the median of each over the runs, the median of the per-run ratios, CPU
+times, the importer's peak RSS (from ``wait4``) and the load average (the machine may be
+shared: CPU time is the steadier figure then).
 
-Target (issue 3): import <= 1.1 x max(cp, md5sum), peak RSS < 100 MB.
+Target (issue 15): import <= 1.15 x max(cp, md5sum): MD5 cannot be split, so a verified import
+is bounded by md5sum; everything else runs on another core. Peak RSS < 100 MB.
 
-    .venv/bin/python bench/http_import.py [--size-mib 2048] [--dir /var/tmp] [--runs 1]
+    .venv/bin/python bench/http_import.py [--size-mib 1024] [--dir /var/tmp] [--runs 5]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import base64
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 WRITE_CHUNK_BYTES = 8 << 20
 """Chunk used to write the random test file (8 MiB of memory)."""
-TARGET_RATIO = 1.1
+TARGET_RATIO = 1.15
 TARGET_RSS_MB = 100.0
 
 
@@ -96,9 +100,9 @@ def empty(folder: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size-mib", type=int, default=2048, help="size of the random file")
+    ap.add_argument("--size-mib", type=int, default=1024, help="size of the random file")
     ap.add_argument("--dir", default="/var/tmp", help="scratch folder (needs 2 x size free)")
-    ap.add_argument("--runs", type=int, default=1, help="runs of each command (best is kept)")
+    ap.add_argument("--runs", type=int, default=5, help="runs of each command (median is kept)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="onemarket-bench-", dir=args.dir) as tmp:
@@ -109,37 +113,41 @@ def main() -> None:
         print(f"writing {args.size_mib} MiB of random data to {src}")
         random_file(src, args.size_mib << 20)
         subprocess.run(["cat", str(src)], stdout=subprocess.DEVNULL, check=True)  # warm cache
-        best: dict[str, Run] = {}
+        runs: dict[str, list[Run]] = {"cp": [], "md5sum": [], "import": []}
+        load_before = os.getloadavg()[0]
         for _ in range(args.runs):
             for name, argv in (
                 ("cp", ["cp", str(src), str(public / "copy")]),
                 ("md5sum", ["md5sum", str(src)]),
             ):
-                r = timed(argv)
-                if name not in best or r.seconds < best[name].seconds:
-                    best[name] = r
+                runs[name].append(timed(argv))
                 empty(public)
-            r = run_import(src, public)
-            if "import" not in best or r.seconds < best["import"].seconds:
-                best["import"] = r
+            runs["import"].append(run_import(src, public))
             empty(public)
-        cp, md5sum, imp = best["cp"], best["md5sum"], best["import"]
-        baseline = max(cp.seconds, md5sum.seconds)
+        med = statistics.median
         mib = args.size_mib
-        for name, r in best.items():
-            rate = mib / r.seconds
-            print(
-                f"{name:8s} {r.seconds:8.2f} s  {rate:8.1f} MiB/s  cpu {r.cpu_s:6.2f} s  "
-                f"rss {r.peak_rss_mb:6.1f} MB"
-            )
-        print(f"import / cp              = {imp.seconds / cp.seconds:.2f}")
-        print(f"import / md5sum          = {imp.seconds / md5sum.seconds:.2f}")
-        ratio = imp.seconds / baseline
-        print(f"import / max(cp, md5sum) = {ratio:.2f}  (target <= {TARGET_RATIO})")
         print(
-            f"import peak RSS          = {imp.peak_rss_mb:.1f} MB  (target < {TARGET_RSS_MB:.0f})"
+            f"machine: {os.cpu_count()} CPUs, load average {load_before:.1f} before, "
+            f"{os.getloadavg()[0]:.1f} after; {args.runs} runs, medians:"
         )
-        ok = ratio <= TARGET_RATIO and imp.peak_rss_mb < TARGET_RSS_MB
+        for name, rs in runs.items():
+            secs = med(r.seconds for r in rs)
+            cpu = med(r.cpu_s for r in rs)
+            rss = max(r.peak_rss_mb for r in rs)
+            print(
+                f"{name:8s} {secs:8.2f} s  {mib / secs:8.1f} MiB/s  "
+                f"cpu {cpu:6.2f} s  rss {rss:6.1f} MB"
+            )
+        pairs = list(zip(runs["cp"], runs["md5sum"], runs["import"], strict=True))
+        ratio = med(i.seconds / max(c.seconds, m.seconds) for c, m, i in pairs)
+        print(f"import / cp              = {med(i.seconds / c.seconds for c, _, i in pairs):.2f}")
+        print(f"import / md5sum          = {med(i.seconds / m.seconds for _, m, i in pairs):.2f}")
+        print(f"import / max(cp, md5sum) = {ratio:.2f}  (median of runs; target <= {TARGET_RATIO})")
+        cpu_ratio = med(i.cpu_s / m.cpu_s for _, m, i in pairs)
+        print(f"import CPU / md5sum CPU  = {cpu_ratio:.2f}")
+        rss = max(r.peak_rss_mb for r in runs["import"])
+        print(f"import peak RSS          = {rss:.1f} MB  (target < {TARGET_RSS_MB:.0f})")
+        ok = ratio <= TARGET_RATIO and rss < TARGET_RSS_MB
         print("targets met" if ok else "targets NOT met")
         shutil.rmtree(public, ignore_errors=True)
 

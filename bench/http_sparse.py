@@ -6,19 +6,27 @@ then times, in the same run: ``cp --sparse=always``, ``md5sum`` (which, like our
 read every byte, zeros included) and our import action. Prints times, allocated blocks of each
 copy, the ratios and the importer's peak RSS.
 
-Target (issue 3): same blocks allocated as cp, time within 2 x. MD5 must cover all SIZE bytes,
-so the import time is bounded below by hashing SIZE bytes of zeros: the ratio against
-``md5sum`` of the same file is printed too.
+Target (issue 15): same blocks allocated as cp, time within 2 x cp if at all possible. It is
+not: MD5 must cover all SIZE bytes, and hashing zeros costs what hashing data costs (the MD5
+compression function runs on every 64-byte block; no shortcut exists for repeated blocks, and
+a known digest of zeros only applies to a file that is zeros from its first byte). So the
+import is bounded below by MD5 over SIZE bytes on one core. The benchmark measures that floor
+in the same run (hashlib MD5 over a shared zero buffer, fed in 1, 8 and 64 MiB pieces: the
+piece size does not matter, the compression function does) and prints the import against cp,
+md5sum (which reads the zeros too) and the floor. Several runs, medians.
 
-    .venv/bin/python bench/http_sparse.py [--size-mib 8192] [--data-mib 64] [--extents 64]
+    .venv/bin/python bench/http_sparse.py [--size-mib 8192] [--data-mib 64] [--runs 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,6 +48,19 @@ def sparse_file(path: Path, size_mib: int, data_mib: int, extents: int) -> None:
             f.write(os.urandom(extent))
 
 
+def md5_of_zeros_s(size_bytes: int, piece_bytes: int) -> float:
+    """Seconds hashlib takes to MD5 ``size_bytes`` zeros fed from one shared zero buffer."""
+    zeros = memoryview(bytes(piece_bytes))
+    h = hashlib.md5(usedforsecurity=False)
+    start = time.perf_counter()
+    left = size_bytes
+    while left > 0:
+        n = min(left, piece_bytes)
+        h.update(zeros[:n])
+        left -= n
+    return time.perf_counter() - start
+
+
 def allocated_kib(path: Path) -> int:
     return path.stat().st_blocks // 2
 
@@ -50,6 +71,7 @@ def main() -> None:
     ap.add_argument("--data-mib", type=int, default=64, help="random data it holds")
     ap.add_argument("--extents", type=int, default=64, help="runs the data is split into")
     ap.add_argument("--dir", default="/var/tmp", help="scratch folder")
+    ap.add_argument("--runs", type=int, default=3, help="runs of each (medians are printed)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="onemarket-bench-", dir=args.dir) as tmp:
@@ -63,29 +85,49 @@ def main() -> None:
             f"({args.extents} extents)"
         )
         cp_dst = public / "copy"
-        cp = timed(["cp", "--sparse=always", str(src), str(cp_dst)])
-        # Flushed first: delayed allocation hides blocks (extent tree) until written back.
-        timed(["sync", "--", str(cp_dst)])
-        cp_blocks = allocated_kib(cp_dst)
-        empty(public)
-        md5sum = timed(["md5sum", str(src)])
-        imp: Run = run_import(src, public)
-        (imported,) = list(public.iterdir())
-        imp_blocks = allocated_kib(imported)
-        size_ok = imported.stat().st_size == src.stat().st_size
-        empty(public)
+        runs: dict[str, list[Run]] = {"cp": [], "md5sum": [], "import": []}
+        floors: dict[int, list[float]] = {1: [], 8: [], 64: []}
+        load_before = os.getloadavg()[0]
+        for _ in range(args.runs):
+            runs["cp"].append(timed(["cp", "--sparse=always", str(src), str(cp_dst)]))
+            # Flushed first: delayed allocation hides blocks (extent tree) until written back.
+            timed(["sync", "--", str(cp_dst)])
+            cp_blocks = allocated_kib(cp_dst)
+            empty(public)
+            runs["md5sum"].append(timed(["md5sum", str(src)]))
+            for piece in floors:
+                floors[piece].append(md5_of_zeros_s(args.size_mib << 20, piece << 20))
+            runs["import"].append(run_import(src, public))
+            (imported,) = list(public.iterdir())
+            imp_blocks = allocated_kib(imported)
+            size_ok = imported.stat().st_size == src.stat().st_size
+            empty(public)
+        med = statistics.median
         mib = args.size_mib
-        for name, r in (("cp", cp), ("md5sum", md5sum), ("import", imp)):
-            rate = mib / r.seconds
+        print(
+            f"machine: {os.cpu_count()} CPUs, load average {load_before:.1f} before, "
+            f"{os.getloadavg()[0]:.1f} after; {args.runs} runs, medians:"
+        )
+        for name, rs in runs.items():
+            secs = med(r.seconds for r in rs)
+            cpu = med(r.cpu_s for r in rs)
+            rss = max(r.peak_rss_mb for r in rs)
             print(
-                f"{name:8s} {r.seconds:8.2f} s  {rate:8.1f} MiB/s  cpu {r.cpu_s:6.2f} s  "
-                f"rss {r.peak_rss_mb:6.1f} MB"
+                f"{name:8s} {secs:8.2f} s  {mib / secs:8.1f} MiB/s  "
+                f"cpu {cpu:6.2f} s  rss {rss:6.1f} MB"
             )
+        for piece, times in floors.items():
+            print(f"MD5 of {mib} MiB of zeros in {piece:2d} MiB pieces: {med(times):.2f} s (floor)")
+        floor = min(med(t) for t in floors.values())
         print(f"allocated: cp {cp_blocks} KiB, import {imp_blocks} KiB, size ok: {size_ok}")
-        ratio = imp.seconds / cp.seconds
+        pairs = list(zip(runs["cp"], runs["md5sum"], runs["import"], strict=True))
+        ratio = med(i.seconds / c.seconds for c, _, i in pairs)
         print(f"import / cp --sparse=always = {ratio:.2f}  (target <= {TARGET_TIME_RATIO})")
-        print(f"import / md5sum             = {imp.seconds / md5sum.seconds:.2f}")
-        print(f"import peak RSS             = {imp.peak_rss_mb:.1f} MB")
+        print(
+            f"import / md5sum             = {med(i.seconds / m.seconds for _, m, i in pairs):.2f}"
+        )
+        print(f"import / MD5-of-zeros floor = {med(r.seconds for r in runs['import']) / floor:.2f}")
+        print(f"import peak RSS             = {max(r.peak_rss_mb for r in runs['import']):.1f} MB")
         blocks_ok = imp_blocks <= cp_blocks
         print(f"blocks: {'same or fewer than cp' if blocks_ok else 'MORE than cp'}")
         print("targets met" if blocks_ok and ratio <= TARGET_TIME_RATIO else "targets NOT met")
