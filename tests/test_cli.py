@@ -562,6 +562,18 @@ def test_check_lines_are_coloured_on_a_terminal_only(tmp_path: Path) -> None:
     assert lines[1].count("\x1b[2J") == 0  # catalog or error text never drives the terminal
 
 
+def test_steps_are_spinner_lines_on_a_terminal() -> None:
+    out, buf = terminal()
+    with cli.Steps(False, out) as steps:
+        steps.show("image 1: LOCKED, 4 MB")
+        steps.done("image 1: READY, 4 MB")
+        steps.show("app 2 'x': LOCKED")
+    text = buf.getvalue()
+    assert "ok image 1: READY, 4 MB" in text and "app 2 'x': LOCKED" in text
+    assert "0:00:0" in text  # elapsed time of each step
+    assert "one-market:" not in text  # the plain-line prefix is for pipes and files
+
+
 def test_steps_are_plain_lines_off_a_terminal() -> None:
     buf = io.StringIO()
     with cli.Steps(False, Console(file=buf)) as steps:
