@@ -157,7 +157,8 @@ def plan(
     url = f"{base_url}/appliance"
     doc, from_cache = fetch_json(CachedFetcher(session, installation.cache_dir), url)
     appliances = one.appliance_list(doc, url)
-    apps, _skipped, _filtered = one.build_apps(appliances, base_url, flt)
+    rules = one.StockRules.of(installation.release_line())  # the installed release's driver
+    apps, _skipped, _filtered = one.build_apps(appliances, base_url, flt, rules)
     raw_by_id = {}
     for raw in appliances:
         try:
