@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -158,15 +159,30 @@ def test_a_non_sparse_zero_run_becomes_a_hole(tmp_path: Path) -> None:
     assert allocated(dst) < 64 * 1024
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "o_direct"])
 @pytest.mark.parametrize("size", [4 * MIB - 1, 8 * MIB, 30 * MIB + 3])
-def test_local_file_through_the_buffer_pool(tmp_path: Path, size: int) -> None:
-    """More chunks than pooled buffers, and sizes on and off the chunk boundary."""
+def test_local_file_through_the_buffer_pool(tmp_path: Path, size: int, direct: bool) -> None:
+    """More chunks than pooled buffers, sizes on and off the chunk and block boundaries, zero
+    blocks inside the data; written through O_DIRECT where the filesystem has it."""
     src = tmp_path / "src"
-    content = os.urandom(size)
+    content = os.urandom(size - 3 * SPARSE_BLOCK_BYTES - 100)
+    content = content[:5000] + bytes(3 * SPARSE_BLOCK_BYTES + 100) + content[5000:]
     src.write_bytes(content)
     dst = tmp_path / "dst"
-    with open_source(str(src)) as s:
-        digests = copy_to(dst, s, sha256=True)
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    direct_fd = None
+    if direct:
+        with contextlib.suppress(OSError):
+            direct_fd = os.open(dst, os.O_WRONLY | os.O_DIRECT)
+    try:
+        sink = SparseFileSink(fd, direct_fd=direct_fd)
+        with open_source(str(src)) as s:
+            digests = copy_stream(s, sink, sha256=True)
+        sink.finish()
+    finally:
+        if direct_fd is not None:
+            os.close(direct_fd)
+        os.close(fd)
     assert dst.read_bytes() == content
     assert digests.md5 == hashlib.md5(content).hexdigest()
     assert digests.sha256 == hashlib.sha256(content).hexdigest()

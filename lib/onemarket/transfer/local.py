@@ -62,14 +62,17 @@ def write_atomically(
             except FileExistsError:
                 ours = False
                 raise
+            direct_fd = _open_direct(tmp)
             try:
-                sink = SparseFileSink(fd, early_writeback=True)
+                sink = SparseFileSink(fd, early_writeback=True, direct_fd=direct_fd)
                 digests = copy_stream(source, sink, progress=progress, deadline=deadline)
                 sink.finish()
                 digests.verify_md5(expected_md5, f"import of {source.description}")
                 os.fchmod(fd, PUBLIC_FILE_MODE)
                 os.fsync(fd)
             finally:
+                if direct_fd is not None:
+                    os.close(direct_fd)
                 os.close(fd)
             os.rename(tmp, final)
             renamed = True
@@ -83,6 +86,18 @@ def write_atomically(
                 raise from_os_error(exc, what) from None
             raise
     return WriteResult(final, digests)
+
+
+def _open_direct(path: Path) -> int | None:
+    """The temporary file opened a second time with O_DIRECT, or None where the filesystem
+    (tmpfs, some network filesystems) or the platform has no direct I/O."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | flag | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 def _fsync_dir(folder: Path) -> None:

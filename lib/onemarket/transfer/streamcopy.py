@@ -8,16 +8,20 @@ are still hashed: MD5 must cover every byte), into a few reused buffers (no allo
 fault per chunk); any other source is read sequentially. All-zero blocks become holes at the
 sink. Bounded queues and the buffer pool keep memory flat whatever the image size.
 
-The writes are ``pwrite`` from the buffer that was hashed, not ``copy_file_range``: on this
-project's reference machine (ext4) the kernel copy costs the same CPU (0.30 vs 0.31 s/GiB,
+The writes are ``pwrite`` from the buffer that was hashed, not ``copy_file_range``: on ext4
+(the reference machine) the kernel copy costs the same CPU as the write (0.30 vs 0.31 s/GiB,
 measured), and writing the hashed buffer guarantees the published bytes are the ones the MD5
-covers even if the source changes while it is read.
+covers even if the source changes while it is read. Where the sink has a second, O_DIRECT
+descriptor (local imports), page-aligned chunks are written through it: the disk reads our
+buffer, with no copy into the page cache and no write-back afterwards (system time 0.25 vs
+1.4 s per GiB, wall 2.95 vs 3.7 s, medians of 6 alternating runs on the shared 2-core machine).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import queue
 import stat
@@ -46,6 +50,8 @@ WORKER_JOIN_S = 10.0
 """Longest wait for a worker thread to stop after a failure (the writer is aborted first)."""
 HOLE_PIECE_BYTES = 64 << 20
 """Largest hole handed to the workers at once (hashing 64 MiB of zeros takes ~0.1 s)."""
+DIRECT_ALIGN_BYTES = 4096
+"""Alignment of O_DIRECT writes (offset, length, buffer address): the usual logical block."""
 WRITEBACK_BYTES = 32 << 20
 """Window after which a durable sink starts the disk writes of what it wrote (see
 SparseFileSink)."""
@@ -61,12 +67,18 @@ class Chunk:
     """Bytes read from the source, shared by every worker; ``done`` by each of them returns
     a pooled buffer once the last one is through with it."""
 
-    __slots__ = ("_left", "_lock", "_release", "view")
+    __slots__ = ("_left", "_lock", "_release", "aligned", "view")
 
     def __init__(
-        self, view: memoryview, users: int, release: Callable[[], None] | None = None
+        self,
+        view: memoryview,
+        users: int,
+        release: Callable[[], None] | None = None,
+        aligned: bool = False,
     ) -> None:
         self.view = view
+        self.aligned = aligned
+        """The view starts on a page boundary (a pooled buffer): fit for O_DIRECT writes."""
         self._left = users
         self._release = release
         self._lock = threading.Lock()
@@ -104,11 +116,11 @@ def data_runs(data: bytes | bytearray | memoryview) -> list[tuple[int, int]]:
     # Python loop per block, which matters because the loop holds the GIL that the hashing
     # threads need back after every chunk.
     raw = data.obj if isinstance(data, memoryview) else data
-    if isinstance(raw, bytes | bytearray) and len(raw) == size:
+    if isinstance(raw, bytes | bytearray | mmap.mmap) and len(raw) == size:
         if raw.find(_ZERO_BLOCK) < 0:
             return [(0, size)] if size else []
-        if raw.count(0) == size:  # a run of zeros written as data (a non-sparse raw image)
-            return []
+        if not isinstance(raw, mmap.mmap) and raw.count(0) == size:
+            return []  # a run of zeros written as data (a non-sparse raw image)
     runs: list[tuple[int, int]] = []
     run_start = -1
     for off in range(0, size, SPARSE_BLOCK_BYTES):
@@ -156,19 +168,20 @@ def file_extents(fd: int, description: str) -> Iterator[tuple[int, int, bool]]:
 
 
 class _BufferPool:
-    """``count`` read buffers of ``size`` bytes, made on first use and reused."""
+    """``count`` read buffers of ``size`` bytes, made on first use and reused. Anonymous
+    mappings: page-aligned, as O_DIRECT writes need."""
 
     def __init__(self, count: int, size: int) -> None:
-        self._free: queue.Queue[bytearray] = queue.Queue()
+        self._free: queue.Queue[mmap.mmap] = queue.Queue()
         self._made = 0
         self._count = count
         self._size = size
 
-    def take(self, check: Callable[[], None]) -> bytearray:
+    def take(self, check: Callable[[], None]) -> mmap.mmap:
         """A free buffer; ``check`` runs while waiting (it raises a worker's failure)."""
         if self._made < self._count and self._free.empty():
             self._made += 1
-            return bytearray(self._size)
+            return mmap.mmap(-1, self._size)
         while True:
             check()
             try:
@@ -176,7 +189,7 @@ class _BufferPool:
             except queue.Empty:
                 continue
 
-    def give(self, buf: bytearray) -> None:
+    def give(self, buf: mmap.mmap) -> None:
         self._free.put(buf)
 
 
@@ -195,7 +208,7 @@ def _file_segments(fd: int, description: str, users: int, check: Callable[[], No
             raise SourceError(f"cannot read {description}: {exc.strerror}") from None
         if got < length:
             raise SourceError(f"{description} shrank while being read ({offset + got} bytes read)")
-        yield Chunk(view, users, lambda buf=buf: pool.give(buf))
+        yield Chunk(view, users, lambda buf=buf: pool.give(buf), aligned=True)
 
 
 def _stream_segments(source: Source, users: int) -> Iterator[Segment]:
@@ -283,9 +296,13 @@ def _hash_segment(update: Callable[[bytes | memoryview], None]) -> Callable[[Seg
 
 
 def _sink_segment(sink: Sink) -> Callable[[Segment], None]:
+    write_aligned = getattr(sink, "write_aligned", None)
+
     def apply(segment: Segment) -> None:
         if isinstance(segment, int):
             sink.skip(segment)
+        elif segment.aligned and write_aligned is not None:
+            write_aligned(segment.view)
         else:
             sink.write(segment.view)
 
@@ -363,11 +380,37 @@ class SparseFileSink:
     window only, not for the whole image (0.35 s per GiB here) after MD5 is done.
     """
 
-    def __init__(self, fd: int, early_writeback: bool = False) -> None:
+    def __init__(
+        self, fd: int, early_writeback: bool = False, direct_fd: int | None = None
+    ) -> None:
         self.fd = fd
+        self.direct_fd = direct_fd
+        """The same file opened O_DIRECT, for page-aligned chunks (see write_aligned)."""
         self.offset = 0
         self._early = early_writeback and hasattr(os, "posix_fadvise")
         self._flushed = 0
+
+    def write_aligned(self, view: memoryview) -> None:
+        """Write a chunk whose buffer starts on a page boundary: its block-aligned runs go
+        through ``direct_fd`` (O_DIRECT: the disk reads our buffer, no copy into the page cache
+        and no write-back later, which under memory or disk contention costs several times
+        the copy), the rest as usual. A filesystem that refuses O_DIRECT here turns it off."""
+        if self.direct_fd is None or self.offset % DIRECT_ALIGN_BYTES:
+            self.write(view)
+            return
+        for start, end in data_runs(view):
+            whole = (end - start) - (end - start) % DIRECT_ALIGN_BYTES
+            if whole and self.direct_fd is not None:
+                try:
+                    _pwrite_all(self.direct_fd, view[start : start + whole], self.offset + start)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self.direct_fd = None
+                    whole = 0
+            if whole < end - start:
+                _pwrite_all(self.fd, view[start + whole : end], self.offset + start + whole)
+        self.offset += len(view)
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
