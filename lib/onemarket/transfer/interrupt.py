@@ -20,6 +20,15 @@ it). Python's default for SIGTERM and SIGHUP is to die at once, skipping every `
   handle it like any other failure or pick the exit status.
 - Blocks nest (a backend inside one-market's block); outside the main thread it does nothing
   (Python delivers signals to the main thread only).
+
+A command wraps its whole run once, and maps the outcome::
+
+    try:
+        with interruptible("one-market push"):
+            ...
+    except Interrupted as exc:     # before MarketError: it is one
+        report(str(exc))
+        return exc.exit_status     # 143, 130 or 129, as the shell would show it
 """
 
 from __future__ import annotations
