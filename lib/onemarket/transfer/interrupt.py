@@ -131,10 +131,6 @@ def interruptible(what: str, timeout_s: float | None = None) -> Iterator[None]:
             _fired = False
 
 
-sigterm_raises = interruptible
-"""Former name, kept until the downloader switches to :func:`interruptible`."""
-
-
 class Deadline:
     """An optional time limit checked between chunks (``timeout_s`` None: no limit)."""
 
