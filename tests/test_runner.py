@@ -519,6 +519,29 @@ def test_std_logging_goes_to_stderr_lines(capfd) -> None:
     assert "chatter" not in err
 
 
+def test_std_logging_masks_request_signatures(capfd) -> None:
+    # ONE_MARKET_DEBUG in the MAD's environment: botocore's DEBUG lines reach oned.log, never
+    # with an Authorization header, a signature or a presigned URL's credential
+    driverlog.set_debug(True)
+    try:
+        driverlog.route_std_logging()
+        log = logging.getLogger("botocore.auth")
+        log.debug("Signature:\n8f2a0c")
+        log.debug(
+            "Sending http request: <AWSPreparedRequest headers={'Authorization': "
+            "b'AWS4-HMAC-SHA256 "
+            "Credential=AKIDEXAMPLE/20261201/us-east-1/s3/aws4_request, Signature=deadbeef'}>"
+        )
+        log.debug("GET /b/k?X-Amz-Credential=AKIDEXAMPLE%2F2026&X-Amz-Signature=cafe HTTP/1.1")
+    finally:
+        driverlog.set_debug(False)
+        driverlog.route_std_logging()
+    _, err = capfd.readouterr()
+    assert "DEBUG: botocore.auth" in err
+    for secret in ("AKIDEXAMPLE", "deadbeef", "cafe", "8f2a0c"):
+        assert secret not in err
+
+
 def test_text_buffered_before_the_action_never_reaches_the_result(
     capfd, fake_driver, monkeypatch
 ) -> None:

@@ -156,10 +156,30 @@ class ScrubbingStream(io.TextIOBase):
         return getattr(self._target, "encoding", "utf-8")
 
 
+CREDENTIAL_PATTERNS = (
+    re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*b?['\"]?)[^'\",}\n]+"),
+    re.compile(r"(?i)((?:credential|signature|x-amz-signature|x-amz-credential)=)[^,&\s'\"]+"),
+    re.compile(r"(?i)(x-amz-security-token['\"]?\s*[:=]\s*b?['\"]?)[^'\",}\n]+"),
+    re.compile(r"(?im)^(signature:\s*)\S+"),
+)
+"""Where a request signature or key id shows in a library's debug line (headers, the query
+of a presigned URL, botocore's "Signature:" line)."""
+
+
+def mask_credentials(text: str) -> str:
+    """``text`` with request signatures, Authorization headers and session tokens masked."""
+    for pattern in CREDENTIAL_PATTERNS:
+        text = pattern.sub(lambda m: m.group(1) + "****", text)
+    return text
+
+
 class _Handler(logging.Handler):
+    """Library records as our lines: secrets and request signatures masked, so that
+    ``ONE_MARKET_DEBUG`` never puts an Authorization header into oned.log."""
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            msg = self.format(record)
+            msg = f"{record.name}: {mask_credentials(record.getMessage())}"
         except Exception:  # noqa: BLE001 - a log record must never break an action
             return
         if record.levelno >= logging.ERROR:
@@ -175,9 +195,7 @@ def route_std_logging() -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    handler = _Handler()
-    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-    root.addHandler(handler)
+    root.addHandler(_Handler())
     root.setLevel(logging.DEBUG if _debug else logging.WARNING)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if _debug else logging.WARNING)
