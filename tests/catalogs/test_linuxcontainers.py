@@ -534,14 +534,8 @@ def real_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate(out, *args, "--only", REAL_ONLY)
 
 
-def serve_tree(httpd: StaticHttpServer, root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            httpd.routes["/" + path.relative_to(root).as_posix()] = path.read_bytes()
-
-
 def test_real_bytes_sizes_and_downloads(httpd, real_catalog: Path, tmp_path: Path) -> None:
-    serve_tree(httpd, real_catalog)
+    httpd.add_tree(real_catalog)
     catalog = load(real_catalog)
     endpoint = httpd.url + "/"
     attrs = {"VM_IMAGES": "yes"}
@@ -684,6 +678,7 @@ def test_timeout_and_refused_connection(
     with pytest.raises(RemoteError, match="connection refused") as err:
         run_monitor(closed, {}, tmp_path)
     assert closed + CATALOG in str(err.value)
+    assert str(err.value).startswith("marketplace '")  # one line naming the market (issue 13)
 
 
 def test_broken_products_are_skipped_with_a_warning(httpd, catalog_dir, tmp_path) -> None:

@@ -603,6 +603,16 @@ def select_builds(catalog: object, opts: LxcOptions, url: str) -> list[Build]:
 # --------------------------------------------------------------------------------------------
 
 
+def vm_disks(opts: LxcOptions, builds: list[Build]) -> dict[str, str]:
+    """sha256 -> URL of the qcow2 disks VM apps are made of: the headers whose virtual size
+    the monitor (and a mirror, to publish the same apps) has to read."""
+    return {
+        b.disk.sha256: opts.endpoint + b.disk.path
+        for b in builds
+        if b.disk is not None and b.variant in opts.vm_variants
+    }
+
+
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode("utf-8")).decode("ascii")
 
@@ -795,21 +805,21 @@ class LinuxContainersCatalog(Backend):
         session = make_session(self.user_agent())
         stats = CatalogStats()
         try:
-            catalog, stats.from_cache = fetch_json(
-                CachedFetcher(session, cache_dir, max_body_bytes=MAX_CATALOG_BYTES),
-                opts.catalog_url,
-                max_values=MAX_JSON_VALUES,
-            )
+            try:
+                catalog, stats.from_cache = fetch_json(
+                    CachedFetcher(session, cache_dir, max_body_bytes=MAX_CATALOG_BYTES),
+                    opts.catalog_url,
+                    max_values=MAX_JSON_VALUES,
+                )
+            except RemoteError as exc:
+                # the one line of a failed fetch, after the retries, naming the marketplace
+                raise RemoteError(f"marketplace '{self.market.name}': {exc}") from None
             builds = select_builds(catalog, opts, opts.catalog_url)
             del catalog  # the parsed document is the largest thing a monitor holds
             stats.products = len(builds)
             sizes: dict[str, int] = {}
             if opts.vm_images:
-                wanted = {
-                    b.disk.sha256: opts.endpoint + b.disk.path
-                    for b in builds
-                    if b.disk is not None and b.variant in opts.vm_variants
-                }
+                wanted = vm_disks(opts, builds)
                 lookup = virtual_sizes(session, wanted, VirtualSizeCache.in_dir(cache_dir))
                 stats.ranged_requests = lookup.requests
                 for error in list(lookup.failures.values())[:MAX_WARNINGS]:
