@@ -17,6 +17,7 @@ import pytest
 import requests
 from onemarket import web
 from onemarket.errors import RemoteError
+from onemarket.transfer import local
 from onemarket.web import CachedFetcher, describe_request_error, fetch_json, make_session
 
 from tests.servers import free_port, serve_in_thread, stop_serving
@@ -316,7 +317,7 @@ def test_cache_write_is_atomic(
     def broken_replace(src: str, dst: str) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(web.os, "replace", broken_replace)
+    monkeypatch.setattr(local.os, "rename", broken_replace)
     got = fetcher(tmp_path).get(f"{httpd.url}/c.json")
     assert got.body == CATALOG.encode()  # a cache that cannot be written costs nothing more
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-running.http"]

@@ -28,9 +28,7 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +38,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from .errors import RemoteError
+from .errors import RemoteError, StorageError
+from .transfer.local import PRIVATE_FILE_MODE, atomic_file, unique_temp
 
 CONNECT_TIMEOUT_S = 10.0
 """Longest wait for a TCP connection to a catalog server."""
@@ -234,16 +233,12 @@ class CachedFetcher:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._remove_stale_tmp(path.parent)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".http")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(json.dumps(meta).encode() + b"\n")
-                    f.write(body)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        except OSError:
+            with atomic_file(
+                path, temp=unique_temp(path, suffix=".http"), mode=PRIVATE_FILE_MODE
+            ) as f:
+                f.write(json.dumps(meta).encode() + b"\n")
+                f.write(body)
+        except (OSError, StorageError):
             pass  # a cache that cannot be written only costs a full download next time
 
     @staticmethod

@@ -13,9 +13,7 @@ Header layout (big-endian, QEMU's qcow2 specification): magic ``QFI\\xfb`` (4 by
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -26,7 +24,8 @@ from pathlib import Path
 import requests
 
 from .. import web
-from ..errors import RemoteError
+from ..errors import RemoteError, StorageError
+from ..transfer.local import PRIVATE_FILE_MODE, atomic_file, unique_temp
 
 QCOW2_MAGIC = b"QFI\xfb"
 HEADER_BYTES = 104
@@ -163,15 +162,10 @@ class VirtualSizeCache:
         doc = {"sizes": dict(keep[:CACHE_MAX_ENTRIES])}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-", suffix=".json")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump(doc, f, separators=(",", ":"))
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        except OSError:
+            temp = unique_temp(self.path, suffix=".json")
+            with atomic_file(self.path, temp=temp, mode=PRIVATE_FILE_MODE) as f:
+                f.write(json.dumps(doc, separators=(",", ":")).encode())
+        except (OSError, StorageError):
             return  # not fatal: the sizes are asked again next time
         self._dirty = False
 

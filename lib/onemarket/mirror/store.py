@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..errors import ChecksumError, StorageError, from_os_error
 from ..progress import Progress
-from ..transfer.local import _fsync_dir, temp_name, write_atomically
+from ..transfer.local import atomic_file, fsync_dir, temp_name, write_atomically
 from ..transfer.sources import CHUNK_BYTES, Source
 from .model import MirrorFile, safe_relative
 
@@ -56,21 +56,6 @@ class Inserted:
     size: int
     md5: str
     sha256: str
-
-
-class BytesSource:
-    """A small in-memory :class:`Source` (catalog files written through the atomic writer)."""
-
-    def __init__(self, data: bytes, description: str) -> None:
-        self._data = memoryview(data)
-        self._offset = 0
-        self.description = description
-        self.size_bytes: int | None = len(data)
-
-    def read(self, n: int = CHUNK_BYTES) -> bytes:
-        chunk = self._data[self._offset : self._offset + n]
-        self._offset += len(chunk)
-        return bytes(chunk)
 
 
 class Sha256Source:
@@ -252,7 +237,7 @@ class LocalStore:
                     raise from_os_error(exc, f"cannot publish {final}") from None
                 folders.add(final.parent)
             for folder in folders:
-                _fsync_dir(folder)
+                fsync_dir(folder)
             self._manifest = manifest
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
@@ -298,7 +283,8 @@ class LocalStore:
     def _write_bytes(self, folder: Path, name: str, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(folder / temp_name(name))
-        write_atomically(BytesSource(data, f"{folder / name}"), folder, name)
+        with atomic_file(folder / name) as out:
+            out.write(data)
 
     def _write_new(self, final: Path, data: bytes) -> tuple[Path, Path]:
         """``data`` written (synced) beside ``final`` under a hidden name: (that name, final)."""

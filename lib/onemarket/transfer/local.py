@@ -1,15 +1,19 @@
-"""Atomic, sparse, hashed write of a source into a local folder.
+"""The one atomic file writer, and the hashed, sparse import built on it.
 
-The bytes go to a hidden temporary name in the destination folder (same filesystem, so the
-final rename is atomic), are fsynced, verified and only then renamed to their public name.
-Whatever goes wrong, including SIGTERM from the MAD, the temporary file is removed: readers of
-the folder see either nothing or the whole, verified file.
+Every file this project publishes (an imported image, a downloaded one, the http and qcow2
+caches, the mirror's files) is written by :class:`AtomicFile`: a temporary name in the
+destination folder (same filesystem, so the final rename is atomic), created with O_EXCL, fsynced,
+renamed, the folder fsynced. Whatever goes wrong, including SIGTERM from the MAD, the temporary
+file is removed: readers of the folder see either nothing or the whole file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +26,122 @@ from .streamcopy import SparseFileSink, copy_stream
 
 PUBLIC_FILE_MODE = 0o644
 """Published files must be readable by the web server, whatever the driver's umask."""
+PRIVATE_FILE_MODE = 0o600
+"""Caches: nobody else's business."""
 TEMP_PREFIX = "."
 TEMP_SUFFIX = ".part"
+TEMP_TOKEN_BYTES = 4
+"""Random bytes in a :func:`unique_temp` name (8 hex digits, as mkstemp's 8 letters)."""
 
 
 def temp_name(name: str) -> str:
     """Hidden name of the file being written, in the same folder as ``name``."""
     return f"{TEMP_PREFIX}{name}{TEMP_SUFFIX}"
+
+
+def unique_temp(final: Path, prefix: str = ".tmp-", suffix: str = TEMP_SUFFIX) -> Path:
+    """A random hidden name beside ``final``, for writers that may run side by side (caches,
+    downloads); their leftovers are found again by ``prefix`` and ``suffix``."""
+    return final.parent / f"{prefix}{secrets.token_hex(TEMP_TOKEN_BYTES)}{suffix}"
+
+
+class AtomicFile:
+    """A file written under a temporary name and renamed into place by :meth:`commit`.
+
+    ``temp`` defaults to :func:`temp_name` beside ``final``; it is created with O_EXCL, so a
+    name another writer holds is refused, never shared or removed. :meth:`abort` removes the
+    temporary file (or the published one when the rename already happened). Prefer
+    :func:`atomic_file`, which also makes a stop signal unwind through the clean-up; the class
+    serves sinks whose write, commit and abort are separate calls.
+    """
+
+    def __init__(self, final: Path, *, temp: Path | None = None, mode: int = PUBLIC_FILE_MODE):
+        self.final = Path(final)
+        self.tmp = temp if temp is not None else self.final.parent / temp_name(self.final.name)
+        self.mode = mode
+        self.fd = -1
+        self._state = "open"  # then "renamed" (published) or "gone" (aborted)
+        try:
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError as exc:
+            self._state = "gone"  # someone else's: never removed
+            raise from_os_error(exc, f"cannot write {self.final}") from None
+        except BaseException as exc:
+            # a signal right after the file was created, even before ``fd`` is set, removes it
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+            self._state = "gone"
+            if isinstance(exc, OSError):
+                raise from_os_error(exc, f"cannot write {self.final}") from None
+            raise
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append ``data`` (unbuffered: callers hand over chunks)."""
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as exc:
+            raise from_os_error(exc, f"cannot write {self.final}") from None
+
+    def commit(self, install: Callable[[Path, Path], None] | None = None) -> None:
+        """fsync, close, rename into place (or ``install(tmp, final)``), fsync the folder."""
+        try:
+            os.fchmod(self.fd, self.mode)
+            os.fsync(self.fd)
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+            (install or os.rename)(self.tmp, self.final)
+            self._state = "renamed"
+            fsync_dir(self.final.parent)
+        except OSError as exc:
+            self.abort()
+            raise from_os_error(exc, f"cannot write {self.final}") from None
+
+    def abort(self) -> None:
+        """Remove what was written (idempotent); a published file too: it was not wanted."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        state, self._state = self._state, "gone"
+        if state != "gone":
+            with contextlib.suppress(OSError):
+                os.unlink(self.final if state == "renamed" else self.tmp)
+
+
+@contextmanager
+def atomic_file(
+    final: Path, *, temp: Path | None = None, mode: int = PUBLIC_FILE_MODE, what: str = ""
+) -> Iterator[AtomicFile]:
+    """An :class:`AtomicFile` committed when the block ends, aborted on any exception or stop
+    signal (even one arriving after the rename: the caller reports a failure, so nothing
+    stays). An OSError in the block becomes a StorageError naming ``final``; ``what`` names the
+    work in the message of a stop signal."""
+    with interruptible(what or f"writing {final}"):
+        out = AtomicFile(final, temp=temp, mode=mode)
+        try:
+            yield out
+            out.commit()
+        except BaseException as exc:
+            out.abort()
+            if isinstance(exc, OSError):
+                raise from_os_error(exc, f"cannot write {final}") from None
+            raise
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename durable (best effort: some filesystems refuse fsync on folders)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -46,46 +159,18 @@ def write_atomically(
     progress: Progress | None = None,
     deadline: Deadline | None = None,
 ) -> WriteResult:
-    """Stream ``source`` into ``folder/name``: temporary file, fsync, verify, rename."""
-    final = folder / name
-    tmp = folder / temp_name(name)
-    what = f"cannot write {final}"
-    with interruptible(f"import into {folder}"):
-        fd = -1
-        ours = True  # the temporary name is random: unless O_EXCL says otherwise, it is ours
-        renamed = False
+    """Stream ``source`` into ``folder/name`` (holes kept, hashed, verified), atomically."""
+    with atomic_file(folder / name, what=f"import into {folder}") as out:
+        direct_fd = _open_direct(out.tmp)
         try:
-            # Opened inside the clean-up's try: a SIGTERM right after the file is created, even
-            # before ``fd`` is assigned, still removes it.
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            except FileExistsError:
-                ours = False
-                raise
-            direct_fd = _open_direct(tmp)
-            try:
-                sink = SparseFileSink(fd, early_writeback=True, direct_fd=direct_fd)
-                digests = copy_stream(source, sink, progress=progress, deadline=deadline)
-                sink.finish()
-                digests.verify_md5(expected_md5, f"import of {source.description}")
-                os.fchmod(fd, PUBLIC_FILE_MODE)
-                os.fsync(fd)
-            finally:
-                if direct_fd is not None:
-                    os.close(direct_fd)
-                os.close(fd)
-            os.rename(tmp, final)
-            renamed = True
-            _fsync_dir(folder)
-        except BaseException as exc:
-            # Interrupted even after the rename: oned records a failure, so nothing stays.
-            if ours:
-                with contextlib.suppress(OSError):
-                    os.unlink(final if renamed else tmp)
-            if isinstance(exc, OSError):
-                raise from_os_error(exc, what) from None
-            raise
-    return WriteResult(final, digests)
+            sink = SparseFileSink(out.fd, early_writeback=True, direct_fd=direct_fd)
+            digests = copy_stream(source, sink, progress=progress, deadline=deadline)
+            sink.finish()
+        finally:
+            if direct_fd is not None:
+                os.close(direct_fd)
+        digests.verify_md5(expected_md5, f"import of {source.description}")
+    return WriteResult(out.final, digests)
 
 
 def _open_direct(path: Path) -> int | None:
@@ -98,17 +183,3 @@ def _open_direct(path: Path) -> int | None:
         return os.open(path, os.O_WRONLY | flag | os.O_CLOEXEC)
     except OSError:
         return None
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable (best effort: some filesystems refuse fsync on folders)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
