@@ -8,47 +8,24 @@ README.md, so the test checks what administrators are told to write.
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.servers import free_port, need_program, start_process, stop_process
+from tests.servers import stop_process
+from tests.servers.nginx import start_nginx
 
 URL_PATH = "/mirror"
 
-# the two location blocks below are README.md's "nginx" rule, word for word
-_CONF = """worker_processes 1;
-daemon off;
-master_process on;
-pid {root}/nginx.pid;
-error_log {root}/error.log warn;
-{user}
-events {{ worker_connections 64; }}
-http {{
-    access_log {root}/access.log;
-    client_body_temp_path {root}/client_body;
-    proxy_temp_path {root}/proxy;
-    fastcgi_temp_path {root}/fastcgi;
-    uwsgi_temp_path {root}/uwsgi;
-    scgi_temp_path {root}/scgi;
-    types {{ application/json json; }}
-    default_type application/octet-stream;
-    sendfile on;
-    server {{
-        listen 127.0.0.1:{port};
-        server_name localhost;
-        location /mirror/ {{
+# README.md's "nginx" rule, word for word
+_LOCATIONS = """        location /mirror/ {{
             alias {tree}/;
         }}
         location = /mirror/appliance {{
             alias {tree}/appliance.json;
             default_type application/json;
-        }}
-    }}
-}}
-"""
+        }}"""
 
 
 @dataclass
@@ -66,21 +43,9 @@ class MirrorWeb:
         return f"http://127.0.0.1:{self.port}{URL_PATH}/"
 
     def start(self) -> None:
-        binary = need_program("nginx", "nginx-light")
-        self.root.mkdir(parents=True, exist_ok=True)
         self.tree.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        user = "user root;" if os.geteuid() == 0 else ""
-        conf = self.root / "nginx.conf"
-        conf.write_text(_CONF.format(root=self.root, port=self.port, tree=self.tree, user=user))
-        errors = self.root / "error.log"
-        self.proc = start_process(
-            [binary, "-p", str(self.root), "-c", str(conf), "-e", str(errors)],
-            log=self.root / "stderr.log",
-            port=self.port,
-            what="nginx",
-            errors=errors,
-        )
+        locations = _LOCATIONS.format(tree=self.tree)
+        self.port, self.proc = start_nginx(self.root, locations, types="application/json json;")
 
     def stop(self) -> None:
         stop_process(self.proc)

@@ -32,19 +32,42 @@ http {{
     fastcgi_temp_path {root}/fastcgi;
     uwsgi_temp_path {root}/uwsgi;
     scgi_temp_path {root}/scgi;
-    types {{ application/octet-stream bin; }}
+    types {{ {types} }}
     default_type application/octet-stream;
     sendfile on;
     server {{
         listen 127.0.0.1:{port};
         server_name localhost;
-        location {url_path}/ {{
-            alias {public_dir}/;
-            disable_symlinks off;
-        }}
+{locations}
     }}
 }}
 """
+_MARKET_LOCATIONS = """        location {url_path}/ {{
+            alias {public_dir}/;
+            disable_symlinks off;
+        }}"""
+
+
+def start_nginx(
+    root: Path, locations: str, types: str = "application/octet-stream bin;"
+) -> tuple[int, subprocess.Popen[bytes]]:
+    """Start an nginx with its prefix, config and logs in ``root``, serving the ``location``
+    blocks ``locations`` on a free loopback port: (port, process)."""
+    binary = need_program("nginx", "nginx-light")
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    user = "user root;" if os.geteuid() == 0 else ""
+    conf = root / "nginx.conf"
+    conf.write_text(_CONF.format(root=root, port=port, user=user, types=types, locations=locations))
+    errors = root / "error.log"
+    proc = start_process(
+        [binary, "-p", str(root), "-c", str(conf), "-e", str(errors)],
+        log=root / "stderr.log",
+        port=port,
+        what="nginx",
+        errors=errors,
+    )
+    return port, proc
 
 
 @dataclass
@@ -61,29 +84,9 @@ class Nginx:
         return f"http://127.0.0.1:{self.port}{URL_PATH}"
 
     def start(self) -> None:
-        binary = need_program("nginx", "nginx-light")
-        self.root.mkdir(parents=True, exist_ok=True)
         self.public_dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        user = "user root;" if os.geteuid() == 0 else ""
-        conf = self.root / "nginx.conf"
-        conf.write_text(
-            _CONF.format(
-                root=self.root,
-                port=self.port,
-                public_dir=self.public_dir,
-                url_path=URL_PATH,
-                user=user,
-            )
-        )
-        errors = self.root / "error.log"
-        self.proc = start_process(
-            [binary, "-p", str(self.root), "-c", str(conf), "-e", str(errors)],
-            log=self.root / "stderr.log",
-            port=self.port,
-            what="nginx",
-            errors=errors,
-        )
+        locations = _MARKET_LOCATIONS.format(url_path=URL_PATH, public_dir=self.public_dir)
+        self.port, self.proc = start_nginx(self.root, locations)
 
     def stop(self) -> None:
         stop_process(self.proc)
