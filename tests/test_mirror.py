@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,28 +36,25 @@ from onemarket.mirror import fetch
 from onemarket.mirror.command import add_mirror_parser
 from onemarket.template import Template, parse_template
 
-from tests.servers import need_program
+from tests.catalogs.test_linuxcontainers import generate
+from tests.servers import need_program, without_proxies
 from tests.servers.appmarket import Appmarket, running_appmarket
 from tests.servers.httpd import StaticHttpServer, truncated
 from tests.servers.mirror_web import MirrorWeb, running_mirror_web
 
 REPO = Path(__file__).resolve().parents[1]
-GENERATOR = REPO / "tests" / "tools" / "gen_images_json.py"
 LXC_ONLY = (
     r"^(ubuntu:jammy:amd64:(default|cloud)|alpine:3\.19:(amd64|arm64):(default|cloud)"
     r"|debian:bookworm:amd64:default)$"
 )
 GENERATOR_ARGS = ("--profile", "2024", "--seed", "8", "--versions", "2", "--real-bytes")
 GENERATOR_ARGS += ("--only", LXC_ONLY)
-PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 
 @pytest.fixture(autouse=True)
 def _loopback(monkeypatch: pytest.MonkeyPatch) -> None:
     """No proxy of the machine in the way; no wait between download attempts."""
-    for name in PROXY_VARS:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
+    without_proxies(monkeypatch)
     monkeypatch.setattr(fetch, "RETRY_WAIT_S", 0.0)
     monkeypatch.setattr(web, "RETRY_BACKOFF_S", 0.0)
 
@@ -71,6 +69,28 @@ def appmarket() -> Iterator[Appmarket]:
 def mirror_web(tmp_path: Path) -> Iterator[MirrorWeb]:
     with running_mirror_web(tmp_path) as server:
         yield server
+
+
+@dataclass
+class Mirroring:
+    """``one-market mirror SOURCE DEST`` of one installation, run as often as a test needs."""
+
+    installation: Installation
+    source: Path
+    dest: Path
+
+    def json(self, *argv: str) -> tuple[int, dict]:
+        return mirror_json(self.installation, str(self.source), str(self.dest), *argv)
+
+    def run(self, *argv: str) -> tuple[int, str, str]:
+        return mirror(self.installation, str(self.source), str(self.dest), *argv)
+
+
+@pytest.fixture
+def community(appmarket: Appmarket, installation: Installation, tmp_path: Path) -> Mirroring:
+    """The appmarket's catalog through a ``one`` template, mirrored into ``tmp_path/tree``."""
+    source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
+    return Mirroring(installation, source, tmp_path / "tree")
 
 
 @pytest.fixture
@@ -193,14 +213,13 @@ def test_one_mirror_publishes_as_the_source(
 
 
 def test_one_second_run_downloads_nothing_and_a_changed_appliance_is_fetched(
-    appmarket: Appmarket, installation: Installation, tmp_path: Path
+    appmarket: Appmarket, community: Mirroring
 ) -> None:
-    source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
-    dest = tmp_path / "tree"
-    assert mirror_json(installation, str(source), str(dest))[0] == 0
+    dest = community.dest
+    assert community.json()[0] == 0
     first = appmarket.file_requests()
 
-    code, summary = mirror_json(installation, str(source), str(dest))
+    code, summary = community.json()
     assert code == 0
     assert appmarket.file_requests() == first
     assert summary["downloads"] == 0 and summary["bytes"] == 0
@@ -211,7 +230,7 @@ def test_one_second_run_downloads_nothing_and_a_changed_appliance_is_fetched(
     appmarket.set_file(nixos, 0, os.urandom(5000))
     nixos["version"] = "26.05"
     appmarket.publish()
-    code, summary = mirror_json(installation, str(source), str(dest))
+    code, summary = community.json()
     assert code == 0
     assert summary["mirrored"] == ["NixOS"]
     assert summary["downloads"] == 1 and summary["bytes"] == 5000
@@ -272,34 +291,28 @@ def test_driver_filters_of_the_source_template_apply(
     assert "NemoClaw" not in expected and "UERANSIM" not in expected
 
 
-def test_dry_run_lists_sizes_and_writes_nothing(
-    appmarket: Appmarket, installation: Installation, tmp_path: Path
-) -> None:
-    source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
-    dest = tmp_path / "tree"
-    code, out = mirror_json(installation, str(source), str(dest), "--dry-run")
+def test_dry_run_lists_sizes_and_writes_nothing(appmarket: Appmarket, community: Mirroring) -> None:
+    dest = community.dest
+    code, out = community.json("--dry-run")
     assert code == 0
     assert out["fetch_bytes"] == sum(len(b) for b in appmarket.blobs.values())
     assert {e["status"] for e in out["entries"]} == {"fetch"}
     assert not dest.exists()
     assert appmarket.file_requests() == 0
-    code, text, _err = mirror(installation, str(source), str(dest), "--dry-run")
+    code, text, _err = community.run("--dry-run")
     assert code == 0 and "apps," in text.splitlines()[-1]
 
 
-def test_prune_removes_what_no_entry_names(
-    appmarket: Appmarket, installation: Installation, tmp_path: Path
-) -> None:
-    source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
-    dest = tmp_path / "tree"
-    assert mirror_json(installation, str(source), str(dest))[0] == 0
+def test_prune_removes_what_no_entry_names(appmarket: Appmarket, community: Mirroring) -> None:
+    dest = community.dest
+    assert community.json()[0] == 0
     gone = appmarket.by_name("Phoenix RTOS")
     appmarket.appliances.remove(gone)
     appmarket.publish()
     folder = dest / "appliance" / gone["_id"]["$oid"]
-    assert mirror_json(installation, str(source), str(dest))[0] == 0
+    assert community.json()[0] == 0
     assert folder.is_dir()  # without --prune old files stay
-    code, summary = mirror_json(installation, str(source), str(dest), "--prune")
+    code, summary = community.json("--prune")
     assert code == 0 and summary["pruned"] == 1
     assert not folder.exists()
     doc = json.loads((dest / "appliance.json").read_bytes())
@@ -310,14 +323,13 @@ def test_prune_removes_what_no_entry_names(
 
 
 def test_truncated_download_is_retried_then_left_out(
-    appmarket: Appmarket, installation: Installation, tmp_path: Path
+    appmarket: Appmarket, community: Mirroring
 ) -> None:
+    dest = community.dest
     nixos = appmarket.by_name("NixOS")
     cdn = nixos["files"][0]["url"].removeprefix(appmarket.url)
     appmarket.server.routes[cdn] = truncated(appmarket.blobs[cdn], 1000)
-    source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
-    dest = tmp_path / "tree"
-    code, summary = mirror_json(installation, str(source), str(dest))
+    code, summary = community.json()
     assert code == 1
     assert [f["name"] for f in summary["failed"]] == ["NixOS"]
     assert appmarket.server.count(cdn) == fetch.FILE_ATTEMPTS
@@ -327,12 +339,9 @@ def test_truncated_download_is_retried_then_left_out(
     assert leftovers(dest) == []
 
 
-def test_wrong_checksum_keeps_the_previous_copy(
-    appmarket: Appmarket, installation: Installation, tmp_path: Path
-) -> None:
-    source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
-    dest = tmp_path / "tree"
-    assert mirror_json(installation, str(source), str(dest))[0] == 0
+def test_wrong_checksum_keeps_the_previous_copy(appmarket: Appmarket, community: Mirroring) -> None:
+    dest = community.dest
+    assert community.json()[0] == 0
     before = (dest / "appliance.json").read_bytes()
     nixos = appmarket.by_name("NixOS")
     path = dest / "appliance" / nixos["_id"]["$oid"] / "download" / "0"
@@ -341,7 +350,7 @@ def test_wrong_checksum_keeps_the_previous_copy(
     nixos["files"][0]["md5"] = nixos["files"][0]["checksum"]["md5"] = "0" * 32
     nixos["version"] = "26.05"
     appmarket.publish()
-    code, summary = mirror_json(installation, str(source), str(dest))
+    code, summary = community.json()
     assert code == 1
     assert summary["failed"][0]["name"] == "NixOS"
     assert "MD5 mismatch" in summary["failed"][0]["error"]
@@ -352,11 +361,10 @@ def test_wrong_checksum_keeps_the_previous_copy(
 
 
 def test_source_down_mid_run_leaves_the_mirror_valid_and_the_next_run_resumes(
-    appmarket: Appmarket, installation: Installation, tmp_path: Path
+    appmarket: Appmarket, community: Mirroring
 ) -> None:
-    source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
-    dest = tmp_path / "tree"
-    assert mirror_json(installation, str(source), str(dest))[0] == 0
+    dest = community.dest
+    assert community.json()[0] == 0
     before = (dest / "appliance.json").read_bytes()
     images = [a for a in appmarket.appliances if a.get("files")]
     for app in images:  # a new release of every image
@@ -378,7 +386,7 @@ def test_source_down_mid_run_leaves_the_mirror_valid_and_the_next_run_resumes(
 
     for path in [p for p in routes if p.startswith("/cdn/")]:
         routes[path] = down_after_three(path, appmarket.blobs[path])
-    code, summary = mirror_json(installation, str(source), str(dest), "--jobs", "1")
+    code, summary = community.json("--jobs", "1")
     assert code == 1
     assert len(summary["failed"]) == len(images) - 3
     assert all(f["previous_kept"] for f in summary["failed"])
@@ -393,7 +401,7 @@ def test_source_down_mid_run_leaves_the_mirror_valid_and_the_next_run_resumes(
 
     appmarket.publish()  # the source is back
     requests_before = appmarket.file_requests()
-    code, summary = mirror_json(installation, str(source), str(dest))
+    code, summary = community.json()
     assert code == 0
     assert appmarket.file_requests() - requests_before == len(images) - 3
     assert leftovers(dest) == []
@@ -401,11 +409,10 @@ def test_source_down_mid_run_leaves_the_mirror_valid_and_the_next_run_resumes(
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
 def test_a_signal_mid_run_leaves_the_previous_mirror_and_keeps_verified_files(
-    appmarket: Appmarket, installation: Installation, tmp_path: Path, signum: int
+    appmarket: Appmarket, community: Mirroring, installation: Installation, signum: int
 ) -> None:
-    source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
-    dest = tmp_path / "tree"
-    assert mirror_json(installation, str(source), str(dest), "--include", "NixOS")[0] == 0
+    dest = community.dest
+    assert community.json("--include", "NixOS")[0] == 0
     before = (dest / "appliance.json").read_bytes()
     stuck = appmarket.by_name("UERANSIM")
     cdn = stuck["files"][0]["url"].removeprefix(appmarket.url)
@@ -422,8 +429,9 @@ def test_a_signal_mid_run_leaves_the_previous_mirror_and_keeps_verified_files(
 
     appmarket.server.routes[cdn] = hang
     env = {**os.environ, "ONE_LOCATION": str(installation.one_location)}
+    argv = ["mirror", str(community.source), str(dest), "--jobs", "2"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "onemarket.cli", "mirror", str(source), str(dest), "--jobs", "2"],
+        [sys.executable, "-m", "onemarket.cli", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
@@ -455,7 +463,7 @@ def test_a_signal_mid_run_leaves_the_previous_mirror_and_keeps_verified_files(
 
     appmarket.publish()
     requests_before = appmarket.file_requests()
-    code, summary = mirror_json(installation, str(source), str(dest))
+    code, summary = community.json()
     assert code == 0, summary
     # only what was not verified yet is fetched again: the interrupted file, at most
     assert appmarket.file_requests() - requests_before == len(appmarket.blobs) - 1 - len(staged)
@@ -520,22 +528,13 @@ def test_disk_full_fails_the_run_and_leaves_the_previous_mirror(
 @pytest.fixture(scope="module")
 def lxc_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     need_program("qemu-img", "qemu-utils")
-    out = tmp_path_factory.mktemp("lxc-source")
-    subprocess.run(
-        [sys.executable, str(GENERATOR), "-o", str(out), *GENERATOR_ARGS],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    return out
+    return generate(tmp_path_factory.mktemp("lxc-source"), *GENERATOR_ARGS)
 
 
 @pytest.fixture
 def lxc_source(lxc_tree: Path) -> Iterator[StaticHttpServer]:
     server = StaticHttpServer()
-    for path in lxc_tree.rglob("*"):
-        if path.is_file():
-            server.routes["/" + path.relative_to(lxc_tree).as_posix()] = path.read_bytes()
+    server.add_tree(lxc_tree)
     server.start()
     try:
         yield server
@@ -609,9 +608,7 @@ def test_simplestreams_name_suffix_goes_after_the_release(
     assert len(expected) == 1
     assert summary["mirrored"] == expected
     web = StaticHttpServer()
-    for path in dest.rglob("*"):
-        if path.is_file():
-            web.routes["/" + path.relative_to(dest).as_posix()] = path.read_bytes()
+    web.add_tree(dest)
     web.start()
     try:
         names = [a.get("NAME") for a in lxc_apps(installation, web.url + "/")]
@@ -711,14 +708,11 @@ def test_project_downloader_exports_a_container_from_the_mirror(
     assert len(lxc_source.requests) == before  # everything came from the mirror
 
 
-def test_a_second_run_rewrites_nothing(
-    appmarket: Appmarket, installation: Installation, tmp_path: Path
-) -> None:
-    source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
-    dest = tmp_path / "tree"
-    assert mirror_json(installation, str(source), str(dest))[0] == 0
+def test_a_second_run_rewrites_nothing(community: Mirroring) -> None:
+    dest = community.dest
+    assert community.json()[0] == 0
     before = {p: (dest / p).stat().st_mtime_ns for p in tree_files(dest)}
-    assert mirror_json(installation, str(source), str(dest), "--one-version", "7.0")[0] == 0
+    assert community.json("--one-version", "7.0")[0] == 0
     assert {p: (dest / p).stat().st_mtime_ns for p in tree_files(dest)} == before
 
 

@@ -25,7 +25,7 @@ from onemarket.errors import ConfigError, NotSupportedError, RemoteError
 from onemarket.installation import Installation
 from onemarket.template import Template, parse_template
 
-from tests.servers import free_port
+from tests.servers import free_port, without_proxies
 from tests.servers.httpd import failing_then, slow, truncated
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,15 +48,9 @@ def installation(tmp_path: Path) -> Installation:
     return inst
 
 
-PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
-
-
 @pytest.fixture(autouse=True)
 def no_proxy_from_outside(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Loopback tests must not go through a proxy configured on the machine running them."""
-    for name in PROXY_VARS:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
+    without_proxies(monkeypatch)
 
 
 @pytest.fixture

@@ -109,3 +109,14 @@ def stop_serving(server: socketserver.BaseServer) -> None:
     """Stop a server started by :func:`serve_in_thread` and close its socket."""
     server.shutdown()
     server.server_close()
+
+
+PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+"""The proxy settings requests and curl read from the environment (either case)."""
+
+
+def without_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loopback traffic must not go through a proxy configured on the machine running the tests."""
+    for name in PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)

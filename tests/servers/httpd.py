@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -79,6 +80,12 @@ class StaticHttpServer:
 
     def stop(self) -> None:
         stop_serving(self.httpd)
+
+    def add_tree(self, root: Path) -> None:
+        """Serve every file below ``root`` at its relative path (read now, into memory)."""
+        for path in root.rglob("*"):
+            if path.is_file():
+                self.routes["/" + path.relative_to(root).as_posix()] = path.read_bytes()
 
     @property
     def url(self) -> str:
