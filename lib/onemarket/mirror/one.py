@@ -96,36 +96,6 @@ def _references(raw: Mapping[str, object]) -> list[str]:
     return names
 
 
-def _renamed_one_doc(raw: Mapping, app_id: str, suffix: str, mirrored: set[str]) -> dict:
-    """The appliance as the mirror serves it: renamed, references renamed, links relative."""
-    doc = copy.deepcopy(dict(raw))
-
-    def rename(name: str) -> str:
-        return name + suffix if name in mirrored else name
-
-    doc["name"] = rename(doc["name"])
-    if isinstance(doc.get("disks"), list):
-        doc["disks"] = [rename(d) if isinstance(d, str) else d for d in doc["disks"]]
-    if isinstance(doc.get("roles"), Mapping):
-        doc["roles"] = {r: rename(a) if isinstance(a, str) else a for r, a in doc["roles"].items()}
-    links = doc.get("links")
-    if isinstance(links, dict) and isinstance(links.get("download"), dict):
-        links["download"] = {**links["download"], "href": f"appliance/{app_id}/download"}
-    for path, n, _f in _files(app_id, raw):
-        doc["files"][n] = {**doc["files"][n], "url": path}
-    return doc
-
-
-def _references(raw: Mapping[str, object]) -> list[str]:
-    """App names a VM template (``disks``) or a service template (``roles``) refers to."""
-    disks = raw.get("disks")
-    roles = raw.get("roles")
-    names = [d for d in disks if isinstance(d, str)] if isinstance(disks, list) else []
-    if isinstance(roles, Mapping):
-        names += [a for a in roles.values() if isinstance(a, str)]
-    return names
-
-
 def _served_doc(raw: Mapping, app_id: str, suffix: str, mirrored: set[str]) -> dict:
     """The appliance as the mirror serves it: renamed, references renamed, links relative."""
     doc = copy.deepcopy(dict(raw))

@@ -125,11 +125,7 @@ def plan(
     sizes: dict[str, int] = {}
     ranged = 0
     if opts.vm_images:
-        wanted = {
-            b.disk.sha256: opts.endpoint + b.disk.path
-            for b in builds
-            if b.disk is not None and b.variant in opts.vm_variants
-        }
+        wanted = lxc.vm_disks(opts, builds)
         lookup = virtual_sizes(session, wanted, VirtualSizeCache.in_dir(cache_dir))
         ranged = lookup.requests
         sizes = lookup.sizes
