@@ -17,85 +17,28 @@ is bounded by md5sum; everything else runs on another core. Peak RSS < 100 MB.
 from __future__ import annotations
 
 import argparse
-import base64
-import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-WRITE_CHUNK_BYTES = 8 << 20
-"""Chunk used to write the random test file (8 MiB of memory)."""
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (
+    Run,
+    empty,
+    load_average,
+    machine_line,
+    print_medians,
+    random_file,
+    run_import,
+    timed,
+)
+
 TARGET_RATIO = 1.15
 TARGET_RSS_MB = 100.0
-
-
-@dataclass
-class Run:
-    seconds: float
-    peak_rss_mb: float
-    stdout: bytes
-    cpu_s: float = 0.0
-    """User + system CPU time: less sensitive than wall time to other load on the machine."""
-
-
-def timed(argv: list[str], env: dict[str, str] | None = None) -> Run:
-    """Run ``argv``; wall time and peak RSS of that one child (``wait4``)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    out, err = b"", b""
-    assert proc.stdout is not None and proc.stderr is not None
-    out = proc.stdout.read()
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"{argv[0]} failed ({proc.returncode}): {err.decode(errors='replace')[-500:]}")
-    return Run(seconds, usage.ru_maxrss / 1024, out, usage.ru_utime + usage.ru_stime)
-
-
-def random_file(path: Path, size_bytes: int) -> None:
-    with path.open("wb") as f:
-        left = size_bytes
-        while left > 0:
-            n = min(left, WRITE_CHUNK_BYTES)
-            f.write(os.urandom(n))
-            left -= n
-
-
-def import_payload(source: Path, public_dir: Path, app_id: int = 1) -> str:
-    doc = (
-        "<MARKET_DRIVER_ACTION_DATA>"
-        "<MARKETPLACE><ID>100</ID><NAME>bench</NAME><MARKET_MAD>http</MARKET_MAD><TEMPLATE>"
-        f"<BASE_URL>http://127.0.0.1:9/market</BASE_URL><PUBLIC_DIR>{public_dir}</PUBLIC_DIR>"
-        "</TEMPLATE></MARKETPLACE>"
-        f"<MARKETPLACEAPP><ID>{app_id}</ID><NAME>bench</NAME><TYPE>1</TYPE></MARKETPLACEAPP>"
-        f"<IMPORT_SOURCE>{source}</IMPORT_SOURCE><MD5></MD5><SIZE>0</SIZE>"
-        "<FORMAT>raw</FORMAT><DISPOSE>NO</DISPOSE><DISPOSE_CMD></DISPOSE_CMD>"
-        "</MARKET_DRIVER_ACTION_DATA>"
-    )
-    return base64.b64encode(doc.encode()).decode()
-
-
-def run_import(source: Path, public_dir: Path) -> Run:
-    """Our import action, as the MAD would run it; the imported file is removed afterwards."""
-    env = dict(os.environ, PYTHONPATH=str(REPO / "lib"))
-    payload = import_payload(source, public_dir)
-    return timed([sys.executable, "-m", "onemarket.runner", "http", "import", payload, "1"], env)
-
-
-def empty(folder: Path) -> None:
-    """Remove what a command wrote and flush the disk, so the next command does not pay for
-    the previous one's write-back (cp returns before its data reaches the disk)."""
-    for p in folder.iterdir():
-        p.unlink()
-    os.sync()
 
 
 def main() -> None:
@@ -114,7 +57,7 @@ def main() -> None:
         random_file(src, args.size_mib << 20)
         subprocess.run(["cat", str(src)], stdout=subprocess.DEVNULL, check=True)  # warm cache
         runs: dict[str, list[Run]] = {"cp": [], "md5sum": [], "import": []}
-        load_before = os.getloadavg()[0]
+        load_before = load_average()
         for _ in range(args.runs):
             for name, argv in (
                 ("cp", ["cp", str(src), str(public / "copy")]),
@@ -125,19 +68,8 @@ def main() -> None:
             runs["import"].append(run_import(src, public))
             empty(public)
         med = statistics.median
-        mib = args.size_mib
-        print(
-            f"machine: {os.cpu_count()} CPUs, load average {load_before:.1f} before, "
-            f"{os.getloadavg()[0]:.1f} after; {args.runs} runs, medians:"
-        )
-        for name, rs in runs.items():
-            secs = med(r.seconds for r in rs)
-            cpu = med(r.cpu_s for r in rs)
-            rss = max(r.peak_rss_mb for r in rs)
-            print(
-                f"{name:8s} {secs:8.2f} s  {mib / secs:8.1f} MiB/s  "
-                f"cpu {cpu:6.2f} s  rss {rss:6.1f} MB"
-            )
+        print(machine_line(load_before, args.runs))
+        print_medians(runs, args.size_mib)
         pairs = list(zip(runs["cp"], runs["md5sum"], runs["import"], strict=True))
         ratio = med(i.seconds / max(c.seconds, m.seconds) for c, m, i in pairs)
         print(f"import / cp              = {med(i.seconds / c.seconds for c, _, i in pairs):.2f}")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from http_import import Run, empty, run_import, timed
+from _common import Run, empty, load_average, machine_line, print_medians, run_import, timed
 
 TARGET_TIME_RATIO = 2.0
 
@@ -87,7 +87,7 @@ def main() -> None:
         cp_dst = public / "copy"
         runs: dict[str, list[Run]] = {"cp": [], "md5sum": [], "import": []}
         floors: dict[int, list[float]] = {1: [], 8: [], 64: []}
-        load_before = os.getloadavg()[0]
+        load_before = load_average()
         for _ in range(args.runs):
             runs["cp"].append(timed(["cp", "--sparse=always", str(src), str(cp_dst)]))
             # Flushed first: delayed allocation hides blocks (extent tree) until written back.
@@ -104,18 +104,8 @@ def main() -> None:
             empty(public)
         med = statistics.median
         mib = args.size_mib
-        print(
-            f"machine: {os.cpu_count()} CPUs, load average {load_before:.1f} before, "
-            f"{os.getloadavg()[0]:.1f} after; {args.runs} runs, medians:"
-        )
-        for name, rs in runs.items():
-            secs = med(r.seconds for r in rs)
-            cpu = med(r.cpu_s for r in rs)
-            rss = max(r.peak_rss_mb for r in rs)
-            print(
-                f"{name:8s} {secs:8.2f} s  {mib / secs:8.1f} MiB/s  "
-                f"cpu {cpu:6.2f} s  rss {rss:6.1f} MB"
-            )
+        print(machine_line(load_before, args.runs))
+        print_medians(runs, mib)
         for piece, times in floors.items():
             print(f"MD5 of {mib} MiB of zeros in {piece:2d} MiB pieces: {med(times):.2f} s (floor)")
         floor = min(med(t) for t in floors.values())

@@ -22,7 +22,6 @@ trusts the export's MD5 (one pass).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "lib"))
 
-from http_import import empty, random_file, run_import, timed  # noqa: E402
+from _common import empty, load_average, machine_line, random_file, run_import, timed  # noqa: E402
 
 from tests.payloads import app_xml, datastore_xml, image_xml, import_payload  # noqa: E402
 from tests.servers.oned import install  # noqa: E402
@@ -77,7 +76,7 @@ def main() -> None:
         md5sums: list[float] = []
         cps: list[float] = []
         actions: list[float] = []
-        load_before = os.getloadavg()[0]
+        load_before = load_average()
         try:
             for n in range(args.runs):
                 md5sums.append(timed(["md5sum", str(image)]).seconds)
@@ -105,10 +104,7 @@ def main() -> None:
     base = [m + c for m, c in zip(md5sums, cps, strict=True)]
     ratio = med(i / b for i, b in zip(imports, base, strict=True))
     own = med(i / (m + a) for i, m, a in zip(imports, md5sums, actions, strict=True))
-    print(
-        f"machine: {os.cpu_count()} CPUs, load average {load_before:.1f} before, "
-        f"{os.getloadavg()[0]:.1f} after; {args.runs} runs, medians:"
-    )
+    print(machine_line(load_before, args.runs))
     print(
         f"  md5sum {med(md5sums):.2f} s | cp {med(cps):.2f} s | import action alone "
         f"{med(actions):.2f} s | IMPORT through the MAD {med(imports):.2f} s"

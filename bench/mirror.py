@@ -19,38 +19,21 @@ the same run, on the same (page-cached) files, into the same filesystem:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _common import random_file, timed  # noqa: E402
+
 from tests.servers.mirror_web import MirrorWeb  # noqa: E402
 
-WRITE_CHUNK_BYTES = 8 << 20
-"""Chunk used to write the random test files (8 MiB of memory)."""
 MIB = 1 << 20
-
-
-def random_file(path: Path, size_bytes: int) -> tuple[str, str]:
-    """Write ``size_bytes`` random bytes; their (md5, sha256)."""
-    md5, sha = hashlib.md5(usedforsecurity=False), hashlib.sha256()
-    with path.open("wb") as f:
-        left = size_bytes
-        while left > 0:
-            chunk = os.urandom(min(left, WRITE_CHUNK_BYTES))
-            md5.update(chunk)
-            sha.update(chunk)
-            f.write(chunk)
-            left -= len(chunk)
-    return md5.hexdigest(), sha.hexdigest()
 
 
 def make_source(tree: Path, files: int, size_bytes: int) -> list[str]:
@@ -81,15 +64,6 @@ def make_source(tree: Path, files: int, size_bytes: int) -> list[str]:
     doc = {"sEcho": 1, "appliances": appliances}
     (tree / "appliance.json").write_text(json.dumps(doc))
     return ids
-
-
-def timed(argv: list[str], env: dict[str, str]) -> tuple[float, bytes]:
-    start = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, env=env, check=False)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        sys.exit(f"{argv[:3]} failed ({done.returncode}): {done.stderr.decode()[-800:]}")
-    return seconds, done.stdout
 
 
 def log_lines(web: MirrorWeb) -> int:
@@ -130,25 +104,25 @@ def main() -> int:
         argv = ["curl", "--fail", "-sS"]
         for n, url in enumerate(urls):
             argv += ["-o", str(out / str(n)), url]
-        curl_s, _ = timed(argv, env)
+        curl_s = timed(argv, env).seconds
         files = [str(out / str(n)) for n in range(len(urls))]
-        md5_s, _ = timed(["md5sum", *files], env)
-        sha_s, _ = timed(["sha256sum", *files], env)
+        md5_s = timed(["md5sum", *files], env).seconds
+        sha_s = timed(["sha256sum", *files], env).seconds
         shutil.rmtree(out)
 
         results = {}
         for jobs in sorted({1, args.jobs}):
             dest = scratch / f"mirror-{jobs}"
             cmd = [sys.executable, "-m", "onemarket.cli", "mirror", str(template), str(dest)]
-            seconds, stdout = timed([*cmd, "--jobs", str(jobs), "--json"], env)
-            summary = json.loads(stdout)
+            run = timed([*cmd, "--jobs", str(jobs), "--json"], env)
+            summary = json.loads(run.stdout)
             assert summary["ok"] and summary["bytes"] == total_mib * MIB, summary
-            results[jobs] = seconds
+            results[jobs] = run.seconds
         before = log_lines(web)
         dest = scratch / f"mirror-{args.jobs}"
         cmd = [sys.executable, "-m", "onemarket.cli", "mirror", str(template), str(dest)]
-        second_s, stdout = timed([*cmd, "--json"], env)
-        second = json.loads(stdout)
+        run = timed([*cmd, "--json"], env)
+        second_s, second = run.seconds, json.loads(run.stdout)
         requests = log_lines(web) - before
     finally:
         web.stop()

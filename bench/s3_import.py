@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -31,6 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "lib"))
+
+from _common import load_average, machine_line, random_file  # noqa: E402
 
 MIB = 1 << 20
 TARGET_RATIO = 1.0
@@ -111,9 +112,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="onemarket-bench-") as tmp:
         image = Path(tmp) / "image.raw"
-        with image.open("wb") as f:
-            for _ in range(args.size_mb):
-                f.write(os.urandom(MIB))
+        random_file(image, args.size_mb * MIB)
         server = CephRgw(store=args.store, store_bytes=max(32 << 30, 8 * args.size_mb * MIB))
         server.start()
         print(f"Ceph RGW ({args.store}) ready in {server.startup_s:.1f} s at {server.endpoint}")
@@ -126,7 +125,7 @@ def main() -> None:
             ours: list[dict[str, float]] = []
             base: list[dict[str, float]] = []
             md5sum: list[float] = []
-            load_before = os.getloadavg()[0]
+            load_before = load_average()
             for n in range(args.rounds):
                 start = time.monotonic()
                 subprocess.run(["md5sum", str(image)], check=True, capture_output=True)
@@ -143,15 +142,11 @@ def main() -> None:
                     )
         finally:
             server.stop()
-    load_after = os.getloadavg()[0]
     med = statistics.median
     t_ours, t_base = med(r["seconds"] for r in ours), med(r["seconds"] for r in base)
     ratio = med(b["seconds"] / o["seconds"] for b, o in zip(base, ours, strict=True))
     rss = max(r["rss_mb"] for r in ours)
-    print(
-        f"machine: {os.cpu_count()} CPUs, load average {load_before:.1f} before, "
-        f"{load_after:.1f} after; {args.rounds} rounds, medians:"
-    )
+    print(machine_line(load_before, args.rounds, "rounds"))
     print(
         f"  md5sum {med(md5sum):.2f} s | upload_file {t_base:.2f} s "
         f"({args.size_mb / t_base:.0f} MiB/s, CPU {med(r['cpu_s'] for r in base):.1f} s, "
