@@ -9,6 +9,7 @@ import stat
 import subprocess
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from onemarket import containerdisk as cd
@@ -19,17 +20,23 @@ from tests.servers import need_program
 MTIME = 1_700_000_000
 
 
+def member(name: str, kind: bytes = tarfile.REGTYPE, **attrs: Any) -> tuple[tarfile.TarInfo, bytes]:
+    """A tar member and its ``data`` (regular files only), the other attributes set as given."""
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mtime = MTIME
+    data = attrs.pop("data", b"")
+    for key, value in attrs.items():
+        setattr(info, key, value)
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    return info, data
+
+
 def tarball(path: Path, members: list[tuple[str, bytes, dict]]) -> Path:
     """A tar.gz of (name, type, attributes) members; regular files get ``data``."""
     with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tar:
         for name, kind, attrs in members:
-            info = tarfile.TarInfo(name)
-            info.type = kind
-            info.mtime = MTIME
-            data = attrs.pop("data", b"")
-            for key, value in attrs.items():
-                setattr(info, key, value)
-            info.size = len(data) if kind == tarfile.REGTYPE else 0
+            info, data = member(name, kind, **attrs)
             tar.addfile(info, io.BytesIO(data) if data else None)
     return path
 

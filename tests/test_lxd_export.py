@@ -24,12 +24,12 @@ import pytest
 from onemarket import downloader as dl
 
 from tests.servers import need, need_program
+from tests.test_containerdisk import MTIME, member
 from tests.tools import gen_images_json
 
 TIMEOUT_S = 120
 """Bound on every downloader run."""
 SIZE_MB = 64
-MTIME = 1_700_000_000
 _UNPRIVILEGED_TRIES = (
     ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--no-new-privs"],
     # the interpreter may live where nobody cannot read it (a pyenv under /root): then uid 0
@@ -71,17 +71,6 @@ def work() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _member(name: str, kind: bytes = tarfile.REGTYPE, **kw: Any) -> tuple[tarfile.TarInfo, bytes]:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.mtime = MTIME
-    data = kw.pop("data", b"")
-    for key, value in kw.items():
-        setattr(info, key, value)
-    info.size = len(data) if kind == tarfile.REGTYPE else 0
-    return info, data
-
-
 CAPABILITY = b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
 """security.capability of cap_net_raw+ep (what ping carries)."""
 
@@ -91,28 +80,28 @@ def special_rootfs() -> bytes:
     setuid/setgid/sticky, unreadable files, read-only folders, devices, FIFO, hard link, xattr."""
     pax_cap = {"SCHILY.xattr.security.capability": CAPABILITY.decode("utf-8", "surrogateescape")}
     members = [
-        _member("./", tarfile.DIRTYPE, mode=0o755),
-        _member("./bin", tarfile.SYMTYPE, linkname="usr/bin", mode=0o777),
-        _member("./usr/", tarfile.DIRTYPE, mode=0o755),
-        _member("./usr/bin/", tarfile.DIRTYPE, mode=0o755),
-        _member("./usr/bin/passwd", mode=0o4755, data=b"#!/bin/sh\n"),
-        _member("./usr/bin/ping", mode=0o755, data=b"ping\n", pax_headers=pax_cap),
-        _member("./usr/bin/ping6", tarfile.LNKTYPE, linkname="./usr/bin/ping", mode=0o755),
-        _member("./dev/", tarfile.DIRTYPE, mode=0o755),
-        _member("./dev/null", tarfile.CHRTYPE, mode=0o666, devmajor=1, devminor=3),
-        _member("./dev/sda", tarfile.BLKTYPE, mode=0o660, gid=6, devmajor=8, devminor=0),
-        _member("./dev/initctl", tarfile.FIFOTYPE, mode=0o600),
-        _member("./home/", tarfile.DIRTYPE, mode=0o755),
-        _member("./home/user/", tarfile.DIRTYPE, mode=0o750, uid=1000, gid=1000),
-        _member("./home/user/secret", mode=0o000, uid=1000, gid=1000, data=b"s3cret"),
-        _member("./home/user/link", tarfile.SYMTYPE, linkname="secret", uid=1000, gid=1000),
-        _member("./tmp/", tarfile.DIRTYPE, mode=0o1777),
-        _member("./etc/", tarfile.DIRTYPE, mode=0o555),
-        _member("./etc/shadow", mode=0o640, gid=42, data=b"root:*:19000::::::\n"),
-        _member("./etc/os-release", mode=0o644, data=b"ID=debian\n"),
-        _member("./var/", tarfile.DIRTYPE, mode=0o755),
-        _member("./var/mail/", tarfile.DIRTYPE, mode=0o2775, gid=8),
-        _member("./with space", mode=0o600, uid=7, data=b"x"),
+        member("./", tarfile.DIRTYPE, mode=0o755),
+        member("./bin", tarfile.SYMTYPE, linkname="usr/bin", mode=0o777),
+        member("./usr/", tarfile.DIRTYPE, mode=0o755),
+        member("./usr/bin/", tarfile.DIRTYPE, mode=0o755),
+        member("./usr/bin/passwd", mode=0o4755, data=b"#!/bin/sh\n"),
+        member("./usr/bin/ping", mode=0o755, data=b"ping\n", pax_headers=pax_cap),
+        member("./usr/bin/ping6", tarfile.LNKTYPE, linkname="./usr/bin/ping", mode=0o755),
+        member("./dev/", tarfile.DIRTYPE, mode=0o755),
+        member("./dev/null", tarfile.CHRTYPE, mode=0o666, devmajor=1, devminor=3),
+        member("./dev/sda", tarfile.BLKTYPE, mode=0o660, gid=6, devmajor=8, devminor=0),
+        member("./dev/initctl", tarfile.FIFOTYPE, mode=0o600),
+        member("./home/", tarfile.DIRTYPE, mode=0o755),
+        member("./home/user/", tarfile.DIRTYPE, mode=0o750, uid=1000, gid=1000),
+        member("./home/user/secret", mode=0o000, uid=1000, gid=1000, data=b"s3cret"),
+        member("./home/user/link", tarfile.SYMTYPE, linkname="secret", uid=1000, gid=1000),
+        member("./tmp/", tarfile.DIRTYPE, mode=0o1777),
+        member("./etc/", tarfile.DIRTYPE, mode=0o555),
+        member("./etc/shadow", mode=0o640, gid=42, data=b"root:*:19000::::::\n"),
+        member("./etc/os-release", mode=0o644, data=b"ID=debian\n"),
+        member("./var/", tarfile.DIRTYPE, mode=0o755),
+        member("./var/mail/", tarfile.DIRTYPE, mode=0o2775, gid=8),
+        member("./with space", mode=0o600, uid=7, data=b"x"),
     ]
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -130,10 +119,10 @@ def fake_deb() -> bytes:
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w:xz") as tar:
             for d in dirs:
-                info, _ = _member(d, tarfile.DIRTYPE, mode=0o755)
+                info, _ = member(d, tarfile.DIRTYPE, mode=0o755)
                 tar.addfile(info)
             for name, data, mode in entries:
-                info, _ = _member(name, mode=mode, data=data)
+                info, _ = member(name, mode=mode, data=data)
                 tar.addfile(info, io.BytesIO(data))
         return buf.getvalue()
 
@@ -498,7 +487,7 @@ def test_unknown_rootfs_and_xfs(server: Any, work: Path) -> None:
 def test_rootfs_larger_than_the_image(server: Any, work: Path) -> None:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:xz") as tar:
-        info, data = _member("./big", data=os.urandom(3 << 20))
+        info, data = member("./big", data=os.urandom(3 << 20))
         tar.addfile(info, io.BytesIO(data))
     publish(server, "ubuntu:jammy:amd64:default", buf.getvalue())
     src = source_of(server, "ubuntu:jammy:amd64:default").replace(f"size={SIZE_MB}", "size=2")

@@ -25,6 +25,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 from xmlrpc.server import SimpleXMLRPCRequestHandler, SimpleXMLRPCServer
 
 import pytest
@@ -288,6 +289,16 @@ class _Failure(Exception):
         self.code = code
 
 
+_T = TypeVar("_T")
+
+
+def _existing(found: _T | None, what: str, wanted: int) -> _T:
+    """``found``, or oned's answer for an object id that does not exist."""
+    if found is None:
+        raise _Failure(f"Error getting {what} [{wanted}].", ONE_NO_EXISTS)
+    return found
+
+
 @dataclass
 class FakeOned:
     session: str = "oneadmin:Secr3t-pass"
@@ -366,10 +377,8 @@ class FakeOned:
     # -- markets, hosts, datastores
 
     def _market(self, market_id: int) -> FakeMarket:
-        for m in self.markets:
-            if m.id == market_id:
-                return m
-        raise _Failure(f"Error getting marketplace [{market_id}].", ONE_NO_EXISTS)
+        found = next((m for m in self.markets if m.id == market_id), None)
+        return _existing(found, "marketplace", market_id)
 
     def _market_info(self, market_id: int, *_: object) -> etree._Element:
         return market_element(self._market(market_id))
@@ -381,10 +390,9 @@ class FakeOned:
         return host_pool_element(self.hosts)
 
     def _datastore(self, ds_id: int) -> FakeDatastore:
-        for d in self.datastores:
-            if d.id == ds_id:
-                return d
-        raise _Failure(f"Error getting datastore [{ds_id}].", ONE_NO_EXISTS)
+        return _existing(
+            next((d for d in self.datastores if d.id == ds_id), None), "datastore", ds_id
+        )
 
     def _datastore_info(self, ds_id: int, *_: object) -> etree._Element:
         return datastore_element(self._datastore(ds_id))
@@ -425,10 +433,7 @@ class FakeOned:
         return image.id
 
     def _image(self, image_id: int) -> FakeImage:
-        image = self.images.get(image_id)
-        if image is None:
-            raise _Failure(f"Error getting image [{image_id}].", ONE_NO_EXISTS)
-        return image
+        return _existing(self.images.get(image_id), "image", image_id)
 
     def _image_info(self, image_id: int, *_: object) -> etree._Element:
         image = self._image(image_id)
@@ -479,10 +484,7 @@ class FakeOned:
         return app.id
 
     def _app(self, app_id: int) -> FakeApp:
-        app = self.apps.get(app_id)
-        if app is None:
-            raise _Failure(f"Error getting marketplace app [{app_id}].", ONE_NO_EXISTS)
-        return app
+        return _existing(self.apps.get(app_id), "marketplace app", app_id)
 
     def _drop(self, app: FakeApp) -> None:
         del self.apps[app.id]
