@@ -68,6 +68,7 @@ from .errors import (
     one_line,
 )
 from .installation import Installation
+from .location import app_id_from_source
 from .markets import PUBLIC_DRIVERS, load_market, missing_attrs
 from .mirror.command import add_mirror_parser
 from .oneclient import OnedApp, OnedMarket
@@ -239,16 +240,6 @@ def load(ref: str) -> Market:
 
 def context(progress: Any = None) -> Context:
     return Context(installation=installation(), progress=progress)
-
-
-_APP_ID_RE = re.compile(r"^(?:app|marketapp)-(\d{1,18})(?:-|$)")
-
-
-def app_id_from_source(source: str) -> int:
-    """The app id our drivers put in a SOURCE's last component (``app-<id>-...``,
-    ``marketapp-<id>``), or -1. With BRIDGE_LIST the id picks the host holding the file."""
-    m = _APP_ID_RE.match(source.rstrip("/").rsplit("/", 1)[-1])
-    return int(m.group(1)) if m else -1
 
 
 # ---------------------------------------------------------------------------- check

@@ -22,7 +22,7 @@ import pytest
 import requests
 from onemarket.action import App, ImportInfo, Market
 from onemarket.backends.base import Context, ImportRequest, ImportResult
-from onemarket.backends.http_folder import HttpFolderBackend, relative_path
+from onemarket.backends.http_folder import HttpFolderBackend
 from onemarket.bridge import host_for_app, parse_bridge_list
 from onemarket.errors import (
     ChecksumError,
@@ -34,6 +34,7 @@ from onemarket.errors import (
     UnsafePathError,
 )
 from onemarket.installation import Installation
+from onemarket.location import HttpLocation
 from onemarket.template import parse_template
 
 from tests.payloads import app_xml, import_info_xml, import_payload
@@ -474,9 +475,9 @@ def test_delete_refuses_symlinks_out(nginx: Nginx, attrs: dict[str, str], tmp_pa
 
 
 def test_relative_path_accepts_plain_names() -> None:
-    assert str(relative_path("http://h/m/app-1-ab", "http://h/m/")) == "app-1-ab"
-    assert str(relative_path("http://h/m/a%2Db", "http://h/m")) == "a-b"
-    assert str(relative_path("http://h/m/d/f.qcow2", "http://h/m")) == "d/f.qcow2"
+    assert str(HttpLocation.parse("http://h/m/app-1-ab", "http://h/m/").path) == "app-1-ab"
+    assert str(HttpLocation.parse("http://h/m/a%2Db", "http://h/m").path) == "a-b"
+    assert str(HttpLocation.parse("http://h/m/d/f.qcow2", "http://h/m").path) == "d/f.qcow2"
 
 
 # monitor ------------------------------------------------------------------------------------

@@ -11,18 +11,18 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-import secrets
 import shlex
 import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from .. import driverlog
 from ..action import App, Market
 from ..bridge import available_hosts, host_for_app, hosts_in_turn, parse_bridge_list
 from ..errors import ConfigError, RemoteError, StorageError, UnsafePathError, from_os_error
+from ..location import HttpLocation
 from ..progress import Progress
 from ..transfer.interrupt import Deadline
 from ..transfer.local import write_atomically
@@ -38,7 +38,6 @@ from .base import (
 )
 
 MIB = 1 << 20
-_SAFE_COMPONENT = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-+~")
 
 EXIT_MISSING = 10
 EXIT_OUTSIDE = 11
@@ -102,40 +101,6 @@ class HttpFolderConfig:
         return f"{self.base_url}/{name}"
 
 
-def new_file_name(app_id: int) -> str:
-    """A flat, unique name: the app id for humans, 128 random bits against collisions."""
-    return f"app-{max(app_id, 0)}-{secrets.token_hex(16)}"
-
-
-def relative_path(source: str, base_url: str) -> PurePosixPath:
-    """The path of ``source`` below ``base_url``, refusing anything that could leave it."""
-    base = base_url.rstrip("/") + "/"
-    if not source.startswith(base):
-        raise UnsafePathError(f"SOURCE {source[:200]!r} is not under BASE_URL {base_url!r}")
-    raw = source[len(base) :]
-    if any(c in raw for c in "?#"):
-        raise UnsafePathError(f"SOURCE {source[:200]!r} carries a query or fragment")
-    try:
-        decoded = unquote(raw, errors="strict")
-    except UnicodeDecodeError:
-        raise UnsafePathError(f"SOURCE {source[:200]!r} is not valid UTF-8") from None
-    if "%" in decoded:
-        raise UnsafePathError(f"SOURCE {source[:200]!r} is percent-encoded more than once")
-    if not decoded or decoded.startswith("/") or "\\" in decoded or "\0" in decoded:
-        raise UnsafePathError(f"SOURCE {source[:200]!r} does not name a file under BASE_URL")
-    parts = decoded.split("/")
-    for part in parts:
-        if part in ("", ".", ".."):
-            raise UnsafePathError(
-                f"SOURCE {source[:200]!r} names a path that would leave PUBLIC_DIR"
-            )
-        if not set(part) <= _SAFE_COMPONENT:
-            raise UnsafePathError(
-                f"SOURCE {source[:200]!r} holds characters outside [A-Za-z0-9._+~-]: refused"
-            )
-    return PurePosixPath(*parts)
-
-
 def _inside(path: str, root: str) -> bool:
     return path.startswith(root.rstrip("/") + "/")
 
@@ -154,7 +119,7 @@ class HttpFolderBackend(Backend):
     def import_app(self, request: ImportRequest) -> ImportResult:
         cfg = self.config
         info = request.source
-        name = new_file_name(request.app.id)
+        name = HttpLocation.new_name(request.app.id)
         deadline = Deadline(self.context.timeout_s, f"import of app {request.app.id}")
         host = None
         if cfg.bridge_list:
@@ -212,7 +177,7 @@ class HttpFolderBackend(Backend):
         if not app.source.strip():
             driverlog.warn(f"app {app.id} has no SOURCE (its import failed?): nothing to delete")
             return
-        rel = relative_path(app.source, cfg.base_url)
+        rel = HttpLocation.parse(app.source, cfg.base_url).path
         if cfg.bridge_list:
             hosts = available_hosts(cfg.bridge_list)
             self._delete_remote(host_for_app(hosts, app.id), rel)

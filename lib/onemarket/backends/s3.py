@@ -51,6 +51,7 @@ from ..errors import (
     StorageError,
     UnsafePathError,
 )
+from ..location import S3Location
 from ..progress import Progress
 from ..s3config import (
     METADATA_IMPORTING,
@@ -346,7 +347,7 @@ class S3Backend(Backend):
         return f"{self.prefix}-{app.id}"
 
     def uri(self, key: str) -> str:
-        return f"s3://{self.bucket}/{key}"
+        return S3Location(self.bucket, key).url
 
     def _error(self, exc: BaseException, what: str) -> MarketError:
         return s3_error(self._explain(exc), what, self.settings.where)
@@ -750,16 +751,17 @@ class S3Backend(Backend):
 
     def delete_app(self, app: App) -> None:
         source = app.source.strip()
-        scheme, sep, rest = source.partition("://")
-        if not sep or scheme.lower() != "s3":
-            raise UnsafePathError(f"app {app.id}: SOURCE {source[:200]!r} is not an s3:// URL")
-        bucket, _, key = rest.partition("/")
-        if bucket != self.bucket:
+        try:
+            loc = S3Location.parse(source)
+        except UnsafePathError as exc:
+            raise UnsafePathError(f"app {app.id}: {exc}") from None
+        if loc.bucket != self.bucket:
             raise UnsafePathError(
                 f"app {app.id}: SOURCE {source[:200]!r} is outside the marketplace's bucket "
                 f"'{self.bucket}': refused"
             )
-        if not key or "/" in key or key in (".", ".."):
+        key = loc.key
+        if "/" in key or key in (".", ".."):
             raise UnsafePathError(
                 f"app {app.id}: SOURCE {source[:200]!r} does not name an object of the "
                 "marketplace (a key without '/'): refused"
