@@ -68,6 +68,15 @@ def test_one_word_arguments_are_split_and_enforced(oned: OneLocation, tmp_path: 
     assert "4 at once, timeout 1.0" in mad.log_text()
 
 
+def test_oneds_blocked_signals_are_unblocked(oned: OneLocation) -> None:
+    # oned starts the MAD with every signal blocked (Nebula.cc); a MAD that kept the mask could
+    # not SIGTERM its own forked actions (-w, FINALIZE, parent death would skip clean-ups)
+    mad = oned.start()
+    status = Path(f"/proc/{mad.pid}/status").read_text()
+    blocked = next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk"))
+    assert int(blocked, 16) == 0
+
+
 def test_empty_arguments_and_several_words(oned: OneLocation) -> None:
     mad = oned.start()  # ARGUMENTS = "": one empty word
     assert mad.argument == ""

@@ -5,6 +5,7 @@ oned runs ``execlp(cmd, cmd, ARGUMENTS, NULL)`` with fd 2 closed (OpenNebula
 and any failure before ``INIT SUCCESS`` only shows as ``Driver initialization failed`` in
 oned.log. So this module, which needs nothing but the standard library:
 
+- clears the signal mask (oned runs with every signal blocked, and the mask is inherited);
 - makes fds 0, 1 and 2 valid (a closed fd 2 would otherwise be taken by the next ``open``, and
   the MAD's log lines would land in a pipe or a file by accident);
 - splits the arguments at blanks as the stock wrapper's unquoted ``$*`` does
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -33,6 +35,15 @@ LOG_ENV = "ONE_MARKET_MAD_LOG"
 INIT_WAIT_BYTES = 64 * 1024
 """Most bytes read while waiting for oned's ``INIT`` line to answer it with a failure."""
 EXIT_STARTUP_FAILED = 1
+
+
+def unblock_signals() -> None:
+    """Clear the signal mask oned leaves: it blocks every signal in its threads
+    (``src/nebula/Nebula.cc``, ``pthread_sigmask(SIG_BLOCK, ...)`` before the managers start)
+    and the mask survives fork and exec, so a MAD that kept it could neither be stopped nor
+    stop its actions with SIGTERM (a forked action would ignore ``-w`` for its grace period and
+    skip its clean-up). The stock Ruby MAD starts with an empty mask for the same reason."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
 def ensure_std_fds() -> None:
@@ -105,6 +116,7 @@ def init_failure(reason: str) -> NoReturn:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    unblock_signals()
     ensure_std_fds()
     words = split_arguments(sys.argv[1:] if argv is None else argv)
     try:
