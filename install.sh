@@ -168,7 +168,7 @@ downloader_wrapper() {
   # stock script kept beside this one does the work, as before the install
   cat <<EOF
 #!/bin/sh
-# $MARKER: installed by install.sh; reads s3:// sources itself, hands others to downloader.sh.orig
+# $MARKER: installed by install.sh; reads s3:// and lxd:// sources itself, hands others to downloader.sh.orig
 if [ -x "$PY" ]; then
   exec "$PY" -I -m onemarket.downloader "\$@"
 fi
