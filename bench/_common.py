@@ -8,6 +8,7 @@ The benchmarks run as scripts (``.venv/bin/python bench/<name>.py``), so this fo
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import statistics
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,24 @@ def random_file(path: Path, size_bytes: int) -> tuple[str, str]:
             f.write(chunk)
             left -= len(chunk)
     return md5.hexdigest(), sha.hexdigest()
+
+
+def random_image(path: Path, size_mib: int) -> None:
+    """A random file of ``size_mib`` MiB, read once so that every command finds it in the page
+    cache (the baselines and our action then read the same cached bytes)."""
+    print(f"writing {size_mib} MiB of random data to {path}")
+    random_file(path, size_mib << 20)
+    subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
+
+
+@contextlib.contextmanager
+def scratch(folder: str) -> Iterator[Path]:
+    """A temporary folder below ``folder`` holding an empty ``public`` (the PUBLIC_DIR of the
+    http market imported into); removed with everything in it afterwards."""
+    with tempfile.TemporaryDirectory(prefix="onemarket-bench-", dir=folder) as tmp:
+        root = Path(tmp)
+        (root / "public").mkdir()
+        yield root
 
 
 def empty(folder: Path) -> None:

@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,8 +30,9 @@ from _common import (
     load_average,
     machine_line,
     print_medians,
-    random_file,
+    random_image,
     run_import,
+    scratch,
     timed,
 )
 
@@ -48,14 +47,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="runs of each command (median is kept)")
     args = ap.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="onemarket-bench-", dir=args.dir) as tmp:
-        root = Path(tmp)
-        src = root / "image.raw"
-        public = root / "public"
-        public.mkdir()
-        print(f"writing {args.size_mib} MiB of random data to {src}")
-        random_file(src, args.size_mib << 20)
-        subprocess.run(["cat", str(src)], stdout=subprocess.DEVNULL, check=True)  # warm cache
+    with scratch(args.dir) as root:
+        src, public = root / "image.raw", root / "public"
+        random_image(src, args.size_mib)
         runs: dict[str, list[Run]] = {"cp": [], "md5sum": [], "import": []}
         load_before = load_average()
         for _ in range(args.runs):

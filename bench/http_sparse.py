@@ -25,13 +25,21 @@ import hashlib
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Run, empty, load_average, machine_line, print_medians, run_import, timed
+from _common import (
+    Run,
+    empty,
+    load_average,
+    machine_line,
+    print_medians,
+    run_import,
+    scratch,
+    timed,
+)
 
 TARGET_TIME_RATIO = 2.0
 
@@ -74,11 +82,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="runs of each (medians are printed)")
     args = ap.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="onemarket-bench-", dir=args.dir) as tmp:
-        root = Path(tmp)
-        src = root / "sparse.raw"
-        public = root / "public"
-        public.mkdir()
+    with scratch(args.dir) as root:
+        src, public = root / "sparse.raw", root / "public"
         sparse_file(src, args.size_mib, args.data_mib, args.extents)
         print(
             f"source: {args.size_mib} MiB apparent, {allocated_kib(src)} KiB allocated "

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +32,15 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "lib"))
 
-from _common import empty, load_average, machine_line, random_file, run_import, timed  # noqa: E402
+from _common import (  # noqa: E402
+    empty,
+    load_average,
+    machine_line,
+    random_image,
+    run_import,
+    scratch,
+    timed,
+)
 
 from tests.payloads import app_xml, datastore_xml, image_xml, import_payload  # noqa: E402
 from tests.servers.oned import install  # noqa: E402
@@ -60,14 +67,9 @@ def main() -> None:
     ap.add_argument("--dir", default="/var/tmp", help="scratch folder (needs 2 x size free)")
     args = ap.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="onemarket-bench-", dir=args.dir) as tmp:
-        root = Path(tmp)
-        image = root / "image.raw"
-        public = root / "public"
-        public.mkdir()
-        print(f"writing {args.size_mib} MiB of random data to {image}")
-        random_file(image, args.size_mib << 20)
-        timed(["cat", str(image)])  # into the page cache, as for the baselines
+    with scratch(args.dir) as root:
+        image, public = root / "image.raw", root / "public"
+        random_image(image, args.size_mib)
         one = install(root / "one")
         one.add_datastore(DS_MAD, EXPORT_SCRIPT.format(image=image, size_mb=args.size_mib))
         mad = one.start("-t", "15", "-m", "http")

@@ -84,7 +84,7 @@ def main() -> int:
         sys.exit("curl is not installed")
 
     scratch = Path(tempfile.mkdtemp(prefix="onemarket-bench-mirror-", dir=args.dir))
-    web = MirrorWeb(root=scratch / "nginx", tree=scratch / "source")
+    web = MirrorWeb(root=scratch / "nginx", public_dir=scratch / "source")
     try:
         web.tree.mkdir(parents=True)
         ids = make_source(web.tree, args.files, args.size_mib * MIB)

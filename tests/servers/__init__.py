@@ -9,6 +9,7 @@ in a thread of the test process (:func:`serve_in_thread` / :func:`stop_serving`)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -16,7 +17,9 @@ import socketserver
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import pytest
 
@@ -120,3 +123,21 @@ def without_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in PROXY_VARS:
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.upper(), raising=False)
+
+
+class Startable(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+_S = TypeVar("_S", bound=Startable)
+
+
+@contextlib.contextmanager
+def running(server: _S) -> Iterator[_S]:
+    """``server`` started, and stopped when the block (a test, a fixture's scope) ends."""
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

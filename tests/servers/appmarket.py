@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
+from tests.servers import running
 from tests.servers.httpd import StaticHttpServer
 
 COMMUNITY_ANSWER = Path(__file__).resolve().parents[1] / "data" / "one-community-appliance.json"
@@ -102,9 +103,6 @@ class Appmarket:
 def running_appmarket() -> Iterator[Appmarket]:
     """A started server holding the Community Marketplace appliances (stopped on exit)."""
     market = Appmarket()
-    market.server.start()
-    try:
+    with running(market.server):
         market.load_community()
         yield market
-    finally:
-        market.server.stop()

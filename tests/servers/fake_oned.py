@@ -32,7 +32,7 @@ import pytest
 from lxml import etree
 from onemarket.template import parse_template
 
-from tests.servers import serve_in_thread, stop_serving
+from tests.servers import running, serve_in_thread, stop_serving
 
 ONE_AUTHENTICATION = 0x0100
 ONE_NO_EXISTS = 0x0400
@@ -537,11 +537,7 @@ def use_one_auth(monkeypatch: pytest.MonkeyPatch, path: Path, session: str) -> N
 @pytest.fixture
 def fake_oned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOned]:
     """A running fake oned, with ONE_XMLRPC and ONE_AUTH pointing at it for this test."""
-    server = FakeOned()
-    server.start()
-    monkeypatch.setenv("ONE_XMLRPC", server.url)
-    use_one_auth(monkeypatch, tmp_path / "one_auth", server.session)
-    try:
+    with running(FakeOned()) as server:
+        monkeypatch.setenv("ONE_XMLRPC", server.url)
+        use_one_auth(monkeypatch, tmp_path / "one_auth", server.session)
         yield server
-    finally:
-        server.stop()

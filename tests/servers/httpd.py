@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import serve_in_thread, stop_serving
+from tests.servers import running, serve_in_thread, stop_serving
 
 Handler = Callable[[BaseHTTPRequestHandler], None]
 LAST_MODIFIED = email.utils.formatdate(1_700_000_000, usegmt=True)
@@ -180,9 +180,5 @@ def slow(delay_s: float, body: bytes = b"") -> Handler:
 
 @pytest.fixture
 def httpd() -> Iterator[StaticHttpServer]:
-    server = StaticHttpServer()
-    server.start()
-    try:
+    with running(StaticHttpServer()) as server:
         yield server
-    finally:
-        server.stop()

@@ -11,10 +11,11 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
-from tests.servers import free_port, need_program, start_process, stop_process
+from tests.servers import free_port, need_program, running, start_process, stop_process
 
 URL_PATH = "/market"
 
@@ -78,6 +79,9 @@ class Nginx:
     public_dir: Path
     port: int = 0
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    LOCATIONS: ClassVar[str] = _MARKET_LOCATIONS
+    """The ``location`` blocks, with ``{url_path}`` and ``{public_dir}`` to fill in."""
+    TYPES: ClassVar[str] = "application/octet-stream bin;"
 
     @property
     def base_url(self) -> str:
@@ -85,8 +89,8 @@ class Nginx:
 
     def start(self) -> None:
         self.public_dir.mkdir(parents=True, exist_ok=True)
-        locations = _MARKET_LOCATIONS.format(url_path=URL_PATH, public_dir=self.public_dir)
-        self.port, self.proc = start_nginx(self.root, locations)
+        locations = self.LOCATIONS.format(url_path=URL_PATH, public_dir=self.public_dir)
+        self.port, self.proc = start_nginx(self.root, locations, self.TYPES)
 
     def stop(self) -> None:
         stop_process(self.proc)
@@ -96,9 +100,5 @@ class Nginx:
 @pytest.fixture
 def nginx(tmp_path: Path) -> Iterator[Nginx]:
     """A running nginx whose ``public_dir`` is empty and served at ``base_url``."""
-    server = Nginx(root=tmp_path / "nginx", public_dir=tmp_path / "public")
-    server.start()
-    try:
+    with running(Nginx(root=tmp_path / "nginx", public_dir=tmp_path / "public")) as server:
         yield server
-    finally:
-        server.stop()

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.servers import free_port, need_program
+from tests.servers import free_port, need_program, running
 
 START_TIMEOUT_S = 120.0
 """Longest wait for each daemon (radosgw creates its pools on first start: a few seconds)."""
@@ -381,9 +381,5 @@ def rgw() -> Iterator[CephRgw]:
     """A running Ceph RGW for the whole session, started on first use (about 1.5 s with
     memstore on a 2-core machine; bluestore about 5 s)."""
     _need_ceph()
-    server = CephRgw()
-    server.start()
-    try:
+    with running(CephRgw()) as server:
         yield server
-    finally:
-        server.stop()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import free_port, need_program, start_process, stop_process
+from tests.servers import free_port, need_program, running, start_process, stop_process
 
 ALIASES = ("bridge1", "bridge2")
 HOST_KEY_ALIAS = "onemarket-test-sshd"
@@ -145,10 +145,6 @@ class Sshd:
 @pytest.fixture
 def sshd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sshd]:
     """A running sshd; ``ONE_MARKET_SSH_CONFIG`` points the driver's ssh at it."""
-    server = Sshd(root=tmp_path / "sshd")
-    server.start()
-    monkeypatch.setenv(SSH_CONFIG_ENV, str(server.config))
-    try:
+    with running(Sshd(root=tmp_path / "sshd")) as server:
+        monkeypatch.setenv(SSH_CONFIG_ENV, str(server.config))
         yield server
-    finally:
-        server.stop()
