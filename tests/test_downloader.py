@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 from onemarket import downloader as dl
 from onemarket.errors import ChecksumError, RemoteError, SourceError, StorageError
+from onemarket.location import S3Location
+from onemarket.transfer import sinks, sources, stages
 
 from tests import payloads
 from tests.servers import free_port
@@ -148,11 +150,11 @@ def test_which_sources_are_ours(argv: list[str], ours: bool) -> None:
 
 
 def test_s3_locations() -> None:
-    assert dl.S3Location.parse("s3://bucket/marketapp-7") == dl.S3Location("bucket", "marketapp-7")
-    assert dl.S3Location.parse("s3://b/dir/key").key == "dir/key"
+    assert dl.s3_location("s3://bucket/marketapp-7") == S3Location("bucket", "marketapp-7")
+    assert dl.s3_location("s3://b/dir/key").key == "dir/key"
     for bad in ("s3://", "s3://bucket", "s3://bucket/", "s3:///key"):
         with pytest.raises(dl.UsageError):
-            dl.S3Location.parse(bad)
+            dl.s3_location(bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,8 +174,8 @@ COMPRESSORS = {"gzip": gzip.compress, "bzip2": bz2.compress, "xz": lzma.compress
 @pytest.mark.parametrize("piece", [1, 4096, 1 << 20])
 def test_decompression_streams_in_any_chunking(kind: str, piece: int) -> None:
     packed = COMPRESSORS[kind](PAYLOAD[: 20_000 if piece == 1 else None])
-    assert dl.detect_compression(packed[:16]) == kind
-    dec = dl.Decompressor(kind, "test")
+    assert stages.detect_compression(packed[:16]) == kind
+    dec = stages.Decompressor(kind, "test")
     out = b"".join(p for c in chunks_of(packed, piece) for p in dec.feed(c))
     dec.finish()
     assert out == PAYLOAD[: 20_000 if piece == 1 else None]
@@ -183,7 +185,7 @@ def test_decompression_streams_in_any_chunking(kind: str, piece: int) -> None:
 def test_concatenated_members_and_nul_padding(kind: str) -> None:
     compress = COMPRESSORS[kind]
     packed = compress(b"first ") + compress(b"second") + b"\0" * 8
-    dec = dl.Decompressor(kind, "test")
+    dec = stages.Decompressor(kind, "test")
     assert b"".join(dec.feed(packed)) == b"first second"
     dec.finish()
 
@@ -191,12 +193,12 @@ def test_concatenated_members_and_nul_padding(kind: str) -> None:
 @pytest.mark.parametrize("kind", sorted(COMPRESSORS))
 def test_truncated_and_corrupt_compressed_data(kind: str) -> None:
     packed = COMPRESSORS[kind](PAYLOAD)
-    dec = dl.Decompressor(kind, "s3://b/k")
+    dec = stages.Decompressor(kind, "s3://b/k")
     for _ in dec.feed(packed[: len(packed) // 2]):
         pass
     with pytest.raises(SourceError, match="truncated"):
         dec.finish()
-    dec = dl.Decompressor(kind, "s3://b/k")
+    dec = stages.Decompressor(kind, "s3://b/k")
     with pytest.raises(SourceError, match="corrupt"):
         for _ in dec.feed(packed + b"trailing garbage"):
             pass
@@ -205,10 +207,10 @@ def test_truncated_and_corrupt_compressed_data(kind: str) -> None:
 def test_decompression_output_is_bounded_per_step() -> None:
     """A small gzip of 64 MiB of zeros never yields more than one chunk at a time."""
     zeros = gzip.compress(b"\0" * (64 << 20), compresslevel=9)
-    dec = dl.Decompressor("gzip", "bomb")
+    dec = stages.Decompressor("gzip", "bomb")
     total = 0
     for piece in dec.feed(zeros):
-        assert len(piece) <= dl.CHUNK_BYTES
+        assert len(piece) <= stages.CHUNK_BYTES
         total += len(piece)
     dec.finish()
     assert total == 64 << 20
@@ -220,12 +222,12 @@ def test_archives_recognised() -> None:
         info = tarfile.TarInfo("disk.img")
         info.size = 3
         tar.addfile(info, io.BytesIO(b"abc"))
-    assert dl.detect_archive(buf.getvalue()[:512]) == "tar"
+    assert stages.detect_archive(buf.getvalue()[:512]) == "tar"
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("disk.img", b"abc")
-    assert dl.detect_archive(buf.getvalue()[:512]) == "zip"
-    assert dl.detect_archive(b"QFI\xfb" + b"\0" * 600) is None
+    assert stages.detect_archive(buf.getvalue()[:512]) == "zip"
+    assert stages.detect_archive(b"QFI\xfb" + b"\0" * 600) is None
 
 
 class FakeBody:
@@ -247,7 +249,7 @@ class FakeBody:
 
 
 def test_resume_after_dropped_connections(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dl.time, "sleep", lambda s: None)
+    monkeypatch.setattr(sources.time, "sleep", lambda s: None)
     data = os.urandom(300_000)
     offsets: list[int] = []
 
@@ -256,7 +258,7 @@ def test_resume_after_dropped_connections(monkeypatch: pytest.MonkeyPatch) -> No
         # every connection breaks 100 kB later, except the last
         return FakeBody(data[offset:], cut=100_000 if offset < 200_000 else None)
 
-    reader = dl.ResumingReader(
+    reader = sources.ResumingReader(
         open_at, len(data), "s3://b/k", attempts=3, body=FakeBody(data, cut=50_000)
     )
     out = b"".join(iter(lambda: reader.read(8192), b""))
@@ -266,22 +268,24 @@ def test_resume_after_dropped_connections(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_resumes_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dl.time, "sleep", lambda s: None)
+    monkeypatch.setattr(sources.time, "sleep", lambda s: None)
     data = os.urandom(10_000)
 
     def open_at(offset: int) -> FakeBody:
         return FakeBody(data[offset:], cut=0)
 
-    reader = dl.ResumingReader(open_at, len(data), "s3://b/k", attempts=2, body=FakeBody(data, 10))
+    reader = sources.ResumingReader(
+        open_at, len(data), "s3://b/k", attempts=2, body=FakeBody(data, 10)
+    )
     with pytest.raises(RemoteError, match=r"connection lost at byte 10 of 10000 .* after 2"):
         while reader.read(100):
             pass
 
 
 def test_short_body_counts_as_broken(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dl.time, "sleep", lambda s: None)
+    monkeypatch.setattr(sources.time, "sleep", lambda s: None)
     data = b"x" * 1000
-    reader = dl.ResumingReader(
+    reader = sources.ResumingReader(
         lambda off: FakeBody(data[off:]), len(data), "s", attempts=1, body=FakeBody(data[:400])
     )
     assert b"".join(iter(lambda: reader.read(64), b"")) == data
@@ -292,29 +296,23 @@ def test_rate_limiter_sleeps_to_the_rate(monkeypatch: pytest.MonkeyPatch) -> Non
     now = [0.0]
     slept: list[float] = []
     monkeypatch.setattr(
-        dl.time, "sleep", lambda s: (slept.append(s), now.__setitem__(0, now[0] + s))
+        stages.time, "sleep", lambda s: (slept.append(s), now.__setitem__(0, now[0] + s))
     )
-    limiter = dl.RateLimiter(1000.0, clock=lambda: now[0])
+    limiter = stages.RateLimiter(1000.0, clock=lambda: now[0])
     for _ in range(10):
         limiter.consumed(500)
     assert sum(slept) == pytest.approx(5.0)
-    assert limiter.read_size == dl.MIN_THROTTLED_READ_BYTES
+    assert limiter.read_size == stages.MIN_THROTTLED_READ_BYTES
 
 
 def copy_to(
     tmp_path: Path, raw: bytes, *argv: str, meta_md5: str = "", meta_sha256: str = ""
 ) -> Path:
-    """copy_stream of ``raw`` into tmp_path/out with the given options."""
+    """The downloader's stages from ``raw`` into tmp_path/out with the given options."""
     dest = tmp_path / "out"
     opts = dl.parse_args([*argv, "s3://b/k", str(dest)])
-    checks = dl.Checks("s3://b/k", opts, meta_md5, meta_sha256)
-    sink = dl.FileSink(str(dest), "s3://b/k")
-    try:
-        result = dl.copy_stream(io.BytesIO(raw), sink, opts, checks, "s3://b/k")
-        sink.commit(unpack=not opts.nodecomp and not result.partial)
-    except BaseException:
-        sink.abort()
-        raise
+    checks = dl.checks("s3://b/k", opts, meta_md5, meta_sha256)
+    dl.copy_to_dest(io.BytesIO(raw), sinks.FileSink(str(dest), "s3://b/k"), opts, checks)
     return dest
 
 
@@ -358,9 +356,9 @@ def test_archives_unpacked_into_the_destination(tmp_path: Path) -> None:
         zf.writestr("disk.img", b"zipped")
     dest2 = tmp_path / "z"
     opts = dl.parse_args(["s3://b/k", str(dest2)])
-    sink = dl.FileSink(str(dest2), "s")
-    dl.copy_stream(io.BytesIO(zbuf.getvalue()), sink, opts, dl.Checks("s", opts, "", ""), "s")
-    sink.commit(unpack=True)
+    dl.copy_to_dest(
+        io.BytesIO(zbuf.getvalue()), sinks.FileSink(str(dest2), "s"), opts, dl.checks("s", opts)
+    )
     assert (dest2 / "disk.img").read_bytes() == b"zipped"
     # -n: no decompression, no unpacking (the stock script sees octet-stream then)
     assert copy_to(tmp_path / "z", zbuf.getvalue(), "-n").read_bytes() == zbuf.getvalue()
@@ -381,7 +379,7 @@ def test_archive_escaping_its_folder_is_refused(tmp_path: Path) -> None:
 
 def test_destination_that_is_a_directory(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="is a directory"):
-        dl.FileSink(str(tmp_path), "s")
+        sinks.FileSink(str(tmp_path), "s")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,40 +28,43 @@ next run on the same host (:func:`remove_stale_leftovers`).
 
 from __future__ import annotations
 
-import bz2
 import contextlib
 import getopt
-import hashlib
-import lzma
 import os
 import re
 import shutil
 import signal
 import socket
 import sys
-import tarfile
 import tempfile
-import time
-import zipfile
-import zlib
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
-from urllib.parse import unquote
+from typing import Any
 
 from . import driverlog
 from .errors import (
-    ChecksumError,
     ConfigError,
     MarketError,
     PayloadError,
-    RemoteError,
-    SourceError,
     StorageError,
+    UnsafePathError,
     from_os_error,
     one_line,
 )
+from .location import S3Location
+from .transfer.hashing import Verifier
+from .transfer.sinks import FileSink, Sink, StdoutSink, umask
+from .transfer.sources import (
+    RESUME_ATTEMPTS,
+    FileSource,
+    HttpRange,
+    ResumingReader,
+    S3Range,
+    Source,
+    http_stream_errors,
+    s3_stream_errors,
+)
+from .transfer.stages import PumpResult, pump
 
 EXIT_FAILURE = 255
 """Exit status of every failure (the stock script exits -1, seen by callers as 255)."""
@@ -73,30 +76,7 @@ WRAPPER_MARKER = b"onemarket"
 WRAPPER_PROBE_BYTES = 512
 """Head of a candidate original read to look for the marker (only the first lines matter)."""
 
-CHUNK_BYTES = 1 << 20
-"""Bytes asked of the network per read, and the most a decompressor emits per call: memory holds
-a few such chunks whatever the object size (about 4 MiB in all)."""
-WRITE_BUFFER_BYTES = 1 << 20
-"""Buffer of the destination file or stdout (one chunk)."""
-SNIFF_BYTES = 512
-"""Head of the downloaded stream kept to recognise compression, and of the decompressed stream
-to recognise tar (magic at offset 257) and zip archives."""
-MIN_THROTTLED_READ_BYTES = 16 * 1024
-"""Smallest read under ``-l``, so a low rate still sleeps in short, even steps."""
-
-RESUME_ATTEMPTS = 5
-"""Ranged resumes after dropped connections, per download (``-o`` disables them); botocore's own
-retries (``s3config.MAX_ATTEMPTS``) cover each request before the body starts flowing."""
-RESUME_DELAY_S = 1.0
-"""Wait before the first resume, doubled at each further one (1+2+4+8+16 s at most)."""
-
 DRV_ACTION_ENV = "DRV_ACTION"
-
-GZIP_MAGIC = b"\x1f\x8b"
-BZIP2_MAGIC_RE = re.compile(rb"BZh[1-9]")
-XZ_MAGIC = b"\xfd7zXZ\x00"
-TAR_MAGIC_OFFSET = 257
-ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 
 _SHORT_OPTS = "m:s:l:c:no"
 _LONG_OPTS = ["md5=", "sha1=", "limit=", "max-size=", "nodecomp", "noretry"]
@@ -282,453 +262,15 @@ def exec_stock(argv: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Stream stages: resuming reader, rate limit, digests, decompression, destination
-
-
-class Body(Protocol):
-    """A response body: ``read(n)`` up to n bytes, ``b""`` at the end."""
-
-    def read(self, n: int) -> bytes: ...
-
-    def close(self) -> None: ...
-
-
-def _resumable_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions meaning the connection broke while the body was streaming."""
-    import http.client
-
-    from botocore import exceptions as bexc
-    from urllib3 import exceptions as uexc
-
-    return (
-        bexc.ResponseStreamingError,
-        bexc.IncompleteReadError,
-        bexc.ReadTimeoutError,
-        bexc.ConnectionError,
-        bexc.EndpointConnectionError,
-        bexc.ConnectionClosedError,
-        uexc.ProtocolError,
-        uexc.ReadTimeoutError,
-        http.client.IncompleteRead,
-        ConnectionError,
-        TimeoutError,
-    )
-
-
-class ResumingReader:
-    """The object's bytes in order; a broken connection is resumed at the offset reached.
-
-    ``body`` is the first response's body (from offset 0); ``open_at(offset)`` starts a GET of
-    the bytes from ``offset`` to the end. A body that ends before ``size`` bytes counts as
-    broken too. At most ``attempts`` resumes are made.
-    """
-
-    def __init__(
-        self,
-        open_at: Callable[[int], Body],
-        size: int,
-        what: str,
-        attempts: int = RESUME_ATTEMPTS,
-        delay_s: float = RESUME_DELAY_S,
-        resumable: tuple[type[BaseException], ...] | None = None,
-        body: Body | None = None,
-    ) -> None:
-        self._open_at = open_at
-        self.size = size
-        self.what = what
-        self.attempts_left = attempts
-        self.resumes = 0
-        self._delay_s = delay_s
-        self._resumable = resumable if resumable is not None else _resumable_errors()
-        self._body = body
-        self.offset = 0
-
-    def read(self, n: int = CHUNK_BYTES) -> bytes:
-        while self.offset < self.size:
-            try:
-                if self._body is None:
-                    self._body = self._open_at(self.offset)
-                data = self._body.read(min(n, self.size - self.offset))
-            except self._resumable as exc:
-                self._broken(type(exc).__name__)
-                continue
-            if not data:
-                self._broken("connection closed early")
-                continue
-            self.offset += len(data)
-            return data
-        return b""
-
-    def _broken(self, reason: str) -> None:
-        self.close()
-        if self.attempts_left <= 0:
-            raise RemoteError(
-                f"{self.what}: connection lost at byte {self.offset} of {self.size} ({reason})"
-                + (f" after {self.resumes} resumes" if self.resumes else "")
-            )
-        self.attempts_left -= 1
-        delay = self._delay_s * (2**self.resumes)
-        self.resumes += 1
-        driverlog.warn(
-            f"{self.what}: connection lost at byte {self.offset} of {self.size} ({reason}), "
-            f"resuming in {delay:g} s"
-        )
-        time.sleep(delay)
-
-    def close(self) -> None:
-        body, self._body = self._body, None
-        if body is not None:
-            # closing a broken connection may fail any way
-            with contextlib.suppress(Exception):
-                body.close()
-
-
-class RateLimiter:
-    """Keeps the average rate at or below ``bps`` bytes per second by sleeping."""
-
-    def __init__(self, bps: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.bps = bps
-        self._clock = clock
-        self._start = clock()
-        self._bytes = 0
-
-    @property
-    def read_size(self) -> int:
-        """Reads of about a quarter second's worth of bytes, so sleeps stay short."""
-        return max(MIN_THROTTLED_READ_BYTES, min(CHUNK_BYTES, int(self.bps / 4)))
-
-    def consumed(self, n: int) -> None:
-        self._bytes += n
-        ahead = self._bytes / self.bps - (self._clock() - self._start)
-        if ahead > 0:
-            time.sleep(ahead)
-
-
-def detect_compression(head: bytes) -> str | None:
-    """``gzip``, ``bzip2`` or ``xz`` when ``head`` starts with that format's magic."""
-    if head.startswith(GZIP_MAGIC):
-        return "gzip"
-    if BZIP2_MAGIC_RE.match(head):
-        return "bzip2"
-    if head.startswith(XZ_MAGIC):
-        return "xz"
-    return None
-
-
-def detect_archive(head: bytes) -> str | None:
-    """``tar`` (POSIX or GNU ustar header) or ``zip`` when ``head`` starts such an archive."""
-    if head[TAR_MAGIC_OFFSET : TAR_MAGIC_OFFSET + 5] == b"ustar":
-        return "tar"
-    if head.startswith(ZIP_MAGICS):
-        return "zip"
-    return None
-
-
-class Decompressor:
-    """Streaming decompression of concatenated gzip/bzip2/xz members, bounded output per call.
-
-    Like gunzip, bunzip2 and unxz, a stream made of several members is decompressed whole and
-    NUL padding between or after members is skipped; bytes after a member that do not start
-    another one are corrupt data; a stream that ends inside a member is truncated.
-    """
-
-    def __init__(self, kind: str, what: str) -> None:
-        self.kind = kind
-        self.what = what
-        self._dec: Any = self._new()
-
-    def _new(self) -> Any:
-        if self.kind == "gzip":
-            return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-        if self.kind == "bzip2":
-            return bz2.BZ2Decompressor()
-        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        """Decompressed chunks (each at most CHUNK_BYTES) for the next compressed bytes."""
-        while True:
-            if self._dec is None:
-                data = data.lstrip(b"\0")
-                if not data:
-                    return
-                self._dec = self._new()
-            try:
-                if self.kind == "gzip":
-                    out = self._dec.decompress(data, CHUNK_BYTES)
-                    data = self._dec.unconsumed_tail
-                    more = bool(data)
-                else:
-                    out = self._dec.decompress(data, max_length=CHUNK_BYTES)
-                    data = b""
-                    more = not self._dec.eof and not self._dec.needs_input
-            except (zlib.error, OSError, EOFError, lzma.LZMAError) as exc:
-                raise SourceError(f"{self.what}: corrupt {self.kind} data ({exc})") from None
-            if out:
-                yield out
-            if self._dec.eof:
-                data = self._dec.unused_data + data
-                self._dec = None
-                continue
-            if not more:
-                return
-
-    def finish(self) -> None:
-        """Fail when the compressed stream ended inside a member."""
-        if self._dec is not None:
-            raise SourceError(f"{self.what}: {self.kind} data is truncated")
-
-
-class Checks:
-    """Digests of the downloaded bytes, compared with the object's metadata and ``-m``/``-s``."""
-
-    def __init__(self, what: str, opts: Options, meta_md5: str, meta_sha256: str) -> None:
-        self.what = what
-        self.expected: list[tuple[str, str, str]] = []
-        for name, value in opts.hashes:
-            self.expected.append((name, value, f"--{name}"))
-        if meta_md5:
-            self.expected.append(("md5", meta_md5.strip().lower(), "object metadata md5"))
-        if meta_sha256:
-            self.expected.append(("sha256", meta_sha256.strip().lower(), "object metadata sha256"))
-        self._hashers = {
-            name: hashlib.new(name, usedforsecurity=False) for name, _, _ in self.expected
-        }
-
-    def update(self, data: bytes) -> None:
-        for h in self._hashers.values():
-            h.update(data)
-
-    def verify(self) -> None:
-        for name, expected, origin in self.expected:
-            got = self._hashers[name].hexdigest()
-            if got != expected:
-                raise ChecksumError(
-                    f"{self.what}: {name.upper()} mismatch ({origin} {expected}, downloaded {got})"
-                )
-
-
-class Sink(Protocol):
-    def write(self, data: bytes) -> None: ...
-
-    def commit(self, unpack: bool) -> None: ...
-
-    def abort(self) -> None: ...
-
-
-class StdoutSink:
-    """Data to fd 1, nothing else ever written there."""
-
-    def __init__(self) -> None:
-        self._out = open(1, "wb", buffering=WRITE_BUFFER_BYTES, closefd=False)  # noqa: SIM115
-
-    def write(self, data: bytes) -> None:
-        try:
-            self._out.write(data)
-        except BrokenPipeError:
-            raise StorageError("standard output closed by its reader") from None
-        except OSError as exc:
-            raise from_os_error(exc, "writing to standard output") from None
-
-    def commit(self, unpack: bool) -> None:
-        try:
-            self._out.flush()
-        except BrokenPipeError:
-            raise StorageError("standard output closed by its reader") from None
-        except OSError as exc:
-            raise from_os_error(exc, "writing to standard output") from None
-
-    def abort(self) -> None:
-        """Flush what can be; when the reader is gone, point fd 1 at /dev/null so that no later
-        flush (the interpreter's own at exit included) reports the broken pipe again."""
-        try:
-            self._out.flush()
-        except OSError:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            os.close(devnull)
-            with contextlib.suppress(OSError):
-                self._out.flush()
-
-
-class FileSink:
-    """A file path: written under a temporary name beside it, renamed into place when complete.
-
-    On failure nothing is left at the destination (as the stock script, which truncates it at
-    the start, a stale file there is removed too). An existing device or FIFO is written in place.
-    Archives (tar, zip) are unpacked into a directory of that name, as the stock script does.
-    """
-
-    def __init__(self, dest: str, what: str) -> None:
-        self.dest = Path(dest)
-        self.what = what
-        self._tmp: Path | None = None
-        try:
-            st = self.dest.stat()
-        except FileNotFoundError:
-            st = None
-        except OSError as exc:
-            raise from_os_error(exc, f"destination {dest}") from None
-        if st is not None and self.dest.is_dir():
-            raise StorageError(f"destination {dest} is a directory")
-        self._in_place = st is not None and not self.dest.is_file()
-        try:
-            if self._in_place:
-                self._fh: BinaryIO = open(self.dest, "wb", buffering=WRITE_BUFFER_BYTES)  # noqa: SIM115
-            else:
-                fd, tmp = tempfile.mkstemp(
-                    prefix=f".{self.dest.name}.{_owner_tag()}.",
-                    suffix=".part",
-                    dir=self.dest.parent,
-                )
-                self._tmp = Path(tmp)
-                os.fchmod(fd, 0o666 & ~_umask())
-                self._fh = os.fdopen(fd, "wb", buffering=WRITE_BUFFER_BYTES)
-        except OSError as exc:
-            raise from_os_error(exc, f"destination {dest}") from None
-
-    def write(self, data: bytes) -> None:
-        try:
-            self._fh.write(data)
-        except OSError as exc:
-            raise from_os_error(exc, f"writing {self.dest}") from None
-
-    def commit(self, unpack: bool) -> None:
-        try:
-            self._fh.close()
-        except OSError as exc:
-            raise from_os_error(exc, f"writing {self.dest}") from None
-        if self._tmp is None:
-            return
-        if unpack:
-            kind = self._archive_kind()
-            if kind is not None:
-                self._unpack(kind)
-                return
-        try:
-            os.replace(self._tmp, self.dest)
-        except OSError as exc:
-            raise from_os_error(exc, f"moving the download into {self.dest}") from None
-        self._tmp = None
-
-    def _archive_kind(self) -> str | None:
-        assert self._tmp is not None
-        with open(self._tmp, "rb") as fh:
-            return detect_archive(fh.read(SNIFF_BYTES))
-
-    def _unpack(self, kind: str) -> None:
-        """Unpack into a fresh directory beside the destination, then put it in its place."""
-        assert self._tmp is not None
-        out = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", dir=self.dest.parent))
-        try:
-            if kind == "tar":
-                with tarfile.open(self._tmp, "r:") as tar:
-                    tar.extractall(out, filter="data")
-            else:
-                with zipfile.ZipFile(self._tmp) as zf:
-                    zf.extractall(out)
-            os.chmod(out, 0o777 & ~_umask())
-            if self.dest.is_file() or self.dest.is_symlink():
-                self.dest.unlink()
-            os.rename(out, self.dest)
-        except (tarfile.TarError, zipfile.BadZipFile, OSError, ValueError) as exc:
-            shutil.rmtree(out, ignore_errors=True)
-            raise StorageError(f"{self.what}: cannot unpack the {kind} archive ({exc})") from None
-        self._tmp.unlink(missing_ok=True)
-        self._tmp = None
-
-    def abort(self) -> None:
-        with contextlib.suppress(OSError):
-            self._fh.close()
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
-            self._tmp = None
-            try:
-                if self.dest.is_file() and not self.dest.is_symlink():
-                    self.dest.unlink()
-            except OSError:
-                pass
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@dataclass
-class CopyResult:
-    raw_bytes: int
-    out_bytes: int
-    partial: bool
-
-
-def copy_stream(
-    reader: Any,
-    sink: Sink,
-    opts: Options,
-    checks: Checks,
-    what: str,
-) -> CopyResult:
-    """Raw bytes -> digests -> decompressor -> sink, one chunk at a time.
-
-    With ``-c`` the copy stops once that many decompressed bytes are out (digests are then not
-    compared: a partial read cannot be verified, which is why the stock script refuses -m/-s
-    with -c). Otherwise every digest is compared at the end.
-    """
-    limiter = RateLimiter(opts.limit_bps) if opts.limit_bps else None
-    read_size = limiter.read_size if limiter else CHUNK_BYTES
-    head = b""
-    while len(head) < SNIFF_BYTES:
-        data = reader.read(read_size)
-        if not data:
-            break
-        head += data
-    kind = None if opts.nodecomp else detect_compression(head)
-    decomp = Decompressor(kind, what) if kind else None
-    limit = opts.max_size
-    raw = out = 0
-    data = head
-    while data:
-        raw += len(data)
-        checks.update(data)
-        if limiter:
-            limiter.consumed(len(data))
-        for piece in decomp.feed(data) if decomp else (data,):
-            if limit is not None and out + len(piece) >= limit:
-                sink.write(piece[: limit - out])
-                return CopyResult(raw, limit, partial=True)
-            sink.write(piece)
-            out += len(piece)
-        data = reader.read(read_size)
-    if decomp:
-        decomp.finish()
-    checks.verify()
-    return CopyResult(raw, out, partial=False)
-
-
-# --------------------------------------------------------------------------------------------
 # s3://
 
 
-@dataclass(frozen=True)
-class S3Location:
-    bucket: str
-    key: str
-
-    @property
-    def url(self) -> str:
-        return f"s3://{self.bucket}/{self.key}"
-
-    @classmethod
-    def parse(cls, source: str) -> S3Location:
-        """``s3://BUCKET/KEY``; the key may contain ``/`` (the stock script's basename rule
-        only covers keys without one, which is all our importer writes)."""
-        rest = source[len("s3://") :]
-        bucket, _, key = rest.partition("/")
-        key = unquote(key) if "%" in key else key
-        if not bucket or not key or "\0" in key:
-            raise UsageError(f"{source!r} is not an s3://BUCKET/KEY source")
-        return cls(bucket, key)
+def s3_location(source: str) -> S3Location:
+    """``s3://BUCKET/KEY`` (:class:`location.S3Location`), refused as a usage error."""
+    try:
+        return S3Location.parse(source)
+    except UnsafePathError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def market_from_drv_action(environ: dict[str, str] | os._Environ[str]) -> Any:
@@ -758,91 +300,79 @@ def _meta(metadata: dict[str, str], name: str) -> str:
     return ""
 
 
-def download_s3(opts: Options, environ: dict[str, str] | os._Environ[str]) -> CopyResult:
+def checks(what: str, opts: Options, meta_md5: str = "", meta_sha256: str = "") -> Verifier:
+    """The ``-m``/``-s`` checksums of the command line, then those of the object's metadata."""
+    expected = [(name, value, f"--{name}") for name, value in opts.hashes]
+    if meta_md5:
+        expected.append(("md5", meta_md5, "object metadata md5"))
+    if meta_sha256:
+        expected.append(("sha256", meta_sha256, "object metadata sha256"))
+    return Verifier(what, expected)
+
+
+def copy_to_dest(source: Source, sink: Sink, opts: Options, verifier: Verifier) -> PumpResult:
+    """:func:`stages.pump` with the options' stages, then the sink committed (an archive
+    unpacked unless ``-n`` or ``-c``), or aborted on any failure."""
+    try:
+        result = pump(
+            source,
+            sink,
+            verifier,
+            verifier.what,
+            decompress=not opts.nodecomp,
+            max_bytes=opts.max_size,
+            limit_bps=opts.limit_bps,
+        )
+        sink.commit(unpack=not opts.nodecomp and not result.partial)  # type: ignore[call-arg]
+    except BaseException:
+        sink.abort()
+        raise
+    return result
+
+
+def open_sink(opts: Options, what: str) -> Sink:
+    return StdoutSink() if opts.to_stdout else FileSink(opts.dest, what, _owner_tag())
+
+
+def download_s3(opts: Options, environ: dict[str, str] | os._Environ[str]) -> PumpResult:
     """Download ``opts.source`` from the market in DRV_ACTION to ``opts.dest``."""
     from botocore import exceptions as bexc
 
     from . import s3config
 
-    loc = S3Location.parse(opts.source)
+    loc = s3_location(opts.source)
     what = f"download of {loc.url}"
     market = market_from_drv_action(environ)
     settings = s3config.S3Settings.from_market(market, need_bucket=False)
-    where = settings.where
     overrides: dict[str, float | int] = {"max_pool_connections": 2}
     if opts.noretry:
         overrides["max_attempts"] = 1
     client = s3config.make_client(settings, **overrides)
-    state: dict[str, str] = {}
-
-    def get(offset: int) -> dict[str, Any]:
-        args: dict[str, str] = {"Bucket": loc.bucket, "Key": loc.key}
-        if state.get("etag"):
-            args["IfMatch"] = state["etag"]
-        if offset:
-            args["Range"] = f"bytes={offset}-"
-        try:
-            return client.get_object(**args)
-        except bexc.ClientError as exc:
-            code = s3config.client_error_code(exc)
-            if code in ("NoSuchKey", "404", "NotFound"):
-                raise StorageError(f"{what}: no such object on S3 at {where}") from None
-            if code == "NoSuchBucket":
-                raise StorageError(f"{what}: no such bucket on S3 at {where}") from None
-            if code in ("PreconditionFailed", "412"):
-                raise RemoteError(f"{what}: the object changed on S3 during the download") from None
-            raise s3config.s3_error(exc, what, where) from None
-
-    def resume_at(offset: int) -> Body:
-        answer = get(offset)
-        if not str(answer.get("ContentRange") or "").startswith(f"bytes {offset}-"):
-            # bytes from elsewhere would be spliced in silently when no checksum is known
-            answer["Body"].close()
-            raise RemoteError(
-                f"{what}: S3 at {where} ignored the range asked to resume at byte {offset}"
-            )
-        return answer["Body"]
-
-    try:
-        first = get(0)
-    except (bexc.BotoCoreError, OSError) as exc:
-        raise s3config.s3_error(exc, what, where) from None
-    if first.get("ContentLength") is None:
-        first["Body"].close()
-        raise RemoteError(f"{what}: S3 at {where} sent no Content-Length for the object")
-    size = int(first["ContentLength"])
-    state["etag"] = str(first.get("ETag") or "")
+    ranges = S3Range(client, loc.bucket, loc.key, what, settings.where)
+    first = ranges.first()
     metadata = first.get("Metadata") or {}
-    checks = Checks(
+    verifier = checks(
         what,
         opts,
         _meta(metadata, s3config.METADATA_MD5),
         _meta(metadata, s3config.METADATA_SHA256),
     )
     reader = ResumingReader(
-        resume_at,
-        size,
+        ranges,
+        int(first["ContentLength"]),
         what,
         attempts=0 if opts.noretry else RESUME_ATTEMPTS,
+        resumable=s3_stream_errors(),
         body=first["Body"],
     )
     try:
-        sink: Sink = StdoutSink() if opts.to_stdout else FileSink(opts.dest, what)
-    except BaseException:
-        reader.close()
-        raise
-    try:
+        sink = open_sink(opts, what)
         try:
-            result = copy_stream(reader, sink, opts, checks, what)
+            return copy_to_dest(reader, sink, opts, verifier)
         except (bexc.BotoCoreError, bexc.ClientError) as exc:
-            raise s3config.s3_error(exc, what, where) from None
-        finally:
-            reader.close()
-        sink.commit(unpack=not opts.nodecomp and not result.partial)
-    except BaseException:
-        sink.abort()
-        raise
-    return result
+            raise s3config.s3_error(exc, what, settings.where) from None
+    finally:
+        reader.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -913,20 +443,18 @@ def deliver(image: Path, opts: Options, what: str) -> None:
     )
     if direct:
         try:
-            os.chmod(image, 0o666 & ~_umask())
+            os.chmod(image, 0o666 & ~umask())
             os.replace(image, opts.dest)
         except OSError as exc:
             raise from_os_error(exc, f"moving the image into {opts.dest}") from None
         return
-    checks = Checks(what, opts, "", "")
-    sink: Sink = StdoutSink() if opts.to_stdout else FileSink(opts.dest, what)
-    try:
-        with open(image, "rb") as fh:
-            copy_stream(fh, sink, replace(opts, nodecomp=True), checks, what)
-        sink.commit(unpack=False)
-    except BaseException:
-        sink.abort()
-        raise
+    with open(image, "rb") as fh:
+        copy_to_dest(
+            FileSource(fh, str(image)),
+            open_sink(opts, what),
+            replace(opts, nodecomp=True),
+            checks(what, opts),
+        )
 
 
 def catalog_user_agent(attrs: dict[str, str], installation: Any) -> str:
@@ -972,15 +500,15 @@ def download_lxd(opts: Options, environ: dict[str, str] | os._Environ[str]) -> N
             tarball = workdir / f"rootfs.{lxdsource.rootfs_suffix(rootfs.path)}"
             driverlog.info(f"{what}: downloading {rootfs.url} ({rootfs.size} bytes)")
             reader = ResumingReader(
-                lxdsource.HttpRange(session, rootfs.url, timeouts, rootfs.size),
+                HttpRange(session, rootfs.url, timeouts, rootfs.size),
                 rootfs.size,
                 f"download of {rootfs.url}",
                 attempts=0 if opts.noretry else RESUME_ATTEMPTS,
-                resumable=_http_resumable_errors(),
+                resumable=http_stream_errors(),
             )
             progress = Progress(rootfs.size, log_progress(f"{what}: download"))
             try:
-                with open(tarball, "wb", buffering=WRITE_BUFFER_BYTES) as fh:
+                with open(tarball, "wb") as fh:
                     lxdsource.save_verified(reader, rootfs, fh, progress)
             except OSError as exc:
                 raise from_os_error(exc, f"{what}: saving the rootfs in {workdir}") from None
@@ -1020,24 +548,6 @@ def download_lxd(opts: Options, environ: dict[str, str] | os._Environ[str]) -> N
             shutil.rmtree(workdir, ignore_errors=True)
     finally:
         session.close()
-
-
-def _http_resumable_errors() -> tuple[type[BaseException], ...]:
-    import http.client
-
-    import requests
-    from urllib3 import exceptions as uexc
-
-    return (
-        requests.ConnectionError,
-        requests.Timeout,
-        requests.exceptions.ChunkedEncodingError,
-        uexc.ProtocolError,
-        uexc.ReadTimeoutError,
-        http.client.IncompleteRead,
-        ConnectionError,
-        TimeoutError,
-    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,8 +14,6 @@ match is refused before anything is built from it.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from .catalogs.linuxcontainers import (
     SIMPLESTREAMS_TO_ONE_ARCH,
 )
 from .errors import ChecksumError, ConfigError, RemoteError, SourceError, one_line
+from .transfer.hashing import Verifier
 
 SCHEME = "lxd://"
 MAX_ENDPOINT_GUESSES = 4
@@ -178,91 +177,17 @@ def locate(
 
 
 # --------------------------------------------------------------------------------------------
-# Download
-
-
-class HttpRange:
-    """``open_at(offset)`` for :class:`downloader.ResumingReader`: ranged GETs pinned to the
-    first answer's ETag/Last-Modified, refusing an answer that does not start at the byte asked."""
-
-    def __init__(
-        self, session: Any, url: str, timeouts: tuple[float, float], size: int | None = None
-    ) -> None:
-        self.session = session
-        self.url = url
-        self.size = size
-        self.timeouts = timeouts
-        self.validator = ""
-
-    def __call__(self, offset: int) -> Any:
-        import requests
-
-        from .web import describe_request_error
-
-        headers = {"Accept-Encoding": "identity"}
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
-            if self.validator:
-                headers["If-Range"] = self.validator
-        try:
-            resp = self.session.get(self.url, headers=headers, stream=True, timeout=self.timeouts)
-        except requests.RequestException as exc:
-            raise RemoteError(f"cannot fetch {self.url}: {describe_request_error(exc)}") from None
-        expected = 206 if offset else 200
-        if resp.status_code != expected:
-            resp.close()
-            if resp.status_code == 404:
-                raise SourceError(f"{self.url}: no such file on the server (HTTP 404)")
-            if resp.status_code == 416:
-                raise ChecksumError(
-                    f"{self.url}: the file on the server ends at byte {offset}, before the "
-                    "size the catalog gives (truncated)"
-                )
-            if offset and resp.status_code == 200:
-                raise RemoteError(
-                    f"{self.url}: the server ignored the range asked to resume at byte {offset}"
-                )
-            raise RemoteError(f"{self.url} answered HTTP {resp.status_code} {resp.reason or ''}")
-        if offset and not resp.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
-            resp.close()
-            raise RemoteError(f"{self.url}: resume answer does not start at byte {offset}")
-        if not offset:
-            self.validator = resp.headers.get("ETag", "") or resp.headers.get("Last-Modified", "")
-        length = resp.headers.get("Content-Length", "")
-        if self.size is not None and length.isdigit() and int(length) != self.size - offset:
-            resp.close()
-            raise ChecksumError(
-                f"{self.url}: the server's file is {offset + int(length)} bytes, the catalog "
-                f"says {self.size} (truncated or replaced)"
-            )
-        return _RawBody(resp)
-
-
-class _RawBody:
-    """A streamed response's raw bytes (no content decoding: the sha256 is of the file)."""
-
-    def __init__(self, resp: Any) -> None:
-        self._resp = resp
-
-    def read(self, n: int) -> bytes:
-        return self._resp.raw.read(n, decode_content=False)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._resp.close()
+# Download (the reader: transfer.sources.ResumingReader over an HttpRange)
 
 
 def save_verified(reader: Any, rootfs: Rootfs, out: BinaryIO, progress: Any = None) -> None:
     """Copy ``reader`` (the rootfs bytes, at most ``rootfs.size``) to ``out``, checking the
     size and sha256 the catalog announced: a short, long or altered file is refused."""
-    digest = hashlib.sha256()
+    verifier = Verifier(f"rootfs {rootfs.url}", [("sha256", rootfs.sha256, "catalog")])
     got = 0
-    while True:
-        data = reader.read(DOWNLOAD_CHUNK_BYTES)
-        if not data:
-            break
+    while data := reader.read(DOWNLOAD_CHUNK_BYTES):
         got += len(data)
-        digest.update(data)
+        verifier.update(data)
         out.write(data)
         if progress is not None:
             progress.update(len(data))
@@ -270,11 +195,7 @@ def save_verified(reader: Any, rootfs: Rootfs, out: BinaryIO, progress: Any = No
         raise ChecksumError(
             f"rootfs {rootfs.url}: {got} bytes downloaded, the catalog says {rootfs.size}"
         )
-    if digest.hexdigest() != rootfs.sha256:
-        raise ChecksumError(
-            f"rootfs {rootfs.url}: SHA256 mismatch (catalog {rootfs.sha256}, downloaded "
-            f"{digest.hexdigest()})"
-        )
+    verifier.verify()
 
 
 def market_endpoint(attrs: Mapping[str, str]) -> str | None:

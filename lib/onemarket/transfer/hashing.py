@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from ..errors import ChecksumError
 
@@ -67,6 +67,28 @@ class Digests:
             )
 
 
-def size_mb(size_bytes: int) -> int:
-    """Size in MB as oned counts it: rounded up, at least 1 for a non-empty image."""
-    return (size_bytes + (1 << 20) - 1) >> 20
+class Verifier:
+    """Checksums of any hashlib algorithm compared, at the end, with what was announced.
+
+    ``expected`` holds ``(algorithm, hex digest, origin)``, the origin naming who announced it
+    (``--md5``, ``object metadata sha256``, ``catalog``) in the mismatch message.
+    """
+
+    def __init__(self, what: str, expected: Iterable[tuple[str, str, str]] = ()) -> None:
+        self.what = what
+        self.expected = [(name, value.strip().lower(), origin) for name, value, origin in expected]
+        self._hashers = {
+            name: hashlib.new(name, usedforsecurity=False) for name, _, _ in self.expected
+        }
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        for h in self._hashers.values():
+            h.update(data)
+
+    def verify(self) -> None:
+        for name, expected, origin in self.expected:
+            got = self._hashers[name].hexdigest()
+            if got != expected:
+                raise ChecksumError(
+                    f"{self.what}: {name.upper()} mismatch ({origin} {expected}, downloaded {got})"
+                )

@@ -94,9 +94,11 @@ class AtomicFile:
             (install or os.rename)(self.tmp, self.final)
             self._state = "renamed"
             fsync_dir(self.final.parent)
-        except OSError as exc:
+        except BaseException as exc:
             self.abort()
-            raise from_os_error(exc, f"cannot write {self.final}") from None
+            if isinstance(exc, OSError):
+                raise from_os_error(exc, f"cannot write {self.final}") from None
+            raise
 
     def abort(self) -> None:
         """Remove what was written (idempotent); a published file too: it was not wanted."""

@@ -5,20 +5,22 @@ beyond one chunk.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from .. import driverlog
-from ..errors import SourceError, one_line
+from ..errors import ChecksumError, RemoteError, SourceError, StorageError, one_line
 from ..installation import Installation
 
 if TYPE_CHECKING:
@@ -236,3 +238,255 @@ def open_source(source: str, installation: Installation | None = None) -> Iterat
         yield proc_src
     finally:
         proc_src.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Ranged sources resumed after a dropped connection (the s3:// and lxd:// downloads)
+
+RESUME_ATTEMPTS = 5
+"""Ranged resumes after dropped connections, per download (``-o`` disables them); the client's
+own retries cover each request before the body starts flowing."""
+RESUME_DELAY_S = 1.0
+"""Wait before the first resume, doubled at each further one (1+2+4+8+16 s at most)."""
+
+
+class Body(Protocol):
+    """A response body: ``read(n)`` up to n bytes, ``b""`` at the end."""
+
+    def read(self, n: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+def stream_errors(*extra: type[BaseException]) -> tuple[type[BaseException], ...]:
+    """Exceptions meaning the connection broke while a body was streaming (urllib3's and the
+    standard library's), plus the client's own ``extra`` ones."""
+    import http.client
+
+    from urllib3 import exceptions as uexc
+
+    base = (uexc.ProtocolError, uexc.ReadTimeoutError, http.client.IncompleteRead)
+    return (*extra, *base, ConnectionError, TimeoutError)
+
+
+def http_stream_errors() -> tuple[type[BaseException], ...]:
+    import requests
+
+    return stream_errors(
+        requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError
+    )
+
+
+def s3_stream_errors() -> tuple[type[BaseException], ...]:
+    from botocore import exceptions as bexc
+
+    return stream_errors(
+        bexc.ResponseStreamingError,
+        bexc.IncompleteReadError,
+        bexc.ReadTimeoutError,
+        bexc.ConnectionError,
+        bexc.EndpointConnectionError,
+        bexc.ConnectionClosedError,
+    )
+
+
+class ResumingReader:
+    """A :class:`Source` of ``size`` bytes; a broken connection is resumed at the offset reached.
+
+    ``open_at(offset)`` starts a GET of the bytes from ``offset`` to the end (:class:`HttpRange`,
+    :class:`S3Range`); ``body``, when given, is a first answer's body (from offset 0). A body that
+    ends before ``size`` bytes counts as broken too. At most ``attempts`` resumes are made.
+    """
+
+    def __init__(
+        self,
+        open_at: Callable[[int], Body],
+        size: int,
+        what: str,
+        attempts: int = RESUME_ATTEMPTS,
+        delay_s: float = RESUME_DELAY_S,
+        resumable: tuple[type[BaseException], ...] | None = None,
+        body: Body | None = None,
+    ) -> None:
+        self._open_at = open_at
+        self.size = self.size_bytes = size
+        self.what = self.description = what
+        self.attempts_left = attempts
+        self.resumes = 0
+        self._delay_s = delay_s
+        self._resumable = resumable if resumable is not None else stream_errors()
+        self._body = body
+        self.offset = 0
+
+    def read(self, n: int = CHUNK_BYTES) -> bytes:
+        while self.offset < self.size:
+            try:
+                if self._body is None:
+                    self._body = self._open_at(self.offset)
+                data = self._body.read(min(n, self.size - self.offset))
+            except self._resumable as exc:
+                self._broken(type(exc).__name__)
+                continue
+            if not data:
+                self._broken("connection closed early")
+                continue
+            self.offset += len(data)
+            return data
+        return b""
+
+    def _broken(self, reason: str) -> None:
+        self.close()
+        if self.attempts_left <= 0:
+            raise RemoteError(
+                f"{self.what}: connection lost at byte {self.offset} of {self.size} ({reason})"
+                + (f" after {self.resumes} resumes" if self.resumes else "")
+            )
+        self.attempts_left -= 1
+        delay = self._delay_s * (2**self.resumes)
+        self.resumes += 1
+        driverlog.warn(
+            f"{self.what}: connection lost at byte {self.offset} of {self.size} ({reason}), "
+            f"resuming in {delay:g} s"
+        )
+        time.sleep(delay)
+
+    def close(self) -> None:
+        body, self._body = self._body, None
+        if body is not None:
+            # closing a broken connection may fail any way
+            with contextlib.suppress(Exception):
+                body.close()
+
+
+class HttpRange:
+    """``open_at(offset)`` for :class:`ResumingReader`: ranged GETs pinned to the first answer's
+    ETag/Last-Modified, refusing an answer that does not start at the byte asked."""
+
+    def __init__(
+        self, session: Any, url: str, timeouts: tuple[float, float], size: int | None = None
+    ) -> None:
+        self.session = session
+        self.url = url
+        self.size = size
+        self.timeouts = timeouts
+        self.validator = ""
+
+    def __call__(self, offset: int) -> Body:
+        import requests
+
+        from ..web import describe_request_error
+
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+            if self.validator:
+                headers["If-Range"] = self.validator
+        try:
+            resp = self.session.get(self.url, headers=headers, stream=True, timeout=self.timeouts)
+        except requests.RequestException as exc:
+            raise RemoteError(f"cannot fetch {self.url}: {describe_request_error(exc)}") from None
+        expected = 206 if offset else 200
+        if resp.status_code != expected:
+            resp.close()
+            if resp.status_code == 404:
+                raise SourceError(f"{self.url}: no such file on the server (HTTP 404)")
+            if resp.status_code == 416:
+                raise ChecksumError(
+                    f"{self.url}: the file on the server ends at byte {offset}, before the "
+                    "size the catalog gives (truncated)"
+                )
+            if offset and resp.status_code == 200:
+                raise RemoteError(
+                    f"{self.url}: the server ignored the range asked to resume at byte {offset}"
+                )
+            raise RemoteError(f"{self.url} answered HTTP {resp.status_code} {resp.reason or ''}")
+        if offset and not resp.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
+            resp.close()
+            raise RemoteError(f"{self.url}: resume answer does not start at byte {offset}")
+        if not offset:
+            self.validator = resp.headers.get("ETag", "") or resp.headers.get("Last-Modified", "")
+        length = resp.headers.get("Content-Length", "")
+        if self.size is not None and length.isdigit() and int(length) != self.size - offset:
+            resp.close()
+            raise ChecksumError(
+                f"{self.url}: the server's file is {offset + int(length)} bytes, the catalog "
+                f"says {self.size} (truncated or replaced)"
+            )
+        return _RawBody(resp)
+
+
+class _RawBody:
+    """A streamed response's raw bytes (no content decoding: the checksum is of the file)."""
+
+    def __init__(self, resp: Any) -> None:
+        self._resp = resp
+
+    def read(self, n: int) -> bytes:
+        return self._resp.raw.read(n, decode_content=False)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._resp.close()
+
+
+class S3Range:
+    """``open_at(offset)`` for :class:`ResumingReader` over one S3 object: GETs pinned to the
+    first answer's ETag (an object replaced meanwhile fails), resumes checked to start at the
+    byte asked. :meth:`first` makes the first GET and keeps its answer (size, metadata)."""
+
+    def __init__(self, client: Any, bucket: str, key: str, what: str, where: str) -> None:
+        self.client, self.bucket, self.key = client, bucket, key
+        self.what, self.where = what, where
+        self.etag = ""
+
+    def first(self) -> dict[str, Any]:
+        from botocore import exceptions as bexc
+
+        from .. import s3config
+
+        try:
+            answer = self._get(0)
+        except (bexc.BotoCoreError, OSError) as exc:
+            raise s3config.s3_error(exc, self.what, self.where) from None
+        if answer.get("ContentLength") is None:
+            answer["Body"].close()
+            raise RemoteError(
+                f"{self.what}: S3 at {self.where} sent no Content-Length for the object"
+            )
+        self.etag = str(answer.get("ETag") or "")
+        return answer
+
+    def __call__(self, offset: int) -> Body:
+        answer = self._get(offset)
+        if not str(answer.get("ContentRange") or "").startswith(f"bytes {offset}-"):
+            # bytes from elsewhere would be spliced in silently when no checksum is known
+            answer["Body"].close()
+            raise RemoteError(
+                f"{self.what}: S3 at {self.where} ignored the range asked to resume at byte "
+                f"{offset}"
+            )
+        return answer["Body"]
+
+    def _get(self, offset: int) -> dict[str, Any]:
+        from botocore import exceptions as bexc
+
+        from .. import s3config
+
+        args: dict[str, str] = {"Bucket": self.bucket, "Key": self.key}
+        if self.etag:
+            args["IfMatch"] = self.etag
+        if offset:
+            args["Range"] = f"bytes={offset}-"
+        try:
+            return self.client.get_object(**args)
+        except bexc.ClientError as exc:
+            code = s3config.client_error_code(exc)
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise StorageError(f"{self.what}: no such object on S3 at {self.where}") from None
+            if code == "NoSuchBucket":
+                raise StorageError(f"{self.what}: no such bucket on S3 at {self.where}") from None
+            if code in ("PreconditionFailed", "412"):
+                raise RemoteError(
+                    f"{self.what}: the object changed on S3 during the download"
+                ) from None
+            raise s3config.s3_error(exc, self.what, self.where) from None
