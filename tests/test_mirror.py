@@ -20,10 +20,12 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import boto3
 import pytest
 import requests
 from onemarket import cli, driverlog, web
@@ -41,6 +43,7 @@ from tests.servers import need_program, without_proxies
 from tests.servers.appmarket import Appmarket, running_appmarket
 from tests.servers.httpd import StaticHttpServer, truncated
 from tests.servers.mirror_web import MirrorWeb, running_mirror_web
+from tests.servers.rgw import CephRgw
 
 REPO = Path(__file__).resolve().parents[1]
 LXC_ONLY = (
@@ -641,10 +644,112 @@ def test_to_market_puts_the_tree_under_public_dir(
     at_source = lxc_apps(installation, lxc_source.url + "/")
     assert published(lxc_apps(installation, endpoint)) == published(at_source)
 
-    s3 = tmp_path / "s3.tmpl"
-    s3.write_text('NAME = "S3"\nMARKET_MAD = "s3"\nBUCKET = "b"\n')
-    code, _out, err = mirror(installation, str(source), "--to-market", str(s3))
-    assert code == 1 and "only http marketplaces" in err
+    other = tmp_path / "other.tmpl"
+    other.write_text('NAME = "Other"\nMARKET_MAD = "dockerhub"\n')
+    code, _out, err = mirror(installation, str(source), "--to-market", str(other))
+    assert code == 1 and "only http and s3 marketplaces" in err
+
+
+def public_bucket(rgw: CephRgw, prefix: str) -> str:
+    """A new bucket whose ``prefix/`` anyone may read (how a stock driver reads it: no keys)."""
+    bucket = f"mirror-{uuid.uuid4().hex[:12]}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=rgw.endpoint,
+        aws_access_key_id=rgw.access_key,
+        aws_secret_access_key=rgw.secret_key,
+        region_name="us-east-1",
+    )
+    client.create_bucket(Bucket=bucket)
+    client.put_bucket_policy(Bucket=bucket, Policy=json.dumps(read_policy(bucket, prefix)))
+    return bucket
+
+
+def read_policy(bucket: str, prefix: str) -> dict:
+    """README's bucket policy: anonymous GetObject below the mirror's prefix."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": "*",
+                "Action": ["s3:GetObject"],
+                "Resource": [f"arn:aws:s3:::{bucket}/{prefix}/*"],
+            }
+        ],
+    }
+
+
+def test_to_s3_market_uploads_the_tree_under_a_prefix(
+    appmarket: Appmarket, rgw: CephRgw, installation: Installation, tmp_path: Path
+) -> None:
+    bucket = public_bucket(rgw, "air")
+    target = tmp_path / "s3.tmpl"
+    target.write_text(
+        f'NAME = "Bucket"\nMARKET_MAD = "s3"\nBUCKET = "{bucket}"\nENDPOINT = "{rgw.endpoint}"\n'
+        f'ACCESS_KEY_ID = "{rgw.access_key}"\nSECRET_ACCESS_KEY = "{rgw.secret_key}"\n'
+        'REGION = "us-east-1"\nAWS = "no"\n'
+    )
+    source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
+    code, summary = mirror_json(installation, str(source), "--to-market", str(target),
+                                "--sub-path", "air")  # fmt: skip
+    assert code == 0, summary
+    endpoint = f"{rgw.endpoint}/{bucket}/air/"
+    upload = summary["upload"]
+    assert upload["url"] == endpoint
+    assert upload["files"] == len(appmarket.blobs) and upload["catalogs"] == 1
+    at_mirror = one_apps(installation, endpoint)
+    assert published(at_mirror) == published(one_apps(installation, appmarket.url + "/"))
+    for app in at_mirror:
+        assert app.get("SOURCE").startswith(endpoint + "appliance/")
+        if app.get("TYPE") == "IMAGE":
+            body = curl(app.get("SOURCE"), tmp_path / "download")
+            assert hashlib.md5(body).hexdigest() == app.get("MD5")
+    # the stock monitor asks for <ENDPOINT>/appliance, ENDPOINT ending with '/': '//' on S3
+    stock = requests.get(f"{rgw.endpoint}/{bucket}/air//appliance", timeout=30)
+    assert stock.status_code == 200 and len(stock.json()["appliances"]) == len(at_mirror)
+
+    # again, nothing changed: nothing uploaded; a new release: its file and the catalog
+    code, summary = mirror_json(installation, str(source), "--to-market", str(target),
+                                "--sub-path", "air")  # fmt: skip
+    assert code == 0 and summary["upload"]["files"] == summary["upload"]["catalogs"] == 0
+    nixos = appmarket.by_name("NixOS")
+    appmarket.set_file(nixos, 0, os.urandom(6000))
+    nixos["version"] = "26.05"
+    gone = appmarket.by_name("Phoenix RTOS")
+    appmarket.appliances.remove(gone)
+    appmarket.publish()
+    code, summary = mirror_json(installation, str(source), "--to-market", str(target),
+                                "--sub-path", "air", "--prune")  # fmt: skip
+    assert code == 0, summary
+    assert summary["upload"]["files"] == 1 and summary["upload"]["catalogs"] == 1
+    assert summary["upload"]["deleted"] == len(gone.get("files") or [])
+    apps = {a.get("NAME"): a for a in one_apps(installation, endpoint)}
+    assert "Phoenix RTOS" not in apps
+    body = curl(apps["NixOS"].get("SOURCE"), tmp_path / "download")
+    assert hashlib.md5(body).hexdigest() == apps["NixOS"].get("MD5") == nixos["files"][0]["md5"]
+
+
+def test_to_s3_market_serves_a_simplestreams_tree(
+    lxc_source: StaticHttpServer, rgw: CephRgw, installation: Installation, tmp_path: Path
+) -> None:
+    bucket = public_bucket(rgw, "lxc")
+    target = tmp_path / "s3.tmpl"
+    target.write_text(
+        f'NAME = "Bucket"\nMARKET_MAD = "s3"\nBUCKET = "{bucket}"\nENDPOINT = "{rgw.endpoint}"\n'
+        f'ACCESS_KEY_ID = "{rgw.access_key}"\nSECRET_ACCESS_KEY = "{rgw.secret_key}"\n'
+        'REGION = "us-east-1"\nAWS = "no"\n'
+    )
+    source = template_file(tmp_path, "LXC", "linuxcontainers", lxc_source.url + "/")
+    code, summary = mirror_json(installation, str(source), "--to-market", str(target),
+                                "--sub-path", "lxc")  # fmt: skip
+    assert code == 0, summary
+    endpoint = summary["upload"]["url"]
+    at_source = lxc_apps(installation, lxc_source.url + "/")
+    assert published(lxc_apps(installation, endpoint)) == published(at_source)
+    # the stock monitor's GET <ENDPOINT>/streams/v1/images.json, '//' on S3
+    stock = requests.get(f"{rgw.endpoint}/{bucket}/lxc//streams/v1/images.json", timeout=30)
+    assert stock.status_code == 200 and stock.json()["products"]
 
 
 def test_a_product_whose_item_leaves_the_tree_is_skipped(

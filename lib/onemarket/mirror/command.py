@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..action import Market
 from ..catalogs.linuxcontainers import LinuxContainersCatalog
@@ -42,13 +42,17 @@ from .report import (
 from .report import dry_run as print_dry_run
 from .store import LocalStore
 
+if TYPE_CHECKING:
+    from .s3target import S3Target
+
 DEFAULT_JOBS = 4
 """Parallel downloads; each holds at most ~9 MiB of buffers (the copy engine's queues)."""
 MAX_JOBS = 32
 POLL_S = 0.2
 """How often the main thread wakes while downloads run (progress redraw, signals)."""
 DEFAULT_SUB_PATH = "mirror"
-"""Folder under an http marketplace's PUBLIC_DIR receiving the tree (``--to-market``)."""
+"""Folder under an http marketplace's PUBLIC_DIR, or key prefix in an s3 marketplace's
+bucket, receiving the tree (``--to-market``)."""
 VERSION_RE = re.compile(r"\d{1,3}\.\d{1,3}(\.\d{1,4}){0,2}")
 """An OpenNebula version as the catalog server reads it from the User-Agent (``7.0``)."""
 
@@ -70,12 +74,14 @@ def add_mirror_parser(
     p.add_argument(
         "--to-market",
         metavar="MARKET",
-        help="an http marketplace (id, name or template): the tree goes under its PUBLIC_DIR",
+        help="an http or s3 marketplace (id, name or template): the tree goes under its "
+        "PUBLIC_DIR or into its bucket (DEST, if given, is then the local working copy)",
     )
     p.add_argument(
         "--sub-path",
         default=DEFAULT_SUB_PATH,
-        help=f"folder under PUBLIC_DIR for --to-market (default: {DEFAULT_SUB_PATH})",
+        help=f"folder under PUBLIC_DIR or key prefix in the bucket for --to-market "
+        f"(default: {DEFAULT_SUB_PATH})",
     )
     p.add_argument(
         "--include", action="append", default=[], metavar="GLOB", help="app names to mirror"
@@ -100,33 +106,42 @@ def add_mirror_parser(
 # ----------------------------------------------------------------------------- the run
 
 
-def resolve_dest(args: argparse.Namespace) -> tuple[Path, str]:
-    """The folder receiving the tree, and the URL it is served at ("" when unknown)."""
+def resolve_dest(
+    args: argparse.Namespace, installation: Installation
+) -> tuple[Path, str, S3Target | None]:
+    """The folder receiving the tree, the URL it is served at ("" when unknown) and, for an s3
+    marketplace, the bucket prefix the folder (a working copy) is uploaded to."""
     if args.to_market:
-        if args.dest:
-            raise ConfigError("give DEST or --to-market, not both")
         target = load_market(args.to_market)
-        if target.driver != "http":
+        if target.driver not in ("http", "s3"):
             raise ConfigError(
                 f"--to-market '{target.name}' is a {target.driver} marketplace: only http "
-                "marketplaces (PUBLIC_DIR on this host) can receive a mirror yet"
+                "and s3 marketplaces can receive a mirror"
             )
+        sub_path = args.sub_path.strip("/")
+        if not sub_path or any(p in ("", ".", "..") for p in sub_path.split("/")):
+            raise ConfigError(f"--sub-path {args.sub_path!r} must be a relative folder")
+        if target.driver == "s3":
+            from .s3target import S3Target, working_copy  # boto3: only when needed
+
+            s3 = S3Target(target, installation, sub_path, (args.url or "").strip())
+            dest = Path(args.dest) if args.dest else working_copy(installation, s3)
+            return dest, s3.url, s3
+        if args.dest:
+            raise ConfigError("give DEST or --to-market, not both")
         if (target.attr("BRIDGE_LIST") or "").strip():
             raise ConfigError(
                 f"--to-market '{target.name}' keeps PUBLIC_DIR on BRIDGE_LIST hosts: mirror "
                 "into a local folder and copy it there"
             )
-        sub_path = args.sub_path.strip("/")
-        if not sub_path or any(p in ("", ".", "..") for p in sub_path.split("/")):
-            raise ConfigError(f"--sub-path {args.sub_path!r} must be a relative folder")
         public_dir = (target.attr("PUBLIC_DIR") or "").strip()
         base_url = (target.attr("BASE_URL") or "").strip().rstrip("/")
         if not public_dir or not base_url:
             raise ConfigError(f"--to-market '{target.name}' lacks PUBLIC_DIR or BASE_URL")
-        return Path(public_dir) / sub_path, f"{base_url}/{sub_path}/"
+        return Path(public_dir) / sub_path, f"{base_url}/{sub_path}/", None
     if not args.dest:
         raise ConfigError("no DEST folder given (or --to-market)")
-    return Path(args.dest), (args.url or "").strip()
+    return Path(args.dest), (args.url or "").strip(), None
 
 
 def user_agent_for(market: Market, installation: Installation, version: str | None) -> str:
@@ -144,7 +159,7 @@ def run(args: argparse.Namespace, installation: Installation) -> int:
     if args.one_version is not None and not VERSION_RE.fullmatch(args.one_version):
         raise ConfigError(f"--one-version {one_line(args.one_version, 40)!r}: expected X.Y")
     market = load_market(args.source)
-    dest, served_at = resolve_dest(args)
+    dest, served_at, s3 = resolve_dest(args, installation)
     selection = Selection(tuple(args.include), tuple(args.exclude), args.name_suffix)
     agent = user_agent_for(market, installation, args.one_version)
     session = make_session(agent)
@@ -161,6 +176,8 @@ def run(args: argparse.Namespace, installation: Installation) -> int:
         return dry_run(args, plan, store)
     with interruptible(f"mirror into {dest}"), store.locked():
         outcome = mirror(args, plan, store, agent)
+        if s3 is not None:  # the working copy is a valid mirror, whatever failed
+            outcome.upload = s3.upload(store, plan.format.files, args.prune)
     summary(args, market, outcome, served_at)
     return 0 if outcome.ok else 1
 

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 from urllib.parse import urlsplit
 
 from .. import driverlog
@@ -23,6 +23,9 @@ from ..progress import human_bytes
 from ..template import write_template
 from . import one
 from .model import MirrorEntry, Plan
+
+if TYPE_CHECKING:
+    from .s3target import Uploaded
 
 TEMPLATE_SKIPPED_ATTRS = ("ID", "NAME", "MARKET_MAD", "ENDPOINT")
 STATUS_MIRRORED = "mirrored"
@@ -114,6 +117,8 @@ class Outcome:
     downloads: int = 0
     requests: int = 0
     pruned: list[str] = field(default_factory=list)
+    upload: Uploaded | None = None
+    """What ``--to-market <s3 marketplace>`` uploaded; None for a folder."""
 
     def names(self, status: str) -> list[str]:
         return [e.label for e in self.plan.entries if self.status.get(e.key) == status]
@@ -189,6 +194,8 @@ def summary(args: argparse.Namespace, market: Market, outcome: Outcome, url: str
         "catalog_unchanged": plan.from_cache,
         "pruned": len(outcome.pruned),
     }
+    if outcome.upload is not None:
+        summary["upload"] = outcome.upload.as_dict()
     if args.json:
         emit_json(summary)
         return
@@ -198,7 +205,14 @@ def summary(args: argparse.Namespace, market: Market, outcome: Outcome, url: str
         f"{failed} failed; {human_bytes(outcome.bytes)} downloaded into {outcome.dest}"
         + (f"; {len(outcome.pruned)} files pruned" if args.prune else "")
     )
-    if plan.format is one.FORMAT:
+    if outcome.upload is not None:
+        up = outcome.upload
+        print(
+            f"uploaded to {up.url}: {up.files} files and {up.catalogs} catalogs "
+            f"({human_bytes(up.bytes)}), {up.unchanged} files unchanged"
+            + (f", {up.deleted} objects deleted" if args.prune else "")
+        )
+    elif plan.format is one.FORMAT:
         print("web server rule (GET <ENDPOINT>/appliance must answer appliance.json):")
         for rule in web_rules(outcome.dest, url):
             print(f"  {rule}")
