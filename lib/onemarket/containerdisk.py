@@ -40,9 +40,9 @@ from pathlib import Path
 
 from . import driverlog
 from .errors import ConfigError, SourceError, StorageError, StorageFullError, one_line
+from .transfer.sources import CHUNK_BYTES
 
 BUILDABLE_FILESYSTEMS = ("ext4", "ext3", "ext2")
-COPY_CHUNK_BYTES = 1 << 20
 PROGRESS_INTERVAL_S = 5.0
 """Least time between two INFO lines while unpacking."""
 TOOL_TIMEOUT_S = 3600.0
@@ -259,7 +259,7 @@ class Staging:
             with os.fdopen(fd, "wb") as out:
                 src = data()
                 while True:
-                    chunk = src.read(COPY_CHUNK_BYTES)  # type: ignore[attr-defined]
+                    chunk = src.read(CHUNK_BYTES)  # type: ignore[attr-defined]
                     if not chunk:
                         break
                     out.write(chunk)

@@ -33,11 +33,12 @@ from .catalogs.linuxcontainers import (
 )
 from .errors import ChecksumError, ConfigError, RemoteError, SourceError, one_line
 from .transfer.hashing import Verifier
+from .transfer.sources import CHUNK_BYTES
 
 SCHEME = "lxd://"
 MAX_ENDPOINT_GUESSES = 4
 """Catalog URLs tried for one SOURCE (the market's ENDPOINT, then ``images/`` splits)."""
-DOWNLOAD_CHUNK_BYTES = 1 << 20
+DOWNLOAD_CHUNK_BYTES = CHUNK_BYTES
 _SAFE_PATH_RE = re.compile(r"[A-Za-z0-9._~:@+,=/%-]+")
 _FS_RE = re.compile(r"[a-z0-9]{1,16}")
 

@@ -20,11 +20,11 @@ from typing import BinaryIO, Protocol
 
 from ..errors import StorageError, from_os_error
 from .local import AtomicFile, unique_temp
+from .sources import CHUNK_BYTES
+from .stages import SNIFF_BYTES, detect_archive
 
-WRITE_BUFFER_BYTES = 1 << 20
+WRITE_BUFFER_BYTES = CHUNK_BYTES
 """Buffer of standard output or an in-place device (one chunk)."""
-SNIFF_BYTES = 512
-"""Head of a finished download read to recognise a tar or zip archive."""
 
 
 class Sink(Protocol):
@@ -133,8 +133,6 @@ class FileSink:
         self._file = None  # published: no longer ours to remove
 
     def _archive_kind(self) -> str | None:
-        from .stages import detect_archive
-
         assert self._file is not None
         with open(self._file.tmp, "rb") as fh:
             return detect_archive(fh.read(SNIFF_BYTES))

@@ -17,12 +17,14 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import SourceError
 from .hashing import Verifier
-from .sinks import Sink
 from .sources import CHUNK_BYTES, Source
+
+if TYPE_CHECKING:
+    from .sinks import Sink
 
 SNIFF_BYTES = 512
 """Head of the downloaded stream kept to recognise compression, and of the decompressed stream
