@@ -27,7 +27,6 @@ import re
 import secrets
 import signal
 import stat
-import subprocess
 import sys
 import time
 import traceback
@@ -36,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import requests
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -54,8 +52,15 @@ from rich.text import Text
 
 from . import __version__, driverlog, oneclient
 from .action import APP_TYPE_IMAGE, App, ImportInfo, Market
-from .backends.base import AppEntry, Backend, Context, ImportRequest, ImportResult, MonitorResult
-from .bridge import parse_bridge_list
+from .backends.base import (
+    AppEntry,
+    Backend,
+    Check,
+    Context,
+    ImportRequest,
+    ImportResult,
+    MonitorResult,
+)
 from .errors import (
     ActionTimeout,
     ConfigError,
@@ -76,7 +81,8 @@ from .progress import ProgressEvent, human_bytes
 from .registry import DRIVERS, backend_class, load_backend
 from .template import write_template
 from .transfer.interrupt import Interrupted, interruptible
-from .transfer.sources import ssh_argv
+from .units import mb_bytes
+from .units import size_mb as size_mb_of
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -85,16 +91,6 @@ EXIT_HANGUP = 129
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
-PROBE_TIMEOUT_S = 10.0
-"""Bound on the GET of the probe file at BASE_URL (connect and read)."""
-SSH_CHECK_TIMEOUT_S = 30.0
-"""Bound on each ssh command run by ``check`` (login plus a trivial command)."""
-S3_CHECK_CONNECT_TIMEOUT_S = 5.0
-S3_CHECK_READ_TIMEOUT_S = 20.0
-S3_CHECK_ATTEMPTS = 2
-"""``check`` asks S3 quickly and retries little: it diagnoses, it does not insist."""
-PROBE_BYTES = 64
-"""Size of the random probe file written to PUBLIC_DIR (read back whole, bounded)."""
 BAR_INTERVAL_S = 0.2
 """Redraw period of the terminal progress bar."""
 SPINNER_REFRESH_PER_S = 4
@@ -111,14 +107,8 @@ NAME_COLUMN_MAX_CHARS = 60
 """Widest NAME column of the ``apps`` table (longer names are cut; ``--json`` has them whole)."""
 NAME_COLUMN_MIN_CHARS = 12
 """Narrowest NAME column on a narrow terminal (the other columns keep their width)."""
-MB = 1024 * 1024
 MAX_EXCEPTION_CHAIN = 8
 """How far back the causes of a failure are searched for notes."""
-SSH_FAILED = 255
-"""Exit status of ssh itself failing (connection, authentication, host key)."""
-SSH_TIMED_OUT = -1
-SSH_NOT_RUN = -2
-
 
 # ---------------------------------------------------------------------------- output helpers
 
@@ -245,14 +235,8 @@ def context(progress: Any = None) -> Context:
 # ---------------------------------------------------------------------------- check
 
 
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str
-
-    def line(self) -> str:
-        return f"{'PASS' if self.ok else 'FAIL'}  {self.name}: {printable(self.detail)}"
+def check_line(check: Check) -> str:
+    return f"{'PASS' if check.ok else 'FAIL'}  {check.name}: {printable(check.detail)}"
 
 
 class Checker:
@@ -271,11 +255,11 @@ class Checker:
         check = Check(name, ok, one_line(driverlog.scrub(detail), 400))
         self.checks.append(check)
         if self.echo and self.out.is_terminal:  # the same line, PASS green and FAIL red
-            line = Text(check.line())
+            line = Text(check_line(check))
             line.stylize("bold green" if ok else "bold red", 0, 4)
             self.out.print(line)
         elif self.echo:
-            print(check.line(), flush=True)
+            print(check_line(check), flush=True)
         return ok
 
     def attempt(self, name: str, action: Callable[[], str]) -> bool:
@@ -309,10 +293,14 @@ class Checker:
             self.add("attributes", False, f"missing required {', '.join(missing)}")
             return
         self.add("attributes", True, "required attributes set")
-        if market.driver == "http":
-            self.check_http()
-        elif market.driver == "s3":
-            self.check_s3()
+        try:
+            backend = self.backend()
+        except MarketError as exc:
+            self.add("settings", False, str(exc))
+            return
+        with contextlib.closing(backend.check()) as checks:
+            for check in checks:
+                self.add(check.name, check.ok, check.detail)
         self.check_monitor()
 
     def check_state(self, market: OnedMarket) -> None:
@@ -341,222 +329,6 @@ class Checker:
             return usage
 
         self.attempt("monitor", monitor)
-
-    # -- http
-
-    def check_http(self) -> None:
-        public_dir = self.market.attrs["PUBLIC_DIR"].strip()
-        base_url = self.market.attrs["BASE_URL"].strip()
-        if not base_url.startswith(("http://", "https://")):
-            self.add("BASE_URL", False, f"BASE_URL must be an http(s) URL, not {base_url!r}")
-            return
-        try:
-            hosts = parse_bridge_list(self.market.attr("BRIDGE_LIST"))
-        except MarketError as exc:
-            self.add("BRIDGE_LIST", False, str(exc))
-            return
-        if not hosts:
-            self.check_local_dir(public_dir, base_url)
-            return
-        states = oneclient.usable_hosts(hosts)
-        if states is not None:
-            skipped = [h for h in hosts if h not in states]
-            if len(skipped) == len(hosts):
-                self.add(
-                    "oned hosts", False, "every BRIDGE_LIST host is disabled, offline or in error"
-                )
-            elif skipped:
-                self.add("oned hosts", True, f"imports skip {', '.join(skipped)} (oned state)")
-            else:
-                self.add("oned hosts", True, "no BRIDGE_LIST host is disabled, offline or in error")
-        for host in hosts:
-            self.check_remote_dir(host, public_dir, base_url)
-
-    def check_local_dir(self, public_dir: str, base_url: str) -> None:
-        folder = Path(public_dir)
-        if not folder.is_dir():
-            what = "is not a directory" if folder.exists() else "does not exist"
-            self.add("PUBLIC_DIR", False, f"{public_dir} {what}")
-            return
-        if not os.access(folder, os.W_OK | os.X_OK):
-            self.add("PUBLIC_DIR", False, f"{public_dir} is not writable by this user")
-            return
-        name, data = probe()
-        path = folder / name
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                os.fchmod(fd, 0o644)
-                os.write(fd, data)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            self.add(
-                "PUBLIC_DIR", False, str(from_os_error(exc, f"writing a probe to {public_dir}"))
-            )
-            with contextlib.suppress(OSError):
-                path.unlink()
-            return
-        try:
-            self.add("PUBLIC_DIR", True, f"{public_dir} exists and is writable")
-            self.check_served(base_url, name, data, public_dir)
-        finally:
-            with contextlib.suppress(OSError):
-                path.unlink()
-
-    def check_remote_dir(self, host: str, public_dir: str, base_url: str) -> None:
-        """One ssh session logs in, checks the folder and writes the probe (ssh is slow to open)."""
-        name, data = probe()
-        q = shell_quote(public_dir)
-        script = (
-            f"test -d {q} || exit 3; test -w {q} || exit 4; umask 022; cat > {q}/{name} || exit 5"
-        )
-        code, err = run_ssh(host, script, data)
-        if code in (SSH_FAILED, SSH_TIMED_OUT, SSH_NOT_RUN):
-            self.add(f"ssh {host}", False, f"ssh failed ({err or f'exit {code}'})")
-            return
-        self.add(f"ssh {host}", True, "reachable (BatchMode)")
-        label = f"PUBLIC_DIR on {host}"
-        if code != 0:
-            why = {3: "does not exist", 4: "is not writable by the ssh user"}.get(
-                code, f"probe write failed ({err or f'exit {code}'})"
-            )
-            self.add(label, False, f"{public_dir} {why}")
-            if code == 5:
-                run_ssh(host, f"rm -f -- {q}/{name}")
-            return
-        try:
-            self.add(label, True, f"{public_dir} exists and is writable")
-            self.check_served(base_url, name, data, f"{host}:{public_dir}")
-        finally:
-            run_ssh(host, f"rm -f -- {q}/{name}")
-
-    def check_served(self, base_url: str, name: str, data: bytes, where: str) -> None:
-        url = base_url.rstrip("/") + "/" + name
-        label = "BASE_URL"
-        try:
-            with requests.get(url, timeout=PROBE_TIMEOUT_S, stream=True) as resp:
-                body = resp.raw.read(len(data) + 1, decode_content=True)
-                status = resp.status_code
-        except requests.RequestException as exc:
-            from .web import describe_request_error
-
-            self.add(label, False, f"GET {url}: {describe_request_error(exc)}")
-            return
-        if status != 200:
-            self.add(
-                label,
-                False,
-                f"a probe written to {where} is not served at {url} (HTTP {status}); "
-                "BASE_URL must be the URL of PUBLIC_DIR",
-            )
-        elif body != data:
-            self.add(label, False, f"{url} answers, but not with the probe written to {where}")
-        else:
-            self.add(label, True, f"serves {where}")
-
-    # -- s3
-
-    def check_s3(self) -> None:
-        from . import s3config
-
-        try:
-            settings = s3config.S3Settings.from_market(self.market)
-            client = s3config.make_client(
-                settings,
-                connect_timeout_s=S3_CHECK_CONNECT_TIMEOUT_S,
-                read_timeout_s=S3_CHECK_READ_TIMEOUT_S,
-                max_attempts=S3_CHECK_ATTEMPTS,
-            )
-        except MarketError as exc:
-            self.add("S3 settings", False, str(exc))
-            return
-        where = settings.where
-        bucket = settings.bucket
-        if not self.s3_credentials(client, s3config, where):
-            return
-        if not self.s3_bucket(client, s3config, settings):
-            return
-        # under the app prefix, so that the monitor's clean-up of stale uploads covers it
-        prefix = (self.market.attr("APP_PREFIX") or "marketapp").strip()
-        key = f"{prefix}-onemarket-check-{secrets.token_hex(8)}"
-
-        def multipart() -> str:
-            try:
-                upload = client.create_multipart_upload(Bucket=bucket, Key=key)
-            except Exception as exc:  # noqa: BLE001 - botocore raises many types
-                raise s3config.s3_error(exc, f"multipart upload to s3://{bucket}", where) from None
-            try:
-                client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
-            except Exception as exc:  # noqa: BLE001
-                err = s3config.s3_error(exc, f"abort of test upload s3://{bucket}/{key}", where)
-                raise type(err)(f"{err} (monitors abort it after a day)") from None
-            return "a multipart upload can be created and aborted"
-
-        self.attempt("multipart", multipart)
-
-    def s3_credentials(self, client: Any, s3config: Any, where: str) -> bool:
-        try:
-            client.list_buckets()
-        except Exception as exc:  # noqa: BLE001 - classified by s3config
-            code = s3config.client_error_code(exc)
-            if code in {"AccessDenied", "403"}:
-                return self.add("credentials", True, f"accepted by {where} (listing not allowed)")
-            return self.add("credentials", False, str(s3config.s3_error(exc, "login", where)))
-        return self.add("credentials", True, f"accepted by {where}")
-
-    def s3_bucket(self, client: Any, s3config: Any, settings: Any) -> bool:
-        bucket = settings.bucket
-        label = "bucket"
-        try:
-            client.head_bucket(Bucket=bucket)
-        except Exception as exc:  # noqa: BLE001 - classified by s3config
-            if s3config.client_error_code(exc) not in {"404", "NoSuchBucket", "NotFound"}:
-                err = s3config.s3_error(exc, f"bucket {bucket}", settings.where)
-                return self.add(label, False, str(err))
-        else:
-            return self.add(label, True, f"{bucket} reachable")
-        kwargs: dict[str, Any] = {"Bucket": bucket}
-        if settings.aws and settings.region != "us-east-1":
-            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": settings.region}
-        try:
-            client.create_bucket(**kwargs)
-        except Exception as exc:  # noqa: BLE001
-            if s3config.client_error_code(exc) == "BucketAlreadyOwnedByYou":
-                return self.add(label, True, f"{bucket} reachable")
-            err = s3config.s3_error(
-                exc, f"bucket {bucket} is missing and creating it", settings.where
-            )
-            return self.add(label, False, str(err))
-        return self.add(label, True, f"{bucket} was missing and has been created (as imports do)")
-
-
-def probe() -> tuple[str, bytes]:
-    """A random probe file name and content (hex, so no server rewrites it)."""
-    return f"onemarket-check-{secrets.token_hex(8)}", secrets.token_hex(PROBE_BYTES // 2).encode()
-
-
-def shell_quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
-
-
-def run_ssh(host: str, command: str, data: bytes = b"") -> tuple[int, str]:
-    """Run ``command`` on ``host`` like the http backend does; (exit code, one-line stderr)."""
-    try:
-        proc = subprocess.run(
-            ssh_argv(host, command),
-            input=data,
-            capture_output=True,
-            timeout=SSH_CHECK_TIMEOUT_S,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return SSH_TIMED_OUT, f"no answer within {SSH_CHECK_TIMEOUT_S:.0f} s"
-    except OSError as exc:
-        return SSH_NOT_RUN, f"cannot run ssh ({exc.strerror or exc})"
-    return proc.returncode, one_line(proc.stderr.decode("utf-8", "replace"), 300)
 
 
 # ---------------------------------------------------------------------------- push
@@ -707,7 +479,7 @@ class LocalImage:
             raise SourceError(f"{file} is a directory, not an image file")
         if not os.access(path, os.R_OK):
             raise SourceError(f"cannot read {file}: permission denied")
-        size_mb = max(1, math.ceil(st.st_size / MB)) if st.st_size else 0
+        size_mb = size_mb_of(st.st_size)
         return cls(path.resolve(), st.st_size, size_mb, fmt or sniff_format(path))
 
 
@@ -893,7 +665,7 @@ APP_COLUMNS = ("NAME", "VERSION", "TYPE", "ARCH", "HYPERVISOR", "SIZE", "FORMAT"
 
 
 def app_row(app: AppEntry) -> tuple[str, ...]:
-    size = "-" if app.size_mb is None else human_bytes(app.size_mb * MB)
+    size = "-" if app.size_mb is None else human_bytes(mb_bytes(app.size_mb))
     name = printable(app.name)
     if len(name) > NAME_COLUMN_MAX_CHARS:
         name = name[: NAME_COLUMN_MAX_CHARS - 3] + "..."

@@ -12,19 +12,13 @@ from pathlib import Path
 
 from . import driverlog, oneclient
 from .action import Market
+from .backends.attributes import missing
 from .errors import ConfigError, TemplateError
+from .registry import backend_class
 from .template import parse_template
 
 MAX_TEMPLATE_BYTES = 1024 * 1024
 """Largest market template file read (a definition is a few hundred bytes)."""
-
-REQUIRED_ATTRS: dict[str, tuple[str, ...]] = {
-    "one": (),
-    "http": ("BASE_URL", "PUBLIC_DIR"),
-    "s3": ("ACCESS_KEY_ID", "SECRET_ACCESS_KEY", "REGION", "BUCKET"),
-    "linuxcontainers": (),
-}
-"""REQUIRED_ATTRS of oned's MARKET_MAD_CONF for each driver (oned.conf defaults)."""
 
 PUBLIC_DRIVERS = frozenset({"one", "linuxcontainers"})
 """Drivers that only monitor a public catalog (no import, no delete)."""
@@ -98,5 +92,5 @@ def load_market(ref: str, timeout_s: float = oneclient.CONNECT_TIMEOUT_S) -> Mar
 
 
 def missing_attrs(market: Market) -> list[str]:
-    """Required attributes (per MARKET_MAD_CONF) that the market lacks or leaves empty."""
-    return [n for n in REQUIRED_ATTRS.get(market.driver, ()) if not market.attrs.get(n, "").strip()]
+    """Required attributes (as the driver declares them) that the market lacks or leaves empty."""
+    return missing(market, backend_class(market.driver).attributes)

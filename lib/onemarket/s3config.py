@@ -22,7 +22,7 @@ attributes (section 6 of the protocol notes) the same way:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,6 +32,7 @@ from botocore.config import Config
 
 from . import driverlog
 from .action import Market
+from .backends.attributes import Attr, flag, read
 from .errors import (
     ActionTimeout,
     ChecksumError,
@@ -68,6 +69,39 @@ SIGNATURE_VERSIONS = {"v4": "s3v4", "s3v4": "s3v4", "s3": "s3", "v2": "s3"}
 _AWS_HOST_RE = re.compile(r"(^|\.)amazonaws\.com(\.cn)?$", re.IGNORECASE)
 
 
+def _endpoint(text: str) -> str:
+    driverlog.redact_url(text)  # a password in it is shown in every message
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http(s) URL, not {text!r}")
+    return text.rstrip("/")
+
+
+def _signature_version(text: str) -> str:
+    if text.lower() not in SIGNATURE_VERSIONS:
+        raise ValueError(f"must be 's3' or 'v4', not {text.lower()!r}")
+    return SIGNATURE_VERSIONS[text.lower()]
+
+
+def _bucket(text: str) -> str:
+    if "/" in text or not (3 <= len(text) <= 255):
+        raise ValueError(f"{text!r} is not a valid bucket name")
+    return text
+
+
+ATTRIBUTES = (
+    Attr("ACCESS_KEY_ID", "access key id", required=True),
+    Attr("SECRET_ACCESS_KEY", "secret access key (masked in every message)", required=True),
+    Attr("REGION", "region", required=True),
+    Attr("BUCKET", "bucket (created when missing)", required=True, parse=_bucket),
+    Attr("ENDPOINT", "URL of an S3-compatible service (default AWS)", parse=_endpoint),
+    Attr("AWS", "no: not AWS (default: ENDPOINT is an amazonaws.com host)", parse=flag),
+    Attr("FORCE_PATH_STYLE", "path-style addressing (default: yes when not AWS)", parse=flag),
+    Attr("SIGNATURE_VERSION", "v4, or s3 (SigV2)", "v4", parse=_signature_version),
+)
+"""The attributes every s3 client reads (the s3 backend adds its own)."""
+
+
 @dataclass(frozen=True)
 class S3Settings:
     """Everything needed to talk to one S3 service, validated, with the secret registered."""
@@ -92,47 +126,28 @@ class S3Settings:
 
     @classmethod
     def from_market(cls, market: Market, need_bucket: bool = True) -> S3Settings:
-        names = ["ACCESS_KEY_ID", "SECRET_ACCESS_KEY", "REGION"]
-        if need_bucket:
-            names.append("BUCKET")
-        secret = market.attr("SECRET_ACCESS_KEY")
-        driverlog.redact(secret)
-        market.require(*names)
-        what = f"marketplace '{market.name}'"
-        endpoint = (market.attr("ENDPOINT") or "").strip() or None
-        if endpoint is not None:
-            driverlog.redact_url(endpoint)  # a password in it is shown in every message
-            parts = urlsplit(endpoint)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ConfigError(f"{what}: ENDPOINT must be an http(s) URL, not {endpoint!r}")
-            endpoint = endpoint.rstrip("/")
+        driverlog.redact(market.attr("SECRET_ACCESS_KEY"))
+        table = [a if need_bucket or a.name != "BUCKET" else replace(a, required=False)
+                 for a in ATTRIBUTES]  # fmt: skip
+        v = read(market, table)
+        endpoint = v["ENDPOINT"]
         host = (urlsplit(endpoint).hostname or "") if endpoint else ""
-        aws_attr = market.attr("AWS")
-        if aws_attr is not None:
-            aws = market.flag("AWS")
-        else:
+        aws = v["AWS"]
+        if aws is None:
             aws = endpoint is None or bool(_AWS_HOST_RE.search(host))
-        sig_attr = (market.attr("SIGNATURE_VERSION") or "v4").strip().lower()
-        if sig_attr not in SIGNATURE_VERSIONS:
-            raise ConfigError(f"{what}: SIGNATURE_VERSION must be 's3' or 'v4', not {sig_attr!r}")
-        style_attr = market.attr("FORCE_PATH_STYLE")
-        if style_attr is not None:
-            path_style: bool | None = market.flag("FORCE_PATH_STYLE")
-        else:
-            path_style = None if aws else True
-        bucket = (market.attr("BUCKET") or "").strip()
-        if bucket and ("/" in bucket or not (3 <= len(bucket) <= 255)):
-            raise ConfigError(f"{what}: BUCKET {bucket!r} is not a valid bucket name")
+        path_style = v["FORCE_PATH_STYLE"]
+        if path_style is None and not aws:
+            path_style = True
         return cls(
             market_name=market.name,
-            access_key_id=market.attrs["ACCESS_KEY_ID"].strip(),
-            secret_access_key=market.attrs["SECRET_ACCESS_KEY"].strip(),
-            region=market.attrs["REGION"].strip(),
-            bucket=bucket,
+            access_key_id=v["ACCESS_KEY_ID"],
+            secret_access_key=v["SECRET_ACCESS_KEY"],
+            region=v["REGION"],
+            bucket=v["BUCKET"] or "",
             endpoint=endpoint,
             aws=aws,
             path_style=path_style,
-            signature_version=SIGNATURE_VERSIONS[sig_attr],
+            signature_version=v["SIGNATURE_VERSION"],
         )
 
 

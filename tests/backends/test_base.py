@@ -128,7 +128,7 @@ def test_backend_is_abstract() -> None:
 
 def test_context_defaults() -> None:
     c = _context()
-    assert c.progress is None and c.timeout_s is None
+    assert c.progress is None
 
 
 # --------------------------------------------------------------------------- registry

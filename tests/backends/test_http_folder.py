@@ -53,9 +53,9 @@ REPO = Path(__file__).resolve().parents[2]
 # helpers ------------------------------------------------------------------------------------
 
 
-def backend(attrs: dict[str, str], timeout_s: float | None = None) -> HttpFolderBackend:
+def backend(attrs: dict[str, str]) -> HttpFolderBackend:
     market = Market(id=100, name="private", driver="http", attrs=attrs)
-    return HttpFolderBackend(market, Context(Installation.detect(), None, timeout_s))
+    return HttpFolderBackend(market, Context(Installation.detect()))
 
 
 def do_import(b: HttpFolderBackend, source: str, app_id: int = 7, md5: str = "") -> ImportResult:

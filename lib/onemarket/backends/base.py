@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..action import App, ImportInfo, Market
@@ -11,7 +12,8 @@ from ..errors import NotSupportedError
 from ..installation import Installation
 from ..progress import ProgressCallback
 from ..template import write_template
-from ..transfer.hashing import size_mb
+from ..units import size_mb
+from .attributes import Attr
 
 
 @dataclass(frozen=True)
@@ -20,7 +22,15 @@ class Context:
 
     installation: Installation
     progress: ProgressCallback | None = None
-    timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of ``one-market check``: what was tried, whether it worked, and why."""
+
+    name: str
+    ok: bool
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -140,6 +150,8 @@ class Backend(ABC):
     """A marketplace driver: small class, three actions, everything else in helpers."""
 
     driver: str = ""
+    attributes: tuple[Attr, ...] = ()
+    """The market attributes the driver reads (README's table), see :mod:`.attributes`."""
 
     def __init__(self, market: Market, context: Context) -> None:
         self.market = market
@@ -154,6 +166,11 @@ class Backend(ABC):
         raise NotSupportedError(
             f"marketplace driver '{self.driver}' is a public catalog: apps cannot be deleted"
         )
+
+    def check(self) -> Iterator[Check]:
+        """Probes of what import and delete need (``one-market check`` runs monitor too); a
+        generator, so each line shows as soon as it is known: close it to clean up."""
+        yield from ()
 
     @abstractmethod
     def monitor(self) -> MonitorResult: ...

@@ -8,12 +8,15 @@ refuses anything that would leave PUBLIC_DIR, on this machine or on the bridge h
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import re
+import secrets
 import shlex
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
@@ -21,15 +24,17 @@ from urllib.parse import urlsplit
 from .. import driverlog
 from ..action import App, Market
 from ..bridge import available_hosts, host_for_app, hosts_in_turn, parse_bridge_list
-from ..errors import ConfigError, RemoteError, StorageError, UnsafePathError, from_os_error
+from ..errors import MarketError, RemoteError, StorageError, UnsafePathError, from_os_error
 from ..location import HttpLocation
 from ..progress import Progress
-from ..transfer.interrupt import Deadline
 from ..transfer.local import write_atomically
 from ..transfer.remote import run_remote, write_remote_atomically
 from ..transfer.sources import open_source
+from ..units import MIB
+from .attributes import Attr, read
 from .base import (
     Backend,
+    Check,
     Context,
     ImportRequest,
     ImportResult,
@@ -37,12 +42,18 @@ from .base import (
     app_size_mb,
 )
 
-MIB = 1 << 20
-
 EXIT_MISSING = 10
 EXIT_OUTSIDE = 11
 EXIT_NOT_FILE = 12
 EXIT_NO_FOLDER = 13
+EXIT_NOT_WRITABLE = 14
+EXIT_PROBE_FAILED = 15
+
+CHECK_GET_TIMEOUT_S = 10.0
+"""How long check waits for BASE_URL to serve the probe."""
+CHECK_SSH_TIMEOUT_S = 30.0
+"""How long check waits for a BRIDGE_LIST host (login included)."""
+PROBE_BYTES = 64
 
 _DELETE_SCRIPT = """d={dir}; p={path}
 [ -d "$d" ] || exit {no_folder}
@@ -68,6 +79,29 @@ host unreachable at clean-up) and monitor removes it; no import runs that long."
 _TEMP_RE = re.compile(r"\.app-\d+-[0-9a-f]{32}\.part")
 
 
+def _base_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"must be an http(s) URL, not {text[:100]!r}")
+    return text.rstrip("/")
+
+
+def _public_dir(text: str) -> PurePosixPath:
+    folder = PurePosixPath(text)
+    if not folder.is_absolute() or ".." in folder.parts:
+        raise ValueError(f"must be an absolute path without '..', not {text[:100]!r}")
+    return folder
+
+
+ATTRIBUTES = (
+    Attr("BASE_URL", "public URL at which the web server serves PUBLIC_DIR", required=True,
+         parse=_base_url),
+    Attr("PUBLIC_DIR", "folder holding the appliance files", required=True, parse=_public_dir),
+    Attr("BRIDGE_LIST", "hosts holding PUBLIC_DIR, reached over ssh (default: this one)",
+         parse=parse_bridge_list),
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class HttpFolderConfig:
     """The market attributes this driver reads, checked once."""
@@ -78,24 +112,8 @@ class HttpFolderConfig:
 
     @classmethod
     def from_market(cls, market: Market) -> HttpFolderConfig:
-        base_url, public_dir = market.require("BASE_URL", "PUBLIC_DIR")
-        parts = urlsplit(base_url.strip())
-        if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-            raise ConfigError(
-                f"marketplace '{market.name}': BASE_URL must be an http(s) URL, "
-                f"not {base_url[:100]!r}"
-            )
-        folder = PurePosixPath(public_dir.strip())
-        if not folder.is_absolute() or ".." in folder.parts:
-            raise ConfigError(
-                f"marketplace '{market.name}': PUBLIC_DIR must be an absolute path without '..', "
-                f"not {public_dir[:100]!r}"
-            )
-        return cls(
-            base_url=base_url.strip().rstrip("/"),
-            public_dir=folder,
-            bridge_list=parse_bridge_list(market.attr("BRIDGE_LIST")),
-        )
+        v = read(market, ATTRIBUTES)
+        return cls(v["BASE_URL"], v["PUBLIC_DIR"], v["BRIDGE_LIST"] or [])
 
     def source_for(self, name: str) -> str:
         return f"{self.base_url}/{name}"
@@ -109,6 +127,7 @@ class HttpFolderBackend(Backend):
     """import, delete and monitor for ``MARKET_MAD=http``."""
 
     driver = "http"
+    attributes = ATTRIBUTES
 
     def __init__(self, market: Market, context: Context) -> None:
         super().__init__(market, context)
@@ -120,7 +139,6 @@ class HttpFolderBackend(Backend):
         cfg = self.config
         info = request.source
         name = HttpLocation.new_name(request.app.id)
-        deadline = Deadline(self.context.timeout_s, f"import of app {request.app.id}")
         host = None
         if cfg.bridge_list:
             host = host_for_app(available_hosts(cfg.bridge_list), request.app.id)
@@ -135,7 +153,6 @@ class HttpFolderBackend(Backend):
                     name,
                     expected_md5=info.md5,
                     progress=progress,
-                    deadline=deadline,
                 ).digests
             else:
                 driverlog.info(f"writing app {request.app.id} to {host}:{cfg.public_dir}")
@@ -146,7 +163,6 @@ class HttpFolderBackend(Backend):
                     src,
                     expected_md5=info.md5,
                     progress=progress,
-                    deadline=deadline,
                 )
         return ImportResult(
             source=cfg.source_for(name),
@@ -236,6 +252,116 @@ class HttpFolderBackend(Backend):
                 raise StorageError(f"PUBLIC_DIR {folder} does not exist on {host}") from None
             raise
 
+    # check ------------------------------------------------------------------------------
+
+    def check(self) -> Iterator[Check]:
+        """PUBLIC_DIR takes a probe file (on each BRIDGE_LIST host) and BASE_URL serves it."""
+        hosts = self.config.bridge_list
+        if not hosts:
+            yield from self._check_local_probe()
+            return
+        from ..oneclient import usable_hosts
+
+        states = usable_hosts(hosts)
+        if states is not None:
+            skipped = [h for h in hosts if h not in states]
+            if len(skipped) == len(hosts):
+                yield Check(
+                    "oned hosts", False, "every BRIDGE_LIST host is disabled, offline or in error"
+                )
+            elif skipped:
+                yield Check("oned hosts", True, f"imports skip {', '.join(skipped)} (oned state)")
+            else:
+                yield Check(
+                    "oned hosts", True, "no BRIDGE_LIST host is disabled, offline or in error"
+                )
+        for host in hosts:
+            yield from self._check_remote_probe(host)
+
+    def _check_local_probe(self) -> Iterator[Check]:
+        folder = Path(self.config.public_dir)
+        if not folder.is_dir():
+            what = "is not a directory" if folder.exists() else "does not exist"
+            yield Check("PUBLIC_DIR", False, f"{folder} {what}")
+            return
+        if not os.access(folder, os.W_OK | os.X_OK):
+            yield Check("PUBLIC_DIR", False, f"{folder} is not writable by this user")
+            return
+        name, data = _probe()
+        path = folder / name
+        try:
+            try:
+                path.write_bytes(data)
+                path.chmod(0o644)
+            except OSError as exc:
+                detail = str(from_os_error(exc, f"writing a probe to {folder}"))
+                yield Check("PUBLIC_DIR", False, detail)
+                return
+            yield Check("PUBLIC_DIR", True, f"{folder} exists and is writable")
+            yield self._check_served(name, data, str(folder))
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _check_remote_probe(self, host: str) -> Iterator[Check]:
+        """One ssh session logs in, checks the folder and writes the probe (ssh is slow to open)."""
+        name, data = _probe()
+        folder = self.config.public_dir
+        q = shlex.quote(str(folder))
+        script = (
+            f"test -d {q} || exit {EXIT_NO_FOLDER}; test -w {q} || exit {EXIT_NOT_WRITABLE}; "
+            f"umask 022; printf %s {data.decode()} > {q}/{name} || exit {EXIT_PROBE_FAILED}"
+        )
+        why = {
+            EXIT_NO_FOLDER: "does not exist",
+            EXIT_NOT_WRITABLE: "is not writable by the ssh user",
+        }
+        code: int | None = 0
+        failure = ""
+        try:
+            run_remote(host, script, timeout_s=CHECK_SSH_TIMEOUT_S)
+        except (RemoteError, StorageError) as exc:
+            code = _exit_code(exc)
+            if code not in (EXIT_NO_FOLDER, EXIT_NOT_WRITABLE, EXIT_PROBE_FAILED):
+                yield Check(f"ssh {host}", False, f"ssh failed ({exc})")
+                return
+            failure = f"{folder} {why.get(code or 0, f'probe write failed ({exc})')}"
+        yield Check(f"ssh {host}", True, "reachable (BatchMode)")
+        try:
+            if code:
+                yield Check(f"PUBLIC_DIR on {host}", False, failure)
+                return
+            yield Check(f"PUBLIC_DIR on {host}", True, f"{folder} exists and is writable")
+            yield self._check_served(name, data, f"{host}:{folder}")
+        finally:
+            if code in (0, EXIT_PROBE_FAILED):
+                with contextlib.suppress(MarketError):
+                    run_remote(host, f"rm -f -- {q}/{name}", timeout_s=CHECK_SSH_TIMEOUT_S)
+
+    def _check_served(self, name: str, data: bytes, where: str) -> Check:
+        import requests
+
+        url = self.config.source_for(name)
+        try:
+            with requests.get(url, timeout=CHECK_GET_TIMEOUT_S, stream=True) as resp:
+                body = resp.raw.read(len(data) + 1, decode_content=True)
+                status = resp.status_code
+        except requests.RequestException as exc:
+            from ..web import describe_request_error
+
+            return Check("BASE_URL", False, f"GET {url}: {describe_request_error(exc)}")
+        if status != 200:
+            return Check(
+                "BASE_URL",
+                False,
+                f"a probe written to {where} is not served at {url} (HTTP {status}); "
+                "BASE_URL must be the URL of PUBLIC_DIR",
+            )
+        if body != data:
+            return Check(
+                "BASE_URL", False, f"{url} answers, but not with the probe written to {where}"
+            )
+        return Check("BASE_URL", True, f"serves {where}")
+
     # monitor ----------------------------------------------------------------------------
 
     def monitor(self) -> MonitorResult:
@@ -276,6 +402,11 @@ class HttpFolderBackend(Backend):
         except ValueError:
             raise RemoteError(f"cannot read filesystem sizes from {host}: {out[:100]!r}") from None
         return _sizes(block, total, free, avail)
+
+
+def _probe() -> tuple[str, bytes]:
+    """A random probe file name and content (hex, so no server rewrites it)."""
+    return f"onemarket-check-{secrets.token_hex(8)}", secrets.token_hex(PROBE_BYTES // 2).encode()
 
 
 def _remove_stale_temps(folder: Path) -> None:

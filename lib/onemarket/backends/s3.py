@@ -31,9 +31,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import math
+import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,11 +42,10 @@ from typing import Any
 
 import boto3
 
-from .. import driverlog
+from .. import driverlog, s3config
 from ..action import App, Market
 from ..errors import (
     ChecksumError,
-    ConfigError,
     MarketError,
     SourceError,
     StorageError,
@@ -63,11 +63,14 @@ from ..s3config import (
     make_client,
     s3_error,
 )
-from ..transfer.hashing import Digests, size_mb
+from ..transfer.hashing import Digests
 from ..transfer.interrupt import interruptible
 from ..transfer.sources import CHUNK_BYTES, Source, open_source
+from ..units import MIB, mb_bytes, size_mb
+from .attributes import Attr, count, mb_at_least, read
 from .base import (
     Backend,
+    Check,
     Context,
     ImportRequest,
     ImportResult,
@@ -75,7 +78,6 @@ from .base import (
     app_size_mb,
 )
 
-MIB = 1 << 20
 DEFAULT_PART_SIZE_MB = 16
 """Part size when READ_LENGTH is not set: the largest that lets PARTS_IN_MEMORY parts fit the
 memory budget (upstream reads 32 MB parts one at a time)."""
@@ -104,6 +106,8 @@ MAX_COPY_BYTES = 5 << 30
 """Largest object CopyObject accepts; larger ones are copied part by part."""
 COPY_PART_BYTES = 1 << 30
 """Part size of a server-side multipart copy (no data goes through us, so no memory cost)."""
+CHECK_CLIENT_OPTIONS = {"connect_timeout_s": 5.0, "read_timeout_s": 20.0, "max_attempts": 2}
+"""``one-market check`` answers within seconds: short timeouts, one retry."""
 SLOT_POLL_S = 0.2
 """How often the reader checks for a failed part while waiting for a free slot."""
 ABORT_ATTEMPTS = 3
@@ -118,6 +122,34 @@ DEFAULT_PREFIX = "marketapp"
 USAGE_HEADER = "x-rgw-bytes-used"
 """Ceph RGW reports the bucket's bytes in its HEAD answer: no listing needed."""
 CONTENT_TYPE = "application/octet-stream"
+
+
+def _read_length(text: str) -> int:
+    value = mb_at_least(1)(text)
+    if value < MIN_PART_SIZE_MB:
+        driverlog.info(
+            f"READ_LENGTH {text} MB is below S3's minimum part size: using {MIN_PART_SIZE_MB}"
+        )
+    return max(value, MIN_PART_SIZE_MB)
+
+
+def _app_prefix(text: str) -> str:
+    if "/" in text or any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError(
+            f"{text!r} must be a non-empty name without '/' (the datastore downloader reads "
+            "keys as a file name)"
+        )
+    return text
+
+
+OWN_ATTRIBUTES = (
+    Attr("READ_LENGTH", "multipart part size in MB (at least 5)", str(DEFAULT_PART_SIZE_MB),
+         parse=_read_length),
+    Attr("TOTAL_MB", "capacity reported to oned", str(DEFAULT_TOTAL_MB), parse=count),
+    Attr("APP_PREFIX", "object keys are <APP_PREFIX>-<app id>", DEFAULT_PREFIX,
+         parse=_app_prefix),
+)  # fmt: skip
+"""The s3 backend's own attributes, besides the client's (:data:`s3config.ATTRIBUTES`)."""
 
 
 def content_md5(hex_md5: str) -> str:
@@ -266,60 +298,21 @@ class S3Backend(Backend):
     upload_workers: int = UPLOAD_WORKERS
     stale_upload_age_s: float = STALE_UPLOAD_AGE_S
     use_usage_header: bool = True
-    client_options: dict[str, float | int] = {}
-    """botocore overrides (timeouts, attempts) passed to :func:`make_client`; tests use them."""
+    attributes = s3config.ATTRIBUTES + OWN_ATTRIBUTES
 
     def __init__(self, market: Market, context: Context) -> None:
         super().__init__(market, context)
         self.settings = S3Settings.from_market(market)
+        own = read(market, OWN_ATTRIBUTES)
+        self.read_length_mb: int = own["READ_LENGTH"]
+        self.total_mb: int = own["TOTAL_MB"]
+        self.prefix: str = own["APP_PREFIX"]
         self.bucket = self.settings.bucket
-        self.prefix = self._prefix(market)
+        self.client_options: dict[str, float | int] = {}
+        """botocore overrides (timeouts, attempts) passed to :func:`make_client`; tests set them."""
         self._session = boto3.session.Session()
         self._client: Any = None
         self._data_client: Any = None
-
-    # ---- configuration -----------------------------------------------------------------------
-
-    @staticmethod
-    def _prefix(market: Market) -> str:
-        prefix = (market.attr("APP_PREFIX") or DEFAULT_PREFIX).strip()
-        if not prefix or "/" in prefix or any(ord(c) < 32 or ord(c) == 127 for c in prefix):
-            raise ConfigError(
-                f"marketplace '{market.name}': APP_PREFIX {prefix!r} must be a non-empty name "
-                "without '/' (the datastore downloader reads keys as a file name)"
-            )
-        return prefix
-
-    def _read_length_mb(self) -> int:
-        raw = self.market.attr("READ_LENGTH")
-        if raw is None:
-            return DEFAULT_PART_SIZE_MB
-        try:
-            value = math.ceil(float(raw))
-        except ValueError:
-            raise ConfigError(
-                f"marketplace '{self.market.name}': READ_LENGTH must be a number of MB, "
-                f"not {raw[:40]!r}"
-            ) from None
-        if value < MIN_PART_SIZE_MB:
-            driverlog.info(
-                f"READ_LENGTH {raw} MB is below S3's minimum part size: using {MIN_PART_SIZE_MB}"
-            )
-        return max(value, MIN_PART_SIZE_MB)
-
-    def _total_mb(self) -> int:
-        raw = self.market.attr("TOTAL_MB")
-        if raw is None:
-            return DEFAULT_TOTAL_MB
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ConfigError(
-                f"marketplace '{self.market.name}': TOTAL_MB must be an integer, not {raw[:40]!r}"
-            ) from None
-        if value < 0:
-            raise ConfigError(f"marketplace '{self.market.name}': TOTAL_MB is negative")
-        return value
 
     @property
     def client(self) -> Any:
@@ -371,7 +364,7 @@ class S3Backend(Backend):
         key = self.key_for(app)
         uri = self.uri(key)
         what = f"import of app {app.id} to {uri}"
-        with interruptible(what, self.context.timeout_s):
+        with interruptible(what):
             claimed = False
             try:
                 self._ensure_bucket()
@@ -381,8 +374,8 @@ class S3Backend(Backend):
                     digests = Digests(sha256=False)
                     reader = _Reader(src, what)
                     exact = src.size_bytes is not None
-                    expected = src.size_bytes if exact else (info.size_mb * MIB or None)
-                    part_size = plan_part_size(self._read_length_mb(), expected)
+                    expected = src.size_bytes if exact else (mb_bytes(info.size_mb) or None)
+                    part_size = plan_part_size(self.read_length_mb, expected)
                     progress = Progress(src.size_bytes, self.context.progress)
                     # a source known to be smaller than a part is read into a buffer of its
                     # size (plus the byte that shows its end), not of a whole part
@@ -433,7 +426,7 @@ class S3Backend(Backend):
             digests = Digests(sha256=False)
             reader = _Reader(src, what)
             size = src.size_bytes
-            part_size = plan_part_size(self._read_length_mb(), size)
+            part_size = plan_part_size(self.read_length_mb, size)
             first = reader.read_part(part_size if size is None else min(part_size, size + 1))
             if reader.eof:
                 reader.check_complete()
@@ -447,11 +440,12 @@ class S3Backend(Backend):
                 )
         return digests.md5
 
-    def _ensure_bucket(self) -> None:
+    def _ensure_bucket(self) -> bool:
+        """Make the bucket when it is missing; True when it was made."""
         what = f"bucket '{self.bucket}' of marketplace '{self.market.name}'"
         try:
             self.client.head_bucket(Bucket=self.bucket)
-            return
+            return False
         except Exception as exc:  # noqa: BLE001 - mapped to one line below
             if not is_missing(exc):
                 raise self._error(exc, what) from None
@@ -464,7 +458,7 @@ class S3Backend(Backend):
         except Exception as exc:  # noqa: BLE001 - mapped to one line below
             code = client_error_code(exc)
             if code == "BucketAlreadyOwnedByYou":
-                return
+                return False
             if code == "BucketAlreadyExists":
                 raise StorageError(
                     f"{what} does not exist and its name is taken by another account"
@@ -474,6 +468,7 @@ class S3Backend(Backend):
                     f"{what} does not exist and these credentials may not create it ({code})"
                 ) from None
             raise self._error(exc, f"creation of {what}") from None
+        return True
 
     def _claim(self, key: str, uri: str) -> None:
         """Make the key ours before any byte is sent: an empty placeholder stored with
@@ -774,6 +769,45 @@ class S3Backend(Backend):
             if not is_missing(exc):
                 driverlog.warn(f"could not check {self.uri(key)}: {self._error(exc, 'check')}")
 
+    # ---- check -------------------------------------------------------------------------------
+
+    def check(self) -> Iterator[Check]:
+        """Credentials, the bucket (made when missing, as imports do) and a multipart upload
+        created and aborted under the app prefix (so the monitor's clean-up covers it)."""
+        self.client_options = {**CHECK_CLIENT_OPTIONS, **self.client_options}
+        self._client = None
+        where = self.settings.where
+        try:
+            self.client.list_buckets()
+            yield Check("credentials", True, f"accepted by {where}")
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if client_error_code(exc) not in {"AccessDenied", "403"}:
+                yield Check("credentials", False, str(s3_error(exc, "login", where)))
+                return
+            yield Check("credentials", True, f"accepted by {where} (listing not allowed)")
+        try:
+            created = self._ensure_bucket()
+        except MarketError as exc:
+            yield Check("bucket", False, str(exc))
+            return
+        made = " was missing and has been created (as imports do)" if created else " reachable"
+        yield Check("bucket", True, self.bucket + made)
+        key = f"{self.prefix}-onemarket-check-{secrets.token_hex(8)}"
+        try:
+            upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+        except Exception as exc:  # noqa: BLE001 - mapped to one line
+            yield Check(
+                "multipart", False, str(self._error(exc, f"multipart upload to {self.uri(key)}"))
+            )
+            return
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except Exception as exc:  # noqa: BLE001 - mapped to one line
+            err = self._error(exc, f"abort of test upload {self.uri(key)}")
+            yield Check("multipart", False, f"{err} (monitors abort it after a day)")
+            return
+        yield Check("multipart", True, "a multipart upload can be created and aborted")
+
     # ---- delete ------------------------------------------------------------------------------
 
     def delete_app(self, app: App) -> None:
@@ -810,7 +844,7 @@ class S3Backend(Backend):
     # ---- monitor -----------------------------------------------------------------------------
 
     def monitor(self) -> MonitorResult:
-        total_mb = self._total_mb()
+        total_mb = self.total_mb
         used_bytes = self.used_bytes()
         if used_bytes is None:
             return MonitorResult(used_mb=0, free_mb=total_mb, total_mb=total_mb)

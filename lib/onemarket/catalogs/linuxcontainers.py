@@ -92,6 +92,7 @@ from ..backends.base import AppEntry, Backend, MonitorResult
 from ..errors import ConfigError, RemoteError, one_line
 from ..installation import DEFAULT_ONE_VERSION, ReleaseLine
 from ..template import write_template
+from ..units import size_mb
 from ..web import CachedFetcher, fetch_json, make_session, public_url
 from .qcow2 import MAX_REQUESTS_PER_RUN, VirtualSizeCache, virtual_sizes
 
@@ -730,7 +731,7 @@ def vm_app(opts: LxcOptions, build: Build, virtual_size: int) -> AppEntry:
         name=vm_name(build),
         source=opts.endpoint + item.path,
         format="qcow2",
-        size_mb=max(1, -(-virtual_size // (1024 * 1024))),
+        size_mb=max(1, size_mb(virtual_size)),
         md5=derived_md5("kvm-qcow2", item.sha256),
         hypervisor="kvm",
         apptemplate64=_b64(write_template([("DEV_PREFIX", KVM_DEV_PREFIX), ("DRIVER", "qcow2")])),

@@ -86,12 +86,12 @@ from ..backends.base import AppEntry, Backend, MonitorResult
 from ..errors import ConfigError, MarketError, RemoteError, one_line
 from ..installation import ReleaseLine
 from ..template import write_template
+from ..units import MIB
 from ..web import CachedFetcher, display_url, fetch_json, make_session, public_url
 from .vmtemplate import convert
 
 DEFAULT_ENDPOINT = "https://marketplace.opennebula.io/"
 AGENT = "Market Driver"
-MB_BYTES = 2**20
 
 TYPE_IMAGE = "IMAGE"
 TYPE_VMTEMPLATE = "VMTEMPLATE"
@@ -299,7 +299,7 @@ def stock_size_mb(value: object) -> int:
     as_int, as_float = _ruby_numbers(value)
     if as_int == 0:
         return 0
-    return max(0, math.ceil(as_float / MB_BYTES))
+    return max(0, math.ceil(as_float / MIB))
 
 
 def _appliance_id(raw: Mapping[str, object]) -> str:

@@ -1,0 +1,90 @@
+"""Market attributes, declared once per driver and read by one parser.
+
+Each driver lists its attributes as :class:`Attr` rows (the README's attribute tables show the
+same rows); :func:`read` checks the required ones, applies defaults and validators, and turns a
+validator's ``ValueError`` into one ConfigError naming the market and the attribute.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ..action import Market
+from ..errors import ConfigError
+
+YES = frozenset({"yes", "true", "1", "on"})
+
+
+@dataclass(frozen=True)
+class Attr:
+    """One market attribute: what it is, its default as written, and how it is read."""
+
+    name: str
+    help: str
+    default: str | None = None
+    required: bool = False
+    parse: Callable[[str], Any] = str.strip
+    """Text (stripped, never empty) to value; raises ValueError with the end of a sentence
+    that starts with the attribute name (``must be ..., not 'x'``)."""
+
+
+def flag(text: str) -> bool:
+    """OpenNebula's lenient yes/no: ``yes``, ``true``, ``1``, ``on`` are yes, anything else no."""
+    return text.strip().lower() in YES
+
+
+def mb_at_least(minimum: int) -> Callable[[str], int]:
+    """A number of MB, rounded up, at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            return max(math.ceil(float(text)), minimum)
+        except (ValueError, OverflowError):
+            raise ValueError(f"must be a number of MB, not {text[:40]!r}") from None
+
+    return parse
+
+
+def count(text: str) -> int:
+    """A non-negative integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"must be an integer, not {text[:40]!r}") from None
+    if value < 0:
+        raise ValueError("is negative")
+    return value
+
+
+def required_names(table: Iterable[Attr]) -> list[str]:
+    return [a.name for a in table if a.required]
+
+
+def missing(market: Market, table: Iterable[Attr]) -> list[str]:
+    """Required attributes the market lacks or leaves blank."""
+    return [n for n in required_names(table) if not market.attrs.get(n, "").strip()]
+
+
+def read(market: Market, table: Iterable[Attr]) -> dict[str, Any]:
+    """Every attribute of ``table``: parsed value, or the parsed default (None without one)."""
+    table = list(table)
+    absent = missing(market, table)
+    if absent:
+        raise ConfigError(
+            f"marketplace '{market.name}' ({market.driver}) is missing required attribute"
+            f"{'s' if len(absent) > 1 else ''} {', '.join(absent)}"
+        )
+    values: dict[str, Any] = {}
+    for attr in table:
+        raw = market.attrs.get(attr.name, "").strip() or attr.default
+        if raw is None:
+            values[attr.name] = None
+            continue
+        try:
+            values[attr.name] = attr.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"marketplace '{market.name}': {attr.name} {exc}") from None
+    return values
