@@ -33,9 +33,11 @@ from onemarket.action import Market
 from onemarket.backends.base import Context, MonitorResult
 from onemarket.catalogs.linuxcontainers import LinuxContainersCatalog
 from onemarket.catalogs.opennebula import OpenNebulaCatalog
+from onemarket.errors import ChecksumError
 from onemarket.installation import Installation
 from onemarket.mirror import fetch
 from onemarket.mirror.command import add_mirror_parser
+from onemarket.mirror.s3target import S3Target
 from onemarket.template import Template, parse_template
 
 from tests.catalogs.test_linuxcontainers import generate
@@ -680,16 +682,52 @@ def read_policy(bucket: str, prefix: str) -> dict:
     }
 
 
+def s3_attrs(rgw: CephRgw, bucket: str) -> dict[str, str]:
+    return {
+        "BUCKET": bucket,
+        "ENDPOINT": rgw.endpoint,
+        "ACCESS_KEY_ID": rgw.access_key,
+        "SECRET_ACCESS_KEY": rgw.secret_key,
+        "REGION": "us-east-1",
+        "AWS": "no",
+    }
+
+
+def s3_template(folder: Path, rgw: CephRgw, bucket: str) -> Path:
+    """An s3 marketplace template for ``--to-market`` (NAME "Bucket")."""
+    path = folder / "s3.tmpl"
+    attrs = {"NAME": "Bucket", "MARKET_MAD": "s3", **s3_attrs(rgw, bucket)}
+    path.write_text("".join(f'{k} = "{v}"\n' for k, v in attrs.items()))
+    return path
+
+
+def test_s3_put_file_replaces_an_object_and_checks_it(
+    rgw: CephRgw, installation: Installation, tmp_path: Path
+) -> None:
+    """More than one part (multipart, ETag checked), then a small file over it; a wrong MD5
+    fails and leaves the object as it was."""
+    bucket = public_bucket(rgw, "big")
+    target = S3Target(Market(0, "Bucket", "s3", s3_attrs(rgw, bucket)), installation, "big")
+    path = tmp_path / "file"
+    data = os.urandom(17 << 20)
+    path.write_bytes(data)
+    md5 = hashlib.md5(data).hexdigest()
+    assert target.backend.put_file(target.key("f"), str(path), md5) == md5
+    assert hashlib.md5(requests.get(target.url + "f", timeout=60).content).hexdigest() == md5
+    path.write_bytes(b"small")
+    target.backend.put_file(target.key("f"), str(path))
+    assert requests.get(target.url + "f", timeout=30).content == b"small"
+    path.write_bytes(b"other")
+    with pytest.raises(ChecksumError):
+        target.backend.put_file(target.key("f"), str(path), md5)
+    assert requests.get(target.url + "f", timeout=30).content == b"small"
+
+
 def test_to_s3_market_uploads_the_tree_under_a_prefix(
     appmarket: Appmarket, rgw: CephRgw, installation: Installation, tmp_path: Path
 ) -> None:
     bucket = public_bucket(rgw, "air")
-    target = tmp_path / "s3.tmpl"
-    target.write_text(
-        f'NAME = "Bucket"\nMARKET_MAD = "s3"\nBUCKET = "{bucket}"\nENDPOINT = "{rgw.endpoint}"\n'
-        f'ACCESS_KEY_ID = "{rgw.access_key}"\nSECRET_ACCESS_KEY = "{rgw.secret_key}"\n'
-        'REGION = "us-east-1"\nAWS = "no"\n'
-    )
+    target = s3_template(tmp_path, rgw, bucket)
     source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
     code, summary = mirror_json(installation, str(source), "--to-market", str(target),
                                 "--sub-path", "air")  # fmt: skip
@@ -734,12 +772,7 @@ def test_to_s3_market_serves_a_simplestreams_tree(
     lxc_source: StaticHttpServer, rgw: CephRgw, installation: Installation, tmp_path: Path
 ) -> None:
     bucket = public_bucket(rgw, "lxc")
-    target = tmp_path / "s3.tmpl"
-    target.write_text(
-        f'NAME = "Bucket"\nMARKET_MAD = "s3"\nBUCKET = "{bucket}"\nENDPOINT = "{rgw.endpoint}"\n'
-        f'ACCESS_KEY_ID = "{rgw.access_key}"\nSECRET_ACCESS_KEY = "{rgw.secret_key}"\n'
-        'REGION = "us-east-1"\nAWS = "no"\n'
-    )
+    target = s3_template(tmp_path, rgw, bucket)
     source = template_file(tmp_path, "LXC", "linuxcontainers", lxc_source.url + "/")
     code, summary = mirror_json(installation, str(source), "--to-market", str(target),
                                 "--sub-path", "lxc")  # fmt: skip
