@@ -723,17 +723,41 @@ def test_s3_put_file_replaces_an_object_and_checks_it(
     assert requests.get(target.url + "f", timeout=30).content == b"small"
 
 
+@dataclass
+class BucketMirroring:
+    """``one-market mirror SOURCE --to-market <s3 market> --sub-path PREFIX`` into a new bucket
+    whose prefix anyone may read, run as often as a test needs."""
+
+    installation: Installation
+    source: Path
+    rgw: CephRgw
+    folder: Path
+    prefix: str
+
+    def __post_init__(self) -> None:
+        self.bucket = public_bucket(self.rgw, self.prefix)
+        self.template = s3_template(self.folder, self.rgw, self.bucket)
+
+    def upload(self, *argv: str) -> dict:
+        """The run's ``upload`` summary (the run must succeed)."""
+        target = ("--to-market", str(self.template), "--sub-path", self.prefix)
+        code, summary = mirror_json(self.installation, str(self.source), *target, *argv)
+        assert code == 0, summary
+        return summary["upload"]
+
+    def stock_get(self, path: str) -> requests.Response:
+        """What a stock monitor's ``GET <ENDPOINT>/<path>`` reads (ENDPOINT ending with '/':
+        ``//`` on S3, where nginx would merge it)."""
+        return requests.get(f"{self.rgw.endpoint}/{self.bucket}/{self.prefix}//{path}", timeout=30)
+
+
 def test_to_s3_market_uploads_the_tree_under_a_prefix(
     appmarket: Appmarket, rgw: CephRgw, installation: Installation, tmp_path: Path
 ) -> None:
-    bucket = public_bucket(rgw, "air")
-    target = s3_template(tmp_path, rgw, bucket)
     source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
-    code, summary = mirror_json(installation, str(source), "--to-market", str(target),
-                                "--sub-path", "air")  # fmt: skip
-    assert code == 0, summary
-    endpoint = f"{rgw.endpoint}/{bucket}/air/"
-    upload = summary["upload"]
+    run = BucketMirroring(installation, source, rgw, tmp_path, "air")
+    upload = run.upload()
+    endpoint = f"{rgw.endpoint}/{run.bucket}/air/"
     assert upload["url"] == endpoint
     assert upload["files"] == len(appmarket.blobs) and upload["catalogs"] == 1
     at_mirror = one_apps(installation, endpoint)
@@ -743,25 +767,21 @@ def test_to_s3_market_uploads_the_tree_under_a_prefix(
         if app.get("TYPE") == "IMAGE":
             body = curl(app.get("SOURCE"), tmp_path / "download")
             assert hashlib.md5(body).hexdigest() == app.get("MD5")
-    # the stock monitor asks for <ENDPOINT>/appliance, ENDPOINT ending with '/': '//' on S3
-    stock = requests.get(f"{rgw.endpoint}/{bucket}/air//appliance", timeout=30)
+    stock = run.stock_get("appliance")
     assert stock.status_code == 200 and len(stock.json()["appliances"]) == len(at_mirror)
 
     # again, nothing changed: nothing uploaded; a new release: its file and the catalog
-    code, summary = mirror_json(installation, str(source), "--to-market", str(target),
-                                "--sub-path", "air")  # fmt: skip
-    assert code == 0 and summary["upload"]["files"] == summary["upload"]["catalogs"] == 0
+    upload = run.upload()
+    assert upload["files"] == upload["catalogs"] == 0
     nixos = appmarket.by_name("NixOS")
     appmarket.set_file(nixos, 0, os.urandom(6000))
     nixos["version"] = "26.05"
     gone = appmarket.by_name("Phoenix RTOS")
     appmarket.appliances.remove(gone)
     appmarket.publish()
-    code, summary = mirror_json(installation, str(source), "--to-market", str(target),
-                                "--sub-path", "air", "--prune")  # fmt: skip
-    assert code == 0, summary
-    assert summary["upload"]["files"] == 1 and summary["upload"]["catalogs"] == 1
-    assert summary["upload"]["deleted"] == len(gone.get("files") or [])
+    upload = run.upload("--prune")
+    assert upload["files"] == 1 and upload["catalogs"] == 1
+    assert upload["deleted"] == len(gone.get("files") or [])
     apps = {a.get("NAME"): a for a in one_apps(installation, endpoint)}
     assert "Phoenix RTOS" not in apps
     body = curl(apps["NixOS"].get("SOURCE"), tmp_path / "download")
@@ -771,17 +791,12 @@ def test_to_s3_market_uploads_the_tree_under_a_prefix(
 def test_to_s3_market_serves_a_simplestreams_tree(
     lxc_source: StaticHttpServer, rgw: CephRgw, installation: Installation, tmp_path: Path
 ) -> None:
-    bucket = public_bucket(rgw, "lxc")
-    target = s3_template(tmp_path, rgw, bucket)
     source = template_file(tmp_path, "LXC", "linuxcontainers", lxc_source.url + "/")
-    code, summary = mirror_json(installation, str(source), "--to-market", str(target),
-                                "--sub-path", "lxc")  # fmt: skip
-    assert code == 0, summary
-    endpoint = summary["upload"]["url"]
+    run = BucketMirroring(installation, source, rgw, tmp_path, "lxc")
+    endpoint = run.upload()["url"]
     at_source = lxc_apps(installation, lxc_source.url + "/")
     assert published(lxc_apps(installation, endpoint)) == published(at_source)
-    # the stock monitor's GET <ENDPOINT>/streams/v1/images.json, '//' on S3
-    stock = requests.get(f"{rgw.endpoint}/{bucket}/lxc//streams/v1/images.json", timeout=30)
+    stock = run.stock_get("streams/v1/images.json")
     assert stock.status_code == 200 and stock.json()["products"]
 
 
