@@ -178,11 +178,6 @@ def request_scheme(argv: list[str]) -> str | None:
     return next((s for s in OUR_SCHEMES if args[0].startswith(s)), None)
 
 
-def is_s3_request(argv: list[str]) -> bool:
-    """Whether this command line is an ``s3://`` download."""
-    return request_scheme(argv) == "s3://"
-
-
 # --------------------------------------------------------------------------------------------
 # Handing a source over to the original script
 

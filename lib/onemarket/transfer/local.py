@@ -27,7 +27,8 @@ from .streamcopy import SparseFileSink, copy_stream
 PUBLIC_FILE_MODE = 0o644
 """Published files must be readable by the web server, whatever the driver's umask."""
 PRIVATE_FILE_MODE = 0o600
-"""Caches: nobody else's business."""
+"""Caches, and every file until it is complete: nobody else's business."""
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 TEMP_PREFIX = "."
 TEMP_SUFFIX = ".part"
 TEMP_TOKEN_BYTES = 4
@@ -61,16 +62,21 @@ class AtomicFile:
         self.mode = mode
         self.fd = -1
         self._state = "open"  # then "renamed" (published) or "gone" (aborted)
+        # a signal right after the file was created, even before ``fd`` is set, removes it
+        with self.aborting():
+            try:
+                self.fd = os.open(self.tmp, _CREATE_FLAGS, PRIVATE_FILE_MODE)
+            except FileExistsError:
+                self._state = "gone"  # another writer's name: never removed
+                raise
+
+    @contextmanager
+    def aborting(self) -> Iterator[None]:
+        """Any exception in the block aborts the file; an OSError becomes a StorageError."""
         try:
-            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError as exc:
-            self._state = "gone"  # someone else's: never removed
-            raise from_os_error(exc, f"cannot write {self.final}") from None
+            yield
         except BaseException as exc:
-            # a signal right after the file was created, even before ``fd`` is set, removes it
-            with contextlib.suppress(OSError):
-                os.unlink(self.tmp)
-            self._state = "gone"
+            self.abort()
             if isinstance(exc, OSError):
                 raise from_os_error(exc, f"cannot write {self.final}") from None
             raise
@@ -78,15 +84,13 @@ class AtomicFile:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append ``data`` (unbuffered: callers hand over chunks)."""
         view = memoryview(data)
-        try:
+        with self.aborting():
             while view:
                 view = view[os.write(self.fd, view) :]
-        except OSError as exc:
-            raise from_os_error(exc, f"cannot write {self.final}") from None
 
     def commit(self, install: Callable[[Path, Path], None] | None = None) -> None:
         """fsync, close, rename into place (or ``install(tmp, final)``), fsync the folder."""
-        try:
+        with self.aborting():
             os.fchmod(self.fd, self.mode)
             os.fsync(self.fd)
             fd, self.fd = self.fd, -1
@@ -94,11 +98,6 @@ class AtomicFile:
             (install or os.rename)(self.tmp, self.final)
             self._state = "renamed"
             fsync_dir(self.final.parent)
-        except BaseException as exc:
-            self.abort()
-            if isinstance(exc, OSError):
-                raise from_os_error(exc, f"cannot write {self.final}") from None
-            raise
 
     def abort(self) -> None:
         """Remove what was written (idempotent); a published file too: it was not wanted."""
@@ -122,14 +121,9 @@ def atomic_file(
     work in the message of a stop signal."""
     with interruptible(what or f"writing {final}"):
         out = AtomicFile(final, temp=temp, mode=mode)
-        try:
+        with out.aborting():
             yield out
             out.commit()
-        except BaseException as exc:
-            out.abort()
-            if isinstance(exc, OSError):
-                raise from_os_error(exc, f"cannot write {final}") from None
-            raise
 
 
 def fsync_dir(folder: Path) -> None:

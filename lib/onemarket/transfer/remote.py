@@ -10,11 +10,9 @@ anything, and every failure removes the remote temporary file.
 from __future__ import annotations
 
 import contextlib
-import os
 import shlex
 import subprocess
 import tempfile
-from typing import IO
 
 from .. import driverlog
 from ..errors import MarketError, RemoteError, StorageError, StorageFullError, one_line
@@ -22,7 +20,7 @@ from ..progress import Progress
 from .hashing import Digests
 from .interrupt import Deadline, interruptible
 from .local import temp_name
-from .sources import Source, ssh_argv
+from .sources import Source, file_tail, ssh_argv
 from .streamcopy import SPARSE_BLOCK_BYTES, PipeSink, copy_stream
 
 REMOTE_COMMAND_TIMEOUT_S = 120.0
@@ -139,10 +137,10 @@ def write_remote_atomically(
             except subprocess.TimeoutExpired:
                 raise RemoteError(f"bridge host {host} did not finish writing {final}") from None
             if code != 0:
-                raise remote_failure(host, code, _tail(err))
+                raise remote_failure(host, code, file_tail(err, MAX_STDERR_BYTES))
             if digests is None:
                 raise RemoteError(f"bridge host {host} closed the connection while writing")
-            written = _tail(out).decode("ascii", "replace").strip()
+            written = file_tail(out, MAX_STDERR_BYTES).decode("ascii", "replace").strip()
             if written != str(digests.size_bytes):
                 raise RemoteError(
                     f"bridge host {host} wrote {written or 'an unknown number of'} bytes "
@@ -174,13 +172,6 @@ def _send(
     assert proc.stdin is not None
     sink = PipeSink(proc.stdin.fileno(), on_abort=lambda: _stop(proc, grace_s=ABORT_GRACE_S))
     return copy_stream(source, sink, progress=progress, deadline=deadline)
-
-
-def _tail(f: IO[bytes]) -> bytes:
-    f.flush()
-    size = os.fstat(f.fileno()).st_size
-    f.seek(max(0, size - MAX_STDERR_BYTES))
-    return f.read()
 
 
 def _stop(proc: subprocess.Popen[bytes], grace_s: float = 0.0) -> None:

@@ -15,6 +15,7 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -49,16 +50,15 @@ class StdoutSink:
         self._out = open(1, "wb", buffering=WRITE_BUFFER_BYTES, closefd=False)  # noqa: SIM115
 
     def write(self, data: bytes) -> None:
-        try:
-            self._out.write(data)
-        except BrokenPipeError:
-            raise StorageError("standard output closed by its reader") from None
-        except OSError as exc:
-            raise from_os_error(exc, "writing to standard output") from None
+        self._do(self._out.write, data)
 
     def commit(self, unpack: bool = False) -> None:
+        self._do(self._out.flush)
+
+    @staticmethod
+    def _do(call: Callable[..., object], *args: bytes) -> None:
         try:
-            self._out.flush()
+            call(*args)
         except BrokenPipeError:
             raise StorageError("standard output closed by its reader") from None
         except OSError as exc:

@@ -89,6 +89,13 @@ class FileSource:
         return self.stream.fileno()
 
 
+def file_tail(f: IO[bytes], limit: int) -> bytes:
+    """The last ``limit`` bytes of a helper's output file (the cause of a failure is last)."""
+    f.flush()
+    f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
+    return f.read()
+
+
 class ProcessSource:
     """Bytes from a helper process's stdout; its failure becomes a SourceError.
 
@@ -129,9 +136,8 @@ class ProcessSource:
                 f"cannot read {self.description}: the reader closed its output but did not exit"
             ) from None
         if rc != 0:
-            self._err.seek(0, os.SEEK_END)
-            self._err.seek(max(0, self._err.tell() - STDERR_TAIL_BYTES))
-            err = one_line(self._err.read().decode("utf-8", "replace"), STDERR_TAIL_BYTES)
+            tail = file_tail(self._err, STDERR_TAIL_BYTES).decode("utf-8", "replace")
+            err = one_line(tail, STDERR_TAIL_BYTES)
             if len(err) > ERROR_CHARS:
                 err = "..." + err[-(ERROR_CHARS - 3) :]
             raise SourceError(f"cannot read {self.description}: {err or f'exit status {rc}'}")
@@ -203,41 +209,27 @@ def open_source(source: str, installation: Installation | None = None) -> Iterat
             stream = path.open("rb")
         except OSError as exc:
             raise SourceError(f"cannot open {path}: {exc.strerror or exc}") from None
-        try:
+        with stream:
             st = os.fstat(stream.fileno())
             # Only a regular file has a meaningful size (a FIFO or a device reports 0).
-            size = st.st_size if stat.S_ISREG(st.st_mode) else None
-            yield FileSource(stream, str(path), size)
-        finally:
-            stream.close()
+            yield FileSource(stream, str(path), st.st_size if stat.S_ISREG(st.st_mode) else None)
         return
+    opened: HttpSource | ProcessSource
     if scheme in ("http", "https"):
-        src = HttpSource(source)
-        try:
-            yield src
-        finally:
-            src.close()
-        return
-    if scheme == "ssh":
+        opened = HttpSource(source)
+    elif scheme == "ssh":
         host, path = parse_ssh_source(source)
-        argv = ssh_argv(host, f"cat -- {shlex.quote(path)}")
-        proc_src = ProcessSource(argv, source)
-        try:
-            yield proc_src
-        finally:
-            proc_src.close()
-        return
-    downloader = (installation or Installation.detect()).stock_downloader()
-    if downloader is None:
-        raise SourceError(
-            f"cannot read sources of scheme '{scheme}': the stock datastore downloader.sh "
-            "is not installed"
-        )
-    proc_src = ProcessSource([str(downloader), source, "-"], source)
-    try:
-        yield proc_src
-    finally:
-        proc_src.close()
+        opened = ProcessSource(ssh_argv(host, f"cat -- {shlex.quote(path)}"), source)
+    else:
+        downloader = (installation or Installation.detect()).stock_downloader()
+        if downloader is None:
+            raise SourceError(
+                f"cannot read sources of scheme '{scheme}': the stock datastore downloader.sh "
+                "is not installed"
+            )
+        opened = ProcessSource([str(downloader), source, "-"], source)
+    with contextlib.closing(opened):
+        yield opened
 
 
 # --------------------------------------------------------------------------------------------
