@@ -293,6 +293,128 @@ class _Countdown:
             self._action()
 
 
+@dataclass(frozen=True)
+class _PartPlan:
+    """The part-size policy of one upload (pure, as s3transfer's ChunksizeAdjuster)."""
+
+    base: int
+    exact: bool
+
+    def size(self, number: int) -> int:
+        return part_size_for(number, self.base, self.exact)
+
+
+@dataclass
+class _Upload:
+    """One stream on its way to one key."""
+
+    key: str
+    uri: str
+    reader: _Reader
+    digests: Digests
+    progress: Progress
+
+
+class _PartSender:
+    """Back-pressure as one object (as s3transfer's BoundedExecutor): each part goes, in
+    order, to one hashing thread (the whole-stream MD5) and to one of ``workers`` sending
+    threads; at most :func:`buffers_for` part buffers exist at once, and :meth:`buffer` waits
+    for a free one, collecting finished parts meanwhile. A context manager: leaving it on an
+    exception cancels what is queued."""
+
+    def __init__(
+        self,
+        workers: int,
+        part_size: int,
+        send: Callable[[int, bytearray], str],
+        hash_part: Callable[[bytearray], None],
+        on_sent: Callable[[int], None],
+        error: Callable[[BaseException, int], MarketError],
+    ) -> None:
+        self._workers = workers
+        self._slots = buffers_for(part_size, workers)
+        self._buffers = _BufferPool(self._slots)
+        self._buffers.acquire(timeout_s=0)  # the first part, read before the upload started
+        self._send, self._hash, self._on_sent, self._error = send, hash_part, on_sent, error
+        self._stop = threading.Event()
+        self._etags: dict[int, str] = {}
+        self._pending: dict[Future[tuple[int, str]], int] = {}
+        self._hashed: list[Future[None]] = []
+        self.inflight: list[Future[Any]] = []
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3-part")
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3-hash")
+
+    def __enter__(self) -> _PartSender:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is not None:
+            self._stop.set()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._hasher.shutdown(wait=False, cancel_futures=True)
+
+    def buffer(self, size: int) -> bytearray | None:
+        """Wait for room for a part of ``size`` bytes: a free buffer, or None for a new one.
+        Larger parts (grown late in a stream of unknown size) give up slots for good."""
+        while self._slots > buffers_for(size, self._workers):
+            if self._buffers.retire(SLOT_POLL_S):
+                self._slots -= 1
+            else:
+                self._collect(block=False)
+        free = self._buffers.acquire(SLOT_POLL_S)
+        while free is False:
+            self._collect(block=False)
+            free = self._buffers.acquire(SLOT_POLL_S)
+        return free or None
+
+    def unused(self) -> None:
+        """Give back the room :meth:`buffer` made for a part that was not read."""
+        self._buffers.release(None)
+
+    def submit(self, number: int, body: bytearray) -> None:
+        countdown = _Countdown(2, lambda: self._buffers.release(body))
+        hashed = self._hasher.submit(self._hash, body)
+        hashed.add_done_callback(countdown)
+        self._hashed.append(hashed)
+        upload = self._pool.submit(self._send_one, number, body)
+        upload.add_done_callback(countdown)
+        self._pending[upload] = number
+        self.inflight.append(upload)
+        self._collect(block=False)
+
+    def finish(self) -> list[str]:
+        """Wait for every part; their ETags in part order."""
+        while self._pending:
+            self._collect(block=True)
+        for fut in self._hashed:
+            fut.result()
+        self._pool.shutdown(wait=True)
+        self._hasher.shutdown(wait=True)
+        return [self._etags[n] for n in sorted(self._etags)]
+
+    def _send_one(self, number: int, body: bytearray) -> tuple[int, str]:
+        if self._stop.is_set():
+            raise StorageError("cancelled")
+        return len(body), self._send(number, body)
+
+    def _collect(self, block: bool) -> None:
+        while self._hashed and self._hashed[0].done():
+            self._hashed.pop(0).result()
+        if not self._pending:
+            return
+        done, _ = wait(
+            list(self._pending), timeout=None if block else 0, return_when=FIRST_COMPLETED
+        )
+        for fut in done:
+            number = self._pending.pop(fut)
+            exc = fut.exception()
+            if exc is not None:
+                raise self._error(exc, number) from None
+            sent, etag = fut.result()
+            self._etags[number] = etag
+            self._on_sent(sent)
+
+
 class S3Backend(Backend):
     driver = "s3"
     upload_workers: int = UPLOAD_WORKERS
@@ -371,32 +493,9 @@ class S3Backend(Backend):
                 self._claim(key, uri)
                 claimed = True
                 with open_source(info.source, self.context.installation) as src:
-                    digests = Digests(sha256=False)
-                    reader = _Reader(src, what)
-                    exact = src.size_bytes is not None
-                    expected = src.size_bytes if exact else (mb_bytes(info.size_mb) or None)
-                    part_size = plan_part_size(self.read_length_mb, expected)
                     progress = Progress(src.size_bytes, self.context.progress)
-                    # a source known to be smaller than a part is read into a buffer of its
-                    # size (plus the byte that shows its end), not of a whole part
-                    first = reader.read_part(
-                        min(part_size, src.size_bytes + 1) if exact else part_size
-                    )
-                    if reader.eof:
-                        reader.check_complete()
-                        digests.update(first)
-                        digests.verify_md5(info.md5, what)
-                        self._put_single(key, uri, first, digests)
-                        progress.update(len(first))
-                    else:
-                        driverlog.info(
-                            f"uploading {src.description} to {uri} in parts of "
-                            f"{part_size // MIB} MiB, "
-                            f"{buffers_for(part_size, max(self.upload_workers, 1)) - 1} at a time"
-                        )
-                        self._put_multipart(
-                            key, uri, first, reader, digests, part_size, exact, info.md5, progress
-                        )
+                    expected = mb_bytes(info.size_mb) or None
+                    digests = self._store(src, key, what, info.md5, expected, progress, True)
                     progress.finish()
             except BaseException:
                 # From the claim on, the key is ours alone: whatever is under it (the
@@ -420,24 +519,9 @@ class S3Backend(Backend):
         claim: for callers that own their keys (the mirror). S3 swaps an object only once it is
         complete, so a failed or interrupted upload leaves the previous object. Returns the MD5.
         """
-        uri = self.uri(key)
-        what = f"upload of {path} to {uri}"
+        what = f"upload of {path} to {self.uri(key)}"
         with open_source(path, self.context.installation) as src:
-            digests = Digests(sha256=False)
-            reader = _Reader(src, what)
-            size = src.size_bytes
-            part_size = plan_part_size(self.read_length_mb, size)
-            first = reader.read_part(part_size if size is None else min(part_size, size + 1))
-            if reader.eof:
-                reader.check_complete()
-                digests.update(first)
-                digests.verify_md5(md5, what)
-                self._put_single(key, uri, first, digests)
-            else:
-                progress = Progress(size, None)
-                self._put_multipart(
-                    key, uri, first, reader, digests, part_size, size is not None, md5, progress
-                )
+            digests = self._store(src, key, what, md5, None, Progress(src.size_bytes, None), False)
         return digests.md5
 
     def _ensure_bucket(self) -> bool:
@@ -496,32 +580,59 @@ class S3Backend(Backend):
     def _metadata(self, digests: Digests) -> dict[str, str]:
         return {METADATA_MD5: digests.md5}
 
-    def _put_single(self, key: str, uri: str, body: bytearray, digests: Digests) -> None:
+    def _store(
+        self,
+        src: Source,
+        key: str,
+        what: str,
+        expected_md5: str,
+        expected_bytes: int | None,
+        progress: Progress,
+        announce: bool,
+    ) -> Digests:
+        """Read ``src`` once into ``key``: one PUT when it fits a part, else a multipart upload
+        checked against the server's ETag; ``expected_bytes`` sizes the parts of a source of
+        unknown size."""
+        exact = src.size_bytes is not None
+        part_size = plan_part_size(self.read_length_mb, src.size_bytes if exact else expected_bytes)
+        up = _Upload(key, self.uri(key), _Reader(src, what), Digests(sha256=False), progress)
+        # a source known to be smaller than a part is read into a buffer of its size (plus
+        # the byte that shows its end), not of a whole part
+        first = up.reader.read_part(min(part_size, src.size_bytes + 1) if exact else part_size)
+        if up.reader.eof:
+            up.reader.check_complete()
+            up.digests.update(first)
+            up.digests.verify_md5(expected_md5, what)
+            self._put_single(up, first)
+            progress.update(len(first))
+            return up.digests
+        workers = max(self.upload_workers, 1)
+        if announce:
+            driverlog.info(
+                f"uploading {src.description} to {up.uri} in parts of {part_size // MIB} MiB, "
+                f"{buffers_for(part_size, workers) - 1} at a time"
+            )
+        self._put_multipart(up, first, _PartPlan(part_size, exact), expected_md5)
+        return up.digests
+
+    def _put_single(self, up: _Upload, body: bytearray) -> None:
         try:
             self.data_client.put_object(
                 Bucket=self.bucket,
-                Key=key,
+                Key=up.key,
                 Body=body,
                 ContentLength=len(body),
-                ContentMD5=content_md5(digests.md5),  # the whole object's, known already
+                ContentMD5=content_md5(up.digests.md5),  # the whole object's, known already
                 ContentType=CONTENT_TYPE,
-                Metadata=self._metadata(digests),
+                Metadata=self._metadata(up.digests),
             )
         except Exception as exc:  # noqa: BLE001 - mapped to one line; the caller cleans up
-            raise self._error(exc, f"upload of {uri}") from None
+            raise self._error(exc, f"upload of {up.uri}") from None
 
     def _put_multipart(
-        self,
-        key: str,
-        uri: str,
-        first: bytearray,
-        reader: _Reader,
-        digests: Digests,
-        part_size: int,
-        exact: bool,
-        expected_md5: str,
-        progress: Progress,
+        self, up: _Upload, first: bytearray, plan: _PartPlan, expected_md5: str
     ) -> None:
+        key, uri = up.key, up.uri
         try:
             upload_id = self.client.create_multipart_upload(
                 Bucket=self.bucket, Key=key, ContentType=CONTENT_TYPE
@@ -529,13 +640,18 @@ class S3Backend(Backend):
         except Exception as exc:  # noqa: BLE001 - mapped to one line below
             raise self._error(exc, f"start of multipart upload to {uri}") from None
         completed = False
-        inflight: list[Future[Any]] = []
+        sender = _PartSender(
+            max(self.upload_workers, 1),
+            plan.base,
+            send=lambda number, body: self._upload_part(key, upload_id, number, body),
+            hash_part=up.digests.update,
+            on_sent=up.progress.update,
+            error=lambda exc, number: self._error(exc, f"upload of part {number} of {uri}"),
+        )
         try:
-            part_etags = self._send_parts(
-                key, uri, upload_id, first, reader, digests, part_size, exact, progress, inflight
-            )
-            reader.check_complete()
-            digests.verify_md5(expected_md5, f"import to {uri}")
+            part_etags = self._send_parts(up, first, plan, sender)
+            up.reader.check_complete()
+            up.digests.verify_md5(expected_md5, f"import to {uri}")
             try:
                 answer = self.client.complete_multipart_upload(
                     Bucket=self.bucket,
@@ -555,11 +671,11 @@ class S3Backend(Backend):
             wanted = multipart_etag([bytes.fromhex(e) for e in part_etags])
             if etag != wanted:
                 raise ChecksumError(f"{uri}: server assembled ETag {etag}, expected {wanted}")
-            self._set_metadata(key, uri, etag, digests)
+            self._set_metadata(key, uri, etag, up.digests)
         except BaseException:
             # the object under the key (placeholder or completed) is deleted by the caller
             if not completed:
-                self._abort_with_inflight(key, upload_id, inflight)
+                self._abort_with_inflight(key, upload_id, sender.inflight)
             raise
 
     def _abort_with_inflight(self, key: str, upload_id: str, inflight: list[Future[Any]]) -> None:
@@ -575,109 +691,43 @@ class S3Backend(Backend):
         if any(not f.cancelled() and f.exception() is None for f in running):
             self._abort(key, upload_id)
 
+    def _upload_part(self, key: str, upload_id: str, number: int, body: bytearray) -> str:
+        answer = self.data_client.upload_part(
+            Bucket=self.bucket,
+            Key=key,
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=body,
+            ContentLength=len(body),
+        )
+        return _part_etag(answer, number)
+
+    @staticmethod
     def _send_parts(
-        self,
-        key: str,
-        uri: str,
-        upload_id: str,
-        first: bytearray,
-        reader: _Reader,
-        digests: Digests,
-        part_size: int,
-        exact: bool,
-        progress: Progress,
-        inflight: list[Future[Any]],
-    ) -> list[bytes]:
-        """Read parts in order; each goes to the (single, in-order) whole-stream hasher and to
-        an upload worker, and its buffer is dropped once both are done. At most
-        PARTS_IN_MEMORY buffers exist at once, fewer for large parts (:func:`buffers_for`).
-        Returns the parts' ETags (the server's MD5 of each) in order. On failure, queued parts
-        are cancelled and the ones being sent are left in ``inflight`` for the caller, which
-        aborts the upload without waiting for them first."""
-        workers = max(self.upload_workers, 1)
-        slots = buffers_for(part_size, workers)
-        buffers = _BufferPool(slots)
-        stop = threading.Event()
-        etags: dict[int, str] = {}
-        pending: dict[Future[tuple[int, bytes]], int] = {}
-        hashed: list[Future[None]] = []
-
-        def send(number: int, body: bytearray) -> tuple[int, bytes]:
-            if stop.is_set():
-                raise StorageError("cancelled")
-            answer = self.data_client.upload_part(
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=body,
-                ContentLength=len(body),
-            )
-            return len(body), _part_etag(answer, number)
-
-        def harvest(block: bool) -> None:
-            while hashed and hashed[0].done():
-                hashed.pop(0).result()
-            if not pending:
-                return
-            done, _ = wait(list(pending), timeout=None if block else 0, return_when=FIRST_COMPLETED)
-            for fut in done:
-                number = pending.pop(fut)
-                exc = fut.exception()
-                if exc is not None:
-                    raise self._error(exc, f"upload of part {number} of {uri}") from None
-                sent, etag = fut.result()
-                etags[number] = etag
-                progress.update(sent)
-
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3-part")
-        hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3-hash")
-        try:
+        up: _Upload, first: bytearray, plan: _PartPlan, sender: _PartSender
+    ) -> list[str]:
+        """Read parts in order and hand each to ``sender``, which bounds the buffers and
+        collects the parts' ETags (the server's MD5 of each), returned in order. On failure
+        the sender cancels queued parts; the ones being sent stay in ``sender.inflight`` for
+        the caller, which aborts the upload without waiting for them first."""
+        with sender:
             body: bytearray | None = first
-            buffers.acquire(timeout_s=0)
             number = 1
             while True:
                 if body is None:
-                    size = part_size_for(number, part_size, exact)
-                    while slots > buffers_for(size, workers):
-                        if buffers.retire(SLOT_POLL_S):
-                            slots -= 1
-                        else:
-                            harvest(block=False)
-                    free = buffers.acquire(SLOT_POLL_S)
-                    while free is False:
-                        harvest(block=False)
-                        free = buffers.acquire(SLOT_POLL_S)
-                    body = b"" if reader.eof else reader.read_part(size, free or None)
+                    size = plan.size(number)
+                    free = sender.buffer(size)
+                    body = bytearray() if up.reader.eof else up.reader.read_part(size, free)
                     if not body:
-                        buffers.release(None)
+                        sender.unused()
                         break
                 if number > MAX_PARTS:
-                    buffers.release(None)
-                    raise SourceError(f"import to {uri}: more than {MAX_PARTS} parts needed")
-                part = body
-                countdown = _Countdown(2, lambda part=part: buffers.release(part))
-                hashed.append(hasher.submit(digests.update, body))
-                hashed[-1].add_done_callback(countdown)
-                upload = pool.submit(send, number, body)
-                upload.add_done_callback(countdown)
-                pending[upload] = number
-                inflight.append(upload)
+                    sender.unused()
+                    raise SourceError(f"import to {up.uri}: more than {MAX_PARTS} parts needed")
+                sender.submit(number, body)
                 body = None
                 number += 1
-                harvest(block=False)
-            while pending:
-                harvest(block=True)
-            for fut in hashed:
-                fut.result()
-        except BaseException:
-            stop.set()
-            pool.shutdown(wait=False, cancel_futures=True)
-            hasher.shutdown(wait=False, cancel_futures=True)
-            raise
-        pool.shutdown(wait=True)
-        hasher.shutdown(wait=True)
-        return [etags[n] for n in sorted(etags)]
+            return sender.finish()
 
     def _etag_of(self, key: str, uri: str) -> str:
         """ETag of an object (Ceph RGW 16 answers CompleteMultipartUpload with an empty one)."""
