@@ -32,7 +32,7 @@ from pathlib import Path
 from ..errors import ChecksumError, StorageError, from_os_error
 from ..progress import Progress
 from ..transfer.local import atomic_file, fsync_dir, temp_name, write_atomically
-from ..transfer.sources import CHUNK_BYTES, Source
+from ..transfer.sources import Source
 from .model import MirrorFile, safe_relative
 
 STATE_DIR = ".onemarket-mirror"
@@ -56,25 +56,6 @@ class Inserted:
     size: int
     md5: str
     sha256: str
-
-
-class Sha256Source:
-    """A source whose bytes are also fed to SHA-256 as they are read: the atomic writer
-    hashes MD5 only (what oned uses), simplestreams catalogs give SHA-256 only."""
-
-    def __init__(self, source: Source) -> None:
-        self._source = source
-        self._sha256 = hashlib.sha256()
-        self.description = source.description
-        self.size_bytes = source.size_bytes
-
-    def read(self, n: int = CHUNK_BYTES) -> bytes:
-        data = self._source.read(n)
-        self._sha256.update(data)
-        return data
-
-    def hexdigest(self) -> str:
-        return self._sha256.hexdigest()
 
 
 class LocalStore:
@@ -160,12 +141,16 @@ class LocalStore:
         self._mkdirs(ready.parent)
         with contextlib.suppress(FileNotFoundError):  # a killed run's temporary (we hold the lock)
             os.unlink(ready.parent / temp_name(ready.name))
-        hashed = Sha256Source(source) if f.sha256 else source
         result = write_atomically(
-            hashed, ready.parent, ready.name, expected_md5=f.md5, progress=progress
+            source,
+            ready.parent,
+            ready.name,
+            expected_md5=f.md5,
+            progress=progress,
+            sha256=bool(f.sha256),
         )
         digests = result.digests
-        sha256 = hashed.hexdigest() if isinstance(hashed, Sha256Source) else digests.sha256
+        sha256 = digests.sha256
         problem = ""
         if f.sha256 and sha256 != f.sha256:
             problem = f"SHA-256 mismatch (catalog {f.sha256}, read {sha256})"

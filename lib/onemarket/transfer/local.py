@@ -154,13 +154,17 @@ def write_atomically(
     expected_md5: str = "",
     progress: Progress | None = None,
     deadline: Deadline | None = None,
+    sha256: bool = False,
 ) -> WriteResult:
-    """Stream ``source`` into ``folder/name`` (holes kept, hashed, verified), atomically."""
+    """Stream ``source`` into ``folder/name`` (holes kept, hashed, verified), atomically; the
+    digests also hold SHA-256 when ``sha256`` asks for it."""
     with atomic_file(folder / name, what=f"import into {folder}") as out:
         direct_fd = _open_direct(out.tmp)
         try:
             sink = SparseFileSink(out.fd, early_writeback=True, direct_fd=direct_fd)
-            digests = copy_stream(source, sink, progress=progress, deadline=deadline)
+            digests = copy_stream(
+                source, sink, progress=progress, deadline=deadline, sha256=sha256
+            )
             sink.finish()
         finally:
             if direct_fd is not None:

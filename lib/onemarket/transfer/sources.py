@@ -472,12 +472,14 @@ class S3Range:
         try:
             return self.client.get_object(**args)
         except bexc.ClientError as exc:
-            code = s3config.client_error_code(exc)
-            if code in ("NoSuchKey", "404", "NotFound"):
-                raise StorageError(f"{self.what}: no such object on S3 at {self.where}") from None
-            if code == "NoSuchBucket":
-                raise StorageError(f"{self.what}: no such bucket on S3 at {self.where}") from None
-            if code in ("PreconditionFailed", "412"):
+            if s3config.is_missing(exc):
+                missing = (
+                    "bucket" if s3config.client_error_code(exc) == "NoSuchBucket" else "object"
+                )
+                raise StorageError(
+                    f"{self.what}: no such {missing} on S3 at {self.where}"
+                ) from None
+            if s3config.is_precondition_failed(exc):
                 raise RemoteError(
                     f"{self.what}: the object changed on S3 during the download"
                 ) from None
