@@ -162,9 +162,7 @@ def write_atomically(
         direct_fd = _open_direct(out.tmp)
         try:
             sink = SparseFileSink(out.fd, early_writeback=True, direct_fd=direct_fd)
-            digests = copy_stream(
-                source, sink, progress=progress, deadline=deadline, sha256=sha256
-            )
+            digests = copy_stream(source, sink, progress=progress, deadline=deadline, sha256=sha256)
             sink.finish()
         finally:
             if direct_fd is not None:
