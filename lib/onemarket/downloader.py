@@ -313,7 +313,6 @@ def copy_to_dest(source: Source, sink: Sink, opts: Options, verifier: Verifier) 
             source,
             sink,
             verifier,
-            verifier.what,
             decompress=not opts.nodecomp,
             max_bytes=opts.max_size,
             limit_bps=opts.limit_bps,

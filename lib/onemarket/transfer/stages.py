@@ -145,7 +145,6 @@ def pump(
     source: Source,
     sink: Sink,
     verifier: Verifier,
-    what: str,
     *,
     decompress: bool = True,
     max_bytes: int | None = None,
@@ -166,7 +165,7 @@ def pump(
             break
         head += data
     kind = detect_compression(head) if decompress else None
-    decomp = Decompressor(kind, what) if kind else None
+    decomp = Decompressor(kind, verifier.what) if kind else None
     raw = out = 0
     data = head
     while data:
