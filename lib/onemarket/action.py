@@ -54,10 +54,6 @@ def _parser() -> etree.XMLParser:
     return parser
 
 
-_PARSER = _new_parser()
-"""Kept for callers that imported it; new code uses :func:`_parser`."""
-
-
 def decode_base64(payload: str | bytes) -> bytes:
     """Strict base64 decoding with a size bound; a clear error otherwise."""
     raw = payload.encode("ascii", "replace") if isinstance(payload, str) else payload

@@ -36,6 +36,31 @@ def flag(text: str) -> bool:
     return text.strip().lower() in YES
 
 
+def yes_no(text: str) -> bool:
+    """A strict yes/no: a typo is an error, not a silent no."""
+    word = text.strip().lower()
+    if word in YES:
+        return True
+    if word in ("no", "false", "0", "off"):
+        return False
+    raise ValueError(f"{text[:80]!r} is invalid: expected yes or no")
+
+
+def positive(kind: Callable[[str], float]) -> Callable[[str], str]:
+    """A positive number (``int`` or ``float``), kept as written."""
+
+    def parse(text: str) -> str:
+        try:
+            ok = kind(text) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{text[:80]!r} is invalid: expected a positive number")
+        return text
+
+    return parse
+
+
 def mb_at_least(minimum: int) -> Callable[[str], int]:
     """A number of MB, rounded up, at least ``minimum``."""
 

@@ -88,6 +88,7 @@ from dataclasses import dataclass, field
 
 from .. import driverlog
 from ..action import Market
+from ..backends.attributes import Attr, positive, read, yes_no
 from ..backends.base import AppEntry, Backend, MonitorResult
 from ..errors import ConfigError, RemoteError, one_line
 from ..installation import DEFAULT_ONE_VERSION, ReleaseLine
@@ -284,6 +285,65 @@ def _split_list(value: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _endpoint(text: str) -> str:
+    driverlog.redact_url(text)
+    if not re.fullmatch(r"https?://[^\s?#]+", text):
+        raise ValueError(
+            f"{one_line(text, 80)!r} is invalid: expected an http(s) URL without query"
+        )
+    return text if text.endswith("/") else text + "/"
+
+
+def _image_size(text: str) -> int:
+    size = int(positive(int)(text))
+    if size > MAX_IMAGE_SIZE_MB:
+        raise ValueError(f"{text!r} is invalid: at most {MAX_IMAGE_SIZE_MB}")
+    return size
+
+
+def _filesystem(text: str) -> str:
+    if not _FS_RE.fullmatch(text):
+        raise ValueError(
+            f"{one_line(text, 80)!r} is invalid: expected a file system name such as ext4"
+        )
+    return text  # stock copies FILESYSTEM and FORMAT into SOURCE and FORMAT as written
+
+
+def _format(text: str) -> str:
+    if text.lower() not in CONTAINER_FORMATS:
+        raise ValueError(f"{one_line(text, 80)!r} is invalid: expected raw or qcow2")
+    return text
+
+
+def _words(text: str) -> tuple[str, ...]:
+    items = tuple(w.lower() for w in _split_list(text))
+    for w in items:
+        if not _WORD_RE.fullmatch(w):
+            raise ValueError(f"{one_line(text, 80)!r} is invalid: {w!r} is not a valid name")
+    return items
+
+
+ATTRIBUTES = (
+    Attr("ENDPOINT", "simplestreams server", DEFAULT_ENDPOINT, parse=_endpoint),
+    Attr("IMAGE_SIZE_MB", "container disk size, also the app's SIZE",
+         str(DEFAULT_IMAGE_SIZE_MB), parse=_image_size),
+    Attr("FILESYSTEM", "file system of the container disk", DEFAULT_FILESYSTEM,
+         parse=_filesystem),
+    Attr("FORMAT", "raw or qcow2 container disk", DEFAULT_FORMAT, parse=_format),
+    Attr("SKIP_UNTESTED", "only the distributions stock tests (exactly yes)", "yes"),
+    Attr("MEMORY", "MEMORY of the LXC VM template", DEFAULT_MEMORY_MB, parse=positive(int)),
+    Attr("CPU", "CPU of the LXC VM template", DEFAULT_CPU, parse=positive(float)),
+    Attr("VCPU", "VCPU of the LXC VM template", DEFAULT_VCPU, parse=positive(int)),
+    Attr("PRIVILEGED", "LXC_UNPRIVILEGED is its opposite", "true", parse=yes_no),
+    Attr("VARIANTS", "container variants", ",".join(DEFAULT_VARIANTS), parse=_words),
+    Attr("ARCHITECTURES", "OpenNebula names (default: the release's)", parse=_split_list),
+    Attr("DISTRIBUTIONS", "explicit list (default: the tested ones)", parse=_words),
+    Attr("VM_IMAGES", "also publish KVM qcow2 apps", "no", parse=yes_no),
+    Attr("VM_VARIANTS", "variants published as KVM images", ",".join(DEFAULT_VM_VARIANTS),
+         parse=_words),
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class LxcOptions:
     """Market attributes of a ``linuxcontainers`` marketplace, validated."""
@@ -323,89 +383,37 @@ class LxcOptions:
     def from_market(cls, market: Market, line: ReleaseLine | None = None) -> LxcOptions:
         """Options of ``market`` under the stock rules of ``line`` (default: 7.x)."""
         rules = stock_rules(line or ReleaseLine.of(DEFAULT_ONE_VERSION))
-        where = f"marketplace '{market.name}' ({DRIVER})"
-
-        def bad(attr: str, value: str, expected: str) -> ConfigError:
-            return ConfigError(f"{where}: {attr}={one_line(value, 80)!r} is invalid: {expected}")
-
-        def flag(attr: str, default: bool) -> bool:
-            value = market.attr(attr)
-            if value is None:
-                return default
-            word = value.strip().lower()
-            if word in ("yes", "true", "1", "on"):
-                return True
-            if word in ("no", "false", "0", "off"):
-                return False
-            raise bad(attr, value, "expected yes or no")
-
-        def number(attr: str, default: str, kind: type) -> str:
-            value = (market.attr(attr) or default).strip()
-            try:
-                parsed = kind(value)
-            except ValueError:
-                raise bad(attr, value, "expected a positive number") from None
-            if not parsed > 0:
-                raise bad(attr, value, "expected a positive number")
-            return value
-
-        def words(attr: str, default: tuple[str, ...]) -> tuple[str, ...]:
-            value = market.attr(attr)
-            if value is None:
-                return default
-            items = tuple(w.lower() for w in _split_list(value))
-            for w in items:
-                if not _WORD_RE.fullmatch(w):
-                    raise bad(attr, value, f"{w!r} is not a valid name")
-            return items or default
-
-        endpoint = (market.attr("ENDPOINT") or DEFAULT_ENDPOINT).strip()
-        driverlog.redact_url(endpoint)
-        if not re.fullmatch(r"https?://[^\s?#]+", endpoint):
-            raise bad("ENDPOINT", endpoint, "expected an http(s) URL without query")
-        if not endpoint.endswith("/"):
-            endpoint += "/"
-
-        size = number("IMAGE_SIZE_MB", str(DEFAULT_IMAGE_SIZE_MB), int)
-        if int(size) > MAX_IMAGE_SIZE_MB:
-            raise bad("IMAGE_SIZE_MB", size, f"at most {MAX_IMAGE_SIZE_MB}")
-        # stock copies FILESYSTEM and FORMAT into SOURCE and FORMAT as written
-        filesystem = (market.attr("FILESYSTEM") or DEFAULT_FILESYSTEM).strip()
-        if not _FS_RE.fullmatch(filesystem):
-            raise bad("FILESYSTEM", filesystem, "expected a file system name such as ext4")
-        fmt = (market.attr("FORMAT") or DEFAULT_FORMAT).strip()
-        if fmt.lower() not in CONTAINER_FORMATS:
-            raise bad("FORMAT", fmt, "expected raw or qcow2")
+        v = read(market, ATTRIBUTES)
         # stock skips untested distributions only when SKIP_UNTESTED is absent or exactly
         # "yes" (one-7.0 monitor:141): "no", "YES", "" and anything else publish them all
         skip_value = market.attrs.get("SKIP_UNTESTED")
         skip_untested = skip_value is None or skip_value.strip() == "yes"
-
-        arch_value = market.attr("ARCHITECTURES")
         architectures: list[str] = []
-        for arch in _split_list(arch_value) if arch_value else rules.architectures:
+        for arch in v["ARCHITECTURES"] or rules.architectures:
             one_arch = SIMPLESTREAMS_TO_ONE_ARCH.get(arch, arch)
             if one_arch not in ONE_TO_SIMPLESTREAMS_ARCH:
                 known = ", ".join(ONE_TO_SIMPLESTREAMS_ARCH)
-                raise bad("ARCHITECTURES", arch_value or "", f"{arch!r} is not one of {known}")
+                raise ConfigError(
+                    f"marketplace '{market.name}': ARCHITECTURES {arch!r} is not one of {known}"
+                )
             if one_arch not in architectures:
                 architectures.append(one_arch)
 
         return cls(
-            endpoint=endpoint,
-            image_size_mb=int(size),
-            filesystem=filesystem,
-            format=fmt,
+            endpoint=v["ENDPOINT"],
+            image_size_mb=v["IMAGE_SIZE_MB"],
+            filesystem=v["FILESYSTEM"],
+            format=v["FORMAT"],
             skip_untested=skip_untested,
-            memory=number("MEMORY", DEFAULT_MEMORY_MB, int),
-            cpu=number("CPU", DEFAULT_CPU, float),
-            vcpu=number("VCPU", DEFAULT_VCPU, int),
-            privileged=flag("PRIVILEGED", True),
-            variants=words("VARIANTS", DEFAULT_VARIANTS),
+            memory=v["MEMORY"],
+            cpu=v["CPU"],
+            vcpu=v["VCPU"],
+            privileged=v["PRIVILEGED"],
+            variants=v["VARIANTS"] or DEFAULT_VARIANTS,
             architectures=tuple(architectures or rules.architectures),
-            distributions=words("DISTRIBUTIONS", ()),
-            vm_images=flag("VM_IMAGES", False),
-            vm_variants=words("VM_VARIANTS", DEFAULT_VM_VARIANTS),
+            distributions=v["DISTRIBUTIONS"] or (),
+            vm_images=v["VM_IMAGES"],
+            vm_variants=v["VM_VARIANTS"] or DEFAULT_VM_VARIANTS,
             rules=rules,
         )
 
@@ -791,6 +799,7 @@ class LinuxContainersCatalog(Backend):
     """Public catalog of images.linuxcontainers.org: monitor only."""
 
     driver = DRIVER
+    attributes = ATTRIBUTES
 
     def user_agent(self) -> str:
         return f"OpenNebula {self.context.installation.one_version()} (Market Driver)"

@@ -82,6 +82,7 @@ from itertools import islice
 from urllib.parse import urlsplit
 
 from .. import driverlog
+from ..backends.attributes import Attr, read
 from ..backends.base import AppEntry, Backend, MonitorResult
 from ..errors import ConfigError, MarketError, RemoteError, one_line
 from ..installation import ReleaseLine
@@ -665,6 +666,12 @@ def base_url_of(endpoint: str) -> str:
 class OpenNebulaCatalog(Backend):
     """Monitor of an OpenNebula appliance catalog (official or Community Marketplace)."""
 
+    attributes = (
+        Attr("ENDPOINT", "catalog server (appmarket-simple)", DEFAULT_ENDPOINT),
+        Attr(FILTER_ARCHITECTURES, "publish only appliances for these architectures"),
+        Attr(FILTER_HYPERVISORS, "publish only appliances for these hypervisors"),
+    )
+
     driver = "one"
 
     def _remotes_word(self, name: str) -> str:
@@ -686,7 +693,8 @@ class OpenNebulaCatalog(Backend):
     def monitor(self) -> MonitorResult:
         installation = self.context.installation
         rules = StockRules.of(installation.release_line())
-        text = self.market.attr("ENDPOINT", DEFAULT_ENDPOINT) or DEFAULT_ENDPOINT
+        v = read(self.market, self.attributes)
+        text = v["ENDPOINT"]
         endpoint = Endpoint.of(text, rules)
         if not rules.endpoint_slash and not text.strip().endswith("/"):
             driverlog.warn(
@@ -694,9 +702,7 @@ class OpenNebulaCatalog(Backend):
                 " apps' SOURCE and LINK join it to 'appliance/<id>' as written and are not"
                 " usable URLs (OpenNebula bug #6619, fixed in 7.0); add the final '/'"
             )
-        flt = CatalogFilter.from_attrs(
-            self.market.attr(FILTER_ARCHITECTURES), self.market.attr(FILTER_HYPERVISORS)
-        )
+        flt = CatalogFilter.from_attrs(v[FILTER_ARCHITECTURES], v[FILTER_HYPERVISORS])
         url = endpoint.catalog_url
         session = make_session(self.user_agent())
         fetcher = CachedFetcher(
