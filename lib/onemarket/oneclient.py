@@ -82,7 +82,6 @@ IMAGE_STATE_NAMES = {
 """``IMAGE/STATE`` values (image.xsd); LOCKED while the datastore driver copies the file."""
 
 APP_STATE_READY = 1
-APP_STATE_LOCKED = 2
 APP_STATE_ERROR = 3
 APP_STATE_NAMES = {0: "INIT", 1: "READY", 2: "LOCKED", 3: "ERROR", 4: "DISABLED"}
 """``MARKETPLACEAPP/STATE`` values; LOCKED while the market driver imports the image."""
@@ -117,11 +116,6 @@ class _TimeoutTransport(xmlrpc.client.Transport):
         parser.feed(resp.content)
         parser.close()
         return unmarshaller.close()
-
-
-def _home() -> Path | None:
-    home = os.environ.get("HOME", "")
-    return Path(home) if home else None
 
 
 def endpoint(environ: Mapping[str, str] | None = None) -> str:

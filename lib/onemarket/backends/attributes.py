@@ -7,7 +7,6 @@ validator's ``ValueError`` into one ConfigError naming the market and the attrib
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -61,18 +60,6 @@ def positive(kind: Callable[[str], float]) -> Callable[[str], str]:
     return parse
 
 
-def mb_at_least(minimum: int) -> Callable[[str], int]:
-    """A number of MB, rounded up, at least ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            return max(math.ceil(float(text)), minimum)
-        except (ValueError, OverflowError):
-            raise ValueError(f"must be a number of MB, not {text[:40]!r}") from None
-
-    return parse
-
-
 def count(text: str) -> int:
     """A non-negative integer."""
     try:
@@ -84,13 +71,9 @@ def count(text: str) -> int:
     return value
 
 
-def required_names(table: Iterable[Attr]) -> list[str]:
-    return [a.name for a in table if a.required]
-
-
 def missing(market: Market, table: Iterable[Attr]) -> list[str]:
     """Required attributes the market lacks or leaves blank."""
-    return [n for n in required_names(table) if not market.attrs.get(n, "").strip()]
+    return [a.name for a in table if a.required and not market.attrs.get(a.name, "").strip()]
 
 
 def read(market: Market, table: Iterable[Attr]) -> dict[str, Any]:

@@ -67,7 +67,7 @@ from ..transfer.hashing import Digests
 from ..transfer.interrupt import interruptible
 from ..transfer.sources import CHUNK_BYTES, Source, open_source
 from ..units import MIB, mb_bytes, size_mb
-from .attributes import Attr, count, mb_at_least, read
+from .attributes import Attr, count, read
 from .base import (
     Backend,
     Check,
@@ -125,7 +125,10 @@ CONTENT_TYPE = "application/octet-stream"
 
 
 def _read_length(text: str) -> int:
-    value = mb_at_least(1)(text)
+    try:
+        value = math.ceil(float(text))
+    except (ValueError, OverflowError):
+        raise ValueError(f"must be a number of MB, not {text[:40]!r}") from None
     if value < MIN_PART_SIZE_MB:
         driverlog.info(
             f"READ_LENGTH {text} MB is below S3's minimum part size: using {MIN_PART_SIZE_MB}"
@@ -243,56 +246,6 @@ def _part_etag(answer: dict[str, Any], number: int) -> str:
     return etag
 
 
-class _BufferPool:
-    """At most ``count`` part buffers, reused: memory stays at count x part size, and large
-    buffers are not freed and re-allocated for every part (which fragments the heap when
-    several threads are involved and lets the RSS creep up)."""
-
-    def __init__(self, count: int) -> None:
-        self._free: list[bytearray] = []
-        self._lock = threading.Lock()
-        self._slots = threading.Semaphore(count)
-
-    def acquire(self, timeout_s: float) -> bytearray | bool | None:
-        """A free buffer, None when a new one may be allocated, False on timeout."""
-        if not self._slots.acquire(timeout=timeout_s):
-            return False
-        with self._lock:
-            return self._free.pop() if self._free else None
-
-    def release(self, buf: bytearray | None) -> None:
-        if buf is not None:
-            with self._lock:
-                self._free.append(buf)
-        self._slots.release()
-
-    def retire(self, timeout_s: float) -> bool:
-        """Take one slot away for good (parts grew) and free its buffer; False on timeout."""
-        if not self._slots.acquire(timeout=timeout_s):
-            return False
-        with self._lock:
-            if self._free:
-                self._free.pop()
-        return True
-
-
-class _Countdown:
-    """Calls ``action`` once all of ``n`` futures are done (a part's slot is free once the
-    part is both hashed into the whole-stream digests and sent)."""
-
-    def __init__(self, n: int, action: Callable[[], None]) -> None:
-        self._left = n
-        self._lock = threading.Lock()
-        self._action = action
-
-    def __call__(self, _future: Future[Any]) -> None:
-        with self._lock:
-            self._left -= 1
-            fire = self._left == 0
-        if fire:
-            self._action()
-
-
 @dataclass(frozen=True)
 class _PartPlan:
     """The part-size policy of one upload (pure, as s3transfer's ChunksizeAdjuster)."""
@@ -318,9 +271,10 @@ class _Upload:
 class _PartSender:
     """Back-pressure as one object (as s3transfer's BoundedExecutor): each part goes, in
     order, to one hashing thread (the whole-stream MD5) and to one of ``workers`` sending
-    threads; at most :func:`buffers_for` part buffers exist at once, and :meth:`buffer` waits
-    for a free one, collecting finished parts meanwhile. A context manager: leaving it on an
-    exception cancels what is queued."""
+    threads; at most :func:`buffers_for` part buffers exist at once, reused (large buffers
+    freed and re-allocated per part fragment the heap across threads and let the RSS creep
+    up), and :meth:`buffer` waits for a free one, collecting finished parts meanwhile. A
+    context manager: leaving it on an exception cancels what is queued."""
 
     def __init__(
         self,
@@ -333,8 +287,9 @@ class _PartSender:
     ) -> None:
         self._workers = workers
         self._slots = buffers_for(part_size, workers)
-        self._buffers = _BufferPool(self._slots)
-        self._buffers.acquire(timeout_s=0)  # the first part, read before the upload started
+        self._room = threading.Semaphore(self._slots - 1)  # the first part is read already
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
         self._send, self._hash, self._on_sent, self._error = send, hash_part, on_sent, error
         self._stop = threading.Event()
         self._etags: dict[int, str] = {}
@@ -357,27 +312,35 @@ class _PartSender:
         """Wait for room for a part of ``size`` bytes: a free buffer, or None for a new one.
         Larger parts (grown late in a stream of unknown size) give up slots for good."""
         while self._slots > buffers_for(size, self._workers):
-            if self._buffers.retire(SLOT_POLL_S):
-                self._slots -= 1
-            else:
-                self._collect(block=False)
-        free = self._buffers.acquire(SLOT_POLL_S)
-        while free is False:
-            self._collect(block=False)
-            free = self._buffers.acquire(SLOT_POLL_S)
-        return free or None
+            self._wait_for_room()
+            self._slots -= 1
+            with self._lock:
+                if self._free:
+                    self._free.pop()
+        self._wait_for_room()
+        with self._lock:
+            return self._free.pop() if self._free else None
 
     def unused(self) -> None:
         """Give back the room :meth:`buffer` made for a part that was not read."""
-        self._buffers.release(None)
+        self._room.release()
 
     def submit(self, number: int, body: bytearray) -> None:
-        countdown = _Countdown(2, lambda: self._buffers.release(body))
+        left = [2]  # the buffer is free once the part is both hashed and sent
+
+        def done(_future: Future[Any]) -> None:
+            with self._lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+                self._free.append(body)
+            self._room.release()
+
         hashed = self._hasher.submit(self._hash, body)
-        hashed.add_done_callback(countdown)
+        hashed.add_done_callback(done)
         self._hashed.append(hashed)
         upload = self._pool.submit(self._send_one, number, body)
-        upload.add_done_callback(countdown)
+        upload.add_done_callback(done)
         self._pending[upload] = number
         self.inflight.append(upload)
         self._collect(block=False)
@@ -391,6 +354,11 @@ class _PartSender:
         self._pool.shutdown(wait=True)
         self._hasher.shutdown(wait=True)
         return [self._etags[n] for n in sorted(self._etags)]
+
+    def _wait_for_room(self) -> None:
+        """Take a slot, collecting finished parts (a failed one raises) while none is free."""
+        while not self._room.acquire(timeout=SLOT_POLL_S):
+            self._collect(block=False)
 
     def _send_one(self, number: int, body: bytearray) -> tuple[int, str]:
         if self._stop.is_set():
