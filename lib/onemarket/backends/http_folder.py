@@ -315,27 +315,24 @@ class HttpFolderBackend(Backend):
             EXIT_NO_FOLDER: "does not exist",
             EXIT_NOT_WRITABLE: "is not writable by the ssh user",
         }
-        code: int | None = 0
         failure = ""
         try:
             run_remote(host, script, timeout_s=CHECK_SSH_TIMEOUT_S)
-        except (RemoteError, StorageError) as exc:
-            code = _exit_code(exc)
-            if code not in (EXIT_NO_FOLDER, EXIT_NOT_WRITABLE, EXIT_PROBE_FAILED):
-                yield Check(f"ssh {host}", False, f"ssh failed ({exc})")
-                return
-            failure = f"{folder} {why.get(code or 0, f'probe write failed ({exc})')}"
+        except RemoteError as exc:  # ssh itself: connection, login, time limit
+            yield Check(f"ssh {host}", False, f"ssh failed ({exc})")
+            return
+        except StorageError as exc:  # the script's exit status
+            failure = why.get(_exit_code(exc) or 0, f"probe write failed ({exc})")
         yield Check(f"ssh {host}", True, "reachable (BatchMode)")
         try:
-            if code:
-                yield Check(f"PUBLIC_DIR on {host}", False, failure)
+            if failure:
+                yield Check(f"PUBLIC_DIR on {host}", False, f"{folder} {failure}")
                 return
             yield Check(f"PUBLIC_DIR on {host}", True, f"{folder} exists and is writable")
             yield self._check_served(name, data, f"{host}:{folder}")
         finally:
-            if code in (0, EXIT_PROBE_FAILED):
-                with contextlib.suppress(MarketError):
-                    run_remote(host, f"rm -f -- {q}/{name}", timeout_s=CHECK_SSH_TIMEOUT_S)
+            with contextlib.suppress(MarketError):
+                run_remote(host, f"rm -f -- {q}/{name}", timeout_s=CHECK_SSH_TIMEOUT_S)
 
     def _check_served(self, name: str, data: bytes, where: str) -> Check:
         import requests
