@@ -59,10 +59,6 @@ class HttpLocation:
     base_url: str
     path: PurePosixPath
 
-    @property
-    def url(self) -> str:
-        return f"{self.base_url.rstrip('/')}/{self.path}"
-
     @staticmethod
     def new_name(app_id: int) -> str:
         """A flat, unique name: the app id for humans, 128 random bits against collisions."""

@@ -176,6 +176,8 @@ class HttpFolderBackend(Backend):
         folder = Path(self.config.public_dir)
         try:
             st = folder.stat()
+        except FileNotFoundError:
+            raise StorageError(f"PUBLIC_DIR {folder} does not exist") from None
         except OSError as exc:
             raise from_os_error(exc, f"PUBLIC_DIR {folder}") from None
         if not stat.S_ISDIR(st.st_mode):
@@ -279,13 +281,10 @@ class HttpFolderBackend(Backend):
             yield from self._check_remote_probe(host)
 
     def _check_local_probe(self) -> Iterator[Check]:
-        folder = Path(self.config.public_dir)
-        if not folder.is_dir():
-            what = "is not a directory" if folder.exists() else "does not exist"
-            yield Check("PUBLIC_DIR", False, f"{folder} {what}")
-            return
-        if not os.access(folder, os.W_OK | os.X_OK):
-            yield Check("PUBLIC_DIR", False, f"{folder} is not writable by this user")
+        try:
+            folder = self._check_local_folder(writable=True)
+        except StorageError as exc:
+            yield Check("PUBLIC_DIR", False, str(exc))
             return
         name, data = _probe()
         path = folder / name
