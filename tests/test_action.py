@@ -20,7 +20,7 @@ from onemarket.action import (
     decode_base64,
     parse_xml,
 )
-from onemarket.errors import ConfigError, PayloadError
+from onemarket.errors import PayloadError
 
 from tests.payloads import (
     action_payload,
@@ -60,7 +60,6 @@ def test_monitor_payload() -> None:
     m = data.market
     assert (m.id, m.name, m.driver) == (104, "S3 <market> & co", "s3")
     assert m.attrs["BUCKET"] == "b" and m.attrs["MARKET_MAD"] == "s3"
-    assert m.require("REGION", "BUCKET") == ["r", "b"]
     assert data.app is None and data.image is None and data.datastore is None
     assert data.import_info is None
     with pytest.raises(PayloadError, match="MARKETPLACEAPP"):
@@ -77,12 +76,6 @@ def test_market_helpers() -> None:
     assert m.attr("PUBLIC_DIR") == "/srv"
     assert m.attr("EMPTY") is None and m.attr("EMPTY", "d") == "d"
     assert m.attr("NOPE", "x") == "x"
-    assert m.flag("F1") and not m.flag("F2") and m.flag("NOPE", True)
-    with pytest.raises(ConfigError) as err:
-        m.require("BASE_URL", "EMPTY")
-    assert str(err.value) == (
-        "marketplace 'private' (http) is missing required attributes BASE_URL, EMPTY"
-    )
 
 
 def test_vector_attributes_are_left_out_of_market_attrs() -> None:

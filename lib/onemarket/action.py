@@ -18,7 +18,7 @@ from decimal import Decimal
 
 from lxml import etree
 
-from .errors import ConfigError, PayloadError
+from .errors import PayloadError
 
 MAX_PAYLOAD_BYTES = 32 * 1024 * 1024
 """Largest decoded action document accepted (an app template is a few KB; this bounds memory)."""
@@ -143,21 +143,6 @@ class Market:
     def attr(self, name: str, default: str | None = None) -> str | None:
         value = self.attrs.get(name, "")
         return value if value != "" else default
-
-    def require(self, *names: str) -> list[str]:
-        missing = [n for n in names if not self.attrs.get(n)]
-        if missing:
-            raise ConfigError(
-                f"marketplace '{self.name}' ({self.driver}) is missing required attribute"
-                f"{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
-            )
-        return [self.attrs[n] for n in names]
-
-    def flag(self, name: str, default: bool = False) -> bool:
-        value = self.attr(name)
-        if value is None:
-            return default
-        return value.strip().lower() in ("yes", "true", "1", "on")
 
     @classmethod
     def from_element(cls, el: etree._Element) -> Market:

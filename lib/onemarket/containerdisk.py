@@ -49,7 +49,6 @@ TOOL_TIMEOUT_S = 3600.0
 """Longest run of mke2fs, debugfs or qemu-img (a 16 TiB image stays far below)."""
 MAX_SYMLINK_HOPS = 40
 """Symlinks followed to resolve one overlay path (the kernel's own limit)."""
-XATTR_PAX_PREFIXES = ("SCHILY.xattr.", "LIBARCHIVE.xattr.")
 _UNSAFE_DEBUGFS_CHARS = set('"\\\n\r\t')
 """Characters debugfs cannot take in a quoted path: such entries keep the builder's owner."""
 

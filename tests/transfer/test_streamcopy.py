@@ -9,10 +9,9 @@ import os
 from pathlib import Path
 
 import pytest
-from onemarket.errors import ActionTimeout, SourceError
+from onemarket.errors import SourceError
 from onemarket.progress import Progress, ProgressEvent
 from onemarket.transfer.hashing import Digests
-from onemarket.transfer.interrupt import Deadline
 from onemarket.transfer.sources import CHUNK_BYTES, FileSource, open_source
 from onemarket.transfer.streamcopy import (
     SPARSE_BLOCK_BYTES,
@@ -214,9 +213,3 @@ def test_progress_reports_bytes_and_final_event(tmp_path: Path) -> None:
     copy_to(tmp_path / "dst", Stream(os.urandom(2 * MIB)), progress=progress)
     assert events[-1].final and events[-1].done_bytes == 2 * MIB
     assert len(events) > 1
-
-
-def test_deadline_stops_the_copy(tmp_path: Path) -> None:
-    deadline = Deadline(0.0, "test copy")
-    with pytest.raises(ActionTimeout, match="time limit"):
-        copy_to(tmp_path / "dst", Stream(os.urandom(MIB)), deadline=deadline)

@@ -9,8 +9,7 @@ it). Python's default for SIGTERM and SIGHUP is to die at once, skipping every `
   alone when they were ignored on entry (``nohup``, a background job of a non-interactive
   shell): ignoring them was asked for.
 - ``timeout_s`` arms a timer (SIGALRM) that raises the same way: a limit that also interrupts
-  calls blocked in C (a socket, a lock), unlike :class:`Deadline`, which is checked between
-  chunks.
+  calls blocked in C (a socket, a lock).
 - Only the first signal raises; later ones are ignored until the outermost block is left, so
   the clean-up cannot be interrupted half-way.
 - What is raised inside is a BaseException, like KeyboardInterrupt, so that no
@@ -129,21 +128,3 @@ def interruptible(what: str, timeout_s: float | None = None) -> Iterator[None]:
             signal.signal(sig, old)  # type: ignore[arg-type]
         if _depth == 0:
             _fired = False
-
-
-class Deadline:
-    """An optional time limit checked between chunks (``timeout_s`` None: no limit)."""
-
-    def __init__(self, timeout_s: float | None, what: str) -> None:
-        self.what = what
-        self.timeout_s = timeout_s
-        self.at = None if timeout_s is None else time.monotonic() + timeout_s
-
-    def check(self) -> None:
-        if self.at is not None and time.monotonic() > self.at:
-            raise ActionTimeout(f"{self.what} ran past its time limit of {self.timeout_s:.0f} s")
-
-    def remaining_s(self, default_s: float) -> float:
-        if self.at is None:
-            return default_s
-        return max(0.1, min(default_s, self.at - time.monotonic()))

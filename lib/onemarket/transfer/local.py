@@ -20,7 +20,7 @@ from pathlib import Path
 from ..errors import from_os_error
 from ..progress import Progress
 from .hashing import Digests
-from .interrupt import Deadline, interruptible
+from .interrupt import interruptible
 from .sources import Source
 from .streamcopy import SparseFileSink, copy_stream
 
@@ -153,7 +153,6 @@ def write_atomically(
     *,
     expected_md5: str = "",
     progress: Progress | None = None,
-    deadline: Deadline | None = None,
     sha256: bool = False,
 ) -> WriteResult:
     """Stream ``source`` into ``folder/name`` (holes kept, hashed, verified), atomically; the
@@ -162,7 +161,7 @@ def write_atomically(
         direct_fd = _open_direct(out.tmp)
         try:
             sink = SparseFileSink(out.fd, early_writeback=True, direct_fd=direct_fd)
-            digests = copy_stream(source, sink, progress=progress, deadline=deadline, sha256=sha256)
+            digests = copy_stream(source, sink, progress=progress, sha256=sha256)
             sink.finish()
         finally:
             if direct_fd is not None:

@@ -18,7 +18,7 @@ from .. import driverlog
 from ..errors import MarketError, RemoteError, StorageError, StorageFullError, one_line
 from ..progress import Progress
 from .hashing import Digests
-from .interrupt import Deadline, interruptible
+from .interrupt import interruptible
 from .local import temp_name
 from .sources import Source, file_tail, ssh_argv
 from .streamcopy import SPARSE_BLOCK_BYTES, PipeSink, copy_stream
@@ -98,7 +98,6 @@ def write_remote_atomically(
     *,
     expected_md5: str = "",
     progress: Progress | None = None,
-    deadline: Deadline | None = None,
 ) -> Digests:
     """Stream ``source`` into ``host:folder/name``: temporary file, sync, verify, rename."""
     tmp = f"{folder}/{temp_name(name)}"
@@ -126,14 +125,13 @@ def write_remote_atomically(
             started = True
             assert proc.stdin is not None
             try:
-                digests = _send(proc, source, progress, deadline)
+                digests = _send(proc, source, progress)
             except BrokenPipeError:
                 digests = None
             with contextlib.suppress(OSError):
                 proc.stdin.close()
-            wait_s = deadline.remaining_s(REMOTE_COMMAND_TIMEOUT_S) if deadline else None
             try:
-                code = proc.wait(timeout=wait_s or REMOTE_COMMAND_TIMEOUT_S)
+                code = proc.wait(timeout=REMOTE_COMMAND_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 raise RemoteError(f"bridge host {host} did not finish writing {final}") from None
             if code != 0:
@@ -167,11 +165,10 @@ def _send(
     proc: subprocess.Popen[bytes],
     source: Source,
     progress: Progress | None,
-    deadline: Deadline | None,
 ) -> Digests:
     assert proc.stdin is not None
     sink = PipeSink(proc.stdin.fileno(), on_abort=lambda: _stop(proc, grace_s=ABORT_GRACE_S))
-    return copy_stream(source, sink, progress=progress, deadline=deadline)
+    return copy_stream(source, sink, progress=progress)
 
 
 def _stop(proc: subprocess.Popen[bytes], grace_s: float = 0.0) -> None:

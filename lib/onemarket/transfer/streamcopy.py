@@ -32,7 +32,6 @@ from typing import Protocol
 from ..errors import SourceError
 from ..progress import Progress
 from .hashing import Digests
-from .interrupt import Deadline
 from .sources import CHUNK_BYTES, Source
 
 SPARSE_BLOCK_BYTES = 4096
@@ -157,7 +156,7 @@ def file_extents(fd: int, description: str) -> Iterator[tuple[int, int, bool]]:
         data_at = min(max(data_at, offset), size)
         hole_at = min(hole_at, size) if hole_at > data_at else size
         while offset < data_at:
-            # Holes go by in bounded pieces so that progress, deadlines and cancel stay timely.
+            # Holes go by in bounded pieces so that progress and cancel stay timely.
             piece = min(data_at - offset, HOLE_PIECE_BYTES)
             yield offset, piece, False
             offset += piece
@@ -318,7 +317,6 @@ def copy_stream(
     sink: Sink,
     *,
     progress: Progress | None = None,
-    deadline: Deadline | None = None,
     sha256: bool = False,
 ) -> Digests:
     """Copy every byte of ``source`` to ``sink``; returns the digests of what was read (MD5,
@@ -347,8 +345,6 @@ def copy_stream(
         else:
             segments = _stream_segments(source, len(workers))
         for segment in segments:
-            if deadline is not None:
-                deadline.check()
             count = segment if isinstance(segment, int) else len(segment.view)
             for worker in workers:
                 worker.put(segment)
