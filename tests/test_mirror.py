@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,8 +38,16 @@ from onemarket.errors import ChecksumError
 from onemarket.installation import Installation
 from onemarket.mirror import fetch
 from onemarket.mirror.command import add_mirror_parser
+from onemarket.mirror.model import MirrorEntry, MirrorFile
+from onemarket.mirror.report import (
+    FILE_LABEL_CHARS,
+    STATUS_MIRRORED,
+    STATUS_UNCHANGED,
+    Reporter,
+)
 from onemarket.mirror.s3target import S3Target
 from onemarket.template import Template, parse_template
+from rich.console import Console
 
 from tests.catalogs.test_linuxcontainers import generate
 from tests.servers import need_program, without_proxies
@@ -886,3 +895,141 @@ def test_proxies_come_from_the_environment(
     assert "http://catalog.invalid/appliance" in proxy.seen
     downloads = [u for u in proxy.seen if u.startswith("http://catalog.invalid/appliance/")]
     assert len(downloads) == len(appmarket.blobs)
+
+
+# --------------------------------------------------------------------------- progress output
+
+_SGR_RE = re.compile(r"\x1b\[[0-9;]*m|\x1b\[\?25[hl]")
+_REDRAW_RE = re.compile(r"\r?\x1b\[2K(?:\x1b\[1A\x1b\[2K)*")
+
+
+def last_frame(written: str) -> str:
+    """The bars as rich last drew them in ``written`` (terminal output, colours removed)."""
+    frames = [f for f in _REDRAW_RE.split(_SGR_RE.sub("", written)) if f.strip()]
+    return frames[-1] if frames else ""
+
+
+class _Screen:
+    """A fake terminal for a Reporter; ``since()`` is what was written since the last call."""
+
+    def __init__(self) -> None:
+        self.buffer = io.StringIO()
+        self.console = Console(file=self.buffer, force_terminal=True, width=100)
+        self._seen = 0
+
+    def since(self) -> str:
+        text = self.buffer.getvalue()
+        new, self._seen = text[self._seen :], len(text)
+        return new
+
+
+def _entries() -> tuple[MirrorEntry, ...]:
+    one = MirrorFile("appliance/1/download/0", "http://127.0.0.1:9/1", 1000)
+    two = MirrorFile("images/" + "x" * 60 + "/[/b]disk.qcow2", "http://127.0.0.1:9/2", 3000)
+    return (
+        MirrorEntry("0", ("Old",), "0.1", (), {}),
+        MirrorEntry("1", ("App One",), "1.0", (one,), {}),
+        MirrorEntry("2", ("App [b]Two",), "2.0", (two,), {}),
+    )
+
+
+def _drive(reporter: Reporter, screen: _Screen | None = None) -> list[str]:
+    """What the command and the fetcher do to a Reporter; the frame drawn after each step."""
+    old, first, second = _entries()
+    (one,), (two,) = first.files, second.files
+    frames = []
+
+    def step() -> None:
+        reporter.draw()
+        frames.append(last_frame(screen.since()) if screen else "")
+
+    reporter.entry(STATUS_UNCHANGED, old)
+    if screen:
+        screen.since()  # the line, printed before the bars are shown
+    reporter.file_started(one)
+    reporter.file_started(two)
+    reporter.file_bytes(one, 500)
+    reporter.file_bytes(two, 1000)
+    step()
+    reporter.file_bytes(one, -500)  # a failed attempt, taken back
+    reporter.file_bytes(one, 1000)
+    reporter.file_ended(one)
+    reporter.entry(STATUS_MIRRORED, first)
+    step()
+    reporter.file_bytes(two, 2000)
+    reporter.file_ended(two)
+    reporter.entry("FAILED (left out)", second, "wrong checksum")
+    reporter.close()
+    frames.append(last_frame(screen.since()) if screen else "")
+    return frames
+
+
+def test_terminal_shows_a_bar_per_file_and_one_overall() -> None:
+    screen = _Screen()
+    reporter = Reporter(io.StringIO(), False, 4000, 3, out=screen.console)
+    reporter.interval_s = 0.0  # every draw() redraws
+    both, one_left, final = _drive(reporter, screen)
+    lines = both.splitlines()
+    assert lines[0].startswith("mirror 1/3 apps") and "38%" in lines[0]
+    assert "1.5/3.9 KiB" in lines[0]
+    assert lines[1].startswith("appliance/1/download/0") and "50%" in lines[1]
+    assert lines[2].startswith("...") and "/[/b]disk.qcow2" in lines[2]  # tail, not markup
+    assert len(lines[2].split()[0]) == FILE_LABEL_CHARS
+    assert one_left.splitlines()[0].startswith("mirror 2/3 apps")
+    assert "appliance/1" not in one_left and "disk.qcow2" in one_left
+    assert final.splitlines() == [final.splitlines()[0]]  # the file bars are gone
+    assert final.startswith("mirror 3/3 apps") and "100%" in final
+    text = _SGR_RE.sub("", screen.buffer.getvalue())
+    for line in ("unchanged Old 0.1", "mirrored App One 1.0 (1000 B)"):
+        assert f"{line}\n" in text
+    assert "FAILED (left out) App [b]Two 2.0: wrong checksum\n" in text
+    assert reporter.done_bytes == 4000
+
+
+def test_terminal_redraws_are_throttled() -> None:
+    screen = _Screen()
+    reporter = Reporter(io.StringIO(), False, 10, 1, out=screen.console)
+    reporter.interval_s = 3600.0
+    reporter.draw()
+    assert "mirror 0/1 apps" in screen.since()
+    reporter.file_started(MirrorFile("a", "http://127.0.0.1:9/a", 10))
+    reporter.draw()
+    assert screen.since() == ""
+    reporter.close()
+
+
+def test_not_a_terminal_one_line_per_app_and_quiet_nothing() -> None:
+    stream = io.StringIO()
+    assert _drive(Reporter(stream, False, 4000, 3))
+    assert stream.getvalue() == (
+        "unchanged Old 0.1\n"
+        "mirrored App One 1.0 (1000 B)\n"
+        "FAILED (left out) App [b]Two 2.0: wrong checksum\n"
+    )
+    quiet = io.StringIO()
+    _drive(Reporter(quiet, True, 4000, 3))
+    assert quiet.getvalue() == ""
+
+
+def test_mirror_on_a_terminal_draws_the_bars(
+    community: Mirroring, appmarket: Appmarket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: stderr is a terminal
+    code, _out, err = community.run("--jobs", "2")
+    assert code == 0, err
+    final = last_frame(err)
+    total = len(appmarket.appliances)
+    assert final.startswith(f"mirror {total}/{total} apps") and "100%" in final
+    assert len(final.strip().splitlines()) == 1
+    assert _SGR_RE.sub("", err).count("mirrored ") == total
+
+
+def test_mirror_not_on_a_terminal_writes_one_line_per_app(
+    community: Mirroring, appmarket: Appmarket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TTY_COMPATIBLE", "0")
+    code, _out, err = community.run("--jobs", "2")
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if not line.startswith("WARN: ")]
+    assert len(lines) == len(appmarket.appliances)
+    assert all(re.fullmatch(r"mirrored .+ \(\d+(\.\d)? [KMG]?i?B\)", line) for line in lines)

@@ -212,20 +212,13 @@ def mirror(args: argparse.Namespace, plan: Plan, store: LocalStore, agent: str) 
             outcome.status[entry.key] = status
             reporter.entry(status, entry)
     cancel = threading.Event()
-    fetcher = Fetcher(store, agent, cancel, reporter.add_bytes)
+    fetcher = Fetcher(store, agent, cancel, reporter)
     results: list[EntryResult] = []
-
-    def fetch_one(entry: MirrorEntry) -> EntryResult:
-        reporter.begin(entry)
-        try:
-            return fetcher.fetch_entry(entry)
-        finally:
-            reporter.end(entry)
 
     try:
         with ThreadPoolExecutor(max_workers=args.jobs, thread_name_prefix="mirror") as pool:
             futures: dict[Future[EntryResult], MirrorEntry] = {
-                pool.submit(fetch_one, e): e for e in todo
+                pool.submit(fetcher.fetch_entry, e): e for e in todo
             }
             try:
                 pending = set(futures)

@@ -17,6 +17,7 @@ import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import requests
 
@@ -37,6 +38,32 @@ would otherwise cost every remaining file its attempts and timeouts)."""
 
 class Cancelled(MarketError):
     """The run is being stopped (signal): downloads end at their next chunk."""
+
+
+class Watcher(Protocol):
+    """What the fetcher tells of each file it downloads (the reporter's progress bars); called
+    from the download threads, so implementations must be thread-safe and quick."""
+
+    def file_started(self, f: MirrorFile) -> None: ...
+
+    def file_bytes(self, f: MirrorFile, n: int) -> None:
+        """``n`` bytes of ``f`` read; negative when a failed attempt's bytes are taken back."""
+
+    def file_ended(self, f: MirrorFile) -> None:
+        """``f`` is done with, downloaded or not."""
+
+
+class NoWatcher:
+    """A :class:`Watcher` that wants to know nothing."""
+
+    def file_started(self, f: MirrorFile) -> None:
+        pass
+
+    def file_bytes(self, f: MirrorFile, n: int) -> None:
+        pass
+
+    def file_ended(self, f: MirrorFile) -> None:
+        pass
 
 
 @dataclass
@@ -86,12 +113,12 @@ class Fetcher:
         store: LocalStore,
         user_agent: str,
         cancel: threading.Event,
-        on_bytes: Callable[[int], None] = lambda n: None,
+        watcher: Watcher | None = None,
     ) -> None:
         self.store = store
         self.user_agent = user_agent
         self.cancel = cancel
-        self.on_bytes = on_bytes
+        self.watcher: Watcher = watcher or NoWatcher()
         self.requests = 0
         self.failures_in_row = 0
         self._lock = threading.Lock()
@@ -162,13 +189,20 @@ class Fetcher:
 
     def fetch_file(self, f: MirrorFile) -> int:
         """Download ``f`` into its staged name; bytes read (of the last attempt)."""
+        self.watcher.file_started(f)
+        try:
+            return self._attempts(f)
+        finally:
+            self.watcher.file_ended(f)
+
+    def _attempts(self, f: MirrorFile) -> int:
         wait_s = RETRY_WAIT_S
         for attempt in range(1, FILE_ATTEMPTS + 1):
             counted = [0]
 
             def count(n: int, counted: list[int] = counted) -> None:
                 counted[0] += n
-                self.on_bytes(n)
+                self.watcher.file_bytes(f, n)
 
             try:
                 self._download(f, count)
@@ -176,7 +210,7 @@ class Fetcher:
             except (Cancelled, StorageError):
                 raise
             except MarketError:
-                self.on_bytes(-counted[0])  # the overall progress does not count them twice
+                self.watcher.file_bytes(f, -counted[0])  # the progress counts them once
                 if attempt == FILE_ATTEMPTS:
                     raise
             if self.cancel.wait(wait_s):

@@ -1,20 +1,27 @@
 """What a mirror run tells the administrator: progress on stderr, the summary on stdout.
 
-On a terminal an overall line is redrawn in place (bytes, rate, apps in flight); otherwise one
-line per app (``mirrored``, ``unchanged``, ``FAILED``). The summary is text or ``--json``;
-after it, for a ``one`` mirror, the web-server rule, and the marketplace template to create.
+One line per app (``mirrored``, ``unchanged``, ``FAILED``) on stderr; on a terminal, below
+those lines, rich progress bars in ``one-market push``'s style (:class:`onemarket.cli.
+TransferBar`): one for the whole run (bytes, rate, time left) and one per file being
+downloaded, gone when it is done. The summary is text or ``--json``; after it, for a ``one``
+mirror, the web-server rule, and the marketplace template to create.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import Progress
+from rich.text import Text
 
 from .. import driverlog
 from ..action import Market
@@ -22,7 +29,7 @@ from ..errors import one_line
 from ..progress import human_bytes
 from ..template import write_template
 from . import one
-from .model import MirrorEntry, Plan
+from .model import MirrorEntry, MirrorFile, Plan
 
 if TYPE_CHECKING:
     from .s3target import Uploaded
@@ -32,43 +39,99 @@ STATUS_MIRRORED = "mirrored"
 STATUS_UNCHANGED = "unchanged"
 STATUS_FAILED = "failed"
 STATUS_KEPT = "kept"
+FILE_LABEL_CHARS = 40
+"""Widest name of a file's bar (the end of its path: the start is the same for many)."""
+
+
+class _Bars(Progress):
+    """rich's Progress, redrawn only when told: adding a task (a download thread starting a
+    file) would otherwise redraw at once, however many files start a second."""
+
+    def refresh(self) -> None:
+        pass
 
 
 class Reporter:
-    """One line per entry on stderr; on a terminal also an overall line redrawn in place."""
+    """One line per entry on stderr; on a terminal also the progress bars (a
+    :class:`~onemarket.mirror.fetch.Watcher`: the download threads report each file's bytes).
 
-    def __init__(self, stream: TextIO, quiet: bool, total_bytes: int, total_entries: int):
+    The threads only count (rich's Progress takes its own lock); the screen is redrawn by
+    :meth:`draw`, from the main thread, at most every ``interval_s``.
+    """
+
+    def __init__(
+        self,
+        stream: TextIO,
+        quiet: bool,
+        total_bytes: int,
+        total_entries: int,
+        out: Console | None = None,
+    ) -> None:
+        from ..cli import TransferBar, console
+
         self.stream = stream
         self.quiet = quiet
-        self.tty = stream.isatty() and not quiet
+        if out is None:
+            out = console(stderr=True)
+            if stream is not sys.stderr:
+                out.file = stream
+        self.tty = out.is_terminal and not quiet
         self.total_bytes = total_bytes
         self.total_entries = total_entries
         self.done_bytes = 0
         self.done_entries = 0
         self.started = time.monotonic()
         self._lock = threading.Lock()
-        self._drawn = False
-        self._active: dict[str, int] = {}
+        self._files: dict[str, Any] = {}
+        """Path of each file being downloaded -> its bar's task."""
+        push_bar = TransferBar("", out)  # its columns: the bars look like push's
+        self._bars = _Bars(*push_bar.progress.columns, console=out, auto_refresh=False)
+        self._overall = self._bars.add_task(self._overall_label(), total=total_bytes or None)
+        self.interval_s = push_bar.interval_s
+        self._drawn_at = 0.0
+        self._live = False
+        """Whether the bars are on screen (from the first :meth:`draw` to :meth:`close`)."""
 
-    def begin(self, entry: MirrorEntry) -> None:
+    def _overall_label(self) -> str:
+        return f"mirror {self.done_entries}/{self.total_entries} apps"
+
+    # the Watcher the fetcher reports to (download threads)
+
+    def file_started(self, f: MirrorFile) -> None:
+        if not self.tty:
+            return
+        label = f.path
+        if len(label) > FILE_LABEL_CHARS:
+            label = "..." + label[3 - FILE_LABEL_CHARS :]
+        task = self._bars.add_task(escape(one_line(label, FILE_LABEL_CHARS)), total=f.size)
         with self._lock:
-            self._active[entry.label] = self._active.get(entry.label, 0) + 1
+            self._files[f.path] = task
 
-    def end(self, entry: MirrorEntry) -> None:
-        with self._lock:
-            left = self._active.pop(entry.label, 1) - 1
-            if left > 0:
-                self._active[entry.label] = left
-
-    def add_bytes(self, n: int) -> None:
+    def file_bytes(self, f: MirrorFile, n: int) -> None:
         with self._lock:
             self.done_bytes += n
+            task = self._files.get(f.path)
+        if task is not None:
+            self._bars.update(task, advance=n)
+        if self.tty:
+            self._bars.update(self._overall, advance=n)
+
+    def file_ended(self, f: MirrorFile) -> None:
+        with self._lock:
+            task = self._files.pop(f.path, None)
+        if task is not None:
+            self._bars.remove_task(task)
+
+    # output (main thread)
 
     def line(self, text: str) -> None:
         if self.quiet:
             return
-        self._clear()
-        self.stream.write(driverlog.scrub(text) + "\n")
+        text = driverlog.scrub(text)
+        if self.tty:
+            self._bars.console.print(Text(text))
+            return
+        self.stream.write(text + "\n")
         self.stream.flush()
 
     def entry(self, status: str, entry: MirrorEntry, detail: str = "") -> None:
@@ -76,35 +139,34 @@ class Reporter:
         label = one_line(entry.label, 120)
         extra = f" ({human_bytes(entry.size_bytes)})" if status == STATUS_MIRRORED else ""
         self.line(f"{status} {label} {entry.version}{extra}{': ' + detail if detail else ''}")
+        if self.tty:
+            self._bars.update(self._overall, description=self._overall_label())
 
     def draw(self) -> None:
+        """Redraw the bars (the first call shows them), unless drawn less than
+        ``interval_s`` ago."""
         if not self.tty:
             return
-        elapsed = max(time.monotonic() - self.started, 1e-6)
-        done = max(0, self.done_bytes)
-        pct = 100 * done / self.total_bytes if self.total_bytes else 100.0
-        text = (
-            f"mirror: {self.done_entries}/{self.total_entries} apps, {human_bytes(done)} of "
-            f"{human_bytes(self.total_bytes)} ({min(pct, 100):.0f}%) at "
-            f"{human_bytes(int(done / elapsed))}/s"
-        )
-        with self._lock:
-            active = ", ".join(one_line(label, 40) for label in self._active)
-        if active:
-            text += f" - {active}"
-        width = shutil.get_terminal_size((80, 24)).columns
-        self.stream.write("\r" + text[: width - 1].ljust(width - 1))
-        self.stream.flush()
-        self._drawn = True
-
-    def _clear(self) -> None:
-        if self._drawn:
-            width = shutil.get_terminal_size((80, 24)).columns
-            self.stream.write("\r" + " " * (width - 1) + "\r")
-            self._drawn = False
+        now = time.monotonic()
+        if self._live and now - self._drawn_at < self.interval_s:
+            return
+        self._drawn_at = now
+        if self._live:
+            self._bars.live.refresh()
+        else:
+            self._bars.start()  # draws the first time
+            self._live = True
 
     def close(self) -> None:
-        self._clear()
+        """Leave the overall bar's last state on screen (files still in flight are dropped)."""
+        with self._lock:
+            tasks = list(self._files.values())
+            self._files.clear()
+        for task in tasks:
+            self._bars.remove_task(task)
+        if self._live:
+            self._bars.stop()
+            self._live = False
 
 
 @dataclass
