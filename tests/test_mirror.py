@@ -925,18 +925,19 @@ class _Screen:
 
 def _entries() -> tuple[MirrorEntry, ...]:
     one = MirrorFile("appliance/1/download/0", "http://127.0.0.1:9/1", 1000)
-    two = MirrorFile("images/" + "x" * 60 + "/[/b]disk.qcow2", "http://127.0.0.1:9/2", 3000)
+    two = MirrorFile("images/x/[red]disk.qcow2", "http://127.0.0.1:9/2", 3000)
+    meta = MirrorFile("images/x/meta.tar.xz", "http://127.0.0.1:9/3", 10)
     return (
         MirrorEntry("0", ("Old",), "0.1", (), {}),
         MirrorEntry("1", ("App One",), "1.0", (one,), {}),
-        MirrorEntry("2", ("App [b]Two",), "2.0", (two,), {}),
+        MirrorEntry("2", ("App [b]Two " + "x" * 40,), "2.0", (two, meta), {}),
     )
 
 
 def _drive(reporter: Reporter, screen: _Screen | None = None) -> list[str]:
     """What the command and the fetcher do to a Reporter; the frame drawn after each step."""
     old, first, second = _entries()
-    (one,), (two,) = first.files, second.files
+    (one,), (two, _meta) = first.files, second.files
     frames = []
 
     def step() -> None:
@@ -946,8 +947,8 @@ def _drive(reporter: Reporter, screen: _Screen | None = None) -> list[str]:
     reporter.entry(STATUS_UNCHANGED, old)
     if screen:
         screen.since()  # the line, printed before the bars are shown
-    reporter.file_started(one)
-    reporter.file_started(two)
+    reporter.file_started(first, one)
+    reporter.file_started(second, two)
     reporter.file_bytes(one, 500)
     reporter.file_bytes(two, 1000)
     step()
@@ -972,17 +973,18 @@ def test_terminal_shows_a_bar_per_file_and_one_overall() -> None:
     lines = both.splitlines()
     assert lines[0].startswith("mirror 1/3 apps") and "38%" in lines[0]
     assert "1.5/3.9 KiB" in lines[0]
-    assert lines[1].startswith("appliance/1/download/0") and "50%" in lines[1]
-    assert lines[2].startswith("...") and "/[/b]disk.qcow2" in lines[2]  # tail, not markup
-    assert len(lines[2].split()[0]) == FILE_LABEL_CHARS
+    assert lines[1].startswith("App One ") and "50%" in lines[1]
+    # an app with several files: its name cut, then the file's (shown, not taken as markup)
+    assert lines[2].startswith("App [b]Two xxx") and "33%" in lines[2]
+    assert lines[2][:FILE_LABEL_CHARS].endswith("... [red]disk.qcow2")
     assert one_left.splitlines()[0].startswith("mirror 2/3 apps")
-    assert "appliance/1" not in one_left and "disk.qcow2" in one_left
+    assert "App One" not in one_left and "App [b]Two" in one_left
     assert final.splitlines() == [final.splitlines()[0]]  # the file bars are gone
     assert final.startswith("mirror 3/3 apps") and "100%" in final
     text = _SGR_RE.sub("", screen.buffer.getvalue())
     for line in ("unchanged Old 0.1", "mirrored App One 1.0 (1000 B)"):
         assert f"{line}\n" in text
-    assert "FAILED (left out) App [b]Two 2.0: wrong checksum\n" in text
+    assert "FAILED (left out) App [b]Two xxx" in text
     assert reporter.done_bytes == 4000
 
 
@@ -992,7 +994,8 @@ def test_terminal_redraws_are_throttled() -> None:
     reporter.interval_s = 3600.0
     reporter.draw()
     assert "mirror 0/1 apps" in screen.since()
-    reporter.file_started(MirrorFile("a", "http://127.0.0.1:9/a", 10))
+    f = MirrorFile("a", "http://127.0.0.1:9/a", 10)
+    reporter.file_started(MirrorEntry("a", ("A",), "1", (f,), {}), f)
     reporter.draw()
     assert screen.since() == ""
     reporter.close()
@@ -1004,7 +1007,7 @@ def test_not_a_terminal_one_line_per_app_and_quiet_nothing() -> None:
     assert stream.getvalue() == (
         "unchanged Old 0.1\n"
         "mirrored App One 1.0 (1000 B)\n"
-        "FAILED (left out) App [b]Two 2.0: wrong checksum\n"
+        f"FAILED (left out) App [b]Two {'x' * 40} 2.0: wrong checksum\n"
     )
     quiet = io.StringIO()
     _drive(Reporter(quiet, True, 4000, 3))
@@ -1033,3 +1036,14 @@ def test_mirror_not_on_a_terminal_writes_one_line_per_app(
     lines = [line for line in err.splitlines() if not line.startswith("WARN: ")]
     assert len(lines) == len(appmarket.appliances)
     assert all(re.fullmatch(r"mirrored .+ \(\d+(\.\d)? [KMG]?i?B\)", line) for line in lines)
+
+
+def test_narrow_terminal_keeps_one_line_per_bar() -> None:
+    screen = _Screen()
+    screen.console.width = 80
+    reporter = Reporter(io.StringIO(), False, 4000, 3, out=screen.console)
+    reporter.interval_s = 0.0
+    both = _drive(reporter, screen)[0]
+    assert len(both.splitlines()) == 3, both
+    assert all(len(line) <= 80 for line in both.splitlines())
+    assert "... [red]di..." in both.splitlines()[2]  # both names cut, the file's kept

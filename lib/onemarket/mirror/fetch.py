@@ -44,7 +44,8 @@ class Watcher(Protocol):
     """What the fetcher tells of each file it downloads (the reporter's progress bars); called
     from the download threads, so implementations must be thread-safe and quick."""
 
-    def file_started(self, f: MirrorFile) -> None: ...
+    def file_started(self, entry: MirrorEntry, f: MirrorFile) -> None:
+        """``f``, a file of ``entry``, is about to be downloaded."""
 
     def file_bytes(self, f: MirrorFile, n: int) -> None:
         """``n`` bytes of ``f`` read; negative when a failed attempt's bytes are taken back."""
@@ -56,7 +57,7 @@ class Watcher(Protocol):
 class NoWatcher:
     """A :class:`Watcher` that wants to know nothing."""
 
-    def file_started(self, f: MirrorFile) -> None:
+    def file_started(self, entry: MirrorEntry, f: MirrorFile) -> None:
         pass
 
     def file_bytes(self, f: MirrorFile, n: int) -> None:
@@ -173,7 +174,7 @@ class Fetcher:
                 result.reused.append(f)
                 continue
             try:
-                result.bytes += self.fetch_file(f)
+                result.bytes += self.fetch_file(entry, f)
             except Cancelled:
                 raise
             except MarketError as exc:
@@ -187,9 +188,9 @@ class Fetcher:
             self.failures_in_row = 0
         return result
 
-    def fetch_file(self, f: MirrorFile) -> int:
+    def fetch_file(self, entry: MirrorEntry, f: MirrorFile) -> int:
         """Download ``f`` into its staged name; bytes read (of the last attempt)."""
-        self.watcher.file_started(f)
+        self.watcher.file_started(entry, f)
         try:
             return self._attempts(f)
         finally:

@@ -40,7 +40,11 @@ STATUS_UNCHANGED = "unchanged"
 STATUS_FAILED = "failed"
 STATUS_KEPT = "kept"
 FILE_LABEL_CHARS = 40
-"""Widest name of a file's bar (the end of its path: the start is the same for many)."""
+"""Widest name of a file's bar: the app's name, and the file's when the app has several."""
+OTHER_COLUMNS_CHARS = 60
+"""Terminal width the bar and the figures of a row need; the name gets the rest (up to
+FILE_LABEL_CHARS), or rich would fold the rows of a narrow terminal onto two lines."""
+MIN_LABEL_CHARS = 12
 
 
 class _Bars(Progress):
@@ -97,13 +101,16 @@ class Reporter:
 
     # the Watcher the fetcher reports to (download threads)
 
-    def file_started(self, f: MirrorFile) -> None:
+    def file_started(self, entry: MirrorEntry, f: MirrorFile) -> None:
         if not self.tty:
             return
-        label = f.path
-        if len(label) > FILE_LABEL_CHARS:
-            label = "..." + label[3 - FILE_LABEL_CHARS :]
-        task = self._bars.add_task(escape(one_line(label, FILE_LABEL_CHARS)), total=f.size)
+        width = self._bars.console.width - OTHER_COLUMNS_CHARS
+        width = max(MIN_LABEL_CHARS, min(FILE_LABEL_CHARS, width))
+        label = one_line(entry.label, width)
+        if len(entry.files) > 1:  # a simplestreams build: which of its files, always shown
+            name = one_line(f.path.rsplit("/", 1)[-1], width // 2)
+            label = one_line(entry.label, width - len(name) - 1) + " " + name
+        task = self._bars.add_task(escape(label), total=f.size)
         with self._lock:
             self._files[f.path] = task
 
