@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -361,7 +362,8 @@ class TransferBar:
     def __call__(self, event: ProgressEvent) -> None:
         if self.task is None:
             self.progress.start()
-            self.task = self.progress.add_task(self.label, total=event.total_bytes)
+            # a file name is text, not markup: '[/x]' in it must not break the bar
+            self.task = self.progress.add_task(escape(self.label), total=event.total_bytes)
         self.progress.update(self.task, completed=event.done_bytes, total=event.total_bytes)
         self.progress.refresh()
         if event.final:
@@ -412,9 +414,9 @@ class Steps:
         if not self.live:
             self.out.print(Text(f"one-market: {text}"))
         elif self.task is None:
-            self.task = self.progress.add_task(text, total=1)
+            self.task = self.progress.add_task(escape(text), total=1)
         else:
-            self.progress.update(self.task, description=text)
+            self.progress.update(self.task, description=escape(text))
 
     def done(self, text: str) -> None:
         """Close the current step with ``text``."""
