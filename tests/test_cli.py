@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from onemarket import cli
+from onemarket import cli, driverlog
 from onemarket.progress import ProgressEvent
 from onemarket.template import parse_template, write_template
 from rich.console import Console
@@ -596,10 +596,10 @@ def test_mask_credentials_in_library_lines() -> None:
         "b'AWS4-HMAC-SHA256 Credential=AKIAEXAMPLE/20260101/us-east-1/s3/aws4_request, "
         "SignedHeaders=host, Signature=0123abcd'}> https://h/b?X-Amz-Signature=beef&x=1"
     )
-    masked = cli.mask_credentials(line)
+    masked = driverlog.mask_credentials(line)
     for secret in ("AKIAEXAMPLE", "0123abcd", "beef", "AWS4-HMAC"):
         assert secret not in masked
-    assert "Signature:\n****" in cli.mask_credentials("Signature:\n0f0f0f")
+    assert "Signature:\n****" in driverlog.mask_credentials("Signature:\n0f0f0f")
     assert "x=1" in masked
 
 

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import re
 import secrets
 import signal
 import stat
@@ -136,34 +135,6 @@ def console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, markup=False, highlight=False, emoji=False, soft_wrap=True)
 
 
-_CREDENTIAL_RES = (
-    re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*b?['\"]?)[^'\",}\n]+"),
-    re.compile(r"(?i)((?:credential|signature|x-amz-signature|x-amz-credential)=)[^,&\s'\"]+"),
-    re.compile(r"(?i)(x-amz-security-token['\"]?\s*[:=]\s*b?['\"]?)[^'\",}\n]+"),
-    re.compile(r"(?im)^(signature:\s*)\S+"),
-)
-"""Where a request signature or key id shows in a library's debug line (headers, the query
-of a presigned URL, botocore's "Signature:" line)."""
-
-
-def mask_credentials(text: str) -> str:
-    for pattern in _CREDENTIAL_RES:
-        text = pattern.sub(lambda m: m.group(1) + "****", text)
-    return text
-
-
-class _NoCredentials(logging.Filter):
-    """Masks signatures and Authorization headers in any library's log record."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a malformed record: drop it rather than leak
-            return False
-        record.msg, record.args = mask_credentials(message), None
-        return True
-
-
 SIGNING_LOGGERS = ("botocore", "boto3", "s3transfer")
 """Libraries whose DEBUG lines are the request signing (canonical request, string to sign,
 headers with the signature): hundreds of lines per call, useless to an administrator."""
@@ -171,11 +142,10 @@ headers with the signature): hundreds of lines per call, useless to an administr
 
 def quiet_signing_libraries(debug: bool) -> None:
     """``--debug`` keeps our DEBUG lines and urllib3's connection lines, not boto's signing."""
+    # (every routed record is masked for signatures by driverlog's handler)
     if debug:
         for name in SIGNING_LOGGERS:
             logging.getLogger(name).setLevel(logging.INFO)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_NoCredentials())
 
 
 @contextlib.contextmanager
@@ -1121,7 +1091,7 @@ def fail(message: str, debug: bool, as_json: bool = False) -> int:
     """The one line on stderr; with ``--json`` also ``{"ok": false, "error": ...}`` on stdout,
     so a script parsing stdout always gets JSON, whatever happened."""
     if debug:
-        sys.stderr.write(mask_credentials(driverlog.scrub(traceback.format_exc())))
+        sys.stderr.write(driverlog.mask_credentials(driverlog.scrub(traceback.format_exc())))
     line = driverlog.scrub(one_line(message))
     sys.stderr.write(f"one-market: {line}\n")
     sys.stderr.flush()
