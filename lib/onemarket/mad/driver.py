@@ -27,6 +27,7 @@ from ..registry import DRIVERS, backend_class
 from ..template import parse_template
 from ..workflow import SAFE_NAME_RE, export_step, runs_nothing, with_export_result
 from .children import (
+    KILL_GRACE_S,
     MAX_RESULT_BYTES,
     STOP_SIGNALS,
     Child,
@@ -190,9 +191,9 @@ class Mad:
         self._loop = loop
         self._stop = asyncio.Event()
         self._sem = asyncio.Semaphore(self.options.concurrency)
-        for sig in STOP_SIGNALS:
-            loop.add_signal_handler(sig, self._on_signal, sig)
         self._reader = RequestReader(self._on_line, lambda: self.shutdown("oned closed its pipe"))
+        for sig in STOP_SIGNALS:  # after the reader: shutdown() closes it
+            loop.add_signal_handler(sig, self._on_signal, sig)
         stop_reading = await self._reader.attach(self._in_fd)
         await self._stop.wait()
         stop_reading()
@@ -254,14 +255,11 @@ class Mad:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def cancel(self, id_: int, reason: str, grace_s: float | None = None) -> None:
+    def cancel(self, id_: int, reason: str, grace_s: float = KILL_GRACE_S) -> None:
         for pending in self._pending.get(id_, []):
             pending.cancelled = reason
             if pending.child is not None:
-                if grace_s is None:
-                    pending.child.kill(reason)
-                else:
-                    pending.child.kill(reason, grace_s)
+                pending.child.kill(reason, grace_s)
 
     def _on_signal(self, sig: int) -> None:
         self.shutdown(f"{signal.Signals(sig).name} received")
