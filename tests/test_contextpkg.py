@@ -196,3 +196,25 @@ def test_unsupported_distribution_gets_the_stock_note(tmp_path: Path) -> None:
         note = tar.extractfile(cp.NOT_SUPPORTED_LOG)
         assert note is not None
         assert note.read() == b"archlinux-current is not supported by OpenNebula context\n"
+
+
+def test_hostile_packages_fail_in_bounded_time_and_memory() -> None:
+    # a negative ar member size moved the reader back to where it started: an endless loop
+    member = b"debian-binary   " + b"0" * 32 + b"-60".ljust(10) + b"`\n"
+    with pytest.raises(SourceError, match="malformed"):
+        cp.read_deb(b"!<arch>\n" + member + b"2.0\n")
+    # a gzip bomb: ~40 MiB of zeros would unpack to far more than any context package
+    bomb = gzip.compress(b"\0" * (cp.MAX_UNPACKED_BYTES + 1024), compresslevel=1)
+    with pytest.raises(SourceError, match="unpacks to more than"):
+        cp.read_apk(bomb)
+
+
+def test_package_names_from_a_listing_cannot_reach_the_root_shell() -> None:
+    from onemarket import contextroot
+
+    for name in ("/root/one-context$(id).deb", "/root/a b.deb", "/root/../etc/x.deb", "x.deb"):
+        with pytest.raises(SourceError, match="unsafe context package name"):
+            contextroot.commands("deb", name)
+    assert "one-context_6.10.0-1.deb" in contextroot.commands(
+        "deb", "/root/one-context_6.10.0-1.deb"
+    )

@@ -25,6 +25,7 @@ one WARN line names the dependencies that were skipped.
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import gzip
 import io
@@ -35,6 +36,7 @@ import re
 import shutil
 import subprocess
 import tarfile
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -49,6 +51,7 @@ CONTEXT_ATTR = "CONTEXT_PACKAGES"
 CONTEXT_ENV = "ONE_MARKET_CONTEXT_PACKAGES"
 GITHUB_RELEASES_API = "https://api.github.com/repos/OpenNebula/one-apps/releases/latest"
 OFF_WORDS = ("none", "no", "off", "false")
+_HEX8_RE = re.compile(rb"[0-9A-Fa-f]{8}")
 MAX_PACKAGE_BYTES = 64 << 20
 """Largest context package accepted (the real ones are about 100 KiB)."""
 MAX_LISTING_BYTES = 8 << 20
@@ -183,24 +186,64 @@ def choose(candidates: Mapping[str, str], family: Family) -> str | None:
 # Package formats -> (file members, depends)
 
 
-def _decompress(name: str, data: bytes) -> bytes:
-    if name.endswith(".xz") or name.endswith(".lzma"):
-        return lzma.decompress(data)
-    if name.endswith(".gz"):
-        return gzip.decompress(data)
-    if name.endswith(".bz2"):
-        import bz2
+MAX_UNPACKED_BYTES = 4 * MAX_PACKAGE_BYTES
+"""Most bytes one compressed member of a context package may unpack to (the real packages
+unpack to a few MB): a crafted one cannot fill memory."""
+TOOL_TIMEOUT_S = 120.0
+"""Longest run of the zstd command on one member."""
 
-        return bz2.decompress(data)
-    if name.endswith(".zst"):
-        zstd = shutil.which("zstd")
-        if zstd is None:
-            raise SourceError("the context package is zstd-compressed and zstd is not installed")
-        proc = subprocess.run([zstd, "-dc"], input=data, capture_output=True, check=False)
-        if proc.returncode != 0:
-            raise SourceError("the context package's zstd data is corrupt")
-        return proc.stdout
-    return data
+
+def _too_big() -> SourceError:
+    return SourceError(f"the context package unpacks to more than {MAX_UNPACKED_BYTES} bytes")
+
+
+def _decompress(name: str, data: bytes) -> bytes:
+    """``data`` uncompressed by its name's suffix, bounded by MAX_UNPACKED_BYTES."""
+    limit = MAX_UNPACKED_BYTES + 1
+    try:
+        if name.endswith(".xz") or name.endswith(".lzma"):
+            out = lzma.LZMADecompressor().decompress(data, max_length=limit)
+        elif name.endswith(".gz"):
+            out = _gunzip(data, limit)
+        elif name.endswith(".bz2"):
+            out = bz2.BZ2Decompressor().decompress(data, max_length=limit)
+        elif name.endswith(".zst"):
+            out = _unzstd(data, limit)
+        else:
+            return data
+    except (lzma.LZMAError, OSError, EOFError) as exc:
+        raise SourceError(f"the context package's {name} is corrupt ({exc})") from None
+    if len(out) >= limit:
+        raise _too_big()
+    return out
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    """All gzip members of ``data`` (an .apk is several), at most ``limit`` bytes."""
+    with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+        return f.read(limit)
+
+
+def _unzstd(data: bytes, limit: int) -> bytes:
+    zstd = shutil.which("zstd")
+    if zstd is None:
+        raise SourceError("the context package is zstd-compressed and zstd is not installed")
+    with tempfile.TemporaryFile() as src:
+        src.write(data)
+        src.seek(0)
+        proc = subprocess.Popen(
+            [zstd, "-dc"], stdin=src, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+        assert proc.stdout is not None
+        try:
+            out = proc.stdout.read(limit)
+        finally:
+            proc.kill()
+            proc.stdout.close()
+            code = proc.wait(TOOL_TIMEOUT_S)
+    if len(out) < limit and code not in (0, -9):
+        raise SourceError("the context package's zstd data is corrupt")
+    return out
 
 
 def _ar_members(data: bytes) -> dict[str, bytes]:
@@ -211,7 +254,10 @@ def _ar_members(data: bytes) -> dict[str, bytes]:
     while pos + 60 <= len(data):
         header = data[pos : pos + 60]
         name = header[:16].decode("ascii", "replace").strip().rstrip("/")
-        size = int(header[48:58].decode("ascii").strip() or 0)
+        field = header[48:58].decode("ascii", "replace").strip() or "0"
+        if not field.isdigit() or pos + 60 + int(field) > len(data):
+            raise SourceError("the .deb has a malformed member header")
+        size = int(field)
         pos += 60
         out[name] = data[pos : pos + size]
         pos += size + (size & 1)
@@ -248,9 +294,11 @@ def read_deb(data: bytes) -> tuple[list[tuple[tarfile.TarInfo, bytes | None]], l
 
 def read_apk(data: bytes) -> tuple[list[tuple[tarfile.TarInfo, bytes | None]], list[str]]:
     try:
-        raw = gzip.decompress(data)
+        raw = _gunzip(data, MAX_UNPACKED_BYTES + 1)
     except (OSError, EOFError) as exc:
         raise SourceError(f"not an .apk (gzip) package ({exc})") from None
+    if len(raw) > MAX_UNPACKED_BYTES:
+        raise _too_big()
     files: list[tuple[tarfile.TarInfo, bytes | None]] = []
     depends: list[str] = []
     with tarfile.open(fileobj=io.BytesIO(raw), mode="r:", ignore_zeros=True) as tar:
@@ -279,6 +327,8 @@ def read_rpm(data: bytes) -> tuple[list[tuple[tarfile.TarInfo, bytes | None]], l
         count = int.from_bytes(data[pos + 8 : pos + 12], "big")
         size = int.from_bytes(data[pos + 12 : pos + 16], "big")
         index, store = pos + 16, pos + 16 + count * 16
+        if store + size > len(data):
+            raise SourceError("the .rpm has a malformed header")
         if n == 1:
             for i in range(count):
                 tag, _type, off, cnt = (
@@ -304,7 +354,10 @@ def read_rpm(data: bytes) -> tuple[list[tuple[tarfile.TarInfo, bytes | None]], l
     files: list[tuple[tarfile.TarInfo, bytes | None]] = []
     p = 0
     while p + 110 <= len(payload) and payload[p : p + 6] in (b"070701", b"070702"):
-        fields = [int(payload[p + 6 + 8 * i : p + 14 + 8 * i], 16) for i in range(13)]
+        raw = [payload[p + 6 + 8 * i : p + 14 + 8 * i] for i in range(13)]
+        if not all(_HEX8_RE.fullmatch(f) for f in raw):
+            raise SourceError("the .rpm's cpio payload is malformed")
+        fields = [int(f, 16) for f in raw]
         mode, uid, gid, mtime, fsize, namesize = (
             fields[1],
             fields[2],

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import lzma
+import re
 import shutil
 import subprocess
 import tarfile
@@ -26,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from . import driverlog
-from .errors import one_line
+from .errors import SourceError, one_line
 
 HELPER = "sh/create_container_image.sh"
 """The helper under OpenNebula's lib folder (/usr/lib/one, or $ONE_LOCATION/lib)."""
@@ -82,9 +83,16 @@ def _heredoc_safe(text: str) -> str:
     return text.replace("\\", "\\\\").replace("$", "\\$").replace("`", "\\`")
 
 
+_SAFE_PACKAGE_PATH_RE = re.compile(r"/[A-Za-z0-9._+~-]+(?:/[A-Za-z0-9._+~-]+)*")
+"""What a package's path in the image may be: its name comes from a remote listing, and the
+commands run as root through the stock helper's (expanding) heredoc."""
+
+
 def commands(kind: str, package_in_image: str) -> str:
     """The chroot commands: DNS of the front-end, device nodes, install, clean up. No shell
     variables: the helper pastes them into an unquoted heredoc, which would expand them."""
+    if ".." in package_in_image.split("/") or not _SAFE_PACKAGE_PATH_RE.fullmatch(package_in_image):
+        raise SourceError(f"unsafe context package name {one_line(package_in_image, 80)!r}")
     try:
         dns = Path(RESOLV_CONF).read_text(encoding="utf-8", errors="replace")
     except OSError:
