@@ -485,7 +485,8 @@ class S3Backend(Backend):
         is there, with the import's verified upload: signed payloads, the MD5 of what was read
         checked against ``md5`` when given and against the server's (multipart) ETag. No key
         claim: for callers that own their keys (the mirror). S3 swaps an object only once it is
-        complete, so a failed or interrupted upload leaves the previous object. Returns the MD5.
+        complete, so an upload failed or interrupted before completion leaves the previous
+        object; one that completed but fails its check is deleted. Returns the MD5.
         """
         what = f"upload of {path} to {self.uri(key)}"
         with open_source(path, self.context.installation) as src:
@@ -641,9 +642,10 @@ class S3Backend(Backend):
                 raise ChecksumError(f"{uri}: server assembled ETag {etag}, expected {wanted}")
             self._set_metadata(key, uri, etag, up.digests)
         except BaseException:
-            # the object under the key (placeholder or completed) is deleted by the caller
             if not completed:
                 self._abort_with_inflight(key, upload_id, sender.inflight)
+            else:  # stored but not verified: never leave it (an import deletes its key again)
+                self._delete_quietly(key)
             raise
 
     def _abort_with_inflight(self, key: str, upload_id: str, inflight: list[Future[Any]]) -> None:
@@ -660,6 +662,11 @@ class S3Backend(Backend):
             self._abort(key, upload_id)
 
     def _upload_part(self, key: str, upload_id: str, number: int, body: bytearray) -> str:
+        extra: dict[str, str] = {}
+        if self.settings.signature_version == "s3":
+            # SigV2 signs no payload: the part's Content-MD5 is then what the server checks (a
+            # second MD5 pass, paid only on legacy gateways)
+            extra["ContentMD5"] = content_md5(hashlib.md5(body).hexdigest())
         answer = self.data_client.upload_part(
             Bucket=self.bucket,
             Key=key,
@@ -667,6 +674,7 @@ class S3Backend(Backend):
             PartNumber=number,
             Body=body,
             ContentLength=len(body),
+            **extra,
         )
         return _part_etag(answer, number)
 
