@@ -608,6 +608,24 @@ def test_simplestreams_mirror_publishes_as_the_source(
     assert paths == ["/streams/v1/images.json"]  # and it answered 304
 
 
+def test_simplestreams_endpoint_with_credentials_mirrors_the_same_apps(
+    lxc_source: StaticHttpServer, installation: Installation, tmp_path: Path
+) -> None:
+    # apps' LINKs carry no password: the plan matched them against ENDPOINT with it and found none
+    plain = template_file(tmp_path, "LXC", "linuxcontainers", lxc_source.url + "/")
+    with_pw = lxc_source.url.replace("http://", "http://user:s3cret@") + "/"
+    (tmp_path / "pw").mkdir()
+    secret = template_file(tmp_path / "pw", "LXC", "linuxcontainers", with_pw)
+    code, plain_summary = mirror_json(installation, str(plain), str(tmp_path / "a"))
+    assert code == 0, plain_summary
+    code, summary = mirror_json(installation, str(secret), str(tmp_path / "b"))
+    assert code == 0, summary
+    assert summary["mirrored"] and summary["mirrored"] == plain_summary["mirrored"]
+    assert "s3cret" not in json.dumps(summary)
+    for path in (tmp_path / "b").rglob("*.json"):
+        assert b"s3cret" not in path.read_bytes()
+
+
 def test_simplestreams_name_suffix_goes_after_the_release(
     lxc_source: StaticHttpServer, installation: Installation, tmp_path: Path
 ) -> None:

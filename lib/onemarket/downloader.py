@@ -484,9 +484,14 @@ def download_lxd(opts: Options, environ: dict[str, str] | os._Environ[str]) -> N
             adapter.max_retries.total = 0  # type: ignore[attr-defined]
     timeouts = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
     try:
-        fetcher = CachedFetcher(session, installation.cache_dir)
+        # the same catalog as the monitor's, read within the monitor's bounds
+        from .catalogs.linuxcontainers import MAX_CATALOG_BYTES, MAX_JSON_VALUES
+
+        fetcher = CachedFetcher(session, installation.cache_dir, max_body_bytes=MAX_CATALOG_BYTES)
         rootfs = lxdsource.locate(
-            src, lambda url: fetch_json(fetcher, url)[0], lxdsource.market_endpoint(attrs)
+            src,
+            lambda url: fetch_json(fetcher, url, max_values=MAX_JSON_VALUES)[0],
+            lxdsource.market_endpoint(attrs),
         )
         what = f"container {rootfs.distro} {rootfs.release} {rootfs.variant} ({rootfs.serial})"
         workdir = lxd_workdir(opts.dest, environ)

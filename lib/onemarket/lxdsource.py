@@ -57,6 +57,7 @@ class LxdSource:
         if not source.startswith(SCHEME):
             raise ConfigError(f"{one_line(source, 200)!r} is not an lxd:// source")
         url, _, query = source[len(SCHEME) :].partition("?")
+        driverlog.redact_url(url)  # ENDPOINT's user:password@ stays in SOURCE only, never logged
         if not re.fullmatch(r"https?://[^\s?#]+", url):
             raise ConfigError(f"lxd:// source {one_line(source, 200)!r} has no http(s) URL")
         args = dict(parse_qsl(query, keep_blank_values=False))

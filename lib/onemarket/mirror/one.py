@@ -125,7 +125,11 @@ def plan(
         market.attr(one.FILTER_ARCHITECTURES), market.attr(one.FILTER_HYPERVISORS)
     )
     url = f"{base_url}/appliance"
-    doc, from_cache = fetch_json(CachedFetcher(session, installation.cache_dir), url)
+    # the monitor's own bounds: a hostile catalog costs the mirror no more than the driver
+    fetcher = CachedFetcher(
+        session, installation.cache_dir, max_body_bytes=one.CATALOG_MAX_BODY_BYTES
+    )
+    doc, from_cache = fetch_json(fetcher, url, max_values=one.CATALOG_MAX_JSON_VALUES)
     appliances = one.appliance_list(doc, url)
     rules = one.StockRules.of(installation.release_line())  # the installed release's driver
     apps, _skipped, _filtered = one.build_apps(appliances, base_url, flt, rules)

@@ -119,7 +119,9 @@ def plan(
     opts = lxc.LxcOptions.from_market(market, installation.release_line())
     cache_dir = installation.cache_dir
     url = opts.catalog_url
-    catalog, from_cache = fetch_json(CachedFetcher(session, cache_dir), url)
+    # the monitor's own bounds: a hostile catalog costs the mirror no more than the driver
+    fetcher = CachedFetcher(session, cache_dir, max_body_bytes=lxc.MAX_CATALOG_BYTES)
+    catalog, from_cache = fetch_json(fetcher, url, max_values=lxc.MAX_JSON_VALUES)
     builds = lxc.select_builds(catalog, opts, url)
     products = catalog["products"]  # type: ignore[index]
     sizes: dict[str, int] = {}
@@ -136,7 +138,7 @@ def plan(
     for build in builds:
         picked = []
         for item in (build.rootfs, build.disk):
-            app = by_link.get(opts.endpoint + item.path) if item is not None else None
+            app = by_link.get(opts.public_endpoint + item.path) if item is not None else None
             if app is not None and selection.picks(app.name):
                 picked.append((item, app))
         if not picked:
@@ -190,7 +192,7 @@ def _ss_entry(
     names = tuple(app.name for _item, app in picked)
     if suffix:  # the names the driver will give the renamed product
         renamed = dataclasses.replace(build, release=build.release + suffix)
-        links = {opts.endpoint + item.path for item, _app in picked}
+        links = {opts.public_endpoint + item.path for item, _app in picked}
         names = tuple(
             app.name for app in lxc.build_apps(opts, [renamed], sizes) if app.link in links
         )
