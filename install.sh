@@ -107,7 +107,6 @@ if [ -n "$PYTHON" ]; then
   PY=$(command -v "$PYTHON")
   # absolute, but not through symlinks: a venv's python is a link that must stay one
   PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")
-  "$PY" -c "import onemarket" 2>/dev/null || die "$PY cannot import onemarket (pip install -e $SRC)"
 else
   command -v python3 >/dev/null || die "python3 is required (apt-get install python3 python3-venv)"
   python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
@@ -124,8 +123,8 @@ else
 fi
 # the library's folder, which the MAD launcher checks before it starts Python (a removed venv
 # then answers oned's INIT with a reason instead of a silent exit)
-PKG_DIR=$("$PY" -I -c 'import os, onemarket; print(os.path.dirname(onemarket.__file__))') \
-  || die "$PY cannot import onemarket"
+PKG_DIR=$("$PY" -I -c 'import os, onemarket; print(os.path.dirname(onemarket.__file__))' 2>/dev/null) \
+  || die "$PY cannot import onemarket (with -P: pip install -e $SRC into it first)"
 
 # --- files --------------------------------------------------------------------------------
 # install_file SRC DEST MODE: keep a foreign original as DEST.orig once, then write ours with
