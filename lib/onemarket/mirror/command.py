@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..action import Market
 from ..catalogs.linuxcontainers import LinuxContainersCatalog
+from ..catalogs.opennebula import OpenNebulaCatalog
 from ..catalogs.opennebula import user_agent as one_user_agent
 from ..errors import ConfigError, one_line
 from ..installation import Installation
@@ -145,12 +146,13 @@ def resolve_dest(
 
 
 def user_agent_for(market: Market, installation: Installation, version: str | None) -> str:
-    if market.driver == "one":
-        return one_user_agent(version or installation.one_version())
+    """The driver's own User-Agent (the `one` server picks its list by it), or --one-version's."""
+    if version:
+        return one_user_agent(version)
     from ..backends.base import Context
 
-    agent = LinuxContainersCatalog(market, Context(installation)).user_agent()
-    return f"OpenNebula {version} (Market Driver)" if version else agent
+    reader = OpenNebulaCatalog if market.driver == "one" else LinuxContainersCatalog
+    return reader(market, Context(installation)).user_agent()
 
 
 def run(args: argparse.Namespace, installation: Installation) -> int:
