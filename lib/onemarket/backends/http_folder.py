@@ -318,6 +318,9 @@ class HttpFolderBackend(Backend):
         try:
             run_remote(host, script, timeout_s=CHECK_SSH_TIMEOUT_S)
         except RemoteError as exc:  # ssh itself: connection, login, time limit
+            # a time limit may come after the printf wrote the (publicly served) probe
+            with contextlib.suppress(MarketError):
+                run_remote(host, f"rm -f -- {q}/{name}", timeout_s=CHECK_SSH_TIMEOUT_S)
             yield Check(f"ssh {host}", False, f"ssh failed ({exc})")
             return
         except StorageError as exc:  # the script's exit status
