@@ -403,10 +403,10 @@ def test_delete_removes_the_file_and_tolerates_a_missing_one(
 ) -> None:
     b = backend(attrs)
     result = do_import(b, str(image))
-    b.delete_app(App(id=7, name="a", source=result.source))
+    assert b.delete_app(App(id=7, name="a", source=result.source)) is True
     assert listing(nginx.public_dir) == {}
     assert requests.get(result.source, timeout=10).status_code == 404
-    b.delete_app(App(id=7, name="a", source=result.source))
+    assert b.delete_app(App(id=7, name="a", source=result.source)) is False
     assert "WARN:" in capsys.readouterr().err
 
 
@@ -525,9 +525,9 @@ def test_bridge_import_delete_monitor(
     mon = b.monitor()
     st = os.statvfs(nginx.public_dir)
     assert mon.total_mb == st.f_blocks * st.f_frsize // MIB
-    b.delete_app(App(id=8, name="a", source=result.source))
+    assert b.delete_app(App(id=8, name="a", source=result.source)) is True
     assert listing(nginx.public_dir) == {}
-    b.delete_app(App(id=8, name="a", source=result.source))  # missing: WARN, success
+    assert b.delete_app(App(id=8, name="a", source=result.source)) is False  # WARN, success
 
 
 def test_bridge_host_is_chosen_by_app_id(

@@ -560,9 +560,9 @@ def test_delete(rgw: CephRgw, s3, bucket: str, tmp_path: Path, capsys) -> None:
     write_random(image, 1000)
     backend = make_backend(market_attrs(rgw, bucket), tmp_path)
     result = do_import(backend, str(image))
-    backend.delete_app(App(id=7, name="a", source=result.source))
+    assert backend.delete_app(App(id=7, name="a", source=result.source)) is True
     assert not object_exists(s3, bucket, "marketapp-7")
-    backend.delete_app(App(id=7, name="a", source=result.source))
+    assert backend.delete_app(App(id=7, name="a", source=result.source)) is False
     assert f"WARN: s3://{bucket}/marketapp-7 does not exist" in capsys.readouterr().err
 
 

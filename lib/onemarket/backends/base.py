@@ -162,7 +162,9 @@ class Backend(ABC):
             f"marketplace driver '{self.driver}' is a public catalog: apps cannot be imported"
         )
 
-    def delete_app(self, app: App) -> None:
+    def delete_app(self, app: App) -> bool:
+        """Delete the app's file or object: True when deleted, False when it was not there
+        (oned's DELETE of a missing SOURCE succeeds; ``one-market rm`` makes it an error)."""
         raise NotSupportedError(
             f"marketplace driver '{self.driver}' is a public catalog: apps cannot be deleted"
         )

@@ -190,19 +190,18 @@ class HttpFolderBackend(Backend):
 
     # delete -----------------------------------------------------------------------------
 
-    def delete_app(self, app: App) -> None:
+    def delete_app(self, app: App) -> bool:
         cfg = self.config
         if not app.source.strip():
             driverlog.warn(f"app {app.id} has no SOURCE (its import failed?): nothing to delete")
-            return
+            return False
         rel = HttpLocation.parse(app.source, cfg.base_url).path
         if cfg.bridge_list:
             hosts = available_hosts(cfg.bridge_list)
-            self._delete_remote(host_for_app(hosts, app.id), rel)
-        else:
-            self._delete_local(rel)
+            return self._delete_remote(host_for_app(hosts, app.id), rel)
+        return self._delete_local(rel)
 
-    def _delete_local(self, rel: PurePosixPath) -> None:
+    def _delete_local(self, rel: PurePosixPath) -> bool:
         folder = self._check_local_folder(writable=True)
         root = os.path.realpath(folder)
         path = os.path.join(root, *rel.parts)
@@ -213,7 +212,7 @@ class HttpFolderBackend(Backend):
             st = os.lstat(path)
         except FileNotFoundError:
             driverlog.warn(f"{rel} is not in PUBLIC_DIR {folder}: nothing to delete")
-            return
+            return False
         except OSError as exc:
             raise from_os_error(exc, f"cannot delete {rel} from {folder}") from None
         if stat.S_ISLNK(st.st_mode) and not _inside(os.path.realpath(path), root):
@@ -224,10 +223,12 @@ class HttpFolderBackend(Backend):
             os.unlink(path)
         except FileNotFoundError:
             driverlog.warn(f"{rel} vanished from PUBLIC_DIR {folder} before deletion")
+            return False
         except OSError as exc:
             raise from_os_error(exc, f"cannot delete {rel} from {folder}") from None
+        return True
 
-    def _delete_remote(self, host: str, rel: PurePosixPath) -> None:
+    def _delete_remote(self, host: str, rel: PurePosixPath) -> bool:
         folder = str(self.config.public_dir)
         script = _DELETE_SCRIPT.format(
             dir=shlex.quote(folder),
@@ -243,7 +244,7 @@ class HttpFolderBackend(Backend):
             code = _exit_code(exc)
             if code == EXIT_MISSING:
                 driverlog.warn(f"{rel} is not in {host}:{folder}: nothing to delete")
-                return
+                return False
             if code == EXIT_OUTSIDE:
                 raise UnsafePathError(
                     f"{rel} on {host} resolves outside PUBLIC_DIR {folder}: refused"
@@ -253,6 +254,7 @@ class HttpFolderBackend(Backend):
             if code == EXIT_NO_FOLDER:
                 raise StorageError(f"PUBLIC_DIR {folder} does not exist on {host}") from None
             raise
+        return True
 
     # check ------------------------------------------------------------------------------
 

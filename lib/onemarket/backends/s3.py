@@ -836,7 +836,7 @@ class S3Backend(Backend):
 
     # ---- delete ------------------------------------------------------------------------------
 
-    def delete_app(self, app: App) -> None:
+    def delete_app(self, app: App) -> bool:
         source = app.source.strip()
         try:
             loc = S3Location.parse(source)
@@ -859,13 +859,14 @@ class S3Backend(Backend):
         except Exception as exc:  # noqa: BLE001 - mapped below
             if is_missing(exc):
                 driverlog.warn(f"{uri} does not exist: nothing to delete")
-                return
+                return False
             raise self._error(exc, f"delete of {uri}") from None
         try:
             self.client.delete_object(Bucket=self.bucket, Key=key)
         except Exception as exc:  # noqa: BLE001 - mapped below
             raise self._error(exc, f"delete of {uri}") from None
         driverlog.info(f"deleted {uri}")
+        return True
 
     # ---- monitor -----------------------------------------------------------------------------
 

@@ -11,6 +11,9 @@ ZERO_BLOCK_BYTES = 1 << 20
 """Size of the shared all-zero buffer used to hash holes (1 MiB, allocated once per process)."""
 _ZEROS = memoryview(bytes(ZERO_BLOCK_BYTES))
 
+Expected = str | Callable[[], str]
+"""An MD5 to check against: known ("" for none), or asked for once the bytes are all read."""
+
 
 class Digests:
     """MD5 (what oned stores and checks) and, when asked for, SHA-256 of a stream.
@@ -58,9 +61,10 @@ class Digests:
         """Hex SHA-256, or "" when it was not asked for."""
         return self._sha256.hexdigest() if self._sha256 is not None else ""
 
-    def verify_md5(self, expected: str, what: str) -> None:
-        """Fail when the export announced an MD5 and the bytes seen do not match it."""
-        expected = expected.strip().lower()
+    def verify_md5(self, expected: Expected, what: str) -> None:
+        """Fail when the export announced an MD5 and the bytes seen do not match it; a
+        callable is asked only now (the MAD's overlapped import: the export may still run)."""
+        expected = (expected() if callable(expected) else expected).strip().lower()
         if expected and expected != self.md5:
             raise ChecksumError(
                 f"{what}: MD5 mismatch (export announced {expected}, read {self.md5})"
