@@ -1011,6 +1011,17 @@ def test_rm_of_a_missing_source_is_an_error(capfd, http_market: str, nginx: Ngin
     assert out == ""
     line = one_line_error(err)
     assert "does not exist, nothing deleted" in line and "deleted app" not in line
+    assert "is not in PUBLIC_DIR" in line  # the backend's WARN, as the detail of the one line
+
+
+def test_rm_of_a_missing_source_follows_the_backend_answer(
+    capfd, http_market: str, nginx: Nginx, monkeypatch
+) -> None:
+    """The backend's False decides, not the words of its WARN line (here it says nothing)."""
+    monkeypatch.setattr(driverlog, "warn", lambda message: None)
+    code, out, err = run(capfd, "rm", http_market, nginx.base_url + "/app-5-0123456789abcdef")
+    assert code == 1 and out == ""
+    assert one_line_error(err).endswith("/app-5-0123456789abcdef does not exist, nothing deleted")
 
 
 def test_rm_with_oned_unreachable_needs_force(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -687,46 +688,35 @@ def market_json(market: Market) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- rm
 
-NOTHING_TO_DELETE = "nothing to delete"
-"""Words of the backends' WARN line for a SOURCE that is not there (oned's DELETE of a missing
-file must succeed, so the backends warn instead of failing; the command turns it into an error)."""
-
 
 class _MissingSource(StorageError):
     """The SOURCE named on the command line does not exist in the marketplace."""
 
 
-class _WarnWatch:
-    """A line stream for :data:`driverlog.stream` that holds back the backend's
-    "nothing to delete" WARN line (it becomes the failure) and passes on every other line."""
-
-    def __init__(self) -> None:
-        self.missing: list[str] = []
-
-    def write(self, text: str) -> int:
-        for line in text.splitlines(keepends=True):
-            if line.startswith("WARN: ") and NOTHING_TO_DELETE in line:
-                self.missing.append(line[len("WARN: ") :].strip())
-            else:
-                sys.stderr.write(line)
-        return len(text)
-
-    def flush(self) -> None:
-        sys.stderr.flush()
-
-
 def delete_file(market: Market, source: str, app_id: int) -> None:
-    """Delete SOURCE with the market's backend; a SOURCE that is not there is an error."""
+    """Delete SOURCE with the market's backend; a SOURCE that is not there is an error.
+
+    The backend's lines are held until it answers: when it deleted nothing (oned's DELETE of a
+    missing file succeeds, so the backend only warns), what it said (where it looked) becomes
+    the detail of the one error line instead of a second line.
+    """
     backend = load_backend(market.driver, market, context())
-    watch = _WarnWatch()
-    saved, driverlog.stream = driverlog.stream, watch  # type: ignore[assignment]
+    held = io.StringIO()
+    deleted: bool | None = None
+    saved, driverlog.stream = driverlog.stream, held
     try:
         with stdout_to_stderr():
-            backend.delete_app(App(id=app_id, name="", source=source, type=APP_TYPE_IMAGE))
+            app = App(id=app_id, name="", source=source, type=APP_TYPE_IMAGE)
+            deleted = backend.delete_app(app)
     finally:
         driverlog.stream = saved
-    if watch.missing:
-        raise _MissingSource(f"{source} does not exist, nothing deleted ({watch.missing[0]})")
+        if deleted is not False:  # deleted, or failed: its lines go out as they are
+            sys.stderr.write(held.getvalue())
+    if deleted:
+        return
+    said = "; ".join(line.partition(": ")[2] for line in held.getvalue().splitlines())
+    detail = f" ({said})" if said else ""
+    raise _MissingSource(f"{source} does not exist, nothing deleted{detail}")
 
 
 def oned_apps_of(source: str, market: Market, force: bool) -> tuple[Any, list[OnedApp]]:
