@@ -192,14 +192,6 @@ def installation() -> Installation:
     return CliInstallation(base.one_location, base.remotes, base.var_dir, base.mads_dir)
 
 
-def load(ref: str) -> Market:
-    """The marketplace MARKET names; its S3 access key id is masked in every line from now on
-    (with the secret, it is what a leaked debug line would give away)."""
-    market = load_market(ref)
-    driverlog.redact(market.attrs.get("ACCESS_KEY_ID", "").strip())
-    return market
-
-
 def context(progress: Any = None) -> Context:
     return Context(installation=installation(), progress=progress)
 
@@ -785,7 +777,7 @@ def rm(args: argparse.Namespace, market: Market, source: str) -> dict[str, Any]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    market = load(args.market)
+    market = load_market(args.market)
     checker = Checker(market, context(), echo=not args.json)
     if not args.json:
         print(f"marketplace '{printable(market.name)}' (MARKET_MAD={market.driver})", flush=True)
@@ -805,7 +797,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_apps(args: argparse.Namespace) -> int:
-    market = load(args.market)
+    market = load_market(args.market)
     backend = load_backend(market.driver, market, context())
     with stdout_to_stderr():
         result = backend.monitor()
@@ -822,7 +814,7 @@ def cmd_apps(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    market = load(args.market)
+    market = load_market(args.market)
     if isinstance(market, OnedMarket):
         return push_through_oned(args, market)
     if args.datastore is not None or args.delete_image:
@@ -895,7 +887,7 @@ def push_through_oned(args: argparse.Namespace, market: OnedMarket) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    market = load(args.market)
+    market = load_market(args.market)
     source = args.source.strip()
     if not source:
         raise ConfigError("no SOURCE given")

@@ -2,7 +2,8 @@
 
 A template file holds what ``onemarket create`` would get: ``NAME``, ``MARKET_MAD`` and the
 driver attributes, in OpenNebula template syntax (read with the strict reader). ``ID`` may be
-given; otherwise the market gets id -1, which no oned market has.
+given; otherwise the market gets id -1, which no oned market has. Credentials are masked by
+the code that reads them (``s3config``), before any request or message.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import driverlog, oneclient
+from . import oneclient
 from .action import Market
 from .backends.attributes import missing
 from .errors import ConfigError, TemplateError
@@ -22,9 +23,6 @@ MAX_TEMPLATE_BYTES = 1024 * 1024
 
 PUBLIC_DRIVERS = frozenset({"one", "linuxcontainers"})
 """Drivers that only monitor a public catalog (no import, no delete)."""
-
-SECRET_ATTRS = ("SECRET_ACCESS_KEY",)
-"""Attributes whose values are masked in every message."""
 
 
 def looks_like_path(ref: str) -> bool:
@@ -39,8 +37,6 @@ def market_from_template(text: str | bytes, what: str, default_name: str = "") -
     except TemplateError as exc:
         raise ConfigError(f"{what}: {exc}") from None
     attrs = template.as_dict()
-    for name in SECRET_ATTRS:
-        driverlog.redact(attrs.get(name))
     driver = attrs.get("MARKET_MAD", "").strip()
     if not driver:
         raise ConfigError(f"{what}: MARKET_MAD is missing (http, s3, one or linuxcontainers)")
@@ -76,10 +72,7 @@ def market_from_oned(ref: str, timeout_s: float = oneclient.CONNECT_TIMEOUT_S) -
             f"'{ref}' is not a template file, and oned is not configured to look it up "
             f"(no usable credentials in {where}; set ONE_AUTH and ONE_XMLRPC)"
         )
-    market = oneclient.find_market(server, ref)
-    for name in SECRET_ATTRS:
-        driverlog.redact(market.attrs.get(name))
-    return market
+    return oneclient.find_market(server, ref)
 
 
 def load_market(ref: str, timeout_s: float = oneclient.CONNECT_TIMEOUT_S) -> Market:

@@ -4,8 +4,9 @@ Shared by the s3 marketplace backend and the s3:// datastore downloader, so both
 attributes (section 6 of the protocol notes) the same way:
 
 - ``ACCESS_KEY_ID``, ``SECRET_ACCESS_KEY``, ``REGION`` are required (``BUCKET`` is checked by
-  the callers that need it); the secret is registered with :func:`driverlog.redact` before any
-  request is made, so no log line (boto3's debug output included) can show it.
+  the callers that need it); the key id and the secret are registered with
+  :func:`driverlog.redact` before any request is made, so no log line (boto3's debug output
+  included) of an action, the downloader, ``one-market`` or a mirror can show them.
 - ``ENDPOINT`` names an S3-compatible service (Ceph RGW, MinIO...); without it, AWS.
 - ``AWS=no`` (or an ENDPOINT outside amazonaws.com) marks a non-AWS service: request checksums
   and response validation are then only done when an operation requires them, because recent
@@ -65,6 +66,10 @@ METADATA_IMPORTING = "onemarket-importing"
 """Metadata key marking the empty placeholder an import stores to claim its key (deleted, or
 replaced by the image, when the import ends)."""
 
+SECRET_ATTRS = ("ACCESS_KEY_ID", "SECRET_ACCESS_KEY")
+"""Attributes masked in every message: the secret, and the key id naming the account it
+belongs to (with the secret, what a leaked debug line would give away)."""
+
 SIGNATURE_VERSIONS = {"v4": "s3v4", "s3v4": "s3v4", "s3": "s3", "v2": "s3"}
 _AWS_HOST_RE = re.compile(r"(^|\.)amazonaws\.com(\.cn)?$", re.IGNORECASE)
 
@@ -90,7 +95,7 @@ def _bucket(text: str) -> str:
 
 
 ATTRIBUTES = (
-    Attr("ACCESS_KEY_ID", "access key id", required=True),
+    Attr("ACCESS_KEY_ID", "access key id (masked in every message)", required=True),
     Attr("SECRET_ACCESS_KEY", "secret access key (masked in every message)", required=True),
     Attr("REGION", "region", required=True),
     Attr("BUCKET", "bucket (created when missing)", required=True, parse=_bucket),
@@ -126,7 +131,8 @@ class S3Settings:
 
     @classmethod
     def from_market(cls, market: Market, need_bucket: bool = True) -> S3Settings:
-        driverlog.redact(market.attr("SECRET_ACCESS_KEY"))
+        for name in SECRET_ATTRS:  # before anything can fail and say why
+            driverlog.redact(market.attrs.get(name, "").strip())
         table = [a if need_bucket or a.name != "BUCKET" else replace(a, required=False)
                  for a in ATTRIBUTES]  # fmt: skip
         v = read(market, table)
