@@ -57,7 +57,7 @@ from .transfer.sinks import FileSink, Sink, StdoutSink, umask
 from .transfer.sources import (
     RESUME_ATTEMPTS,
     FileSource,
-    HttpRange,
+    HttpSource,
     ResumingReader,
     S3Range,
     Source,
@@ -498,12 +498,14 @@ def download_lxd(opts: Options, environ: dict[str, str] | os._Environ[str]) -> N
         try:
             tarball = workdir / f"rootfs.{lxdsource.rootfs_suffix(rootfs.path)}"
             driverlog.info(f"{what}: downloading {rootfs.url} ({rootfs.size} bytes)")
+            first = HttpSource(rootfs.url, session, size=rootfs.size, timeouts=timeouts)
             reader = ResumingReader(
-                HttpRange(session, rootfs.url, timeouts, rootfs.size),
+                first.open_at,
                 rootfs.size,
                 f"download of {rootfs.url}",
                 attempts=0 if opts.noretry else RESUME_ATTEMPTS,
                 resumable=http_stream_errors(),
+                body=first.body,
             )
             progress = Progress(rootfs.size, log_progress(f"{what}: download"))
             try:

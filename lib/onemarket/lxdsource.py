@@ -179,7 +179,7 @@ def locate(
 
 
 # --------------------------------------------------------------------------------------------
-# Download (the reader: transfer.sources.ResumingReader over an HttpRange)
+# Download (the reader: transfer.sources.ResumingReader over an HttpSource)
 
 
 def save_verified(reader: Any, rootfs: Rootfs, out: BinaryIO, progress: Any = None) -> None:

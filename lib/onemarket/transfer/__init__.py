@@ -3,7 +3,8 @@
 - **Source** (:class:`sources.Source`): ``read(n) -> bytes`` (``b""`` at the end), with
   ``description`` and ``size_bytes``. A local file, ssh, http, the stock downloader
   (:func:`sources.open_source`), a ranged GET resumed after a dropped connection
-  (:class:`sources.ResumingReader` over :class:`sources.HttpRange` or :class:`sources.S3Range`).
+  (:class:`sources.ResumingReader` over :meth:`sources.HttpSource.open_at` or
+  :class:`sources.S3Range`).
 - **Stage**: a step the bytes pass through on the way. Checksums (:class:`hashing.Digests`
   for imports, :class:`hashing.Verifier` against announced values), decompression, rate limit
   and format sniffing (:mod:`stages`).

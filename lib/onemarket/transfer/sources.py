@@ -151,41 +151,6 @@ class ProcessSource:
         self._err.close()
 
 
-class HttpSource:
-    def __init__(self, url: str, session: requests.Session | None = None) -> None:
-        import requests  # only http sources pay for importing it
-
-        self.description = url
-        self._session = session or requests.Session()
-        try:
-            # Identity: the image's own bytes (what its MD5 covers), never a compressed form.
-            self._resp = self._session.get(
-                url,
-                stream=True,
-                timeout=(HTTP_CONNECT_TIMEOUT_S, HTTP_READ_TIMEOUT_S),
-                headers={"Accept-Encoding": "identity"},
-            )
-        except requests.RequestException as exc:
-            raise SourceError(f"cannot download {url}: {type(exc).__name__}") from None
-        if self._resp.status_code != 200:
-            self._resp.close()
-            raise SourceError(f"cannot download {url}: HTTP {self._resp.status_code}")
-        length = self._resp.headers.get("Content-Length")
-        encoded = self._resp.headers.get("Content-Encoding", "identity") != "identity"
-        self.size_bytes = int(length) if length and length.isdigit() and not encoded else None
-        self._decode = encoded
-        self._raw = self._resp.raw
-
-    def read(self, n: int = CHUNK_BYTES) -> bytes:
-        try:
-            return self._raw.read(n, decode_content=self._decode)
-        except Exception as exc:  # noqa: BLE001 - urllib3 raises many types for a dropped link
-            raise SourceError(f"download of {self.description} failed: {exc}") from None
-
-    def close(self) -> None:
-        self._resp.close()
-
-
 def parse_ssh_source(source: str) -> tuple[str, str]:
     """``ssh://host:/path`` (or ``ssh://host/path``) -> (host, path)."""
     rest = source[len("ssh://") :]
@@ -285,9 +250,10 @@ def s3_stream_errors() -> tuple[type[BaseException], ...]:
 class ResumingReader:
     """A :class:`Source` of ``size`` bytes; a broken connection is resumed at the offset reached.
 
-    ``open_at(offset)`` starts a GET of the bytes from ``offset`` to the end (:class:`HttpRange`,
-    :class:`S3Range`); ``body``, when given, is a first answer's body (from offset 0). A body that
-    ends before ``size`` bytes counts as broken too. At most ``attempts`` resumes are made.
+    ``open_at(offset)`` starts a GET of the bytes from ``offset`` to the end
+    (:meth:`HttpSource.open_at`, :class:`S3Range`); ``body``, when given, is a first answer's
+    body (from offset 0). A body that ends before ``size`` bytes counts as broken too. At most
+    ``attempts`` resumes are made.
     """
 
     def __init__(
@@ -350,20 +316,45 @@ class ResumingReader:
                 body.close()
 
 
-class HttpRange:
-    """``open_at(offset)`` for :class:`ResumingReader`: ranged GETs pinned to the first answer's
-    ETag/Last-Modified, refusing an answer that does not start at the byte asked."""
+class HttpSource:
+    """An http(s) file: a :class:`Source` from its first byte, and ``open_at(offset)`` for
+    :class:`ResumingReader` (ranged GETs pinned to the first answer's ETag/Last-Modified,
+    refusing an answer that does not start at the byte asked).
+
+    The first GET is made here. The bytes asked for are the file's own (``Accept-Encoding:
+    identity``: what its checksum covers); a server that encodes them anyway is decoded, and the
+    size is then unknown. ``size``, when known (a catalog's), is checked against each answer.
+    A failed request is a SourceError (the bytes cannot be read), a wrong size a ChecksumError.
+    """
 
     def __init__(
-        self, session: Any, url: str, timeouts: tuple[float, float], size: int | None = None
+        self,
+        url: str,
+        session: requests.Session | None = None,
+        *,
+        size: int | None = None,
+        timeouts: tuple[float, float] = (HTTP_CONNECT_TIMEOUT_S, HTTP_READ_TIMEOUT_S),
     ) -> None:
-        self.session = session
-        self.url = url
+        import requests  # only http sources pay for importing it
+
+        self.url = self.description = url
+        self.session = session or requests.Session()
         self.size = size
         self.timeouts = timeouts
         self.validator = ""
+        self.body = self.open_at(0)
+        self.size_bytes = self.body.size_bytes
 
-    def __call__(self, offset: int) -> Body:
+    def read(self, n: int = CHUNK_BYTES) -> bytes:
+        try:
+            return self.body.read(n)
+        except Exception as exc:  # noqa: BLE001 - urllib3 raises many types for a dropped link
+            raise SourceError(f"download of {self.description} failed: {exc}") from None
+
+    def close(self) -> None:
+        self.body.close()
+
+    def open_at(self, offset: int) -> HttpBody:
         import requests
 
         from ..web import describe_request_error
@@ -376,7 +367,7 @@ class HttpRange:
         try:
             resp = self.session.get(self.url, headers=headers, stream=True, timeout=self.timeouts)
         except requests.RequestException as exc:
-            raise RemoteError(f"cannot fetch {self.url}: {describe_request_error(exc)}") from None
+            raise SourceError(f"cannot fetch {self.url}: {describe_request_error(exc)}") from None
         expected = 206 if offset else 200
         if resp.status_code != expected:
             resp.close()
@@ -388,33 +379,37 @@ class HttpRange:
                     "size the catalog gives (truncated)"
                 )
             if offset and resp.status_code == 200:
-                raise RemoteError(
+                raise SourceError(
                     f"{self.url}: the server ignored the range asked to resume at byte {offset}"
                 )
-            raise RemoteError(f"{self.url} answered HTTP {resp.status_code} {resp.reason or ''}")
+            raise SourceError(f"{self.url} answered HTTP {resp.status_code} {resp.reason or ''}")
         if offset and not resp.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
             resp.close()
-            raise RemoteError(f"{self.url}: resume answer does not start at byte {offset}")
+            raise SourceError(f"{self.url}: resume answer does not start at byte {offset}")
         if not offset:
             self.validator = resp.headers.get("ETag", "") or resp.headers.get("Last-Modified", "")
-        length = resp.headers.get("Content-Length", "")
-        if self.size is not None and length.isdigit() and int(length) != self.size - offset:
-            resp.close()
+        body = HttpBody(resp)
+        if self.size is not None and body.size_bytes not in (None, self.size - offset):
+            body.close()
             raise ChecksumError(
-                f"{self.url}: the server's file is {offset + int(length)} bytes, the catalog "
-                f"says {self.size} (truncated or replaced)"
+                f"{self.url}: the server's file is {offset + (body.size_bytes or 0)} bytes, the "
+                f"catalog says {self.size} (truncated or replaced)"
             )
-        return _RawBody(resp)
+        return body
 
 
-class _RawBody:
-    """A streamed response's raw bytes (no content decoding: the checksum is of the file)."""
+class HttpBody:
+    """A streamed answer's bytes, decoded only when the server encoded them despite
+    ``identity``; ``size_bytes`` from Content-Length, None when absent or encoded."""
 
-    def __init__(self, resp: Any) -> None:
+    def __init__(self, resp: requests.Response) -> None:
         self._resp = resp
+        length = resp.headers.get("Content-Length", "")
+        self._decode = resp.headers.get("Content-Encoding", "identity") != "identity"
+        self.size_bytes = int(length) if length.isdigit() and not self._decode else None
 
     def read(self, n: int) -> bytes:
-        return self._resp.raw.read(n, decode_content=False)
+        return self._resp.raw.read(n, decode_content=self._decode)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
