@@ -11,8 +11,8 @@
 - **Sink** (:class:`sinks.Sink`): ``write(data)``, ``commit()``, ``abort()``, like
   simplestreams' three-method object store. :class:`local.AtomicFile` is the local atomic sink,
   and the only writer of a published file (:func:`local.atomic_file` for a block);
-  :mod:`sinks` adds stdout and the downloader's path rules; :mod:`remote` writes atomically on
-  a bridge host; the s3 backend uploads multipart.
+  :class:`remote.RemoteAtomicFile` is its ssh twin (a bridge host); :mod:`sinks` adds stdout
+  and the downloader's path rules; the s3 backend uploads multipart.
 - **Copies**: :func:`streamcopy.copy_stream` (imports: parallel hashing, holes kept, its sinks
   also ``skip`` a hole) and :func:`stages.pump` (the downloader's options, one chunk at a time).
   :mod:`interrupt` turns stop signals into an exception, so every abort runs.

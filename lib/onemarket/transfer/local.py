@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import from_os_error
 from ..progress import Progress
-from .hashing import Digests
+from .hashing import Digests, Expected
 from .interrupt import interruptible
 from .sources import Source
 from .streamcopy import SparseFileSink, copy_stream
@@ -151,7 +151,7 @@ def write_atomically(
     folder: Path,
     name: str,
     *,
-    expected_md5: str = "",
+    expected_md5: Expected = "",
     progress: Progress | None = None,
     sha256: bool = False,
 ) -> WriteResult:

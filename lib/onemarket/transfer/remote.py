@@ -1,6 +1,8 @@
 """Atomic, sparse, hashed write of a source into a folder of a remote host, over ssh.
 
-The bytes are streamed into ``dd conv=sparse`` on the host, writing a hidden temporary file
+:class:`RemoteAtomicFile` is the sink (the :class:`sinks.Sink` protocol, as the local
+:class:`local.AtomicFile`); :func:`write_remote_atomically` copies, verifies and commits. The
+bytes are streamed into ``dd conv=sparse`` on the host, writing a hidden temporary file
 (all-zero blocks become holes there). The host reports the size it wrote; only when that size
 and the MD5 computed here are right does a second ssh command rename the file to its public
 name. A stream that ends early (link cut, this process killed) therefore never publishes
@@ -13,11 +15,13 @@ import contextlib
 import shlex
 import subprocess
 import tempfile
+from collections.abc import Callable
+from typing import Any
 
 from .. import driverlog
 from ..errors import MarketError, RemoteError, StorageError, StorageFullError, one_line
 from ..progress import Progress
-from .hashing import Digests
+from .hashing import Digests, Expected
 from .interrupt import interruptible
 from .local import temp_name
 from .sources import Source, file_tail, ssh_argv
@@ -27,8 +31,6 @@ REMOTE_COMMAND_TIMEOUT_S = 120.0
 """Bound on a short remote command (rename, delete, df) and on the wait for the writer to end."""
 CLEANUP_TIMEOUT_S = 30.0
 """Bound on removing a remote temporary file after a failure."""
-ABORT_GRACE_S = 2.0
-"""After a failed copy, how long ssh may take to report the remote side's exit status."""
 SSH_FAILED = 255
 EXIT_NO_FOLDER = 3
 EXIT_WRITE_FAILED = 4
@@ -90,92 +92,135 @@ def _remote_failure(host: str, code: int, text: str) -> MarketError:
     return StorageError(f"bridge host {host}: {text or f'command exited with status {code}'}")
 
 
+class RemoteAtomicFile:
+    """The ssh twin of :class:`local.AtomicFile`, a sink (``write``/``skip``, ``commit``,
+    ``abort``) for ``host:folder/name``: the bytes go through ssh into ``dd conv=sparse``
+    writing a hidden temporary name; :meth:`finish` ends the stream and checks the size the
+    host wrote, :meth:`commit` renames. A broken pipe raises the host's own reason (storage
+    full, ssh lost); :meth:`abort` ends ssh and removes what was written (idempotent)."""
+
+    def __init__(self, host: str, folder: str, name: str) -> None:
+        self.host, self.folder = host, folder
+        self.tmp, self.final = f"{folder}/{temp_name(name)}", f"{folder}/{name}"
+        script = _WRITE_SCRIPT.format(
+            dir=shlex.quote(folder),
+            tmp=shlex.quote(self.tmp),
+            block=SPARSE_BLOCK_BYTES,
+            no_folder=EXIT_NO_FOLDER,
+            failed=EXIT_WRITE_FAILED,
+        )
+        self._state = "open"  # then "finished", "committing", "renamed" or "gone"
+        self.size_bytes = 0
+        self._out = tempfile.TemporaryFile()  # noqa: SIM115 - closed by finish/abort
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115 - closed by finish/abort
+        try:
+            self._proc = subprocess.Popen(
+                ssh_argv(host, script), stdin=subprocess.PIPE, stdout=self._out, stderr=self._err
+            )
+        except OSError as exc:
+            self._state = "gone"
+            self._close_files()
+            raise RemoteError(f"cannot run ssh to reach {host}: {exc.strerror}") from None
+        assert self._proc.stdin is not None
+        self._pipe = PipeSink(self._proc.stdin.fileno())
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._piped(self._pipe.write, data, len(data))
+
+    def skip(self, count: int) -> None:
+        self._piped(self._pipe.skip, count, count)
+
+    def _piped(self, send: Callable[[Any], None], what: Any, count: int) -> None:
+        try:
+            send(what)
+        except BrokenPipeError:
+            self._wait_writer()  # raises the host's reason
+            raise RemoteError(
+                f"bridge host {self.host} closed the connection while writing"
+            ) from None
+        self.size_bytes += count
+
+    def finish(self) -> None:
+        """End the stream; fail unless the host wrote and synced every byte."""
+        if self._state != "open":
+            return
+        self._wait_writer()
+        written = file_tail(self._out, MAX_STDERR_BYTES).decode("ascii", "replace").strip()
+        self._state = "finished"
+        self._close_files()
+        if written != str(self.size_bytes):
+            raise RemoteError(
+                f"bridge host {self.host} wrote {written or 'an unknown number of'} bytes "
+                f"of {self.size_bytes} to {self.final}"
+            )
+
+    def commit(self) -> None:
+        self.finish()
+        self._state = "committing"
+        run_remote(
+            self.host,
+            _COMMIT_SCRIPT.format(
+                tmp=shlex.quote(self.tmp),
+                final=shlex.quote(self.final),
+                dir=shlex.quote(self.folder),
+            ),
+        )
+        self._state = "renamed"
+
+    def abort(self) -> None:
+        state, self._state = self._state, "gone"
+        if state == "gone":
+            return
+        _stop(self._proc)
+        self._close_files()
+        # interrupted while renaming: the name is ours alone, and oned records a failure
+        paths = {"committing": [self.tmp, self.final], "renamed": [self.final]}
+        _cleanup(self.host, paths.get(state, [self.tmp]))
+
+    def _wait_writer(self) -> None:
+        assert self._proc.stdin is not None
+        with contextlib.suppress(OSError):
+            self._proc.stdin.close()
+        try:
+            code = self._proc.wait(timeout=REMOTE_COMMAND_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise RemoteError(
+                f"bridge host {self.host} did not finish writing {self.final}"
+            ) from None
+        if code != 0:
+            raise remote_failure(self.host, code, file_tail(self._err, MAX_STDERR_BYTES))
+
+    def _close_files(self) -> None:
+        self._out.close()
+        self._err.close()
+
+
 def write_remote_atomically(
     host: str,
     folder: str,
     name: str,
     source: Source,
     *,
-    expected_md5: str = "",
+    expected_md5: Expected = "",
     progress: Progress | None = None,
 ) -> Digests:
-    """Stream ``source`` into ``host:folder/name``: temporary file, sync, verify, rename."""
-    tmp = f"{folder}/{temp_name(name)}"
-    final = f"{folder}/{name}"
-    script = _WRITE_SCRIPT.format(
-        dir=shlex.quote(folder),
-        tmp=shlex.quote(tmp),
-        block=SPARSE_BLOCK_BYTES,
-        no_folder=EXIT_NO_FOLDER,
-        failed=EXIT_WRITE_FAILED,
-    )
-    started = committing = False
-    with (
-        interruptible(f"import into {host}:{folder}"),
-        tempfile.TemporaryFile() as out,
-        tempfile.TemporaryFile() as err,
-    ):
+    """Stream ``source`` into ``host:folder/name``: temporary file, sync, verify, rename;
+    nothing is left on any failure or stop signal."""
+    with interruptible(f"import into {host}:{folder}"):
+        out = RemoteAtomicFile(host, folder, name)
         try:
-            try:
-                proc = subprocess.Popen(
-                    ssh_argv(host, script), stdin=subprocess.PIPE, stdout=out, stderr=err
-                )
-            except OSError as exc:
-                raise RemoteError(f"cannot run ssh to reach {host}: {exc.strerror}") from None
-            started = True
-            assert proc.stdin is not None
-            try:
-                digests = _send(proc, source, progress)
-            except BrokenPipeError:
-                digests = None
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-            try:
-                code = proc.wait(timeout=REMOTE_COMMAND_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                raise RemoteError(f"bridge host {host} did not finish writing {final}") from None
-            if code != 0:
-                raise remote_failure(host, code, file_tail(err, MAX_STDERR_BYTES))
-            if digests is None:
-                raise RemoteError(f"bridge host {host} closed the connection while writing")
-            written = file_tail(out, MAX_STDERR_BYTES).decode("ascii", "replace").strip()
-            if written != str(digests.size_bytes):
-                raise RemoteError(
-                    f"bridge host {host} wrote {written or 'an unknown number of'} bytes "
-                    f"of {digests.size_bytes} to {final}"
-                )
+            digests = copy_stream(source, out, progress=progress)
+            out.finish()
             digests.verify_md5(expected_md5, f"import of {source.description}")
-            committing = True
-            run_remote(
-                host,
-                _COMMIT_SCRIPT.format(
-                    tmp=shlex.quote(tmp), final=shlex.quote(final), dir=shlex.quote(folder)
-                ),
-            )
+            out.commit()
         except BaseException:
-            if started:
-                _stop(proc)
-                # Interrupted while renaming: the name is ours alone, and oned records a failure.
-                _cleanup(host, [tmp, final] if committing else [tmp])
+            out.abort()
             raise
     return digests
 
 
-def _send(
-    proc: subprocess.Popen[bytes],
-    source: Source,
-    progress: Progress | None,
-) -> Digests:
-    assert proc.stdin is not None
-    sink = PipeSink(proc.stdin.fileno(), on_abort=lambda: _stop(proc, grace_s=ABORT_GRACE_S))
-    return copy_stream(source, sink, progress=progress)
-
-
-def _stop(proc: subprocess.Popen[bytes], grace_s: float = 0.0) -> None:
-    """End ssh: given ``grace_s`` to exit by itself (its exit status says why), then killed."""
-    if grace_s > 0:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=grace_s)
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """End ssh (killed if still running), its stdin closed."""
     if proc.poll() is None:
         proc.kill()
     with contextlib.suppress(subprocess.TimeoutExpired):
