@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -955,9 +956,12 @@ def test_plain_push_says_so(capfd, tmp_path: Path, http_market: str) -> None:
     assert "need MARKET to be a marketplace of oned" in one_line_error(err)
 
 
-def test_sigterm_while_oned_copies_says_what_is_left(tmp_path: Path, oned_http: FakeOned) -> None:
-    """The image copy is oned's work: a stop signal leaves it running and says what to remove."""
-    oned_http.image_copy_infos = 10**9  # never done
+def test_sigterm_while_oned_copies_removes_the_image_once_copied(
+    tmp_path: Path, oned_http: FakeOned
+) -> None:
+    """A real process and signal: the push exits with the shell's status for SIGTERM once it
+    has removed what it made (the copy is oned's work: waited for, then the image deleted)."""
+    oned_http.image_copy_infos = 4  # copied at the third poll after the signal
     exe = Path(sys.executable).parent / "one-market"
     image = image_file(tmp_path, 100)
     proc = subprocess.Popen(
@@ -981,8 +985,54 @@ def test_sigterm_while_oned_copies_says_what_is_left(tmp_path: Path, oned_http: 
     assert proc.returncode == cli.EXIT_TERMINATED, err
     last = err.decode().splitlines()[-1]
     assert last.startswith("one-market: push stopped by SIGTERM")
-    assert "oned goes on with image 1 (oneimage delete 1)" in last
+    assert "removed " in last and "image 1 it made in oned" in last
+    assert oned_http.images == {} and all(a.deleting for a in oned_http.apps.values())
     assert out == b""
+
+
+def stop_at(oned: FakeOned, method: str, signum: int = signal.SIGTERM) -> None:
+    """Send ``signum`` to this process's main thread (the one-market command run in-process)
+    when oned first receives ``method``, so the signal lands mid-step without timing."""
+    main = threading.main_thread().ident
+
+    def hook(called: str) -> None:
+        if called == method and oned.calls.count(method) == 1 and main is not None:
+            signal.pthread_kill(main, signum)
+
+    oned.on_call = hook
+
+
+def test_signal_during_the_app_import_removes_the_app_and_the_image(
+    capfd, tmp_path: Path, oned_http: FakeOned, nginx: Nginx
+) -> None:
+    """Ctrl-C while oned imports the app: the import is waited for, then the app (its file
+    deleted by the driver) and the image are removed, and nothing is printed on stdout."""
+    stop_at(oned_http, "one.marketapp.info", signal.SIGINT)
+    code, out, err = run(capfd, "push", "100", str(image_file(tmp_path, 1000)), "--datastore", "1")
+    assert code == cli.EXIT_INTERRUPTED and out == ""
+    last = err.splitlines()[-1]
+    assert last.startswith("one-market: push interrupted (Ctrl-C)")
+    assert last.endswith("; removed app 2 and image 1 it made in oned")
+    assert oned_http.images == {} and [a.deleting for a in oned_http.apps.values()] == [True]
+    assert list(nginx.public_dir.iterdir()) == []
+
+
+def test_signal_while_oned_still_copies_names_what_is_left(
+    capfd, tmp_path: Path, oned_http: FakeOned, monkeypatch
+) -> None:
+    """A copy that outlasts the wait: the image is left to oned, named with its command."""
+    monkeypatch.setattr(cli, "CLEANUP_WAIT_S", 0.05)
+    oned_http.image_copy_infos = 10**9  # never done
+    stop_at(oned_http, "one.image.info")
+    image = image_file(tmp_path, 100)
+    code, out, err = run(capfd, "push", "100", str(image), "--datastore", "1", "--quiet")
+    assert code == cli.EXIT_TERMINATED and out == ""
+    line = one_line_error(err)
+    assert line.startswith("one-market: push stopped by SIGTERM")
+    assert line.endswith(
+        "; oned goes on with image 1 (oneimage delete 1): remove what you do not want"
+    )
+    assert list(oned_http.images) == [1]
 
 
 def test_rm_refuses_a_source_an_app_of_oned_uses(

@@ -32,6 +32,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -108,6 +109,10 @@ NAME_COLUMN_MAX_CHARS = 60
 """Widest NAME column of the ``apps`` table (longer names are cut; ``--json`` has them whole)."""
 NAME_COLUMN_MIN_CHARS = 12
 """Narrowest NAME column on a narrow terminal (the other columns keep their width)."""
+CLEANUP_WAIT_S = 60.0
+"""After a stop signal, how long ``push`` waits for oned to finish the copy or import it runs
+before removing what the push made (within the 90 s a service manager usually allows a stop);
+what is still LOCKED then is left and named."""
 MAX_EXCEPTION_CHAIN = 8
 """How far back the causes of a failure are searched for notes."""
 
@@ -503,8 +508,8 @@ class OnedPush:
     """``push`` to a marketplace of oned, as an administrator does it by hand: an image made
     from FILE in an image datastore (``oneimage create``), then an app made from that image
     (``onemarketapp create --image``), which oned imports through the market driver; then,
-    when asked, the image removed. A failure removes what this push made; a stop signal leaves
-    oned's running work alone and says what is left."""
+    when asked, the image removed. A failure or a stop signal removes what this push made
+    (:meth:`_clean_up`) and says what is left."""
 
     server: Any
     market: OnedMarket
@@ -533,11 +538,9 @@ class OnedPush:
             ) from None
         try:
             return self._image_to_app(local, name, ds, delete_image)
-        except MarketError:
-            self._clean_up()
-            raise
-        except BaseException as exc:  # a stop signal: oned goes on, say with what
-            exc.add_note(self._left_in_oned())
+        except BaseException as exc:  # a failure, or a stop signal (transfer/interrupt)
+            stopped = not isinstance(exc, Exception)
+            exc.add_note(self._clean_up(CLEANUP_WAIT_S if stopped else 0.0))
             raise
 
     def _image_to_app(
@@ -598,30 +601,78 @@ class OnedPush:
         self.steps.done(f"image {self.image_id}: deleted (--delete-image)")
         return True
 
-    def _clean_up(self) -> None:
-        """After a failure: remove the app and image this push made (best effort, one WARN
-        line for what could not be removed)."""
-        with contextlib.suppress(MarketError):
-            if self.app_id >= 0:
-                oneclient.delete_app(self.server, self.app_id)
-        with contextlib.suppress(MarketError):
-            if self.image_id >= 0:
-                image = oneclient.image_info(self.server, self.image_id)
-                if image is not None and image.state != oneclient.IMAGE_STATE_LOCKED:
-                    oneclient.delete_image(self.server, self.image_id)
-                    return
-        if self.image_id >= 0:
-            driverlog.warn(self._left_in_oned())
+    def _clean_up(self, wait_s: float) -> str:
+        """Remove the app and image this push made (best effort); say what is left.
 
-    def _left_in_oned(self) -> str:
-        made = []
-        if self.image_id >= 0:
-            made.append(f"image {self.image_id} (oneimage delete {self.image_id})")
-        if self.app_id >= 0:
-            made.append(f"app {self.app_id} (onemarketapp delete {self.app_id})")
-        if not made:
-            return "nothing was made in oned"
-        return "oned goes on with " + " and ".join(made) + ": remove what you do not want"
+        oned cannot stop a copy or an import it runs, and removing the object meanwhile leaves
+        the file being written behind, listed nowhere (oned only logs it). So an object still
+        LOCKED is waited for, up to ``wait_s`` in all (after a stop signal; not after a
+        failure), then left and named with the command that removes it.
+        """
+        deadline = time.monotonic() + min(wait_s, self.limit_s)
+        removed: list[str] = []
+        left: list[str] = []
+        made = [  # the app first: while it imports, oned keeps its image LOCKED
+            (
+                "app",
+                self.app_id,
+                "onemarketapp",
+                oneclient.app_info,
+                oneclient.APP_STATE_LOCKED,
+                oneclient.delete_app,
+            ),
+            (
+                "image",
+                self.image_id,
+                "oneimage",
+                oneclient.image_info,
+                oneclient.IMAGE_STATE_LOCKED,
+                oneclient.delete_image,
+            ),
+        ]
+        for kind, obj_id, command, read, busy, delete in made:
+            if obj_id < 0:
+                continue
+            what = f"{kind} {obj_id}"
+            if self._remove(
+                what,
+                partial(read, self.server, obj_id),
+                busy,
+                partial(delete, self.server, obj_id),
+                deadline,
+            ):
+                removed.append(what)
+            else:
+                left.append(f"{what} ({command} delete {obj_id})")
+        if not left:
+            return f"removed {' and '.join(removed)} it made in oned" if removed else ""
+        told = "oned goes on with " + " and ".join(left) + ": remove what you do not want"
+        return told + (f" (removed {' and '.join(removed)})" if removed else "")
+
+    def _remove(
+        self,
+        what: str,
+        read: Callable[[], Any],
+        busy: int,
+        delete: Callable[[], None],
+        deadline: float,
+    ) -> bool:
+        """Delete one object once oned no longer works on it (by ``deadline``): True when it
+        is gone, False when it stays (still busy, or oned failed)."""
+        try:
+            obj = wait_for(
+                read,
+                lambda o: o is None or o.state != busy,
+                lambda o: f"{what}: " + ("gone" if o is None else f"{o.state_name}, to remove"),
+                self.steps,
+                max(deadline - time.monotonic(), 0.0),
+                what,
+            )
+            if obj is not None:
+                delete()
+        except MarketError:
+            return False
+        return True
 
 
 # ---------------------------------------------------------------------------- apps

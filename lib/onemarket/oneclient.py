@@ -82,6 +82,7 @@ IMAGE_STATE_NAMES = {
 """``IMAGE/STATE`` values (image.xsd); LOCKED while the datastore driver copies the file."""
 
 APP_STATE_READY = 1
+APP_STATE_LOCKED = 2
 APP_STATE_ERROR = 3
 APP_STATE_NAMES = {0: "INIT", 1: "READY", 2: "LOCKED", 3: "ERROR", 4: "DISABLED"}
 """``MARKETPLACEAPP/STATE`` values; LOCKED while the market driver imports the image."""

@@ -315,6 +315,8 @@ class FakeOned:
     """The info call at which a new image's copy is done (LOCKED before)."""
     unreadable_paths: set[str] = field(default_factory=set)
     """Image PATHs oned's host cannot read (as when one-market runs on another machine)."""
+    on_call: Callable[[str], None] | None = None
+    """Called with each method's name as it is received (a test sends a signal from it)."""
     calls: list[str] = field(default_factory=list)
     answers: list[str] = field(default_factory=list)
     """Every XML document answered, in order (tests validate them against the XSD)."""
@@ -355,6 +357,8 @@ class FakeOned:
         def call(session: str, *args: object) -> list:
             with self.lock:
                 self.calls.append(method)
+                if self.on_call is not None:
+                    self.on_call(method)
                 if session != self.session:
                     message = f"[{method}] User couldn't be authenticated, aborting call."
                     return [False, message, ONE_AUTHENTICATION]
