@@ -19,6 +19,7 @@ import pytest
 import requests
 from onemarket import cli, driverlog
 from onemarket.progress import ProgressEvent
+from onemarket.registry import load_backend
 from onemarket.template import parse_template, write_template
 from rich.console import Console
 
@@ -92,8 +93,11 @@ def http_market(tmp_path: Path, nginx: Nginx) -> str:
     )
 
 
-def test_http_check_passes(capfd, http_market: str, nginx: Nginx) -> None:
+def test_http_check_passes(capfd, http_market: str, nginx: Nginx, monkeypatch) -> None:
+    built = []  # the checks and the monitor share one backend (an s3 one is a boto3 client)
+    monkeypatch.setattr(cli, "load_backend", lambda *a: built.append(a) or load_backend(*a))
     code, out, _ = run(capfd, "check", http_market)
+    assert len(built) == 1
     assert code == 0, out
     lines = out.splitlines()
     assert lines[0] == "marketplace 'web' (MARKET_MAD=http)"
@@ -808,7 +812,6 @@ def oned_http(fake_oned: FakeOned, nginx: Nginx, monkeypatch: pytest.MonkeyPatch
     our http backend: an app's import and delete really write and remove PUBLIC_DIR files."""
     from onemarket.action import App, ImportInfo, Market
     from onemarket.backends.base import ImportRequest
-    from onemarket.registry import load_backend
 
     market = FakeMarket(
         100,

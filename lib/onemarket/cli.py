@@ -263,14 +263,14 @@ class Checker:
             return
         self.add("attributes", True, "required attributes set")
         try:
-            backend = self.backend()
+            backend = load_backend(market.driver, market, self.context)
         except MarketError as exc:
             self.add("settings", False, str(exc))
             return
         with contextlib.closing(backend.check()) as checks:
             for check in checks:
                 self.add(check.name, check.ok, check.detail)
-        self.check_monitor()
+        self.check_monitor(backend)
 
     def check_state(self, market: OnedMarket) -> None:
         if market.disabled:
@@ -283,13 +283,10 @@ class Checker:
         else:
             self.add("state", True, f"marketplace {market.id} is ENABLED in oned")
 
-    def backend(self) -> Backend:
-        return load_backend(self.market.driver, self.market, self.context)
-
-    def check_monitor(self) -> None:
+    def check_monitor(self, backend: Backend) -> None:
         def monitor() -> str:
             with stdout_to_stderr():
-                result = self.backend().monitor()
+                result = backend.monitor()
             usage = f"USED_MB={result.used_mb} FREE_MB={result.free_mb} TOTAL_MB={result.total_mb}"
             if self.market.driver in PUBLIC_DRIVERS:
                 if not result.apps:
