@@ -24,7 +24,7 @@ from .errors import MarketError, NotSupportedError, PayloadError, one_line
 from .installation import Installation
 from .progress import log_progress
 from .registry import ACTIONS, load_backend
-from .workflow import runs_nothing
+from .workflow import ExportAnswer, runs_nothing
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -32,7 +32,9 @@ EXIT_USAGE = 2
 DISPOSE_TIMEOUT_S = 600
 
 
-def _perform(driver: str, action: str, data: ActionData, context: Context) -> str:
+def _perform(
+    driver: str, action: str, data: ActionData, context: Context, export_fd: int | None
+) -> str:
     if runs_nothing(action, data):
         return ""
     backend = load_backend(driver, data.market, context)
@@ -44,7 +46,8 @@ def _perform(driver: str, action: str, data: ActionData, context: Context) -> st
         return ""
     info = data.require_import_info()
     try:
-        result = backend.import_app(ImportRequest(app=app, source=info))
+        confirm = ExportAnswer(export_fd, info) if export_fd is not None else None
+        result = backend.import_app(ImportRequest(app=app, source=info, confirm=confirm))
     finally:
         # The export's temporary copy is useless once the import ended, even a failed one.
         if info.dispose and info.dispose_cmd:
@@ -77,11 +80,14 @@ def run_action(
     payload: str | bytes | ActionData,
     installation: Installation | None = None,
     result_fd: int = 1,
+    export_fd: int | None = None,
 ) -> int:
     """Run one action: result to ``result_fd``, failure line to stderr; returns the exit code.
 
     ``payload`` is oned's base64 action data, or the MAD's already decoded copy (a forked
-    child shares it: the data is decoded once per request)."""
+    child shares it: the data is decoded once per request). ``export_fd``: an import that
+    the MAD overlaps with the datastore export reads the export's answer there
+    (:class:`workflow.ExportAnswer`)."""
     driverlog.set_debug(driverlog.debug_from_env())
     driverlog.route_std_logging()
     saved = os.dup(result_fd)
@@ -103,7 +109,7 @@ def run_action(
             progress=log_progress(f"{driver} {action}") if action == "import" else None,
         )
         data = payload if isinstance(payload, ActionData) else decode_action(payload)
-        result = _perform(driver, action, data, context)
+        result = _perform(driver, action, data, context, export_fd)
         code = EXIT_OK
     except MarketError as exc:
         _fail(str(exc))

@@ -6,16 +6,26 @@
 - IMPORT of an image app is two steps: the datastore's ``export`` (DS_DRIVER_ACTION_DATA on
   stdin, the app id as argument) prints ``<IMPORT_INFO>``, then the market's ``import`` runs
   with those values added (one_market.rb ``import``). Other app types are not imported.
+
+The two steps can overlap: the ``fs`` export names the image's own SOURCE as IMPORT_SOURCE
+when the datastore has no BRIDGE_LIST (one-6.10, one-7.4 and master
+src/datastore_mad/remotes/fs/export:52,77,89) and spends its time on ``md5sum``; our import can
+copy that file meanwhile and hold it unpublished until the export's answer. The MAD hands the
+answer over only when the export named the same SOURCE (and nothing to dispose of); otherwise
+the copy is discarded and the import runs after the export, as it always does for others.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .action import APP_TYPE_IMAGE, ActionData, ImportInfo
-from .errors import NotSupportedError, PayloadError, one_line
+from .errors import MarketError, NotSupportedError, PayloadError, one_line
 
 SAFE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}")
 """A driver or datastore name that is also a safe single path component."""
@@ -56,3 +66,77 @@ def export_step(data: ActionData, datastore_remotes: Path) -> ExportStep:
 def with_export_result(data: ActionData, export_stdout: bytes) -> ActionData:
     """The action data of the second step: the export's IMPORT_INFO added."""
     return replace(data, import_info=ImportInfo.from_export_output(export_stdout))
+
+
+MAX_ANSWER_BYTES = 64 * 1024
+"""Largest export answer handed to an overlapped import (MD5, SIZE, FORMAT: a few dozen bytes);
+one pipe buffer, so the MAD's write never waits for the child."""
+
+
+class ExportDeclined(MarketError):
+    """The export did not confirm the copy's source: the overlapped copy is discarded."""
+
+
+def overlap_guess(data: ActionData) -> ImportInfo | None:
+    """The IMPORT_SOURCE the export will print when it is the image's own file, known before
+    the export runs: a regular file readable here on a datastore without BRIDGE_LIST."""
+    image, datastore = data.image, data.datastore
+    if image is None or datastore is None or datastore.attrs.get("BRIDGE_LIST", "").strip():
+        return None
+    path = image.source
+    if not os.path.isabs(path):
+        return None
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode) or not os.access(path, os.R_OK):
+            return None
+    except OSError:
+        return None
+    return ImportInfo(source=path, size_mb=image.size_mb, format=image.format)
+
+
+def confirms(guess: ImportInfo, exported: ImportInfo) -> bytes:
+    """What the MAD sends the overlapped import when the export agrees with its guess, or b"".
+    A DISPOSE=YES export made a copy to import instead: the guess was not it."""
+    if exported.source != guess.source or exported.dispose or exported.dispose_cmd:
+        return b""
+    answer = {"md5": exported.md5, "size_mb": exported.size_mb, "format": exported.format}
+    encoded = json.dumps(answer).encode()
+    return encoded if len(encoded) <= MAX_ANSWER_BYTES else b""
+
+
+class ExportAnswer:
+    """The overlapped import's side: the export's values, read from ``fd`` when first asked
+    (the copy is complete by then), blocking until the MAD writes them or closes the pipe."""
+
+    def __init__(self, fd: int, guess: ImportInfo) -> None:
+        self._fd = fd
+        self._guess = guess
+        self._info: ImportInfo | None = None
+
+    def __call__(self) -> ImportInfo:
+        if self._info is None:
+            self._info = self._read()
+        return self._info
+
+    def _read(self) -> ImportInfo:
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_ANSWER_BYTES:  # bounded: the MAD writes at most that, then closes
+            chunk = os.read(self._fd, MAX_ANSWER_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        os.close(self._fd)
+        try:
+            answer = json.loads(b"".join(chunks)) if chunks else None
+            if answer is None:
+                raise ExportDeclined("the datastore export did not confirm the image's SOURCE")
+            return replace(
+                self._guess,
+                md5=str(answer["md5"]),
+                size_mb=int(answer["size_mb"]),
+                format=str(answer["format"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ExportDeclined(f"unreadable answer of the datastore export: {exc}") from None

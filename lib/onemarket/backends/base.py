@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..action import App, ImportInfo, Market
@@ -12,6 +12,7 @@ from ..errors import NotSupportedError
 from ..installation import Installation
 from ..progress import ProgressCallback
 from ..template import write_template
+from ..transfer.hashing import Expected
 from ..units import size_mb
 from .attributes import Attr
 
@@ -37,6 +38,20 @@ class Check:
 class ImportRequest:
     app: App
     source: ImportInfo
+    confirm: Callable[[], ImportInfo] | None = None
+    """Set when the copy runs beside the datastore export (the MAD's overlapped import):
+    ``source`` is then a guess with no MD5, and this returns the export's values once the
+    bytes are read, or raises when the export did not confirm the guess."""
+
+    @property
+    def expected_md5(self) -> Expected:
+        """The MD5 to check the bytes read against, asked for after the last one."""
+        confirm = self.confirm
+        return self.source.md5 if confirm is None else lambda: confirm().md5
+
+    def exported(self) -> ImportInfo:
+        """The export's values (SIZE, FORMAT) for the result: call after the copy."""
+        return self.source if self.confirm is None else self.confirm()
 
 
 def app_size_mb(info: ImportInfo, copied_bytes: int) -> int:

@@ -151,7 +151,7 @@ class HttpFolderBackend(Backend):
                     src,
                     Path(cfg.public_dir),
                     name,
-                    expected_md5=info.md5,
+                    expected_md5=request.expected_md5,
                     progress=progress,
                 ).digests
             else:
@@ -161,9 +161,10 @@ class HttpFolderBackend(Backend):
                     str(cfg.public_dir),
                     name,
                     src,
-                    expected_md5=info.md5,
+                    expected_md5=request.expected_md5,
                     progress=progress,
                 )
+        info = request.exported()
         return ImportResult(
             source=cfg.source_for(name),
             md5=digests.md5,

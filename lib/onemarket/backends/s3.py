@@ -63,7 +63,7 @@ from ..s3config import (
     make_client,
     s3_error,
 )
-from ..transfer.hashing import Digests
+from ..transfer.hashing import Digests, Expected
 from ..transfer.interrupt import interruptible
 from ..transfer.sources import CHUNK_BYTES, Source, open_source
 from ..units import MIB, mb_bytes, size_mb
@@ -463,8 +463,11 @@ class S3Backend(Backend):
                 with open_source(info.source, self.context.installation) as src:
                     progress = Progress(src.size_bytes, self.context.progress)
                     expected = mb_bytes(info.size_mb) or None
-                    digests = self._store(src, key, what, info.md5, expected, progress, True)
+                    digests = self._store(
+                        src, key, what, request.expected_md5, expected, progress, True
+                    )
                     progress.finish()
+                info = request.exported()
             except BaseException:
                 # From the claim on, the key is ours alone: whatever is under it (the
                 # placeholder, a stored object whose import was interrupted at the very end)
@@ -554,7 +557,7 @@ class S3Backend(Backend):
         src: Source,
         key: str,
         what: str,
-        expected_md5: str,
+        expected_md5: Expected,
         expected_bytes: int | None,
         progress: Progress,
         announce: bool,
@@ -599,7 +602,7 @@ class S3Backend(Backend):
             raise self._error(exc, f"upload of {up.uri}") from None
 
     def _put_multipart(
-        self, up: _Upload, first: bytearray, plan: _PartPlan, expected_md5: str
+        self, up: _Upload, first: bytearray, plan: _PartPlan, expected_md5: Expected
     ) -> None:
         key, uri = up.key, up.uri
         try:

@@ -48,6 +48,8 @@ OURS_PROBE_BYTES = 4096
 """Bytes of an action executable read to recognise one of ours."""
 OURS_MARKER = b"onemarket.runner"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+EXPORT_ANSWER_FD = 3
+"""Where a forked overlapped import reads the datastore export's answer (above stdio)."""
 """Signals that stop the MAD; children get them back at their default action."""
 PR_SET_PDEATHSIG = 1
 """prctl(2) option: a signal the kernel sends a child when its parent dies."""
@@ -246,11 +248,18 @@ def _max_fd() -> int:
         return 65536
 
 
-def fork_runner(driver: str, action: str, data: ActionData, env: dict[str, str]) -> Spawned:
+def fork_runner(
+    driver: str,
+    action: str,
+    data: ActionData,
+    env: dict[str, str],
+    export_fd: int | None = None,
+) -> Spawned:
     """Run one of our actions in a forked child: library imported, action data decoded.
 
     The child runs no asyncio code (it would see the MAD's loop as running) and closes every
-    inherited descriptor but its pipes.
+    inherited descriptor but its pipes, and ``export_fd`` (the read end the MAD writes the
+    export's answer to, for an overlapped import) as :data:`EXPORT_ANSWER_FD`.
     """
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
@@ -265,7 +274,7 @@ def fork_runner(driver: str, action: str, data: ActionData, env: dict[str, str])
             os.close(fd)
         raise
     if pid == 0:
-        _child_main(driver, action, data, out_w, err_w, env, old_mask)
+        _child_main(driver, action, data, out_w, err_w, env, old_mask, export_fd)
     signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     os.close(out_w)
     os.close(err_w)
@@ -280,6 +289,7 @@ def _child_main(
     err_w: int,
     env: dict[str, str],
     old_mask: set[signal.Signals],
+    export_fd: int | None,
 ) -> NoReturn:
     code = runner.EXIT_FAILED
     try:
@@ -293,9 +303,12 @@ def _child_main(
         os.dup2(null, 0)
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
-        os.closerange(3, _max_fd())
+        if export_fd is not None:
+            os.dup2(export_fd, EXPORT_ANSWER_FD)
+            export_fd = EXPORT_ANSWER_FD
+        os.closerange(3 if export_fd is None else EXPORT_ANSWER_FD + 1, _max_fd())
         os.environ.update(env)
-        code = runner.run_action(driver, action, data)
+        code = runner.run_action(driver, action, data, export_fd=export_fd)
     except BaseException as exc:  # noqa: BLE001 - the child must never return into the loop
         try:
             msg = f"internal error in {driver} {action}: {type(exc).__name__}\n"

@@ -17,15 +17,22 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .. import protocol
-from ..action import ActionData, decode_action
+from ..action import ActionData, ImportInfo, decode_action
 from ..errors import MarketError, one_line
 from ..installation import Installation
 from ..registry import DRIVERS, backend_class
 from ..template import parse_template
-from ..workflow import SAFE_NAME_RE, export_step, runs_nothing, with_export_result
+from ..workflow import (
+    SAFE_NAME_RE,
+    confirms,
+    export_step,
+    overlap_guess,
+    runs_nothing,
+    with_export_result,
+)
 from .children import (
     KILL_GRACE_S,
     MAX_RESULT_BYTES,
@@ -249,17 +256,20 @@ class Mad:
             why = f"action data larger than {MAX_LINE_BYTES} bytes"
             self.reply(protocol.failure(req.action, req.id, why))
         else:
-            pending = Pending(req)
-            self._pending.setdefault(req.id, []).append(pending)
+            pending = self._admit(Pending(req))
             task = self._loop.create_task(self._serve(pending))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     def cancel(self, id_: int, reason: str, grace_s: float = KILL_GRACE_S) -> None:
         for pending in self._pending.get(id_, []):
-            pending.cancelled = reason
-            if pending.child is not None:
-                pending.child.kill(reason, grace_s)
+            self.cancel_pending(pending, reason, grace_s)
+
+    @staticmethod
+    def cancel_pending(pending: Pending, reason: str, grace_s: float = KILL_GRACE_S) -> None:
+        pending.cancelled = reason
+        if pending.child is not None:
+            pending.child.kill(reason, grace_s)
 
     def _on_signal(self, sig: int) -> None:
         self.shutdown(f"{signal.Signals(sig).name} received")
@@ -281,12 +291,20 @@ class Mad:
                 f"internal error in the marketplace driver ({type(exc).__name__})",
             )
         finally:
-            same_id = self._pending.get(req.id, [])
-            if pending in same_id:
-                same_id.remove(pending)
-            if not same_id:
-                self._pending.pop(req.id, None)
+            self.forget(pending)
         self.reply(line)
+
+    def _admit(self, pending: Pending) -> Pending:
+        """Track ``pending`` under oned's id, for DRIVER_CANCEL and the MAD's stop."""
+        self._pending.setdefault(pending.request.id, []).append(pending)
+        return pending
+
+    def forget(self, pending: Pending) -> None:
+        same_id = self._pending.get(pending.request.id, [])
+        if pending in same_id:
+            same_id.remove(pending)
+        if not same_id:
+            self._pending.pop(pending.request.id, None)
 
     # -- actions
     async def _handle(self, pending: Pending) -> str:
@@ -321,26 +339,70 @@ class Mad:
             step = export_step(data, self.datastore_dir)
         except MarketError as exc:
             return fail(str(exc))
-        outcome = await self._execute(
-            pending,
-            step.label,
-            lambda: spawn_program(str(step.program), [str(req.id)], self._child_env(), b""),
-            [step.payload],
-            stdin_data=step.payload + b"\n",  # a whole line, for scripts that `read` it
-            max_stdout=MAX_EXPORT_OUTPUT_BYTES,
-        )
-        if not outcome.ok:
-            return fail(f"Error exporting image to file: {outcome.failure_text(step.label)}")
+        guess = overlap_guess(data) if is_ours(self.market_dir / driver / "import") else None
+        copy = self._start_copy(pending, driver, data, guess) if guess is not None else None
         try:
-            full = with_export_result(data, outcome.stdout)
-            assert full.import_info is not None
-            payload = data.with_import_info(full.import_info).decode("ascii")
-        except MarketError as exc:
-            return fail(str(exc))
+            exported = await self._execute(
+                pending,
+                step.label,
+                lambda: spawn_program(str(step.program), [str(req.id)], self._child_env(), b""),
+                [step.payload],
+                stdin_data=step.payload + b"\n",  # a whole line, for scripts that `read` it
+                max_stdout=MAX_EXPORT_OUTPUT_BYTES,
+            )
+            full, error = None, ""
+            if not exported.ok:
+                error = f"Error exporting image to file: {exported.failure_text(step.label)}"
+            else:
+                try:
+                    full = with_export_result(data, exported.stdout)
+                except MarketError as exc:
+                    error = str(exc)
+            if copy is not None and guess is not None:
+                info = full.import_info if full is not None else None
+                answer = confirms(guess, info) if info is not None else b""
+                copied, copy = await copy.finish(answer), None
+                if answer:
+                    return await self._imported(pending, data, driver, copied)
+                if info is not None:
+                    log(f"import {req.id}: the export named another source, copied after it")
+        finally:
+            if copy is not None:  # the export step raised (the MAD's stop cancelled it)
+                await copy.finish(b"")
+        if full is None or full.import_info is None:
+            return fail(error)
+        payload = data.with_import_info(full.import_info).decode("ascii")
         outcome = await self._market_action(pending, driver, "import", full, payload)
+        return await self._imported(pending, data, driver, outcome)
+
+    def _start_copy(
+        self, pending: Pending, driver: str, data: ActionData, guess: ImportInfo
+    ) -> OverlappedCopy:
+        """Start our import on the guessed source beside the export (workflow.overlap_guess).
+
+        It runs as a request of its own for oned's id, so DRIVER_CANCEL, timeouts and the
+        MAD's stop end it like any action; it waits for the export's answer before it
+        publishes anything."""
+        read_fd, write_fd = os.pipe()
+        shadow = self._admit(Pending(pending.request, pending.cancelled))
+        guessed = replace(data, import_info=guess)
+        task = self._loop.create_task(
+            self._market_action(
+                shadow, driver, "import", guessed, pending.request.payload, export_fd=read_fd
+            )
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return OverlappedCopy(self, shadow, task, read_fd, write_fd)
+
+    async def _imported(
+        self, pending: Pending, data: ActionData, driver: str, outcome: Outcome
+    ) -> str:
+        req = pending.request
         if outcome.ok and self._stopping:
             await self._withdraw(req.id, data, driver, outcome.stdout)
-            return fail(f"{driver} import withdrawn: {self._stopping}")
+            reason = f"{driver} import withdrawn: {self._stopping}"
+            return protocol.failure("IMPORT", req.id, reason)
         return self._result(req, outcome, f"{driver} import")
 
     async def _withdraw(self, id_: int, data: ActionData, driver: str, output: bytes) -> None:
@@ -382,16 +444,18 @@ class Mad:
         data: ActionData,
         payload: str,
         timeout_s: float | None = None,
+        export_fd: int | None = None,
     ) -> Outcome:
         """Run ``remotes/market/<driver>/<action>``: ours in a fork with ``data`` as it is,
-        any other with ``payload`` (base64) and the id as arguments, as the stock MAD does."""
+        any other with ``payload`` (base64) and the id as arguments, as the stock MAD does;
+        ``export_fd`` goes to an overlapped import of ours (workflow.ExportAnswer)."""
         path = self.market_dir / driver / action
         label = f"{driver} {action}"
         if not path.is_file():
             why = f"Marketplace driver '{driver}' has no {action} action ({path} not found)"
             return Outcome(127, errors=[why])
         if is_ours(path):
-            spawn = lambda: fork_runner(driver, action, data, self._env)  # noqa: E731
+            spawn = lambda: fork_runner(driver, action, data, self._env, export_fd)  # noqa: E731
         else:
             args = [payload, str(pending.request.id)]
             spawn = lambda: spawn_program(str(path), args, self._child_env())  # noqa: E731
@@ -437,6 +501,38 @@ class Mad:
             return await child.outcome()
         finally:
             pending.child = None
+
+
+class OverlappedCopy:
+    """An import of ours copying the guessed source while the export runs, and the pipe its
+    child reads the export's answer from (fd handed over at fork, closed here after)."""
+
+    def __init__(
+        self, mad: Mad, shadow: Pending, task: asyncio.Task[Outcome], read_fd: int, write_fd: int
+    ) -> None:
+        self._mad = mad
+        self._shadow = shadow
+        self._task = task
+        self._read_fd = read_fd
+        self._write_fd = write_fd
+
+    async def finish(self, answer: bytes) -> Outcome:
+        """Hand ``answer`` over (b"": the export did not confirm; the copy is ended and its
+        temporary file removed) and wait for the child's outcome."""
+        try:
+            if answer:
+                write_all(self._write_fd, answer)  # <= one pipe buffer: never blocks
+            else:
+                self._mad.cancel_pending(self._shadow, "the export did not confirm the source")
+        except OSError:
+            pass  # the child is gone: its outcome says why
+        finally:
+            os.close(self._write_fd)
+        try:
+            return await self._task
+        finally:
+            os.close(self._read_fd)
+            self._mad.forget(self._shadow)
 
 
 def preload(drivers: frozenset[str]) -> None:

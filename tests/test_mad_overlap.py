@@ -1,0 +1,184 @@
+"""An IMPORT whose copy runs beside the datastore export (workflow.overlap_guess).
+
+The fs export prints the image's own SOURCE as IMPORT_SOURCE when the datastore has no
+BRIDGE_LIST (one-7.4:src/datastore_mad/remotes/fs/export:52,77,89); these exports behave like
+it, and each waits until our copy's temporary file exists, so the overlap is shown by order,
+never by timing. Whatever the export says, nothing is published before its answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+from onemarket.action import ImportInfo, decode_action
+from onemarket.workflow import ExportAnswer, ExportDeclined, confirms, overlap_guess
+
+from tests.payloads import app_xml, datastore_xml, image_xml, import_payload
+from tests.servers.oned import OneLocation
+from tests.test_mad import wait_for
+from tests.test_mad_lifecycle import files_in, mad_family, wait_gone
+
+FAKEDS = datastore_xml(ds_mad="fakeds")
+IMAGE_BYTES = 3 * 1024 * 1024 + 5
+
+EXPORT = """#!/bin/sh
+cat > /dev/null
+i=0
+while [ $i -lt 1000 ]; do  # until our copy's temporary file is there (20 s at most)
+  for f in "{public}"/.*.part; do [ -e "$f" ] && break 2; done
+  sleep 0.02; i=$((i+1))
+done
+ls -A "{public}" > "{tmp}/seen-by-export"
+{then}
+sum=$(md5sum -- "{named}" | cut -d' ' -f1)
+echo "<IMPORT_INFO><IMPORT_SOURCE><![CDATA[{named}]]></IMPORT_SOURCE><MD5>{md5}</MD5>\
+<SIZE>3</SIZE><FORMAT>raw</FORMAT><DISPOSE>NO</DISPOSE></IMPORT_INFO>"
+"""
+
+
+def setup(oned: OneLocation, tmp: Path, named: str = "", md5: str = "$sum", then: str = ""):
+    image = tmp / "image.raw"
+    image.write_bytes(os.urandom(IMAGE_BYTES))
+    public = tmp / "public"
+    public.mkdir()
+    script = EXPORT.format(public=public, tmp=tmp, named=named or image, md5=md5, then=then)
+    oned.add_datastore("fakeds", script)
+    attrs = {"BASE_URL": "http://127.0.0.1:9/market", "PUBLIC_DIR": str(public)}
+    payload = import_payload(
+        "http",
+        attrs,
+        app=app_xml(id=31),
+        image=image_xml(source=str(image), size_mb=3, format="raw"),
+        datastore=FAKEDS,
+    )
+    return image, public, payload
+
+
+def published(public: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in files_in(public)}
+
+
+def test_copy_runs_beside_the_export_and_is_published_after_its_answer(
+    oned: OneLocation, tmp_path: Path
+) -> None:
+    image, public, payload = setup(oned, tmp_path)
+    mad = oned.start("-m", "http")
+    mad.request("IMPORT", 31, payload)
+    reply = mad.reply()
+    assert reply.ok, reply
+    seen = (tmp_path / "seen-by-export").read_text().split()
+    assert len(seen) == 1 and seen[0].endswith(".part")  # copying, nothing published yet
+    md5 = hashlib.md5(image.read_bytes()).hexdigest()
+    assert f'MD5 = "{md5}"' in reply.decoded().decode()
+    assert list(published(public).values()) == [image.read_bytes()]
+
+
+def test_export_naming_another_source_gets_that_one_imported(
+    oned: OneLocation, tmp_path: Path
+) -> None:
+    other = tmp_path / "converted.raw"
+    other.write_bytes(b"another image" * 1000)
+    _, public, payload = setup(oned, tmp_path, named=str(other))
+    mad = oned.start("-m", "http")
+    mad.request("IMPORT", 31, payload)
+    reply = mad.reply()
+    assert reply.ok, reply
+    assert list(published(public).values()) == [other.read_bytes()]
+    assert "the export named another source" in mad.log_text()
+
+
+def test_failed_export_discards_the_copy(oned: OneLocation, tmp_path: Path) -> None:
+    _, public, payload = setup(oned, tmp_path, then='echo "disk on fire" >&2; exit 3')
+    mad = oned.start("-m", "http")
+    mad.request("IMPORT", 31, payload)
+    reply = mad.reply()
+    assert not reply.ok
+    assert "Error exporting image to file" in reply.info and "disk on fire" in reply.info
+    assert files_in(public) == []
+
+
+def test_export_md5_other_than_the_copy_fails_and_leaves_nothing(
+    oned: OneLocation, tmp_path: Path
+) -> None:
+    _, public, payload = setup(oned, tmp_path, md5="0" * 32)
+    mad = oned.start("-m", "http")
+    mad.request("IMPORT", 31, payload)
+    reply = mad.reply()
+    assert not reply.ok and "MD5 mismatch" in reply.info, reply
+    assert files_in(public) == []
+
+
+@pytest.mark.parametrize("stop", ["finalize", "cancel"])
+def test_stop_while_the_export_runs_leaves_nothing(
+    oned: OneLocation, tmp_path: Path, stop: str
+) -> None:
+    hang = f"touch {tmp_path}/hung; i=0; while [ $i -lt 1000 ]; do sleep 0.02; i=$((i+1)); done"
+    _, public, payload = setup(oned, tmp_path, then=hang)
+    mad = oned.start("-m", "http")
+    mad.request("IMPORT", 31, payload)
+    wait_for(tmp_path / "hung")  # the export saw the copy's temporary file, and hangs
+    family = mad_family(mad.pid)
+    if stop == "finalize":
+        assert mad.finalize() == 0
+    else:
+        mad.send("DRIVER_CANCEL 31")
+        assert not mad.reply().ok
+    wait_gone(family)
+    assert files_in(public) == []
+
+
+# ------------------------------------------------------------------------------------------
+# the rules, one by one
+
+
+def guess_for(tmp: Path, source: str = "", bridge_list: str = "") -> ImportInfo | None:
+    template = {"BRIDGE_LIST": bridge_list} if bridge_list else None
+    payload = import_payload(
+        "http",
+        {"BASE_URL": "http://127.0.0.1:9/", "PUBLIC_DIR": str(tmp)},
+        image=image_xml(source=source, size_mb=7, format="qcow2"),
+        datastore=datastore_xml(template=template),
+    )
+    return overlap_guess(decode_action(payload))
+
+
+def test_only_a_readable_local_file_without_bridge_list_is_guessed(tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    image.write_bytes(b"x")
+    assert guess_for(tmp_path, str(image)) == ImportInfo(str(image), size_mb=7, format="qcow2")
+    assert guess_for(tmp_path, str(image), bridge_list="host1") is None  # export: ssh://host
+    assert guess_for(tmp_path, "one/one-12") is None  # a Ceph SOURCE
+    assert guess_for(tmp_path, str(tmp_path / "missing")) is None
+    assert guess_for(tmp_path, str(tmp_path)) is None  # a folder
+
+
+def test_the_answer_is_sent_only_when_the_export_agrees() -> None:
+    guess = ImportInfo("/d/img", size_mb=7, format="raw")
+    same = ImportInfo("/d/img", md5="ab" * 16, size_mb=8, format="qcow2")
+    assert json.loads(confirms(guess, same)) == {"md5": "ab" * 16, "size_mb": 8, "format": "qcow2"}
+    assert confirms(guess, ImportInfo("ssh://h:/d/img", md5="ab" * 16)) == b""
+    assert confirms(guess, ImportInfo("/d/img", md5="ab" * 16, dispose=True)) == b""
+
+
+def test_export_answer_read_in_the_child() -> None:
+    guess = ImportInfo("/d/img", size_mb=7, format="raw")
+    for sent, expected in (
+        (b'{"md5": "cd", "size_mb": 9, "format": "qcow2"}', ImportInfo("/d/img", "cd", 9, "qcow2")),
+        (b"", None),
+        (b"not json", None),
+        (b'{"md5": "cd"}', None),
+    ):
+        r, w = os.pipe()
+        os.write(w, sent)
+        os.close(w)
+        answer = ExportAnswer(r, guess)
+        if expected is None:
+            with pytest.raises(ExportDeclined):
+                answer()
+        else:
+            assert answer() == expected
+            assert answer() == expected  # read once, kept
