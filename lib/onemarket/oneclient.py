@@ -237,7 +237,6 @@ class OnedMarket(Market):
     """A marketplace read from oned: the driver's view plus what only oned knows."""
 
     state: int = MARKET_STATE_ENABLED
-    app_ids: tuple[int, ...] = ()
 
     @property
     def disabled(self) -> bool:
@@ -248,36 +247,21 @@ def market_from_pyone(obj: object) -> OnedMarket:
     """An :class:`OnedMarket` from pyone's MARKETPLACE binding."""
     attrs = _template_attrs(getattr(obj, "TEMPLATE", None))
     driver = _str(obj, "MARKET_MAD") or attrs.get("MARKET_MAD", "")
-    apps = getattr(getattr(obj, "MARKETPLACEAPPS", None), "ID", None) or []
     return OnedMarket(
         id=_int(obj, "ID"),
         name=_str(obj, "NAME"),
         driver=driver,
         attrs=attrs,
         state=_int(obj, "STATE", MARKET_STATE_ENABLED),
-        app_ids=tuple(int(i) for i in apps),
     )
 
 
 def find_market(server: xmlrpc.client.ServerProxy, ref: str) -> OnedMarket:
     """The marketplace ``ref`` (an id, or a name) as oned describes it."""
-    try:
-        if ref.strip().isdigit():
-            return market_from_pyone(server.market.info(int(ref)))
-        pool = server.marketpool.info()
-    except pyone.OneNoExistsException:
-        raise ConfigError(f"oned has no marketplace with id {ref}") from None
-    except Exception as exc:  # noqa: BLE001 - any transport or binding failure: one line
-        raise RemoteError(
-            f"cannot read marketplace '{ref}' from oned: {describe_failure(exc)}"
-        ) from None
-    matches = [m for m in (getattr(pool, "MARKETPLACE", None) or []) if str(m.NAME) == ref]
-    if not matches:
-        raise ConfigError(f"oned has no marketplace named '{ref}'")
-    if len(matches) > 1:
-        ids = ", ".join(str(m.ID) for m in matches)
-        raise ConfigError(f"several marketplaces are named '{ref}' (ids {ids}): use the id")
-    return market_from_pyone(matches[0])
+    return _find(
+        "marketplace", ref, server.market.info, server.marketpool.info, "MARKETPLACE",
+        market_from_pyone,
+    )  # fmt: skip
 
 
 def usable_hosts(names: Iterable[str], timeout_s: float = HOSTS_TIMEOUT_S) -> set[str] | None:
@@ -310,10 +294,8 @@ def usable_hosts(names: Iterable[str], timeout_s: float = HOSTS_TIMEOUT_S) -> se
 @dataclass(frozen=True)
 class OnedImage:
     id: int
-    name: str
     state: int
     size_mb: int
-    datastore_id: int
     error: str = ""
 
     @property
@@ -345,7 +327,6 @@ class OnedDatastore:
     name: str
     type: int
     state: int
-    free_mb: int
 
     @property
     def type_name(self) -> str:
@@ -360,10 +341,8 @@ def _error_of(obj: object) -> str:
 def image_from_pyone(obj: object) -> OnedImage:
     return OnedImage(
         id=_int(obj, "ID"),
-        name=_str(obj, "NAME"),
         state=_int(obj, "STATE"),
         size_mb=_int(obj, "SIZE", 0),
-        datastore_id=_int(obj, "DATASTORE_ID"),
         error=_error_of(obj),
     )
 
@@ -389,7 +368,6 @@ def datastore_from_pyone(obj: object) -> OnedDatastore:
         name=_str(obj, "NAME"),
         type=_int(obj, "TYPE"),
         state=_int(obj, "STATE", 0),
-        free_mb=_int(obj, "FREE_MB", 0),
     )
 
 
@@ -409,31 +387,38 @@ def call(what: str, request: Callable[[], T]) -> T:
         raise RemoteError(f"{what}: {describe_failure(exc)}") from None
 
 
-def find_datastore(server: Any, ref: str) -> OnedDatastore:
-    """The datastore ``ref`` (id or name); images can only be made in an IMAGE datastore."""
+def _find(
+    kind: str,
+    ref: str,
+    info: Callable[[int], object],
+    pool: Callable[[], object],
+    members: str,
+    convert: Callable[[Any], T],
+) -> T:
+    """The ``kind`` that ``ref`` names: an id (``info``), or a name unique in ``pool``."""
     ref = ref.strip()
+    what = f"cannot read {kind} '{ref}' from oned"
     try:
         if ref.isdigit():
-            found = [
-                datastore_from_pyone(
-                    call(f"datastore {ref}", lambda: server.datastore.info(int(ref)))
-                )
-            ]
-        else:
-            pool = call("datastore pool", lambda: server.datastorepool.info())
-            found = [
-                datastore_from_pyone(d)
-                for d in (getattr(pool, "DATASTORE", None) or [])
-                if str(d.NAME) == ref
-            ]
+            return convert(call(what, lambda: info(int(ref))))
+        listed = getattr(call(what, pool), members, None) or []
     except pyone.OneNoExistsException:
-        raise ConfigError(f"oned has no datastore with id {ref}") from None
+        raise ConfigError(f"oned has no {kind} with id {ref}") from None
+    found = [o for o in listed if str(o.NAME) == ref]
     if not found:
-        raise ConfigError(f"oned has no datastore named '{ref}'")
+        raise ConfigError(f"oned has no {kind} named '{ref}'")
     if len(found) > 1:
-        ids = ", ".join(str(d.id) for d in found)
-        raise ConfigError(f"several datastores are named '{ref}' (ids {ids}): use the id")
-    ds = found[0]
+        ids = ", ".join(str(o.ID) for o in found)
+        raise ConfigError(f"several {kind}s are named '{ref}' (ids {ids}): use the id")
+    return convert(found[0])
+
+
+def find_datastore(server: Any, ref: str) -> OnedDatastore:
+    """The datastore ``ref`` (id or name); images can only be made in an IMAGE datastore."""
+    ds = _find(
+        "datastore", ref, server.datastore.info, server.datastorepool.info, "DATASTORE",
+        datastore_from_pyone,
+    )  # fmt: skip
     if ds.type != DATASTORE_TYPE_IMAGE:
         raise ConfigError(
             f"datastore {ds.id} '{ds.name}' is a {ds.type_name} datastore: "
