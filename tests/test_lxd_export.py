@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from onemarket import downloader as dl
+from onemarket.transfer.local import owner_tag
 
 from tests.servers import need, need_program
 from tests.test_containerdisk import MTIME, member
@@ -585,7 +586,7 @@ def test_stop_signals_leave_nothing(server: Any, work: Path, signum: int) -> Non
 
 def test_leftovers_of_a_killed_run_are_removed(work: Path) -> None:
     """SIGKILL skips every clean-up: the next run removes what a dead pid of this host left."""
-    tag = dl._owner_tag().rsplit("-", 1)[0]
+    tag = owner_tag().rsplit("-", 1)[0]
     dead = subprocess.Popen(["true"])
     dead.wait()
     stale_dir = work / f".onemarket-lxd.{tag}-{dead.pid}.abcd1234"

@@ -28,13 +28,11 @@ next run on the same host (:func:`remove_stale_leftovers`).
 
 from __future__ import annotations
 
-import contextlib
 import getopt
 import os
 import re
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 from dataclasses import dataclass, replace
@@ -53,6 +51,7 @@ from .errors import (
 )
 from .location import S3Location
 from .transfer.hashing import Verifier
+from .transfer.local import TEMP_PREFIX, owner_tag, sweep_temps
 from .transfer.sinks import FileSink, Sink, StdoutSink, umask
 from .transfer.sources import (
     RESUME_ATTEMPTS,
@@ -325,7 +324,7 @@ def copy_to_dest(source: Source, sink: Sink, opts: Options, verifier: Verifier) 
 
 
 def open_sink(opts: Options, what: str) -> Sink:
-    return StdoutSink() if opts.to_stdout else FileSink(opts.dest, what, _owner_tag())
+    return StdoutSink() if opts.to_stdout else FileSink(opts.dest, what, owner_tag())
 
 
 def download_s3(opts: Options, environ: dict[str, str] | os._Environ[str]) -> PumpResult:
@@ -398,7 +397,7 @@ def lxd_workdir(dest: str, environ: dict[str, str] | os._Environ[str]) -> Path:
     else:
         parent = Path(environ.get("TMPDIR") or DEFAULT_LXD_TMP)
     try:
-        return Path(tempfile.mkdtemp(prefix=f"{LXD_WORKDIR_PREFIX}{_owner_tag()}.", dir=parent))
+        return Path(tempfile.mkdtemp(prefix=f"{LXD_WORKDIR_PREFIX}{owner_tag()}.", dir=parent))
     except OSError as exc:
         raise from_os_error(exc, f"work folder in {parent}") from None
 
@@ -582,28 +581,6 @@ def report_failure(message: str) -> None:
         out.flush()
 
 
-STALE_NAME_RE = re.compile(
-    r"^(?:\.onemarket-lxd\.(?P<a>[^.]+)\.[^.]+|\..+\.(?P<b>[^.]+)\.[^.]+\.part)$"
-)
-"""A leftover of ours: the lxd work folder or a ``.part`` file, named with host and pid."""
-
-
-def _owner_tag() -> str:
-    """``<host>-<pid>`` in leftover names, so a later run can tell whether their owner died."""
-    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
-    return f"{host}-{os.getpid()}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_leftovers(dest: str, environ: Any = None) -> list[Path]:
     """Remove what a SIGKILLed run of this host left (its ``.part`` file or lxd work folder),
     beside the destination and in the lxd temporary folder; the owner's pid must be gone."""
@@ -611,29 +588,11 @@ def remove_stale_leftovers(dest: str, environ: Any = None) -> list[Path]:
     folders = [Path(env.get("TMPDIR") or DEFAULT_LXD_TMP)]
     if dest != "-":
         folders.insert(0, Path(dest).parent)
-    host_prefix = _owner_tag().rsplit("-", 1)[0] + "-"
+    why = "an earlier download that was killed"
     removed: list[Path] = []
     for folder in folders:
-        try:
-            names = [e.name for e in os.scandir(folder) if e.name.startswith(".")]
-        except OSError:
-            continue
-        for name in names:
-            m = STALE_NAME_RE.match(name)
-            tag = m and (m.group("a") or m.group("b"))
-            if not tag or not tag.startswith(host_prefix):
-                continue
-            pid = tag[len(host_prefix) :]
-            if not pid.isdigit() or _pid_alive(int(pid)):
-                continue
-            path = folder / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-            removed.append(path)
-            driverlog.info(f"removed {path}, left by an earlier download that was killed")
+        removed += sweep_temps(folder, LXD_WORKDIR_PREFIX, "", left_by=why)
+        removed += sweep_temps(folder, TEMP_PREFIX, left_by=why)
     return removed
 
 

@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -39,7 +38,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from .errors import RemoteError, StorageError
-from .transfer.local import PRIVATE_FILE_MODE, atomic_file, unique_temp
+from .transfer.local import PRIVATE_FILE_MODE, UNIQUE_PREFIX, atomic_file, sweep_temps, unique_temp
 
 CONNECT_TIMEOUT_S = 10.0
 """Longest wait for a TCP connection to a catalog server."""
@@ -62,6 +61,8 @@ BODY_CHUNK_BYTES = 1 << 16
 """Read size while receiving a body (memory: one chunk on top of the body being collected)."""
 STALE_TMP_S = 3600.0
 """Age after which a temporary cache file (left by a killed monitor) is removed."""
+CACHE_SUFFIX = ".http"
+"""Ending of a cache entry's name, and of its temporary name while it is written."""
 RETRY_STATUSES = (500, 502, 503, 504)
 BODY_RETRY_COUNT = 1
 """Extra full GETs when the connection drops while the body is being received."""
@@ -211,7 +212,7 @@ class CachedFetcher:
             return None
         ua = self.session.headers.get("User-Agent", "")
         key = hashlib.sha256(f"{cache_url(url)}\n{ua}".encode()).hexdigest()
-        return self.cache_dir / f"{key}.http"
+        return self.cache_dir / f"{key}{CACHE_SUFFIX}"
 
     def _read_cache(self, path: Path | None) -> tuple[dict, bytes] | None:
         if path is None:
@@ -232,22 +233,14 @@ class CachedFetcher:
         meta = {**meta, "length": len(body)}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._remove_stale_tmp(path.parent)
+            sweep_temps(path.parent, UNIQUE_PREFIX, CACHE_SUFFIX, max_age_s=STALE_TMP_S)
             with atomic_file(
-                path, temp=unique_temp(path, suffix=".http"), mode=PRIVATE_FILE_MODE
+                path, temp=unique_temp(path, suffix=CACHE_SUFFIX), mode=PRIVATE_FILE_MODE
             ) as f:
                 f.write(json.dumps(meta).encode() + b"\n")
                 f.write(body)
         except (OSError, StorageError):
             pass  # a cache that cannot be written only costs a full download next time
-
-    @staticmethod
-    def _remove_stale_tmp(folder: Path) -> None:
-        now = time.time()
-        for tmp in folder.glob(".tmp-*.http"):
-            with contextlib.suppress(OSError):
-                if now - tmp.stat().st_mtime > STALE_TMP_S:
-                    tmp.unlink()
 
     def _drop_cache(self, path: Path | None) -> None:
         if path is not None:

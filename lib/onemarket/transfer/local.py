@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
+import shutil
+import socket
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import driverlog
 from ..errors import from_os_error
 from ..progress import Progress
 from .hashing import Digests, Expected
@@ -31,6 +36,8 @@ PRIVATE_FILE_MODE = 0o600
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 TEMP_PREFIX = "."
 TEMP_SUFFIX = ".part"
+UNIQUE_PREFIX = ".tmp-"
+"""Prefix of :func:`unique_temp` names by default."""
 TEMP_TOKEN_BYTES = 4
 """Random bytes in a :func:`unique_temp` name (8 hex digits, as mkstemp's 8 letters)."""
 
@@ -40,10 +47,72 @@ def temp_name(name: str) -> str:
     return f"{TEMP_PREFIX}{name}{TEMP_SUFFIX}"
 
 
-def unique_temp(final: Path, prefix: str = ".tmp-", suffix: str = TEMP_SUFFIX) -> Path:
+def unique_temp(final: Path, prefix: str = UNIQUE_PREFIX, suffix: str = TEMP_SUFFIX) -> Path:
     """A random hidden name beside ``final``, for writers that may run side by side (caches,
     downloads); their leftovers are found again by ``prefix`` and ``suffix``."""
     return final.parent / f"{prefix}{secrets.token_hex(TEMP_TOKEN_BYTES)}{suffix}"
+
+
+def owner_tag() -> str:
+    """``<host>-<pid>``, put in a temporary name so that :func:`sweep_temps` can tell, later,
+    whether its writer died."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def sweep_temps(
+    folder: Path,
+    prefix: str,
+    suffix: str = TEMP_SUFFIX,
+    *,
+    max_age_s: float | None = None,
+    left_by: str = "",
+) -> list[Path]:
+    """Remove what killed writers left in ``folder`` (a SIGKILL skips every clean-up): the
+    entries named ``prefix...suffix``, files or work folders, whose :func:`owner_tag` (the
+    dot-separated word before the random one) names a dead process of this host, or, untagged,
+    older than ``max_age_s`` (None: only tagged ones go). Another host's tag is never removed.
+    Best effort, never fails; with ``left_by`` each removal is an INFO line."""
+    host = owner_tag().rsplit("-", 1)[0]
+    now = time.time()
+    removed: list[Path] = []
+    try:
+        entries = [e for e in os.scandir(folder) if e.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for entry in entries:
+        words = entry.name[len(prefix) : len(entry.name) - len(suffix)].split(".")
+        if not entry.name.endswith(suffix) or not words[-1]:
+            continue
+        tag = re.fullmatch(r"(.+)-(\d+)", words[-2]) if len(words) > 1 else None
+        try:
+            if tag is not None:
+                stale = tag.group(1) == host and not _pid_alive(int(tag.group(2)))
+            else:
+                age_s = now - entry.stat(follow_symlinks=False).st_mtime
+                stale = max_age_s is not None and age_s > max_age_s
+            if not stale:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(Path(entry.path))
+        if left_by:
+            driverlog.info(f"removed {entry.path}, left by {left_by}")
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class AtomicFile:
