@@ -32,9 +32,10 @@ import requests
 from onemarket import cli, driverlog, web
 from onemarket.action import Market
 from onemarket.backends.base import Context, MonitorResult
+from onemarket.backends.s3 import S3Backend
 from onemarket.catalogs.linuxcontainers import LinuxContainersCatalog
 from onemarket.catalogs.opennebula import OpenNebulaCatalog
-from onemarket.errors import ChecksumError
+from onemarket.errors import ChecksumError, StorageError
 from onemarket.installation import Installation
 from onemarket.mirror import fetch
 from onemarket.mirror.command import add_mirror_parser
@@ -813,6 +814,34 @@ def test_to_s3_market_uploads_the_tree_under_a_prefix(
     assert "Phoenix RTOS" not in apps
     body = curl(apps["NixOS"].get("SOURCE"), tmp_path / "download")
     assert hashlib.md5(body).hexdigest() == apps["NixOS"].get("MD5") == nixos["files"][0]["md5"]
+
+
+def test_to_s3_market_failed_midway_records_what_it_uploaded(
+    appmarket: Appmarket,
+    rgw: CephRgw,
+    installation: Installation,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The second upload fails: the state names the first, which the next run does not send."""
+    source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
+    run = BucketMirroring(installation, source, rgw, tmp_path, "half")
+    real, calls = S3Backend.put_file, []
+
+    def second_fails(self: S3Backend, key: str, path: str, md5: str = "") -> str:
+        calls.append(key)
+        if len(calls) == 2:
+            raise StorageError("the link went down")
+        return real(self, key, path, md5)
+
+    monkeypatch.setattr(S3Backend, "put_file", second_fails)
+    target = ("--to-market", str(run.template), "--sub-path", run.prefix)
+    code, _, err = mirror(installation, str(source), *target)
+    assert code == 1 and "the link went down" in err
+    assert calls[-1].endswith("/.onemarket-mirror/uploaded.json")  # the state, after the failure
+    monkeypatch.setattr(S3Backend, "put_file", real)
+    upload = run.upload()
+    assert upload["files"] == len(appmarket.blobs) - 1 and upload["unchanged"] == 1
 
 
 def test_to_s3_market_serves_a_simplestreams_tree(

@@ -11,8 +11,9 @@ store.py), then copied to ``<bucket>/<sub-path>/`` with the s3 backend's own ver
 
 A PUT replaces an object only once it is complete, so a reader sees the previous or the new
 file, never a part, and a run stopped midway leaves the previous catalog with every file it
-names still there. Unlike the folder's renames there is no single switch: a changed file kept
-at the same path (a ``one`` appliance's ``download/0``) is new a few seconds before its catalog.
+names still there (the state records the files it stored, so the next run skips them). Unlike
+the folder's renames there is no single switch: a changed file kept at the same path (a
+``one`` appliance's ``download/0``) is new a few seconds before its catalog.
 ``--prune`` deletes, after the catalogs, the objects the state names and the tree no longer has.
 The bucket must exist (the s3 marketplace creates it on its first import).
 
@@ -26,6 +27,7 @@ key: those keys are stored too.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import tempfile
@@ -133,35 +135,47 @@ class S3Target:
     # ----------------------------------------------------------------------- the upload
 
     def upload(self, store: LocalStore, catalog_names: Iterable[str], prune: bool) -> Uploaded:
-        """Make the prefix hold the published tree of ``store`` (files, catalogs, state)."""
+        """Make the prefix hold the published tree of ``store`` (files, catalogs, state).
+
+        A run that fails or is stopped midway still records what it stored (best effort), so
+        that the next run does not send those files again."""
         out = Uploaded(self.url)
         state = self.read_state()
         new_state: dict[str, str] = {}
-        for path, identity in sorted(store.manifest.items()):
-            local = store.final_path(path)
-            if not local.is_file():
-                continue
-            new_state[path] = identity
-            if state.get(path) == identity:
-                out.unchanged += 1
-                continue
-            self.backend.put_file(self.key(path), str(local))
-            out.files += 1
-            out.bytes += local.stat().st_size
-        with tempfile.TemporaryDirectory(prefix="onemarket-mirror-") as tmp:
-            for name, body in store.read_catalogs(catalog_names).items():
-                md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
-                keys = catalog_keys(name)
-                for path in keys:
-                    new_state[path] = f"md5={md5}"
-                if all(state.get(path) == new_state[path] for path in keys):
+        sent: dict[str, str] = {}  # stored by this run, path -> identity
+        try:
+            for path, identity in sorted(store.manifest.items()):
+                local = store.final_path(path)
+                if not local.is_file():
                     continue
-                staged = Path(tmp) / "catalog"
-                staged.write_bytes(body)
-                for path in keys:
-                    self.backend.put_file(self.key(path), str(staged), md5)
-                out.catalogs += 1
-                out.bytes += len(body)
+                new_state[path] = identity
+                if state.get(path) == identity:
+                    out.unchanged += 1
+                    continue
+                self.backend.put_file(self.key(path), str(local))
+                sent[path] = identity
+                out.files += 1
+                out.bytes += local.stat().st_size
+            with tempfile.TemporaryDirectory(prefix="onemarket-mirror-") as tmp:
+                for name, body in store.read_catalogs(catalog_names).items():
+                    md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
+                    keys = catalog_keys(name)
+                    for path in keys:
+                        new_state[path] = f"md5={md5}"
+                    if all(state.get(path) == new_state[path] for path in keys):
+                        continue
+                    staged = Path(tmp) / "catalog"
+                    staged.write_bytes(body)
+                    for path in keys:
+                        self.backend.put_file(self.key(path), str(staged), md5)
+                        sent[path] = new_state[path]
+                    out.catalogs += 1
+                    out.bytes += len(body)
+        except BaseException:
+            if sent:
+                with contextlib.suppress(Exception):
+                    self._save_state({**state, **sent})
+            raise
         if prune:
             for path in sorted(set(state) - set(new_state)):
                 self._delete(path)
