@@ -25,12 +25,9 @@ one WARN line names the dependencies that were skipped.
 
 from __future__ import annotations
 
-import bz2
 import contextlib
-import gzip
 import io
 import json
-import lzma
 import os
 import re
 import shutil
@@ -46,6 +43,7 @@ from urllib.parse import urljoin
 
 from . import driverlog
 from .errors import ConfigError, RemoteError, SourceError, one_line
+from .transfer.stages import Decompressor
 
 CONTEXT_ATTR = "CONTEXT_PACKAGES"
 CONTEXT_ENV = "ONE_MARKET_CONTEXT_PACKAGES"
@@ -121,23 +119,12 @@ def configured_source(attrs: Mapping[str, str], environ: Mapping[str, str]) -> s
 
 
 def _http_get(session: Any, url: str, limit: int, timeouts: tuple[float, float]) -> bytes:
-    import requests
-
-    from .web import describe_request_error
+    from .web import CachedFetcher
 
     try:
-        with session.get(url, stream=True, timeout=timeouts) as resp:
-            if resp.status_code != 200:
-                raise RemoteError(f"context package source {url} answered HTTP {resp.status_code}")
-            chunks, total = [], 0
-            for chunk in resp.iter_content(1 << 16):
-                total += len(chunk)
-                if total > limit:
-                    raise RemoteError(f"context package source {url} sent more than {limit} bytes")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except requests.RequestException as exc:
-        raise RemoteError(f"cannot fetch {url}: {describe_request_error(exc)}") from None
+        return CachedFetcher(session, None, *timeouts, max_body_bytes=limit).get(url).body
+    except RemoteError as exc:
+        raise RemoteError(f"context package source: {exc}") from None
 
 
 def list_candidates(source: str, session: Any, timeouts: tuple[float, float]) -> dict[str, str]:
@@ -197,31 +184,31 @@ def _too_big() -> SourceError:
     return SourceError(f"the context package unpacks to more than {MAX_UNPACKED_BYTES} bytes")
 
 
+_COMPRESSIONS = {".xz": "xz", ".lzma": "lzma", ".gz": "gzip", ".bz2": "bzip2"}
+"""Member name endings and the :class:`stages.Decompressor` kind for each."""
+
+
 def _decompress(name: str, data: bytes) -> bytes:
     """``data`` uncompressed by its name's suffix, bounded by MAX_UNPACKED_BYTES."""
-    limit = MAX_UNPACKED_BYTES + 1
-    try:
-        if name.endswith(".xz") or name.endswith(".lzma"):
-            out = lzma.LZMADecompressor().decompress(data, max_length=limit)
-        elif name.endswith(".gz"):
-            out = _gunzip(data, limit)
-        elif name.endswith(".bz2"):
-            out = bz2.BZ2Decompressor().decompress(data, max_length=limit)
-        elif name.endswith(".zst"):
-            out = _unzstd(data, limit)
-        else:
-            return data
-    except (lzma.LZMAError, OSError, EOFError) as exc:
-        raise SourceError(f"the context package's {name} is corrupt ({exc})") from None
-    if len(out) >= limit:
-        raise _too_big()
-    return out
+    if name.endswith(".zst"):
+        out = _unzstd(data, MAX_UNPACKED_BYTES + 1)
+        if len(out) > MAX_UNPACKED_BYTES:
+            raise _too_big()
+        return out
+    kind = next((k for end, k in _COMPRESSIONS.items() if name.endswith(end)), None)
+    return data if kind is None else _unpack(kind, data, f"the context package's {name}")
 
 
-def _gunzip(data: bytes, limit: int) -> bytes:
-    """All gzip members of ``data`` (an .apk is several), at most ``limit`` bytes."""
-    with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
-        return f.read(limit)
+def _unpack(kind: str, data: bytes, what: str) -> bytes:
+    """All members of ``data`` (an .apk is several gzip ones), at most MAX_UNPACKED_BYTES."""
+    dec = Decompressor(kind, what)
+    out = bytearray()
+    for piece in dec.feed(data):
+        out += piece
+        if len(out) > MAX_UNPACKED_BYTES:
+            raise _too_big()
+    dec.finish()
+    return bytes(out)
 
 
 def _unzstd(data: bytes, limit: int) -> bytes:
@@ -293,12 +280,7 @@ def read_deb(data: bytes) -> tuple[list[tuple[tarfile.TarInfo, bytes | None]], l
 
 
 def read_apk(data: bytes) -> tuple[list[tuple[tarfile.TarInfo, bytes | None]], list[str]]:
-    try:
-        raw = _gunzip(data, MAX_UNPACKED_BYTES + 1)
-    except (OSError, EOFError) as exc:
-        raise SourceError(f"not an .apk (gzip) package ({exc})") from None
-    if len(raw) > MAX_UNPACKED_BYTES:
-        raise _too_big()
+    raw = _unpack("gzip", data, "not an .apk (gzip) package")
     files: list[tuple[tarfile.TarInfo, bytes | None]] = []
     depends: list[str] = []
     with tarfile.open(fileobj=io.BytesIO(raw), mode="r:", ignore_zeros=True) as tar:
@@ -484,7 +466,7 @@ def build_overlay(
         members, depends = READERS[family.kind](data)
     except SourceError as exc:
         raise SourceError(f"context package {location}: {exc}") from None
-    except (tarfile.TarError, lzma.LZMAError, OSError, EOFError, ValueError) as exc:
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         raise SourceError(
             f"context package {name} is not a valid {family.kind} ({type(exc).__name__})"
         ) from None

@@ -60,7 +60,8 @@ def detect_archive(head: bytes) -> str | None:
 
 
 class Decompressor:
-    """Streaming decompression of concatenated gzip/bzip2/xz members, bounded output per call.
+    """Streaming decompression of concatenated gzip/bzip2/xz members (or one legacy ``lzma``
+    stream, as old .deb members are), bounded output per call.
 
     Like gunzip, bunzip2 and unxz, a stream made of several members is decompressed whole and
     NUL padding between or after members is skipped; bytes after a member that do not start
@@ -77,7 +78,9 @@ class Decompressor:
             return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
         if self.kind == "bzip2":
             return bz2.BZ2Decompressor()
-        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+        return lzma.LZMADecompressor(
+            format=lzma.FORMAT_XZ if self.kind == "xz" else lzma.FORMAT_ALONE
+        )
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         """Decompressed chunks (each at most CHUNK_BYTES) for the next compressed bytes."""
