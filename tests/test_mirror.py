@@ -47,6 +47,7 @@ from onemarket.mirror.report import (
     Reporter,
 )
 from onemarket.mirror.s3target import S3Target
+from onemarket.mirror.store import LocalStore
 from onemarket.template import Template, parse_template
 from rich.console import Console
 
@@ -188,7 +189,7 @@ def tree_files(tree: Path) -> set[str]:
 
 
 def leftovers(tree: Path) -> list[str]:
-    return sorted(p for p in tree_files(tree) if p.endswith((".part", ".ready")))
+    return sorted(p for p in tree_files(tree) if p.endswith((".part", ".ready", ".new")))
 
 
 def assert_valid_one_mirror(tree: Path) -> set[str]:
@@ -494,6 +495,17 @@ def _tmpfs(folder: Path, size_bytes: int) -> bool:
         ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(folder)], capture_output=True
     )
     return done.returncode == 0
+
+
+def test_a_failed_rename_while_publishing_leaves_no_new_file(tmp_path: Path) -> None:
+    """The catalogs are written as hidden '.new' files, then renamed: one rename failing (a
+    folder in the way) removes those not renamed yet."""
+    store = LocalStore(tmp_path)
+    (tmp_path / "appliance.json" / "in-the-way").mkdir(parents=True)
+    with pytest.raises(StorageError, match=r"cannot publish .*appliance\.json"):
+        store.publish([], {"streams.json": b"{}", "appliance.json": b"{}"})
+    assert (tmp_path / "streams.json").read_bytes() == b"{}"  # renamed before the failure
+    assert [p for p in tree_files(tmp_path) if p.endswith(".new")] == []
 
 
 def test_disk_full_fails_the_run_and_leaves_the_previous_mirror(

@@ -206,26 +206,26 @@ class LocalStore:
             ]:
                 if not _holds(final, body):
                     pending.append(self._write_new(final, body))
-        except BaseException:
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+            try:
+                folders: set[Path] = set()
+                moves = [(self.ready_path(f), self.final_path(f.path)) for f in staged] + pending
+                for source, final in moves:
+                    try:
+                        os.replace(source, final)
+                    except OSError as exc:
+                        raise from_os_error(exc, f"cannot publish {final}") from None
+                    folders.add(final.parent)
+                for folder in folders:
+                    fsync_dir(folder)
+                self._manifest = manifest
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        except BaseException:  # the .new files not renamed yet (staged files stay, verified)
             for new, _final in pending:
                 with contextlib.suppress(OSError):
                     os.unlink(new)
             raise
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
-        try:
-            folders: set[Path] = set()
-            moves = [(self.ready_path(f), self.final_path(f.path)) for f in staged] + pending
-            for source, final in moves:
-                try:
-                    os.replace(source, final)
-                except OSError as exc:
-                    raise from_os_error(exc, f"cannot publish {final}") from None
-                folders.add(final.parent)
-            for folder in folders:
-                fsync_dir(folder)
-            self._manifest = manifest
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def prune(self, keep: Iterable[str], keep_staged: Iterable[MirrorFile]) -> list[str]:
         """Remove every file of the tree that ``keep`` (relative paths) does not name, and
