@@ -51,7 +51,7 @@ from .errors import (
 )
 from .location import S3Location
 from .transfer.hashing import Verifier
-from .transfer.local import TEMP_PREFIX, owner_tag, sweep_temps
+from .transfer.local import TEMP_PREFIX, AtomicFile, owner_tag, sweep_temps
 from .transfer.sinks import FileSink, Sink, StdoutSink, umask
 from .transfer.sources import (
     RESUME_ATTEMPTS,
@@ -72,6 +72,9 @@ STOCK_ENV = "ONE_MARKET_STOCK_DOWNLOADER"
 """Environment variable naming the original downloader (tests, unusual layouts)."""
 WRAPPER_MARKER = b"onemarket"
 """Marker install.sh writes in its wrappers: a script carrying it is ours, never the original."""
+PRIVATE_VENV = Path("lib", "market-python")
+"""Where install.sh puts our interpreter under a ONE_LOCATION (``/usr/lib/one/market-python``
+in the system layout, whose remotes are found without it)."""
 WRAPPER_PROBE_BYTES = 512
 """Head of a candidate original read to look for the marker (only the first lines matter)."""
 
@@ -182,19 +185,23 @@ def request_scheme(argv: list[str]) -> str | None:
 
 
 def find_stock_downloader(environ: dict[str, str] | os._Environ[str]) -> Path | None:
-    """The original downloader.sh: the env override, else the installation's ``.orig``.
+    """The original downloader.sh: the env override, else the installation's ``.orig``: that
+    of ONE_LOCATION when set, else that of the ONE_LOCATION our interpreter was installed in
+    (``<ONE_LOCATION>/lib/market-python``: a wrapper run by hand, without the variable), then
+    the system layout's.
 
     A script carrying install.sh's marker is our own wrapper and is never returned (running it
     would loop back here).
     """
-    override = environ.get(STOCK_ENV, "").strip()
-    if override:
-        candidates = [Path(override)]
-    else:
-        from .installation import Installation
+    from .installation import Installation
 
-        found = Installation.detect(dict(environ)).stock_downloader()
-        candidates = [found] if found is not None else []
+    override = environ.get(STOCK_ENV, "").strip()
+    layouts = [dict(environ)]
+    venv = Path(sys.prefix)
+    if not environ.get("ONE_LOCATION", "").strip() and venv.parts[-2:] == PRIVATE_VENV.parts:
+        layouts.insert(0, {"ONE_LOCATION": str(venv.parent.parent)})
+    found = (Installation.detect(env).stock_downloader() for env in layouts)
+    candidates = [Path(override)] if override else [p for p in found if p is not None]
     for path in candidates:
         try:
             with open(path, "rb") as fh:
@@ -426,8 +433,8 @@ def install_with_package_manager(
 
 
 def deliver(image: Path, opts: Options, what: str) -> None:
-    """The built image to the destination: renamed into place, or streamed (stdout, ``-c``,
-    ``-m``/``-s`` checks, a device or FIFO destination)."""
+    """The built image to the destination: renamed into place (fsynced, as every file we
+    publish), or streamed (stdout, ``-c``, ``-m``/``-s`` checks, a device or FIFO destination)."""
     direct = (
         not opts.to_stdout
         and not opts.hashes
@@ -435,11 +442,7 @@ def deliver(image: Path, opts: Options, what: str) -> None:
         and not (Path(opts.dest).exists() and not Path(opts.dest).is_file())
     )
     if direct:
-        try:
-            os.chmod(image, 0o666 & ~umask())
-            os.replace(image, opts.dest)
-        except OSError as exc:
-            raise from_os_error(exc, f"moving the image into {opts.dest}") from None
+        AtomicFile(Path(opts.dest), temp=image, mode=0o666 & ~umask(), written=True).commit()
         return
     with open(image, "rb") as fh:
         copy_to_dest(

@@ -119,13 +119,22 @@ class AtomicFile:
     """A file written under a temporary name and renamed into place by :meth:`commit`.
 
     ``temp`` defaults to :func:`temp_name` beside ``final``; it is created with O_EXCL, so a
-    name another writer holds is refused, never shared or removed. :meth:`abort` removes the
+    name another writer holds is refused, never shared or removed, unless ``written`` says it
+    is a file already written on ``final``'s filesystem (a built disk), which is then
+    published the same way. :meth:`abort` removes the
     temporary file (or the published one when the rename already happened). Prefer
     :func:`atomic_file`, which also makes a stop signal unwind through the clean-up; the class
     serves sinks whose write, commit and abort are separate calls.
     """
 
-    def __init__(self, final: Path, *, temp: Path | None = None, mode: int = PUBLIC_FILE_MODE):
+    def __init__(
+        self,
+        final: Path,
+        *,
+        temp: Path | None = None,
+        mode: int = PUBLIC_FILE_MODE,
+        written: bool = False,
+    ):
         self.final = Path(final)
         self.tmp = temp if temp is not None else self.final.parent / temp_name(self.final.name)
         self.mode = mode
@@ -134,7 +143,8 @@ class AtomicFile:
         # a signal right after the file was created, even before ``fd`` is set, removes it
         with self.aborting():
             try:
-                self.fd = os.open(self.tmp, _CREATE_FLAGS, PRIVATE_FILE_MODE)
+                flags = os.O_WRONLY | os.O_CLOEXEC if written else _CREATE_FLAGS
+                self.fd = os.open(self.tmp, flags, PRIVATE_FILE_MODE)
             except FileExistsError:
                 self._state = "gone"  # another writer's name: never removed
                 raise
