@@ -437,6 +437,7 @@ class Item:
 class Build:
     """The newest build of one product, with the items this driver can publish."""
 
+    key: str  # the product's key in the catalog (``distro:release:arch:variant``)
     distro: str
     release: str
     arch: str  # OpenNebula name
@@ -531,6 +532,7 @@ def newest_build(key: str, product: object, want_rootfs: bool, want_disk: bool) 
     if want_rootfs and CONTAINER_ITEM in items:
         rootfs = _item(CONTAINER_ITEM, items[CONTAINER_ITEM])
     return Build(
+        key=key,
         distro=distro,
         release=release,
         arch=SIMPLESTREAMS_TO_ONE_ARCH.get(ss_arch, ss_arch),

@@ -84,22 +84,6 @@ def _product_paths(product: Mapping[str, object]) -> set[str]:
     return paths
 
 
-def _product_key(products: Mapping[str, object], build: lxc.Build) -> str:
-    ss_arch = lxc.ONE_TO_SIMPLESTREAMS_ARCH.get(build.arch, build.arch)
-    key = f"{build.distro}:{build.release}:{ss_arch}:{build.variant}"
-    if key in products:
-        return key
-    for candidate in products:  # an architecture name the driver does not translate back
-        parts = str(candidate).split(":")
-        if (
-            len(parts) == 4
-            and (parts[0], parts[1], parts[3]) == (build.distro, build.release, build.variant)
-            and lxc.SIMPLESTREAMS_TO_ONE_ARCH.get(parts[2], parts[2]) == build.arch
-        ):
-            return str(candidate)
-    raise RemoteError(f"product of {build.distro}:{build.release} not found again in the catalog")
-
-
 def _renamed_key(key: str, suffix: str) -> str:
     """The suffix goes after the release: the driver builds app names from the product key
     (``<distro>_<release>[_<variant>] - LXC``), so this is where a name can change."""
@@ -146,8 +130,8 @@ def plan(
         try:
             entries.append(_ss_entry(opts, products, build, picked, selection, sizes))
         except (MarketError, KeyError, TypeError, AttributeError) as exc:
-            what = f"{build.distro}:{build.release}:{build.arch}:{build.variant}"
-            warnings.append(f"skipping product {one_line(what, 120)}: {one_line(str(exc), 200)}")
+            what = one_line(build.key, 120)
+            warnings.append(f"skipping product {what}: {one_line(str(exc), 200)}")
     top = {k: v for k, v in catalog.items() if k != "products"}  # type: ignore[union-attr]
     return Plan(FORMAT, url, entries, top, 1, from_cache, ranged, warnings)
 
@@ -161,7 +145,7 @@ def _ss_entry(
     sizes: Mapping[str, int],
 ) -> MirrorEntry:
     """The newest build of one product, limited to the items the picked apps need."""
-    key = _product_key(products, build)
+    key = build.key
     product = products[key]
     version = product["versions"][build.serial]
     items = version["items"]
