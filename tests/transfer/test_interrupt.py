@@ -1,4 +1,4 @@
-"""The one signal-to-exception mechanism: which signals unwind, nesting, restore, time limit."""
+"""The one signal-to-exception mechanism: which signals unwind, nesting, restore."""
 
 from __future__ import annotations
 
@@ -61,14 +61,6 @@ def test_an_ignored_sighup_stays_ignored() -> None:
         assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, previous)
-
-
-def test_time_limit_raises_and_an_enclosing_timer_gets_its_time_back() -> None:
-    before = signal.getitimer(signal.ITIMER_REAL)[0]  # pytest-timeout may have armed one
-    with pytest.raises(Interrupted, match="time limit"), interruptible("test", timeout_s=0.05):
-        _wait()
-    after = signal.getitimer(signal.ITIMER_REAL)[0]
-    assert after == 0.0 if before == 0.0 else 0.0 < after <= before
 
 
 def test_outside_the_main_thread_it_does_nothing() -> None:

@@ -8,8 +8,6 @@ it). Python's default for SIGTERM and SIGHUP is to die at once, skipping every `
   terminal or ssh session went away) raise in the main thread. SIGINT and SIGHUP are left
   alone when they were ignored on entry (``nohup``, a background job of a non-interactive
   shell): ignoring them was asked for.
-- ``timeout_s`` arms a timer (SIGALRM) that raises the same way: a limit that also interrupts
-  calls blocked in C (a socket, a lock).
 - Only the first signal raises; later ones are ignored until the outermost block is left, so
   the clean-up cannot be interrupted half-way.
 - What is raised inside is a BaseException, like KeyboardInterrupt, so that no
@@ -34,7 +32,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -55,7 +52,7 @@ SHELL_SIGNAL_BASE = 128
 
 
 class Interrupted(ActionTimeout):
-    """A stop signal or the block's time limit ended the work (what leaves the block)."""
+    """A stop signal ended the work (what leaves the block)."""
 
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
@@ -83,9 +80,9 @@ _fired = False
 
 
 @contextmanager
-def interruptible(what: str, timeout_s: float | None = None) -> Iterator[None]:
-    """Within the block, SIGTERM/SIGINT/SIGHUP (and the ``timeout_s`` limit) raise, naming
-    ``what``; :class:`Interrupted` leaves the outermost block. Handlers are restored on exit."""
+def interruptible(what: str) -> Iterator[None]:
+    """Within the block, SIGTERM/SIGINT/SIGHUP raise, naming ``what``; :class:`Interrupted`
+    leaves the outermost block. Handlers are restored on exit."""
     global _depth, _fired
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -96,8 +93,6 @@ def interruptible(what: str, timeout_s: float | None = None) -> Iterator[None]:
         if _fired:
             return
         _fired = True
-        if signum == signal.SIGALRM:
-            raise _Signalled(f"{what}: time limit of {timeout_s:.0f} s reached", signum)
         name = signal.Signals(signum).name
         raise _Signalled(f"{what} stopped by {name} ({_REASONS[signum]})", signum)
 
@@ -106,11 +101,6 @@ def interruptible(what: str, timeout_s: float | None = None) -> Iterator[None]:
         if sig in _RESPECT_IGNORED and signal.getsignal(sig) == signal.SIG_IGN:
             continue
         previous[sig] = signal.signal(sig, handler)
-    outer_timer: tuple[float, float] = (0.0, 0.0)
-    armed_at = time.monotonic()
-    if timeout_s:
-        previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, handler)
-        outer_timer = signal.setitimer(signal.ITIMER_REAL, timeout_s)
     _depth += 1
     try:
         yield
@@ -120,10 +110,6 @@ def interruptible(what: str, timeout_s: float | None = None) -> Iterator[None]:
         raise
     finally:
         _depth -= 1
-        if timeout_s:
-            # an enclosing block's timer gets back what is left of its time
-            left = outer_timer[0] - (time.monotonic() - armed_at) if outer_timer[0] else 0.0
-            signal.setitimer(signal.ITIMER_REAL, max(left, 0.001) if outer_timer[0] else 0.0)
         for sig, old in previous.items():
             signal.signal(sig, old)  # type: ignore[arg-type]
         if _depth == 0:
