@@ -15,8 +15,6 @@ import contextlib
 import shlex
 import subprocess
 import tempfile
-from collections.abc import Callable
-from typing import Any
 
 from .. import driverlog
 from ..errors import MarketError, RemoteError, StorageError, StorageFullError, one_line
@@ -92,7 +90,7 @@ def _remote_failure(host: str, code: int, text: str) -> MarketError:
     return StorageError(f"bridge host {host}: {text or f'command exited with status {code}'}")
 
 
-class RemoteAtomicFile:
+class RemoteAtomicFile(PipeSink):
     """The ssh twin of :class:`local.AtomicFile`, a sink (``write``/``skip``, ``commit``,
     ``abort``) for ``host:folder/name``: the bytes go through ssh into ``dd conv=sparse``
     writing a hidden temporary name; :meth:`finish` ends the stream and checks the size the
@@ -118,27 +116,21 @@ class RemoteAtomicFile:
                 ssh_argv(host, script), stdin=subprocess.PIPE, stdout=self._out, stderr=self._err
             )
         except OSError as exc:
-            self._state = "gone"
             self._close_files()
             raise RemoteError(f"cannot run ssh to reach {host}: {exc.strerror}") from None
         assert self._proc.stdin is not None
-        self._pipe = PipeSink(self._proc.stdin.fileno())
+        super().__init__(self._proc.stdin.fileno())
 
     def write(self, data: bytes | memoryview) -> None:
-        self._piped(self._pipe.write, data, len(data))
-
-    def skip(self, count: int) -> None:
-        self._piped(self._pipe.skip, count, count)
-
-    def _piped(self, send: Callable[[Any], None], what: Any, count: int) -> None:
+        """Send ``data`` (a hole is sent as zeros: ``skip`` writes them here)."""
         try:
-            send(what)
+            super().write(data)
         except BrokenPipeError:
             self._wait_writer()  # raises the host's reason
             raise RemoteError(
                 f"bridge host {self.host} closed the connection while writing"
             ) from None
-        self.size_bytes += count
+        self.size_bytes += len(data)
 
     def finish(self) -> None:
         """End the stream; fail unless the host wrote and synced every byte."""
@@ -171,11 +163,21 @@ class RemoteAtomicFile:
         state, self._state = self._state, "gone"
         if state == "gone":
             return
-        _stop(self._proc)
+        if self._proc.poll() is None:
+            self._proc.kill()  # also unblocks a write stuck on a stalled link
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=CLEANUP_TIMEOUT_S)
+        with contextlib.suppress(OSError):
+            self._proc.stdin.close()  # type: ignore[union-attr]
         self._close_files()
         # interrupted while renaming: the name is ours alone, and oned records a failure
-        paths = {"committing": [self.tmp, self.final], "renamed": [self.final]}
-        _cleanup(self.host, paths.get(state, [self.tmp]))
+        paths = {"committing": [self.tmp, self.final], "renamed": [self.final]}.get(
+            state, [self.tmp]
+        )
+        try:
+            run_remote(self.host, f"rm -f -- {shlex.join(paths)}", timeout_s=CLEANUP_TIMEOUT_S)
+        except MarketError as exc:
+            driverlog.warn(f"{self.host}:{paths[0]} may be left behind: {exc}")
 
     def _wait_writer(self) -> None:
         assert self._proc.stdin is not None
@@ -217,23 +219,3 @@ def write_remote_atomically(
             out.abort()
             raise
     return digests
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """End ssh (killed if still running), its stdin closed."""
-    if proc.poll() is None:
-        proc.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=CLEANUP_TIMEOUT_S)
-    if proc.stdin is not None:
-        with contextlib.suppress(OSError):
-            proc.stdin.close()
-
-
-def _cleanup(host: str, paths: list[str]) -> None:
-    """Remove what a failed import wrote; a host that cannot be reached gets a WARN line."""
-    quoted = " ".join(shlex.quote(p) for p in paths)
-    try:
-        run_remote(host, f"rm -f -- {quoted}", timeout_s=CLEANUP_TIMEOUT_S)
-    except MarketError as exc:
-        driverlog.warn(f"{host}:{paths[0]} may be left behind: {exc}")
