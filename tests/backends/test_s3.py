@@ -294,6 +294,27 @@ def test_existing_object_is_an_error(rgw: CephRgw, s3, bucket: str, tmp_path: Pa
     assert s3.get_object(Bucket=bucket, Key="marketapp-7")["Body"].read() == b"someone else's"
 
 
+def test_claim_retried_after_a_lost_answer_is_still_ours(
+    rgw: CephRgw, s3, bucket: str, tmp_path: Path
+) -> None:
+    """The placeholder PUT succeeds but its answer is lost, so botocore sends it again: the
+    retry's 412 is about our own placeholder, and the import goes on."""
+    image = tmp_path / "img"
+    md5 = write_random(image, 1000)[0]
+    backend = make_backend(market_attrs(rgw, bucket), tmp_path)
+    real = backend.client.put_object
+
+    def answer_lost(**kwargs):
+        if kwargs.get("IfNoneMatch") == "*":
+            real(**kwargs)
+        return real(**kwargs)
+
+    backend.client.put_object = answer_lost
+    assert do_import(backend, str(image)).md5 == md5
+    got = s3.get_object(Bucket=bucket, Key="marketapp-7")["Body"].read()
+    assert hashlib.md5(got).hexdigest() == md5
+
+
 @pytest.mark.parametrize("size", [MIB, 12 * MIB], ids=["single", "multipart"])
 def test_concurrent_imports_of_one_app_have_one_winner(
     rgw: CephRgw, s3, bucket: str, tmp_path: Path, size: int

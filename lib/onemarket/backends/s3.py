@@ -108,6 +108,8 @@ COPY_PART_BYTES = 1 << 30
 """Part size of a server-side multipart copy (no data goes through us, so no memory cost)."""
 CHECK_CLIENT_OPTIONS = {"connect_timeout_s": 5.0, "read_timeout_s": 20.0, "max_attempts": 2}
 """``one-market check`` answers within seconds: short timeouts, one retry."""
+CLAIM_TOKEN_BYTES = 8
+"""Random bytes naming one import's placeholder (16 hex digits)."""
 SLOT_POLL_S = 0.2
 """How often the reader checks for a failed part while waiting for a free slot."""
 ABORT_ATTEMPTS = 3
@@ -531,7 +533,11 @@ class S3Backend(Backend):
         ``If-None-Match: *``, which the server refuses (412) when any object is there, so of
         two imports naming one key exactly one goes on (a HEAD first, as upstream does, lets
         both through). The upload then replaces our own placeholder; a failed import deletes
-        it. Ceph RGW (checked from Pacific on), AWS S3 and MinIO honour the condition."""
+        it. Ceph RGW (checked from Pacific on), AWS S3 and MinIO honour the condition.
+
+        The placeholder carries a token of this import: when botocore retries the PUT after an
+        answer was lost, the retry's 412 is about our own placeholder, which HEAD recognises."""
+        token = secrets.token_hex(CLAIM_TOKEN_BYTES)
         try:
             self.client.put_object(
                 Bucket=self.bucket,
@@ -539,15 +545,25 @@ class S3Backend(Backend):
                 Body=b"",
                 IfNoneMatch="*",
                 ContentType=CONTENT_TYPE,
-                Metadata={METADATA_IMPORTING: "yes"},
+                Metadata={METADATA_IMPORTING: token},
             )
         except Exception as exc:  # noqa: BLE001 - mapped to one line below
             if is_precondition_failed(exc):
+                if self._claimed_by(key, token):
+                    return
                 raise StorageError(
                     f"an object already exists at {uri} (an earlier or concurrent import of "
                     "this app): delete the old app (or the object) first"
                 ) from None
             raise self._error(exc, f"check of {uri}") from None
+
+    def _claimed_by(self, key: str, token: str) -> bool:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
+        except Exception:  # noqa: BLE001 - not ours if it cannot be told
+            return False
+        mine = head.get("Metadata", {}).get(METADATA_IMPORTING) == token
+        return mine and head.get("ContentLength") == 0
 
     def _metadata(self, digests: Digests) -> dict[str, str]:
         return {METADATA_MD5: digests.md5}
