@@ -10,15 +10,20 @@ metadata), and runs ``md5sum`` on it (the floor: one MD5 of every byte). Each up
 its own child process so its peak RSS is its own. Prints each round, then medians: throughput
 ratio ours / upload_file (target >= 1.0), client CPU, our peak RSS (target <= 150 MB).
 RGW runs on the same machine: its CPU (it MD5s every part for the ETag and checks each
-signed payload) competes with the client's, so the load average is printed too.
+signed payload) competes with the client's, so the load average is printed too. With
+``--split-cpus`` the Ceph daemons run on the last CPU and the clients (and md5sum) on the
+others, as when RGW is another machine: each side's CPU is its own.
 
     .venv/bin/python bench/s3_import.py [--size-mb 1024] [--rounds 5] [--store bluestore]
+                                        [--split-cpus]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -76,6 +81,25 @@ def child(mode: str, attrs: dict[str, str], path: str, app_id: int) -> None:
     print(json.dumps({"seconds": seconds, "rss_mb": usage.ru_maxrss / 1024, "cpu_s": cpu_s}))
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` on ``cpus`` (threads made later inherit their maker's set)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(task.name), cpus)
+
+
+def split_cpus(server: object) -> str:
+    """Ceph's daemons on the last CPU, this process and its children on the others."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return "one CPU: not split"
+    for pid_file in Path(server.run_dir).glob("*.pid"):  # type: ignore[attr-defined]
+        with contextlib.suppress(OSError, ValueError):
+            pin(int(pid_file.read_text().split()[0]), {cpus[-1]})
+    os.sched_setaffinity(0, set(cpus[:-1]))
+    return f"Ceph on CPU {cpus[-1]}, clients on CPU {','.join(map(str, cpus[:-1]))}"
+
+
 def run_child(mode: str, attrs: dict[str, str], path: Path, app_id: int) -> dict[str, float]:
     argv = [sys.executable, __file__, "--child", mode, "--path", str(path), "--app-id", str(app_id)]
     proc = subprocess.run(
@@ -97,6 +121,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--read-length", help="READ_LENGTH of the market (MB; default unset)")
     parser.add_argument("--store", choices=("bluestore", "memstore"), default="bluestore")
+    parser.add_argument(
+        "--split-cpus", action="store_true", help="Ceph on the last CPU, clients on the others"
+    )
     parser.add_argument("--child", choices=("ours", "baseline"))
     parser.add_argument("--path")
     parser.add_argument("--app-id", type=int, default=0)
@@ -116,6 +143,8 @@ def main() -> None:
         server = CephRgw(store=args.store, store_bytes=max(32 << 30, 8 * args.size_mb * MIB))
         server.start()
         print(f"Ceph RGW ({args.store}) ready in {server.startup_s:.1f} s at {server.endpoint}")
+        if args.split_cpus:
+            print(split_cpus(server))
         try:
             attrs = market_attrs(server.endpoint, server.access_key, server.secret_key, "bench")
             if args.read_length:
