@@ -11,15 +11,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 from onemarket.action import ImportInfo, decode_action
 from onemarket.workflow import ExportAnswer, ExportDeclined, confirms, overlap_guess
 
+from tests.backends.test_s3 import (
+    market_attrs,
+    new_bucket,
+    object_exists,
+    raw_client,
+    uploads_left,
+)
 from tests.payloads import app_xml, datastore_xml, image_xml, import_payload
 from tests.servers.oned import OneLocation
-from tests.test_mad import wait_for
+from tests.servers.rgw import CephRgw
+from tests.test_mad import WAIT_S, wait_for
 from tests.test_mad_lifecycle import files_in, mad_family, wait_gone
 
 FAKEDS = datastore_xml(ds_mad="fakeds")
@@ -182,3 +191,55 @@ def test_export_answer_read_in_the_child() -> None:
         else:
             assert answer() == expected
             assert answer() == expected  # read once, kept
+
+
+@pytest.mark.parametrize("md5", ["$sum", "0" * 32], ids=["confirmed", "mismatch"])
+def test_s3_copy_runs_beside_the_export(
+    oned: OneLocation, tmp_path: Path, rgw: CephRgw, md5: str
+) -> None:
+    """The s3 import claims its key and uploads while the export waits (for this test's 'go'),
+    and completes the object only after the export's answer: a wrong MD5 leaves no object
+    and no upload."""
+    bucket, s3 = new_bucket(), raw_client(rgw)
+    image = tmp_path / "image.raw"
+    image.write_bytes(os.urandom(12 * 1024 * 1024))
+    go = tmp_path / "go"
+    oned.add_datastore(
+        "fakeds",
+        "#!/bin/sh\ncat > /dev/null\n"
+        f"i=0; while [ ! -e '{go}' ] && [ $i -lt 1000 ]; do sleep 0.02; i=$((i+1)); done\n"
+        f"sum=$(md5sum -- '{image}' | cut -d' ' -f1)\n"
+        f'echo "<IMPORT_INFO><IMPORT_SOURCE>{image}</IMPORT_SOURCE><MD5>{md5}</MD5>'
+        '<SIZE>12</SIZE><FORMAT>raw</FORMAT></IMPORT_INFO>"\n',
+    )
+    payload = import_payload(
+        "s3",
+        market_attrs(rgw, bucket, READ_LENGTH="5"),
+        app=app_xml(id=31),
+        image=image_xml(source=str(image), size_mb=12, format="raw"),
+        datastore=FAKEDS,
+    )
+    mad = oned.start("-m", "s3")
+    mad.request("IMPORT", 31, payload)
+    deadline = time.monotonic() + WAIT_S
+    while not upload_open(s3, bucket):
+        assert time.monotonic() < deadline, "the upload never started beside the export"
+        time.sleep(0.05)
+    go.touch()
+    reply = mad.reply()
+    assert uploads_left(s3, bucket) == []
+    if md5 == "$sum":
+        assert reply.ok, reply
+        body = s3.get_object(Bucket=bucket, Key="marketapp-31")["Body"].read()
+        assert body == image.read_bytes()
+    else:
+        assert not reply.ok and "MD5 mismatch" in reply.info, reply
+        assert not object_exists(s3, bucket, "marketapp-31")
+
+
+def upload_open(s3, bucket: str) -> bool:
+    """True once the import made the bucket and started its multipart upload."""
+    try:
+        return bool(uploads_left(s3, bucket))
+    except s3.exceptions.NoSuchBucket:
+        return False
