@@ -367,6 +367,22 @@ def test_filters(httpd, installation, log):
         names(ARCHITECTURES='x86_64 "evil"')
 
 
+def test_placement_is_read_once_per_appliance(monkeypatch) -> None:
+    """The filter and the APP share one reading of os-arch and hypervisor."""
+    read, real = [], opennebula._placement
+    monkeypatch.setattr(
+        opennebula, "_placement", lambda raw, rules: read.append(1) or real(raw, rules)
+    )
+    cases = [
+        variant(_id={"$oid": f"p{i}"}, name=f"app {i}", **{"os-arch": arch, "hypervisor": "KVM"})
+        for i, arch in enumerate(("x86_64", "arm64", "x86_64"))
+    ]
+    flt = opennebula.CatalogFilter.from_attrs("x86_64", None)
+    apps, skipped, filtered = opennebula.build_apps(cases, "http://127.0.0.1:9/", flt)
+    assert ([a.name for a in apps], skipped, filtered) == (["app 0", "app 2"], 0, 1)
+    assert len(read) == 3
+
+
 # --------------------------------------------------------------------------- hostile entries
 
 

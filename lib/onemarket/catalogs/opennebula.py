@@ -163,18 +163,17 @@ class BadAppliance(MarketError):
 class StockRules:
     """Where the stock monitors of the release lines differ (module docstring)."""
 
-    endpoint_slash: bool
-    """7.0: a ``/`` appended to ENDPOINT when missing."""
-    placement: bool
-    """7.0: ARCHITECTURE, HYPERVISOR and the VM template's placement."""
+    since_7_0: bool
+    """7.0's rules, which came together: a ``/`` appended to ENDPOINT when missing;
+    ARCHITECTURE, HYPERVISOR and the VM template's placement."""
 
     @classmethod
     def of(cls, release: ReleaseLine) -> StockRules:
-        return cls(endpoint_slash=release.is_7x, placement=release.is_7x)
+        return cls(since_7_0=release.is_7x)
 
 
-RULES_7X = StockRules(endpoint_slash=True, placement=True)
-RULES_6_10 = StockRules(endpoint_slash=False, placement=False)
+RULES_7X = StockRules(since_7_0=True)
+RULES_6_10 = StockRules(since_7_0=False)
 
 
 def normalize_arch(value: str) -> str:
@@ -239,7 +238,7 @@ class Endpoint:
     def of(cls, endpoint: str, rules: StockRules = RULES_7X) -> Endpoint:
         base = base_url_of(endpoint)
         prefix = endpoint.strip()
-        if rules.endpoint_slash and not prefix.endswith("/"):
+        if rules.since_7_0 and not prefix.endswith("/"):
             prefix += "/"
         source = f"{prefix}appliance/"
         return cls(f"{base}/appliance", source, public_url(source))
@@ -330,10 +329,10 @@ def _placement(raw: Mapping[str, object], rules: StockRules) -> tuple[str, str]:
     try:
         arch, hypervisor = stock_architecture(raw), stock_hypervisor(raw)
     except BadAppliance:
-        if rules.placement:
+        if rules.since_7_0:
             raise
         return "", ""  # 6.10 publishes neither: nothing to refuse
-    if rules.placement:
+    if rules.since_7_0:
         if not _PLACEMENT_RE.fullmatch(arch):
             raise BadAppliance("os-arch is not a plain architecture name")
         if not _PLACEMENT_RE.fullmatch(hypervisor):
@@ -398,7 +397,7 @@ def _b64(text: str) -> str:
 def _vm_template64(
     doc: Mapping[str, object], arch: str, hypervisor: str, rules: StockRules, note: Note
 ) -> str:
-    converted = convert(place(doc, arch, hypervisor) if rules.placement else doc)
+    converted = convert(place(doc, arch, hypervisor) if rules.since_7_0 else doc)
     if converted.dropped:
         note(
             "VM template members left out (not representable in a template): "
@@ -411,23 +410,15 @@ def _vm_template64(
 
 
 def appliance_to_app(
-    raw: object,
-    endpoint: Endpoint | str,
-    label: str = "appliance",
-    rules: StockRules = RULES_7X,
-    note: Note | None = None,
+    raw: Mapping[str, object],
+    endpoint: Endpoint,
+    placement: tuple[str, str],
+    rules: StockRules,
+    note: Note,
 ) -> AppEntry:
-    """One catalog appliance as the APP stock prints for it under ``rules``; BadAppliance if it
-    cannot be published. ``note`` receives remarks about what was left out of it."""
-    if isinstance(endpoint, str):
-        endpoint = Endpoint.of(endpoint, rules)
-    if note is None:
-
-        def note(text: str) -> None:
-            driverlog.warn(f"{label}: {text}")
-
-    if not isinstance(raw, Mapping):
-        raise BadAppliance(f"is a {type(raw).__name__}, not an object")
+    """One catalog appliance as the APP stock prints for it under ``rules``, with its
+    ``placement`` (:func:`_placement`, read once for the filter and the APP); BadAppliance if
+    it cannot be published. ``note`` receives remarks about what was left out of it."""
     app_id = _appliance_id(raw)
     name = raw.get("name")
     if not isinstance(name, str) or not name.strip():
@@ -435,7 +426,7 @@ def appliance_to_app(
     app_type = raw.get("type") or TYPE_IMAGE
     if app_type not in APP_TYPES:
         raise BadAppliance(f"unknown type {one_line(str(app_type), 40)!r}")
-    arch, hypervisor = _placement(raw, rules)
+    arch, hypervisor = placement
 
     tags = raw.get("tags")
     if tags is None:
@@ -458,7 +449,7 @@ def appliance_to_app(
         regtime=_number(raw, "creation_time"),
         link=f"{endpoint.link_prefix}{app_id}",
     )
-    if rules.placement:
+    if rules.since_7_0:
         app.architecture, app.hypervisor = arch, hypervisor
     if app_type == TYPE_IMAGE:
         _fill_image(app, raw, arch, hypervisor, rules, note)
@@ -613,12 +604,12 @@ def build_apps(
             continue
         label = _label(raw, index)
         try:
-            arch, hypervisor = _placement(raw, rules)
-            if flt.active and not flt.admits(arch, hypervisor):
+            placement = _placement(raw, rules)
+            if flt.active and not flt.admits(*placement):
                 filtered += 1
                 continue
             app = appliance_to_app(
-                raw, endpoint, label, rules, lambda text, label=label: warn(f"{label}: {text}")
+                raw, endpoint, placement, rules, lambda text, label=label: warn(f"{label}: {text}")
             )
         except MarketError as exc:
             skipped += 1
@@ -696,7 +687,7 @@ class OpenNebulaCatalog(Backend):
         v = read(self.market, self.attributes)
         text = v["ENDPOINT"]
         endpoint = Endpoint.of(text, rules)
-        if not rules.endpoint_slash and not text.strip().endswith("/"):
+        if not rules.since_7_0 and not text.strip().endswith("/"):
             driverlog.warn(
                 "ENDPOINT does not end with '/': like the stock driver of OpenNebula 6.10, the"
                 " apps' SOURCE and LINK join it to 'appliance/<id>' as written and are not"
