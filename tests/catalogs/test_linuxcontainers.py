@@ -816,7 +816,8 @@ def test_oversized_catalogs_are_refused_in_one_line(
 
 
 def test_log_lines_escape_catalog_text(httpd, catalog_dir, tmp_path: Path) -> None:
-    """A catalog cannot forge log lines: its text is quoted with control characters escaped."""
+    """A catalog cannot forge log lines: its text is quoted and made one line (one_line:
+    line breaks joined with '; ', other control characters blanked)."""
     catalog = load(catalog_dir("--profile", "2024", "--seed", "2"))
     products = catalog["products"]
     evil = "ubuntu:x\nLOG E 777 pwned\r\x1b[31m\u2028:amd64:default"
@@ -828,8 +829,8 @@ def test_log_lines_escape_catalog_text(httpd, catalog_dir, tmp_path: Path) -> No
     run = run_monitor(httpd.url, {}, tmp_path, "7.x")
     lines = run.log.splitlines()
     assert len(lines) == 2 and all(line.startswith("WARN: linuxcontainers: ") for line in lines)
-    assert "\\nLOG E 777 pwned\\r\\x1b[31m\\u2028" in lines[0]
-    assert "'20240101_00:00\\nLOG W 1300'" in lines[0]
+    assert "'ubuntu:x; LOG E 777 pwned; [31m :amd64:default'" in lines[0]
+    assert "'20240101_00:00; LOG W 1300'" in lines[0]
     assert "'root.tar.xz' has no usable path" in lines[1]
     assert "\x1b" not in run.log and "\u2028" not in run.log
 

@@ -182,15 +182,6 @@ class ProductError(ValueError):
     """One catalog product is malformed: it is skipped with a WARN line."""
 
 
-def shown(text: object, limit: int = MAX_SHOWN_CHARS) -> str:
-    """Catalog text as it may appear in a log line: quoted, cut, control characters escaped
-    (``repr`` escapes every non-printable character, so the result is always one line)."""
-    value = str(text)
-    if len(value) > limit:
-        value = value[: limit - 3] + "..."
-    return repr(value)
-
-
 # --------------------------------------------------------------------------------------------
 # What the stock driver of each release line publishes
 # --------------------------------------------------------------------------------------------
@@ -207,16 +198,15 @@ class StockRules:
     """Architectures published by default (ARCHITECTURES widens the set)."""
     name_suffix: str
     """After ``<distro>_<release>``: `` - LXC`` in 6.10, nothing in 7.x."""
-    arch_scheduling: bool
-    """7.x: ``HYPERVISOR=lxc & ARCH=<arch>``; 6.10: ``HYPERVISOR="lx*"``."""
-    raw_and_hypervisor: bool
-    """7.x VM templates end with the RAW apparmor section and ``HYPERVISOR = "lxc"``."""
+    templates_7x: bool
+    """7.x VM templates, whose rules came together: ``HYPERVISOR=lxc & ARCH=<arch>`` (6.10:
+    ``HYPERVISOR="lx*"``), and at the end the RAW apparmor section and ``HYPERVISOR``."""
 
     def container_name(self, base: str, arch: str) -> str:
         return f"{base}{self.name_suffix}{arch_suffix(arch)}"
 
     def sched_requirements(self, arch: str) -> str:
-        if self.arch_scheduling:
+        if self.templates_7x:
             return f"HYPERVISOR=lxc & ARCH={arch}"
         if arch == "x86_64":
             return 'HYPERVISOR="lx*"'
@@ -239,8 +229,7 @@ STOCK_6_10 = StockRules(
     ),
     architectures=("x86_64",),
     name_suffix=" - LXC",
-    arch_scheduling=False,
-    raw_and_hypervisor=False,
+    templates_7x=False,
 )
 STOCK_7X = StockRules(
     line="7.x",
@@ -258,8 +247,7 @@ STOCK_7X = StockRules(
     ),
     architectures=("x86_64", "aarch64"),
     name_suffix="",
-    arch_scheduling=True,
-    raw_and_hypervisor=True,
+    templates_7x=True,
 )
 
 
@@ -454,7 +442,7 @@ def _serial_order(serial: object) -> str:
     """``YYYYMMDD_HHMM`` of a build serial (sorts as the builds' dates); ProductError when it is
     not one (a regular expression, not ``strptime``: a catalog may hold a million serials)."""
     if not isinstance(serial, str) or _SERIAL_RE.fullmatch(serial) is None:
-        raise ProductError(f"bad build serial {shown(serial, 40)}")
+        raise ProductError(f"bad build serial {one_line(str(serial), 40)!r}")
     return serial.replace(":", "")
 
 
@@ -466,22 +454,23 @@ def parse_serial(serial: object) -> int:
             raise ValueError
         when = dt.datetime(*map(int, m.groups()), tzinfo=dt.UTC)  # type: ignore[misc]
     except ValueError:
-        raise ProductError(f"bad build serial {shown(serial, 40)}") from None
+        raise ProductError(f"bad build serial {one_line(str(serial), 40)!r}") from None
     return int(when.timestamp())
 
 
 def _item(name: str, raw: object) -> Item:
+    what = f"item {one_line(name, MAX_SHOWN_CHARS)!r}"
     if not isinstance(raw, dict):
-        raise ProductError(f"item {shown(name)} is not an object")
+        raise ProductError(f"{what} is not an object")
     path, sha, size = raw.get("path"), raw.get("sha256"), raw.get("size")
     if not isinstance(path, str) or len(path) > 1024 or not _SAFE_PATH_RE.fullmatch(path):
-        raise ProductError(f"item {shown(name)} has no usable path")
+        raise ProductError(f"{what} has no usable path")
     if path.startswith("/") or ".." in path.split("/"):
-        raise ProductError(f"item {shown(name)} path leaves the server root")
+        raise ProductError(f"{what} path leaves the server root")
     if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha.lower()):
-        raise ProductError(f"item {shown(name)} has no valid sha256")
+        raise ProductError(f"{what} has no valid sha256")
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-        raise ProductError(f"item {shown(name)} has no valid size")
+        raise ProductError(f"{what} has no valid size")
     ftype = raw.get("ftype", "")
     return Item(
         ftype=ftype if isinstance(ftype, str) else "", path=path, sha256=sha.lower(), size=size
@@ -519,7 +508,7 @@ def newest_build(key: str, product: object, want_rootfs: bool, want_disk: bool) 
     version = versions[serial]
     items = version.get("items") if isinstance(version, dict) else None
     if not isinstance(items, dict):
-        raise ProductError(f"build {shown(serial)} has no items")
+        raise ProductError(f"build {one_line(str(serial), MAX_SHOWN_CHARS)!r} has no items")
     requirements = product.get("requirements", product.get("lxd_requirements", {}))
     if requirements is None:
         requirements = {}
@@ -560,7 +549,9 @@ class Skipped:
     def add(self, key: str, reason: str) -> None:
         self.count += 1
         if len(self.reasons) < MAX_WARNINGS:
-            self.reasons.append(f"{DRIVER}: skipping product {shown(key)}: {reason}")
+            self.reasons.append(
+                f"{DRIVER}: skipping product {one_line(key, MAX_SHOWN_CHARS)!r}: {reason}"
+            )
 
     def warn(self) -> None:
         for line in self.reasons:
@@ -663,7 +654,7 @@ def lxc_vm_template(opts: LxcOptions, build: Build) -> str:
         ("GRAPHICS", GRAPHICS),
         ("CONTEXT", CONTEXT),
     ]
-    if rules.raw_and_hypervisor:
+    if rules.templates_7x:
         attrs += [("RAW", {"TYPE": "lxc", "DATA": LXC_RAW_DATA}), ("HYPERVISOR", "lxc")]
     return write_template(attrs)
 
@@ -693,7 +684,7 @@ def kvm_vm_template(opts: LxcOptions, build: Build) -> str:
         ("GRAPHICS", GRAPHICS),
         ("CONTEXT", CONTEXT),
     ]
-    if opts.rules.raw_and_hypervisor:
+    if opts.rules.templates_7x:
         attrs.append(("HYPERVISOR", "kvm"))
     return write_template(attrs)
 
@@ -780,9 +771,9 @@ def build_apps(
             if app.name in seen:
                 collisions += 1
                 if collisions <= MAX_WARNINGS:
+                    name = one_line(app.name, MAX_SHOWN_CHARS)
                     driverlog.warn(
-                        f"{DRIVER}: two products give the app name {shown(app.name)}; "
-                        "keeping the first"
+                        f"{DRIVER}: two products give the app name {name!r}; keeping the first"
                     )
                 continue
             seen.add(app.name)
