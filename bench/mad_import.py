@@ -4,17 +4,18 @@
 Installs the drivers into a temporary ONE_LOCATION and starts the MAD as oned does
 (tests/servers/oned.py: ``install.sh -d DIR -P <this python>``, one-word ARGUMENTS, INIT), with
 a datastore whose ``export`` behaves like the stock ``fs`` one: it runs ``md5sum`` on the image
-and prints ``<IMPORT_INFO>`` with that MD5, the image's SIZE and FORMAT. Each run then sends one
-IMPORT of a SIZE MiB random file to an http market (PUBLIC_DIR in the scratch folder) and times
-it from the request line to the reply line: export (md5sum) + our import action (forked by the
-MAD: read, MD5 verified against the export's, sparse write, fsync, rename). In the same run,
-alternating: ``md5sum`` and ``cp`` of the same file. Prints medians, the ratio IMPORT /
-(md5sum + cp) (issue 15's target: 1.2) and IMPORT / (md5sum + our import action alone).
+and prints ``<IMPORT_INFO>`` naming the image, with that MD5, the image's SIZE and FORMAT. Each
+run sends two IMPORTs of a SIZE MiB random file to an http market (PUBLIC_DIR in the scratch
+folder), timed from the request line to the reply line:
 
-The export's MD5 and our verification are two MD5 passes over the image, one after the other
-(the export must finish before its IMPORT_INFO names the source), so the IMPORT costs about two
-md5sum: the ratio to md5sum + cp says what verifying costs on top of the stock flow, which
-trusts the export's MD5 (one pass).
+- overlapped: the IMAGE's SOURCE is the file, so our import copies it while the export runs
+  and publishes after the export's answer (workflow.overlap_guess);
+- sequential: the IMAGE's SOURCE is not a local path (as on Ceph), so the export runs first,
+  then our import (read, MD5 verified against the export's, sparse write, fsync, rename).
+
+In the same run, alternating: ``md5sum`` and ``cp`` of the same file, and our import action
+alone. Prints medians and the ratios to md5sum + cp (issue 15's target: 1.2, for the
+overlapped IMPORT).
 
     .venv/bin/python bench/mad_import.py [--size-mib 1024] [--runs 5] [--dir /var/tmp]
 """
@@ -75,6 +76,7 @@ def main() -> None:
         mad = one.start("-t", "15", "-m", "http")
         attrs = {"BASE_URL": "http://127.0.0.1:9/market", "PUBLIC_DIR": str(public)}
         imports: list[float] = []
+        sequential: list[float] = []
         md5sums: list[float] = []
         cps: list[float] = []
         actions: list[float] = []
@@ -86,33 +88,35 @@ def main() -> None:
                 empty(public)
                 actions.append(run_import(image, public).seconds)
                 empty(public)
-                payload = import_payload(
-                    "http",
-                    attrs,
-                    app=app_xml(id=100 + n),
-                    image=image_xml(source=str(image), size_mb=args.size_mib, format="raw"),
-                    datastore=datastore_xml(ds_mad=DS_MAD),
-                )
-                start = time.perf_counter()
-                mad.request("IMPORT", 100 + n, payload)
-                reply = mad.reply(timeout_s=REPLY_TIMEOUT_S)
-                imports.append(time.perf_counter() - start)
-                if not reply.ok:
-                    sys.exit(f"IMPORT failed: {reply.decoded().decode(errors='replace')}")
-                empty(public)
+                for source, times in ((str(image), imports), ("benchfs:image", sequential)):
+                    payload = import_payload(
+                        "http",
+                        attrs,
+                        app=app_xml(id=100 + n),
+                        image=image_xml(source=source, size_mb=args.size_mib, format="raw"),
+                        datastore=datastore_xml(ds_mad=DS_MAD),
+                    )
+                    start = time.perf_counter()
+                    mad.request("IMPORT", 100 + n, payload)
+                    reply = mad.reply(timeout_s=REPLY_TIMEOUT_S)
+                    times.append(time.perf_counter() - start)
+                    if not reply.ok:
+                        sys.exit(f"IMPORT failed: {reply.info}")
+                    empty(public)
         finally:
             mad.close()
     med = statistics.median
     base = [m + c for m, c in zip(md5sums, cps, strict=True)]
     ratio = med(i / b for i, b in zip(imports, base, strict=True))
-    own = med(i / (m + a) for i, m, a in zip(imports, md5sums, actions, strict=True))
+    seq = med(i / b for i, b in zip(sequential, base, strict=True))
     print(machine_line(load_before, args.runs))
     print(
         f"  md5sum {med(md5sums):.2f} s | cp {med(cps):.2f} s | import action alone "
-        f"{med(actions):.2f} s | IMPORT through the MAD {med(imports):.2f} s"
+        f"{med(actions):.2f} s | IMPORT overlapped {med(imports):.2f} s, sequential "
+        f"{med(sequential):.2f} s"
     )
-    print(f"  IMPORT / (md5sum + cp)            = {ratio:.2f}  (target <= {TARGET_RATIO})")
-    print(f"  IMPORT / (md5sum + import action) = {own:.2f}  (the MAD's own cost)")
+    print(f"  overlapped IMPORT / (md5sum + cp) = {ratio:.2f}  (target <= {TARGET_RATIO})")
+    print(f"  sequential IMPORT / (md5sum + cp) = {seq:.2f}  (export, then import)")
     print("target met" if ratio <= TARGET_RATIO else "target NOT met")
 
 
