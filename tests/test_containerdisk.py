@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import lzma
+import os
 import stat
 import subprocess
 import tarfile
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 from onemarket import containerdisk as cd
-from onemarket.errors import ConfigError, SourceError
+from onemarket.errors import ConfigError, SourceError, StorageError
 
 from tests.servers import need_program
 
@@ -177,6 +178,24 @@ def test_built_disk_has_the_tree(tmp_path: Path) -> None:
     assert rows["f"] == [f"{stat.S_IFREG | 0o2711:o}", "(1)", "100000", "3"]
     assert rows["."][0] == f"{stat.S_IFDIR | 0o555:o}"
     assert not (staging_dir / "tree").exists()
+
+
+def test_root_owner_is_set_in_one_debugfs_run(tmp_path: Path, monkeypatch) -> None:
+    """uid and gid in one run; a failed command is an error although debugfs exits 0."""
+    mke2fs = need_program("mke2fs", "e2fsprogs")
+    debugfs = need_program("debugfs", "e2fsprogs")
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(b"")
+    os.truncate(raw, 8 << 20)
+    subprocess.run([mke2fs, "-q", "-F", "-t", "ext4", str(raw)], check=True, capture_output=True)
+    runs, real = [], cd._run
+    monkeypatch.setattr(cd, "_run", lambda argv, *a: runs.append(argv) or real(argv, *a))
+    cd.set_root_owner(raw, 1234, 4321, "test")
+    assert len(runs) == 1
+    shown = subprocess.run([debugfs, "-R", "stat /", str(raw)], capture_output=True, text=True)
+    assert "User:  1234   Group:  4321" in shown.stdout
+    with pytest.raises(StorageError, match="could not reset the root folder's owner"):
+        cd.set_root_owner(tmp_path / "missing.raw", 0, 0, "test")
 
 
 @pytest.mark.parametrize("fs", ["xfs", "btrfs", "zfs"])

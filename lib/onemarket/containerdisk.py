@@ -383,7 +383,7 @@ def debugfs_script(staging: Staging, workdir: Path) -> tuple[list[str], int]:
     return lines, unaddressable
 
 
-def _run(argv: list[str], what: str) -> subprocess.CompletedProcess[str]:
+def _run(argv: list[str], what: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(
             argv,
@@ -392,7 +392,8 @@ def _run(argv: list[str], what: str) -> subprocess.CompletedProcess[str]:
             errors="replace",
             timeout=TOOL_TIMEOUT_S,
             check=False,
-            stdin=subprocess.DEVNULL,
+            input=stdin,
+            stdin=subprocess.DEVNULL if stdin is None else None,
         )
     except OSError as exc:
         raise StorageError(f"{what}: cannot run {argv[0]} ({exc.strerror or exc})") from None
@@ -448,13 +449,19 @@ def apply_metadata(staging: Staging, image: Path, workdir: Path, what: str) -> N
         return
     script = workdir / "debugfs.cmds"
     script.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogateescape")
-    proc = _run([find_tool("debugfs") or "debugfs", "-w", "-f", str(script), str(image)], what)
+    _debugfs(image, str(script), what, "set owners and modes")
+
+
+def _debugfs(image: Path, source: str, what: str, task: str, commands: str | None = None) -> None:
+    """``debugfs -w -f <source>`` on ``image`` (``-``: ``commands`` on stdin). debugfs exits 0
+    after a failed command, so its complaints on stderr (all but its banner) are failures."""
+    proc = _run([find_tool("debugfs") or "debugfs", "-w", "-f", source, str(image)], what, commands)
     problems = [
         ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("debugfs ")
     ]
     if proc.returncode != 0 or problems:
         raise StorageError(
-            f"{what}: debugfs could not set owners and modes: "
+            f"{what}: debugfs could not {task}: "
             f"{one_line(problems[0] if problems else _tool_error(proc), 300)}"
         )
 
@@ -525,10 +532,7 @@ def finish(raw: Path, spec: DiskSpec, what: str) -> Path:
 
 
 def set_root_owner(raw: Path, uid: int, gid: int, what: str) -> None:
-    """Give the root folder back its owner (OpenNebula's root helper chowns it to oneadmin)."""
-    proc = _run([find_tool("debugfs") or "debugfs", "-w", "-R", f"sif / uid {uid}", str(raw)], what)
-    proc2 = _run(
-        [find_tool("debugfs") or "debugfs", "-w", "-R", f"sif / gid {gid}", str(raw)], what
-    )
-    if proc.returncode or proc2.returncode:
-        raise StorageError(f"{what}: debugfs could not reset the root folder's owner")
+    """Give the root folder back its owner (OpenNebula's root helper chowns it to oneadmin),
+    in one debugfs run."""
+    commands = f"sif / uid {uid}\nsif / gid {gid}\n"
+    _debugfs(raw, "-", what, "reset the root folder's owner", commands)
