@@ -60,7 +60,6 @@ from .transfer.sources import (
     ResumingReader,
     S3Range,
     Source,
-    http_stream_errors,
     s3_stream_errors,
 )
 from .transfer.stages import PumpResult, pump
@@ -506,7 +505,6 @@ def download_lxd(opts: Options, environ: dict[str, str] | os._Environ[str]) -> N
                 rootfs.size,
                 f"download of {rootfs.url}",
                 attempts=0 if opts.noretry else RESUME_ATTEMPTS,
-                resumable=http_stream_errors(),
                 body=first.body,
             )
             progress = Progress(rootfs.size, log_progress(f"{what}: download"))

@@ -217,21 +217,13 @@ class Body(Protocol):
 
 def stream_errors(*extra: type[BaseException]) -> tuple[type[BaseException], ...]:
     """Exceptions meaning the connection broke while a body was streaming (urllib3's and the
-    standard library's), plus the client's own ``extra`` ones."""
+    standard library's: all an :class:`HttpBody` raises), plus the client's own ``extra``."""
     import http.client
 
     from urllib3 import exceptions as uexc
 
     base = (uexc.ProtocolError, uexc.ReadTimeoutError, http.client.IncompleteRead)
     return (*extra, *base, ConnectionError, TimeoutError)
-
-
-def http_stream_errors() -> tuple[type[BaseException], ...]:
-    import requests
-
-    return stream_errors(
-        requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError
-    )
 
 
 def s3_stream_errors() -> tuple[type[BaseException], ...]:
