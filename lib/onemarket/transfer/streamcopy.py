@@ -444,11 +444,11 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
 
 class PipeSink:
     """Writes into a pipe (a helper's stdin); holes are sent as zeros, the far end re-creates
-    them. ``abort`` kills the helper so that a write blocked on a stalled link returns."""
+    them. The helper's owner overrides ``abort`` to end it, so that a write blocked on a
+    stalled link returns (:class:`remote.RemoteAtomicFile`)."""
 
-    def __init__(self, fd: int, on_abort: object = None) -> None:
+    def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._on_abort = on_abort
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -463,5 +463,4 @@ class PipeSink:
             count -= piece
 
     def abort(self) -> None:
-        if callable(self._on_abort):
-            self._on_abort()
+        """Nothing here: the pipe's reader is its owner's to end."""
