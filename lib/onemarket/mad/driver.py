@@ -326,7 +326,7 @@ class Mad:
         if req.action == "IMPORT":
             return await self._import(pending, data, driver)
         action = req.action.lower()
-        outcome = await self._market_action(pending, driver, action, data, req.payload)
+        outcome = await self._market_action(pending, driver, action, data)
         return self._result(req, outcome, f"{driver} {action}")
 
     async def _import(self, pending: Pending, data: ActionData, driver: str) -> str:
@@ -371,8 +371,7 @@ class Mad:
                 await copy.finish(b"")
         if full is None or full.import_info is None:
             return fail(error)
-        payload = data.with_import_info(full.import_info).decode("ascii")
-        outcome = await self._market_action(pending, driver, "import", full, payload)
+        outcome = await self._market_action(pending, driver, "import", full)
         return await self._imported(pending, data, driver, outcome)
 
     def _start_copy(
@@ -387,9 +386,7 @@ class Mad:
         shadow = self._admit(Pending(pending.request, pending.cancelled))
         guessed = replace(data, import_info=guess)
         task = self._loop.create_task(
-            self._market_action(
-                shadow, driver, "import", guessed, pending.request.payload, export_fd=read_fd
-            )
+            self._market_action(shadow, driver, "import", guessed, export_fd=read_fd)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -418,9 +415,7 @@ class Mad:
         if delete is None:
             return
         fresh = Pending(protocol.Request("DELETE", -1, payload))
-        outcome = await self._market_action(
-            fresh, driver, "delete", delete, payload, timeout_s=STOP_GRACE_S
-        )
+        outcome = await self._market_action(fresh, driver, "delete", delete, timeout_s=STOP_GRACE_S)
         state = "withdrew" if outcome.ok else "could not withdraw"
         log(f"{state} what import {id_} stored: it finished after the stop")
 
@@ -442,26 +437,29 @@ class Mad:
         driver: str,
         action: str,
         data: ActionData,
-        payload: str,
         timeout_s: float | None = None,
         export_fd: int | None = None,
     ) -> Outcome:
         """Run ``remotes/market/<driver>/<action>``: ours in a fork with ``data`` as it is,
-        any other with ``payload`` (base64) and the id as arguments, as the stock MAD does;
-        ``export_fd`` goes to an overlapped import of ours (workflow.ExportAnswer)."""
+        any other with the action data (base64; an import's with the export's IMPORT_INFO
+        added) and the id as arguments, as the stock MAD does; ``export_fd`` goes to an
+        overlapped import of ours (workflow.ExportAnswer)."""
         path = self.market_dir / driver / action
         label = f"{driver} {action}"
         if not path.is_file():
             why = f"Marketplace driver '{driver}' has no {action} action ({path} not found)"
             return Outcome(127, errors=[why])
+        secrets = [pending.request.payload]
         if is_ours(path):
             spawn = lambda: fork_runner(driver, action, data, self._env, export_fd)  # noqa: E731
         else:
+            payload = pending.request.payload
+            if action == "import" and data.import_info is not None:
+                payload = data.with_import_info(data.import_info).decode("ascii")
+                secrets.append(payload)
             args = [payload, str(pending.request.id)]
             spawn = lambda: spawn_program(str(path), args, self._child_env())  # noqa: E731
-        return await self._execute(
-            pending, label, spawn, [payload, pending.request.payload], timeout_s=timeout_s
-        )
+        return await self._execute(pending, label, spawn, secrets, timeout_s=timeout_s)
 
     async def _execute(
         self,
