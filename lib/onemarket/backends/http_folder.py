@@ -11,11 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
-import re
 import secrets
 import shlex
 import stat
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -27,7 +25,7 @@ from ..bridge import available_hosts, host_for_app, hosts_in_turn, parse_bridge_
 from ..errors import MarketError, RemoteError, StorageError, UnsafePathError, from_os_error
 from ..location import HttpLocation
 from ..progress import Progress
-from ..transfer.local import write_atomically
+from ..transfer.local import sweep_temps, write_atomically
 from ..transfer.remote import run_remote, write_remote_atomically
 from ..transfer.sources import open_source
 from ..units import MIB
@@ -76,7 +74,6 @@ find "$d" -maxdepth 1 -type f -name '.app-[0-9]*-*.part' -mmin +{stale_min} -del
 STALE_TEMP_S = 24 * 3600
 """Age after which a temporary file of ours is a leftover (its import was SIGKILLed or its
 host unreachable at clean-up) and monitor removes it; no import runs that long."""
-_TEMP_RE = re.compile(r"\.app-\d+-[0-9a-f]{32}\.part")
 
 
 def _base_url(text: str) -> str:
@@ -374,7 +371,7 @@ class HttpFolderBackend(Backend):
                 st = os.statvfs(folder)
             except OSError as exc:
                 raise from_os_error(exc, f"cannot read the size of PUBLIC_DIR {folder}") from None
-            _remove_stale_temps(folder)
+            sweep_temps(folder, ".app-", max_age_s=STALE_TEMP_S, left_by="a killed import")
             return _sizes(st.f_frsize, st.f_blocks, st.f_bfree, st.f_bavail)
         hosts = available_hosts(cfg.bridge_list)
         last: Exception | None = None
@@ -409,24 +406,6 @@ class HttpFolderBackend(Backend):
 def _probe() -> tuple[str, bytes]:
     """A random probe file name and content (hex, so no server rewrites it)."""
     return f"onemarket-check-{secrets.token_hex(8)}", secrets.token_hex(PROBE_BYTES // 2).encode()
-
-
-def _remove_stale_temps(folder: Path) -> None:
-    """Remove our own temporary files older than STALE_TEMP_S (best effort, never fails)."""
-    limit = time.time() - STALE_TEMP_S
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return
-    for entry in entries:
-        if not _TEMP_RE.fullmatch(entry.name):
-            continue
-        try:
-            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < limit:
-                os.unlink(entry.path)
-                driverlog.info(f"removed leftover temporary file {entry.name} from {folder}")
-        except OSError:
-            continue
 
 
 def _sizes(block: int, total: int, free: int, avail: int) -> MonitorResult:
