@@ -469,19 +469,6 @@ def test_original_found_in_the_installation(tmp_path: Path, stand_in: tuple[Path
     assert (record / "argv").read_bytes().split(b"\0")[1:3] == [b"/some/file", b"-"]
 
 
-def test_original_of_the_interpreters_one_location_found_without_the_variable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Our wrapper run by hand (no ONE_LOCATION) under a self-contained install finds the
-    original beside it: the interpreter lives in <ONE_LOCATION>/lib/market-python."""
-    orig = tmp_path / "var" / "remotes" / "datastore" / "downloader.sh.orig"
-    orig.parent.mkdir(parents=True)
-    orig.write_text("#!/bin/sh\nexit 7\n")
-    orig.chmod(0o755)
-    monkeypatch.setattr(dl.sys, "prefix", str(tmp_path / "lib" / "market-python"))
-    assert dl.find_stock_downloader({}) == orig
-
-
 def test_missing_original_is_one_line(tmp_path: Path) -> None:
     datastore = tmp_path / "var" / "remotes" / "datastore"
     datastore.mkdir(parents=True)

@@ -160,6 +160,23 @@ def test_remove_after_an_upgrade_without_reinstall_keeps_the_upgrade(tmp_path: P
     assert not (tmp_path / "lib/mads/one_market.orig").exists()
 
 
+def test_downloader_run_by_hand_hands_over_to_the_original_beside_it(tmp_path: Path) -> None:
+    """No ONE_LOCATION (an administrator running it from a shell, cwd elsewhere): the wrapper
+    names the original beside itself, not the system layout's."""
+    stock_tree(tmp_path)
+    assert run_install("-d", str(tmp_path), "-P", sys.executable).returncode == 0
+    env = {"PATH": os.environ.get("PATH", "")}
+    res = subprocess.run(
+        ["var/remotes/datastore/downloader.sh", "/no/such/image", "-"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.stdout == "stock downloader\n", res.stderr
+
+
 def test_relative_interpreter_and_downloader_fallback(tmp_path: Path) -> None:
     """-P accepts a relative path; where that interpreter is absent the stock downloader runs."""
     stock_tree(tmp_path)

@@ -71,9 +71,6 @@ STOCK_ENV = "ONE_MARKET_STOCK_DOWNLOADER"
 """Environment variable naming the original downloader (tests, unusual layouts)."""
 WRAPPER_MARKER = b"onemarket"
 """Marker install.sh writes in its wrappers: a script carrying it is ours, never the original."""
-PRIVATE_VENV = Path("lib", "market-python")
-"""Where install.sh puts our interpreter under a ONE_LOCATION (``/usr/lib/one/market-python``
-in the system layout, whose remotes are found without it)."""
 WRAPPER_PROBE_BYTES = 512
 """Head of a candidate original read to look for the marker (only the first lines matter)."""
 
@@ -184,10 +181,9 @@ def request_scheme(argv: list[str]) -> str | None:
 
 
 def find_stock_downloader(environ: dict[str, str] | os._Environ[str]) -> Path | None:
-    """The original downloader.sh: the env override, else the installation's ``.orig``: that
-    of ONE_LOCATION when set, else that of the ONE_LOCATION our interpreter was installed in
-    (``<ONE_LOCATION>/lib/market-python``: a wrapper run by hand, without the variable), then
-    the system layout's.
+    """The original downloader.sh: the env override (install.sh's wrapper sets it to the
+    ``.orig`` beside itself, so a wrapper run by hand without ONE_LOCATION finds it), else the
+    installation's ``.orig``.
 
     A script carrying install.sh's marker is our own wrapper and is never returned (running it
     would loop back here).
@@ -195,12 +191,8 @@ def find_stock_downloader(environ: dict[str, str] | os._Environ[str]) -> Path | 
     from .installation import Installation
 
     override = environ.get(STOCK_ENV, "").strip()
-    layouts = [dict(environ)]
-    venv = Path(sys.prefix)
-    if not environ.get("ONE_LOCATION", "").strip() and venv.parts[-2:] == PRIVATE_VENV.parts:
-        layouts.insert(0, {"ONE_LOCATION": str(venv.parent.parent)})
-    found = (Installation.detect(env).stock_downloader() for env in layouts)
-    candidates = [Path(override)] if override else [p for p in found if p is not None]
+    found = Installation.detect(dict(environ)).stock_downloader()
+    candidates = [Path(override)] if override else [found] if found is not None else []
     for path in candidates:
         try:
             with open(path, "rb") as fh:
