@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
+import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import requests
+from onemarket import web
 from onemarket.catalogs import qcow2
 from onemarket.catalogs.qcow2 import (
     Qcow2HeaderError,
@@ -196,3 +199,16 @@ def test_failure_messages_mask_the_password(httpd) -> None:
         fetch_virtual_size(s, url)
     msg = str(err.value)
     assert "s3cr3t" not in msg and "reader:****@" in msg and "HTTP 404" in msg
+
+
+def test_cache_save_sweeps_what_a_killed_save_left(tmp_path: Path) -> None:
+    """A save SIGKILLed mid-write leaves its .tmp-*.json; the next save removes it once old."""
+    leftover = tmp_path / ".tmp-0123abcd.json"
+    leftover.write_text("{")
+    old = time.time() - 2 * web.STALE_TMP_S
+    os.utime(leftover, (old, old))
+    cache = VirtualSizeCache.in_dir(tmp_path)
+    cache.put("a" * 64, 1)
+    cache.save()
+    assert not leftover.exists()
+    assert VirtualSizeCache.in_dir(tmp_path).get("a" * 64) == 1

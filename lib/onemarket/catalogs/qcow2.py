@@ -25,7 +25,13 @@ import requests
 
 from .. import web
 from ..errors import RemoteError, StorageError
-from ..transfer.local import PRIVATE_FILE_MODE, atomic_file, unique_temp
+from ..transfer.local import (
+    PRIVATE_FILE_MODE,
+    UNIQUE_PREFIX,
+    atomic_file,
+    sweep_temps,
+    unique_temp,
+)
 
 QCOW2_MAGIC = b"QFI\xfb"
 HEADER_BYTES = 104
@@ -162,6 +168,7 @@ class VirtualSizeCache:
         doc = {"sizes": dict(keep[:CACHE_MAX_ENTRIES])}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            sweep_temps(self.path.parent, UNIQUE_PREFIX, ".json", max_age_s=web.STALE_TMP_S)
             temp = unique_temp(self.path, suffix=".json")
             with atomic_file(self.path, temp=temp, mode=PRIVATE_FILE_MODE) as f:
                 f.write(json.dumps(doc, separators=(",", ":")).encode())
