@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
+import select
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -68,9 +68,10 @@ def with_export_result(data: ActionData, export_stdout: bytes) -> ActionData:
     return replace(data, import_info=ImportInfo.from_export_output(export_stdout))
 
 
-MAX_ANSWER_BYTES = 64 * 1024
+MD5_RE = re.compile(r"[0-9a-f]{32}")
+MAX_ANSWER_BYTES = select.PIPE_BUF
 """Largest export answer handed to an overlapped import (MD5, SIZE, FORMAT: a few dozen bytes);
-one pipe buffer, so the MAD's write never waits for the child."""
+written at once into an empty pipe, so the MAD's write never waits for the child."""
 
 
 class ExportDeclined(MarketError):
@@ -79,25 +80,24 @@ class ExportDeclined(MarketError):
 
 def overlap_guess(data: ActionData) -> ImportInfo | None:
     """The IMPORT_SOURCE the export will print when it is the image's own file, known before
-    the export runs: a regular file readable here on a datastore without BRIDGE_LIST."""
+    the export runs: an absolute SOURCE on a datastore without BRIDGE_LIST."""
     image, datastore = data.image, data.datastore
     if image is None or datastore is None or datastore.attrs.get("BRIDGE_LIST", "").strip():
         return None
-    path = image.source
-    if not os.path.isabs(path):
+    if not os.path.isabs(image.source):
         return None
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode) or not os.access(path, os.R_OK):
-            return None
-    except OSError:
-        return None
-    return ImportInfo(source=path, size_mb=image.size_mb, format=image.format)
+    # not stat()ed here: the MAD's loop must not wait for a hung NFS mount; a guess that
+    # cannot be read fails in the copy's own process, and the export decides what counts
+    return ImportInfo(source=image.source, size_mb=image.size_mb, format=image.format)
 
 
 def confirms(guess: ImportInfo, exported: ImportInfo) -> bytes:
     """What the MAD sends the overlapped import when the export agrees with its guess, or b"".
-    A DISPOSE=YES export made a copy to import instead: the guess was not it."""
+    A DISPOSE=YES export made a copy to import instead: the guess was not it; an export with
+    no MD5 gives nothing to publish the copy on."""
     if exported.source != guess.source or exported.dispose or exported.dispose_cmd:
+        return b""
+    if not MD5_RE.fullmatch(exported.md5):  # nothing to check the copy against
         return b""
     answer = {"md5": exported.md5, "size_mb": exported.size_mb, "format": exported.format}
     encoded = json.dumps(answer).encode()
@@ -111,12 +111,17 @@ class ExportAnswer:
     def __init__(self, fd: int, guess: ImportInfo) -> None:
         self._fd = fd
         self._guess = guess
-        self._info: ImportInfo | None = None
+        self._answer: ImportInfo | ExportDeclined | None = None
 
     def __call__(self) -> ImportInfo:
-        if self._info is None:
-            self._info = self._read()
-        return self._info
+        if self._answer is None:
+            try:
+                self._answer = self._read()
+            except ExportDeclined as exc:
+                self._answer = exc  # the fd is closed: never read again
+        if isinstance(self._answer, ExportDeclined):
+            raise self._answer
+        return self._answer
 
     def _read(self) -> ImportInfo:
         chunks: list[bytes] = []

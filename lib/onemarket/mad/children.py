@@ -48,9 +48,9 @@ OURS_PROBE_BYTES = 4096
 """Bytes of an action executable read to recognise one of ours."""
 OURS_MARKER = b"onemarket.runner"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""Signals that stop the MAD; children get them back at their default action."""
 EXPORT_ANSWER_FD = 3
 """Where a forked overlapped import reads the datastore export's answer (above stdio)."""
-"""Signals that stop the MAD; children get them back at their default action."""
 PR_SET_PDEATHSIG = 1
 """prctl(2) option: a signal the kernel sends a child when its parent dies."""
 
@@ -98,6 +98,7 @@ class Child:
         self._err_lines = LineSplitter(MAX_STDERR_LINE_BYTES, MAX_STDERR_LINE_BYTES)
         self._killed = ""
         self._timers: list[asyncio.TimerHandle] = []
+        self._timeout: asyncio.TimerHandle | None = None
         self._transports: list[asyncio.BaseTransport] = []
         self._pipes: list[_Pipe] = []
         self._out_pipe: _Pipe | None = None
@@ -141,7 +142,11 @@ class Child:
 
     # -- control
     def set_timeout(self, seconds: float, reason: str) -> None:
-        self._timers.append(self._loop.call_later(seconds, self.kill, reason))
+        """Kill the child ``seconds`` from now; a new limit replaces the one set before."""
+        if self._timeout is not None:
+            self._timeout.cancel()
+        self._timeout = self._loop.call_later(seconds, self.kill, reason)
+        self._timers.append(self._timeout)
 
     def kill(self, reason: str, grace_s: float = KILL_GRACE_S) -> None:
         """SIGTERM the whole process group now, SIGKILL it after ``grace_s``."""

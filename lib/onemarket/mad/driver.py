@@ -145,9 +145,10 @@ class RequestReader(asyncio.Protocol):
         loop.call_soon(self._read_file, loop, fd)
 
 
-@dataclass
+@dataclass(eq=False)
 class Pending:
-    """A request accepted from oned and not answered yet."""
+    """A request accepted from oned and not answered yet (each one itself: an overlapped
+    import's copy has the same request and fields as its request, and is another)."""
 
     request: protocol.Request
     cancelled: str = ""
@@ -361,13 +362,13 @@ class Mad:
             if copy is not None and guess is not None:
                 info = full.import_info if full is not None else None
                 answer = confirms(guess, info) if info is not None else b""
-                copied, copy = await copy.finish(answer), None
-                if answer:
+                copied = await copy.finish(answer)
+                if answer and copied.spawned:
                     return await self._imported(pending, data, driver, copied)
                 if info is not None:
                     log(f"import {req.id}: the export named another source, copied after it")
         finally:
-            if copy is not None:  # the export step raised (the MAD's stop cancelled it)
+            if copy is not None:  # once; again when the export step raised (the MAD's stop)
                 await copy.finish(b"")
         if full is None or full.import_info is None:
             return fail(error)
@@ -384,13 +385,14 @@ class Mad:
         publishes anything."""
         read_fd, write_fd = os.pipe()
         shadow = self._admit(Pending(pending.request, pending.cancelled))
+        limit = self.options.timeout_s
         guessed = replace(data, import_info=guess)
         task = self._loop.create_task(
             self._market_action(shadow, driver, "import", guessed, export_fd=read_fd)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return OverlappedCopy(self, shadow, task, read_fd, write_fd)
+        return OverlappedCopy(self, shadow, task, (read_fd, write_fd), limit, f"{driver} import")
 
     async def _imported(
         self, pending: Pending, data: ActionData, driver: str, outcome: Outcome
@@ -450,6 +452,8 @@ class Mad:
             why = f"Marketplace driver '{driver}' has no {action} action ({path} not found)"
             return Outcome(127, errors=[why])
         secrets = [pending.request.payload]
+        if export_fd is not None and not is_ours(path):  # replaced since the overlap began
+            return Outcome(127, errors=[f"{label} changed during the import"], spawned=False)
         if is_ours(path):
             spawn = lambda: fork_runner(driver, action, data, self._env, export_fd)  # noqa: E731
         else:
@@ -481,7 +485,7 @@ class Mad:
                 why = "its action data is too large for a command-line argument"
             else:
                 why = exc.strerror or type(exc).__name__
-            return Outcome(127, errors=[f"cannot run {label}: {why}"])
+            return Outcome(127, errors=[f"cannot run {label}: {why}"], spawned=False)
         child = await Child.start(
             spawned,
             on_log=lambda sev, msg: self.reply(protocol.log(id_, sev, msg)),
@@ -506,30 +510,48 @@ class OverlappedCopy:
     child reads the export's answer from (fd handed over at fork, closed here after)."""
 
     def __init__(
-        self, mad: Mad, shadow: Pending, task: asyncio.Task[Outcome], read_fd: int, write_fd: int
+        self,
+        mad: Mad,
+        shadow: Pending,
+        task: asyncio.Task[Outcome],
+        pipe: tuple[int, int],
+        timeout_s: float,
+        label: str,
     ) -> None:
         self._mad = mad
         self._shadow = shadow
         self._task = task
-        self._read_fd = read_fd
-        self._write_fd = write_fd
+        self._read_fd, self._write_fd = pipe
+        self._timeout_s = timeout_s
+        self._label = label
+        self._finished = False
 
     async def finish(self, answer: bytes) -> Outcome:
         """Hand ``answer`` over (b"": the export did not confirm; the copy is ended and its
-        temporary file removed) and wait for the child's outcome."""
-        try:
-            if answer:
-                write_all(self._write_fd, answer)  # <= one pipe buffer: never blocks
-            else:
-                self._mad.cancel_pending(self._shadow, "the export did not confirm the source")
-        except OSError:
-            pass  # the child is gone: its outcome says why
-        finally:
-            os.close(self._write_fd)
+        temporary file removed) and wait for the child's outcome. From the answer on, the
+        copy has a whole ``-w`` again, as an import run after the export has. Idempotent:
+        a second call (after a cancelled first) only waits."""
+        if not self._finished:
+            self._finished = True
+            child = self._shadow.child
+            try:
+                if answer:
+                    write_all(self._write_fd, answer)  # <= PIPE_BUF into an empty pipe
+                    if child is not None and self._timeout_s:
+                        why = f"{self._label} timed out after {self._timeout_s:g} s"
+                        child.set_timeout(self._timeout_s, why)
+                else:
+                    self._mad.cancel_pending(self._shadow, "the export did not confirm the source")
+            except OSError:
+                pass  # the child is gone: its outcome says why
+            finally:
+                os.close(self._write_fd)
         try:
             return await self._task
         finally:
-            os.close(self._read_fd)
+            if self._read_fd >= 0:
+                fd, self._read_fd = self._read_fd, -1
+                os.close(fd)
             self._mad.forget(self._shadow)
 
 

@@ -38,6 +38,8 @@ class Outcome:
     errors: list[str] = field(default_factory=list)
     killed: str = ""
     """Why the MAD killed it (timeout, cancel, stop), empty otherwise."""
+    spawned: bool = True
+    """False when it never ran (the program or a process could not be started)."""
 
     @property
     def ok(self) -> bool:
