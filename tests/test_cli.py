@@ -23,6 +23,7 @@ from onemarket.registry import load_backend
 from onemarket.template import parse_template, write_template
 from rich.console import Console
 
+from tests.backends.test_s3 import raw_client
 from tests.servers import free_port
 from tests.servers.fake_oned import (
     FakeDatastore,
@@ -1111,8 +1112,6 @@ def test_check_says_disabled_and_names_the_endpoint(
 def test_s3_push_stopped_by_sighup_leaves_no_upload(tmp_path: Path, rgw) -> None:
     """A dropped ssh session during a multipart push (issue 13, 7): exit 129, one line, and
     neither an object nor an open multipart upload in the bucket."""
-    import boto3
-
     bucket = f"cli-hup-{os.urandom(4).hex()}"
     market = template_file(
         tmp_path,
@@ -1126,13 +1125,7 @@ def test_s3_push_stopped_by_sighup_leaves_no_upload(tmp_path: Path, rgw) -> None
         AWS="no",
         READ_LENGTH="5",
     )
-    client = boto3.client(
-        "s3",
-        endpoint_url=rgw.endpoint,
-        aws_access_key_id=rgw.access_key,
-        aws_secret_access_key=rgw.secret_key,
-        region_name="default",
-    )
+    client = raw_client(rgw)
     exe = Path(sys.executable).parent / "one-market"
     fifo = tmp_path / "image.fifo"
     os.mkfifo(fifo)

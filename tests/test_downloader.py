@@ -30,6 +30,7 @@ from onemarket.location import S3Location
 from onemarket.transfer import sinks, sources, stages
 
 from tests import payloads
+from tests.backends.test_s3 import raw_client
 from tests.servers import free_port
 
 TIMEOUT_S = 120
@@ -655,15 +656,7 @@ def apps(rgw: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     plain = os.urandom(3 << 20) + b"tail"
     packed_payload = (b"compressible disk block " * 200_000) + os.urandom(1000)
     packed = gzip.compress(packed_payload, compresslevel=1)
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=rgw.endpoint,
-        aws_access_key_id=rgw.access_key,
-        aws_secret_access_key=rgw.secret_key,
-        region_name="default",
-    )
+    client = raw_client(rgw)
     return {
         "client": client,
         "rgw": rgw,

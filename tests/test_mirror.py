@@ -26,7 +26,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
 import pytest
 import requests
 from onemarket import cli, driverlog, web
@@ -51,6 +50,7 @@ from onemarket.mirror.store import LocalStore
 from onemarket.template import Template, parse_template
 from rich.console import Console
 
+from tests.backends.test_s3 import raw_client
 from tests.catalogs.test_linuxcontainers import generate
 from tests.servers import need_program, without_proxies
 from tests.servers.appmarket import Appmarket, running_appmarket
@@ -695,13 +695,7 @@ def test_to_market_puts_the_tree_under_public_dir(
 def public_bucket(rgw: CephRgw, prefix: str) -> str:
     """A new bucket whose ``prefix/`` anyone may read (how a stock driver reads it: no keys)."""
     bucket = f"mirror-{uuid.uuid4().hex[:12]}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=rgw.endpoint,
-        aws_access_key_id=rgw.access_key,
-        aws_secret_access_key=rgw.secret_key,
-        region_name="us-east-1",
-    )
+    client = raw_client(rgw)
     client.create_bucket(Bucket=bucket)
     client.put_bucket_policy(Bucket=bucket, Policy=json.dumps(read_policy(bucket, prefix)))
     return bucket
