@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -30,9 +29,7 @@ from tests.payloads import (
 )
 from tests.servers.httpd import Handler, StaticHttpServer
 from tests.servers.oned import DriverInitError, OneLocation, parse_reply
-
-WAIT_S = 20.0
-"""Bound of every wait for something a script does (it signals through a file)."""
+from tests.waiting import WAIT_S, until
 
 MONITOR_OK = '#!/bin/sh\necho "USED_MB=1"\necho "FREE_MB=2"\necho "TOTAL_MB=3"\n'
 FAKEDS = datastore_xml(ds_mad="fakeds")
@@ -40,10 +37,7 @@ FAKEDS = datastore_xml(ds_mad="fakeds")
 
 
 def wait_for(path: Path) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
+    until(path.exists, f"{path} to appear")
 
 
 def gate_script(tmp: Path, before: str = "", after: str = "") -> str:
@@ -374,10 +368,7 @@ def test_hung_action_and_its_children_are_killed(oned: OneLocation, tmp_path: Pa
     reply = mad.reply()
     assert reply == parse_reply("MONITOR FAILURE 31 tiny monitor timed out after 1 s\n")
     child = int((tmp_path / "child").read_text())
-    deadline = time.monotonic() + WAIT_S
-    while not pid_gone(child):
-        assert time.monotonic() < deadline, "the hung action's child survived"
-        time.sleep(0.05)
+    until(lambda: pid_gone(child), "the end of the hung action's child")
 
 
 def test_driver_cancel_kills_the_action(oned: OneLocation, tmp_path: Path) -> None:
@@ -508,10 +499,8 @@ def test_forked_import_killed_on_timeout_cleans_up(
         )
         # our import runs in a fork of the MAD (same command line), not in a new interpreter
         mad_cmdline = Path(f"/proc/{mad.pid}/cmdline").read_bytes()
-        deadline = time.monotonic() + WAIT_S
-        while not any(cmdline(c) == mad_cmdline for c in children_of(mad.pid)):
-            assert time.monotonic() < deadline, "no forked child seen"
-            time.sleep(0.01)
+        forked = lambda: any(cmdline(c) == mad_cmdline for c in children_of(mad.pid))  # noqa: E731
+        until(forked, "a forked child")
         reply = mad.reply()
     finally:
         release.set()

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -23,11 +22,20 @@ from tests.servers.httpd import StaticHttpServer
 from tests.servers.oned import DriverInitError, OneLocation
 from tests.servers.rgw import CephRgw
 from tests.test_mad import children_of, gate_script, pid_gone, stalled, wait_for
+from tests.waiting import until
 
 FAKEDS = datastore_xml(ds_mad="fakeds")
 MIB = 1024 * 1024
 EXIT_BOUND_S = 10.0
 """oned SIGKILLs a MAD that has not exited 10 s after FINALIZE (stop_driver(10))."""
+
+
+def uploads_open(s3, bucket: str) -> list[dict]:
+    """The bucket's multipart uploads ([] until an import has made the bucket)."""
+    try:
+        return s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    except s3.exceptions.NoSuchBucket:
+        return []
 
 
 def files_in(folder: Path) -> list[Path]:
@@ -45,10 +53,7 @@ def mad_family(pid: int) -> list[int]:
 
 
 def wait_gone(pids: list[int], timeout_s: float = EXIT_BOUND_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not all(pid_gone(p) for p in pids):
-        assert time.monotonic() < deadline, f"still running: {[p for p in pids if not pid_gone(p)]}"
-        time.sleep(0.05)
+    until(lambda: all(pid_gone(p) for p in pids), f"the end of {pids}", timeout_s)
 
 
 # ------------------------------------------------------------------------------------------
@@ -178,10 +183,8 @@ def test_stop_with_queued_http_imports_publishes_nothing(
     attrs = {"BASE_URL": "http://127.0.0.1:9/", "PUBLIC_DIR": str(public)}
     release, mad = _queued_imports(oned, httpd, "http", attrs, MIB)
     try:
-        deadline = time.monotonic() + 20
-        while len(list(public.iterdir())) < 2:  # two imports write their temporary files
-            assert time.monotonic() < deadline, "the imports never started"
-            time.sleep(0.02)
+        # two imports write their temporary files
+        until(lambda: len(list(public.iterdir())) >= 2, "two imports to start")
         family = mad_family(mad.pid)
         if stop == "eof":
             mad.crash()  # oned died: both pipes closed, no FINALIZE
@@ -203,16 +206,8 @@ def test_stop_with_queued_s3_imports_leaves_no_object_or_upload(
     attrs = market_attrs(rgw, bucket, READ_LENGTH="8")
     release, mad = _queued_imports(oned, httpd, "s3", attrs, 20 * MIB)
     try:
-        deadline = time.monotonic() + 30
-        while True:  # both running imports have a multipart upload open
-            try:
-                uploads = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
-            except s3.exceptions.NoSuchBucket:
-                uploads = []
-            if len(uploads) >= 2:
-                break
-            assert time.monotonic() < deadline, "the uploads never started"
-            time.sleep(0.1)
+        # both running imports have a multipart upload open
+        until(lambda: len(uploads_open(s3, bucket)) >= 2, "two uploads to start", 30)
         family = mad_family(mad.pid)
         mad.crash()
         assert mad.wait(EXIT_BOUND_S) == 0
@@ -271,10 +266,7 @@ def test_restart_after_sigkill_serves_again(
     mad = oned.start("-m http")
     try:
         mad.request("IMPORT", 1, import_payload("http", attrs, app=app_xml(id=1), datastore=FAKEDS))
-        deadline = time.monotonic() + 20
-        while not list(public.iterdir()):
-            assert time.monotonic() < deadline, "the import never started"
-            time.sleep(0.02)
+        until(lambda: list(public.iterdir()), "the import to start")
         family = mad_family(mad.pid)
         old = mad.pid
         if children == "with_children":
@@ -282,10 +274,8 @@ def test_restart_after_sigkill_serves_again(
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(os.getpgid(pid), signal.SIGKILL)
         os.kill(old, signal.SIGKILL)
-        deadline = time.monotonic() + 20
-        while mad.restarts < 1:  # oned saw EOF: stop_driver(1), start_driver, INIT
-            assert time.monotonic() < deadline, "oned did not restart the MAD"
-            time.sleep(0.05)
+        # oned saw EOF: stop_driver(1), start_driver, INIT
+        until(lambda: mad.restarts >= 1, "oned to restart the MAD")
         assert mad.pid not in (-1, old)
         wait_gone(family)  # a forked action dies with the MAD (and cleans up on its SIGTERM)
     finally:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -28,8 +27,9 @@ from tests.backends.test_s3 import (
 from tests.payloads import app_xml, datastore_xml, image_xml, import_payload
 from tests.servers.oned import OneLocation
 from tests.servers.rgw import CephRgw
-from tests.test_mad import WAIT_S, wait_for
-from tests.test_mad_lifecycle import files_in, mad_family, wait_gone
+from tests.test_mad import wait_for
+from tests.test_mad_lifecycle import files_in, mad_family, uploads_open, wait_gone
+from tests.waiting import until
 
 FAKEDS = datastore_xml(ds_mad="fakeds")
 IMAGE_BYTES = 3 * 1024 * 1024 + 5
@@ -251,10 +251,7 @@ def test_s3_copy_runs_beside_the_export(
     )
     mad = oned.start("-m", "s3")
     mad.request("IMPORT", 31, payload)
-    deadline = time.monotonic() + WAIT_S
-    while not upload_open(s3, bucket):
-        assert time.monotonic() < deadline, "the upload never started beside the export"
-        time.sleep(0.05)
+    until(lambda: uploads_open(s3, bucket), "the upload to start beside the export")
     go.touch()
     reply = mad.reply()
     assert uploads_left(s3, bucket) == []
@@ -265,11 +262,3 @@ def test_s3_copy_runs_beside_the_export(
     else:
         assert not reply.ok and "MD5 mismatch" in reply.info, reply
         assert not object_exists(s3, bucket, "marketapp-31")
-
-
-def upload_open(s3, bucket: str) -> bool:
-    """True once the import made the bucket and started its multipart upload."""
-    try:
-        return bool(uploads_left(s3, bucket))
-    except s3.exceptions.NoSuchBucket:
-        return False

@@ -43,10 +43,9 @@ from tests.servers import need, need_program
 from tests.servers.httpd import StaticHttpServer, truncated
 from tests.servers.nginx import Nginx
 from tests.servers.sshd import Sshd
+from tests.waiting import WAIT_S, until
 
 MIB = 1 << 20
-WAIT_S = 20.0
-"""Bound on every wait for a copy to reach a given point."""
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -86,15 +85,6 @@ def listing(folder: Path) -> dict[str, bytes]:
 
 def md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
-
-
-def wait_until(cond: object, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if cond():  # type: ignore[operator]
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def temp_files(folder: Path) -> list[str]:
@@ -334,7 +324,7 @@ def test_stop_signal_mid_copy_leaves_nothing(
         stderr=subprocess.PIPE,
     )
     try:
-        wait_until(lambda: temp_files(nginx.public_dir), "the temporary file")
+        until(lambda: temp_files(nginx.public_dir), "the temporary file")
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=WAIT_S)
     finally:
@@ -586,7 +576,7 @@ def test_bridge_connection_killed_mid_copy_leaves_nothing(
     worker = threading.Thread(target=run)
     worker.start()
     try:
-        wait_until(lambda: temp_files(nginx.public_dir), "the remote temporary file")
+        until(lambda: temp_files(nginx.public_dir), "the remote temporary file")
         assert sshd.kill_sessions() >= 1
         worker.join(WAIT_S * 3)
     finally:
