@@ -36,6 +36,7 @@ from tests.servers.fake_oned import (
 from tests.servers.httpd import StaticHttpServer
 from tests.servers.nginx import Nginx
 from tests.servers.sshd import Sshd
+from tests.waiting import signal_when
 
 REPO = Path(__file__).resolve().parents[1]
 ONE_CATALOG = REPO / "tests" / "data" / "one-community-appliance.json"
@@ -703,21 +704,11 @@ def test_push_stopped_by_a_signal_leaves_nothing(
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
     )
-    try:
-        with open_writer(fifo, proc) as writer:
-            writer.write(os.urandom(4 * MIB))
-            writer.flush()
-            for _ in range(400):  # bounded wait for the temporary file to appear
-                if any(nginx.public_dir.iterdir()) or proc.poll() is not None:
-                    break
-                time.sleep(0.05)
-            assert any(nginx.public_dir.iterdir()), "the copy never started"
-            proc.send_signal(signum)
-            out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+    with open_writer(fifo, proc) as writer:
+        writer.write(os.urandom(4 * MIB))
+        writer.flush()
+        copying = lambda: any(nginx.public_dir.iterdir())  # noqa: E731
+        out, err = signal_when(proc, copying, "the copy's temporary file", signum)
     assert proc.returncode == status, err
     line = err.decode().strip()
     assert line.startswith(f"one-market: {words}"), line
@@ -785,18 +776,10 @@ def test_sigterm_during_check_removes_the_probe(tmp_path: Path) -> None:
         [exe, "check", market, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
-        for _ in range(400):  # bounded wait for the probe file
-            if any(public.iterdir()) or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        assert any(public.iterdir()), "the probe was never written"
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
+        probing = lambda: any(public.iterdir())  # noqa: E731
+        out, err = signal_when(proc, probing, "the probe file", signal.SIGTERM)
     finally:
         silent.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
     assert proc.returncode == cli.EXIT_TERMINATED, err
     said = "check stopped by SIGTERM (sent by kill, timeout, a service manager or a shutdown)"
     assert err.decode().strip() == f"one-market: {said}"
@@ -974,18 +957,8 @@ def test_sigterm_while_oned_copies_removes_the_image_once_copied(
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
     )
-    try:
-        for _ in range(600):  # bounded wait for the CLI to be waiting on the copy
-            if "one.image.info" in oned_http.calls or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        assert "one.image.info" in oned_http.calls, "push never waited for the image"
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+    waiting = lambda: "one.image.info" in oned_http.calls  # noqa: E731
+    out, err = signal_when(proc, waiting, "push waiting for the image", signal.SIGTERM)
     assert proc.returncode == cli.EXIT_TERMINATED, err
     last = err.decode().splitlines()[-1]
     assert last.startswith("one-market: push stopped by SIGTERM")
@@ -1142,21 +1115,10 @@ def test_s3_push_stopped_by_sighup_leaves_no_upload(tmp_path: Path, rgw) -> None
         except client.exceptions.NoSuchBucket:
             return []
 
-    try:
-        with open_writer(fifo, proc) as writer:
-            writer.write(os.urandom(6 * MIB))  # more than one 5 MiB part: a multipart upload
-            writer.flush()
-            for _ in range(400):  # bounded wait for the upload to be open
-                if uploads() or proc.poll() is not None:
-                    break
-                time.sleep(0.05)
-            assert uploads(), "no multipart upload was started"
-            proc.send_signal(signal.SIGHUP)
-            out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+    with open_writer(fifo, proc) as writer:
+        writer.write(os.urandom(6 * MIB))  # more than one 5 MiB part: a multipart upload
+        writer.flush()
+        out, err = signal_when(proc, uploads, "a multipart upload", signal.SIGHUP)
     assert proc.returncode == cli.EXIT_HANGUP, err
     last = err.decode().splitlines()[-1]  # after the backend's INFO lines
     assert last == "one-market: push stopped by SIGHUP (its terminal or ssh session closed)"

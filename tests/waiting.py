@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -16,3 +17,20 @@ def until(cond: Callable[[], object], what: str, timeout_s: float = WAIT_S) -> N
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(POLL_S)
+
+
+def signal_when(
+    proc: subprocess.Popen[bytes], cond: Callable[[], object], what: str, signum: int
+) -> tuple[bytes, bytes]:
+    """Once ``cond()`` holds, send ``signum`` to ``proc`` and return its (stdout, stderr);
+    fail naming ``what`` if it never holds (the process ended first, or the wait ran out). A
+    process still running at the end is killed."""
+    try:
+        until(lambda: cond() or proc.poll() is not None, what)
+        assert cond(), f"{what} never happened (exit status {proc.returncode})"
+        proc.send_signal(signum)
+        return proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
