@@ -52,7 +52,7 @@ from rich.console import Console
 
 from tests.backends.test_s3 import raw_client
 from tests.catalogs.test_linuxcontainers import generate
-from tests.servers import need_program, without_proxies
+from tests.servers import need_program
 from tests.servers.appmarket import Appmarket, running_appmarket
 from tests.servers.httpd import StaticHttpServer, truncated
 from tests.servers.mirror_web import MirrorWeb, running_mirror_web
@@ -69,8 +69,7 @@ GENERATOR_ARGS += ("--only", LXC_ONLY)
 
 @pytest.fixture(autouse=True)
 def _loopback(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No proxy of the machine in the way; no wait between download attempts."""
-    without_proxies(monkeypatch)
+    """No wait between download attempts."""
     monkeypatch.setattr(fetch, "RETRY_WAIT_S", 0.0)
     monkeypatch.setattr(web, "RETRY_BACKOFF_S", 0.0)
 

@@ -38,8 +38,6 @@ THREAD_JOIN_S = 120
 @pytest.fixture(autouse=True)
 def _fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(web, "RETRY_BACKOFF_S", 0.0)
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
 
 
 def fetcher(cache: Path | None = None, **kw: float) -> CachedFetcher:

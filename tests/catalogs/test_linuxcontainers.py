@@ -85,13 +85,6 @@ CONTEXT = {"NETWORK": "YES", "SSH_PUBLIC_KEY": "$USER[SSH_PUBLIC_KEY]", "SET_HOS
 GRAPHICS = {"LISTEN": "0.0.0.0", "TYPE": "vnc"}
 
 
-@pytest.fixture(autouse=True)
-def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Never send loopback requests through a proxy from the environment."""
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-
 # --------------------------------------------------------------------------------------------
 # Catalogs and the monitor
 # --------------------------------------------------------------------------------------------

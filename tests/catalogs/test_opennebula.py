@@ -25,7 +25,7 @@ from onemarket.errors import ConfigError, NotSupportedError, RemoteError
 from onemarket.installation import Installation
 from onemarket.template import Template, parse_template
 
-from tests.servers import free_port, without_proxies
+from tests.servers import free_port
 from tests.servers.httpd import failing_then, slow, truncated
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,11 +46,6 @@ def installation(tmp_path: Path) -> Installation:
     inst.remotes.mkdir(parents=True)
     (inst.remotes / "VERSION").write_text("7.0.0\n")
     return inst
-
-
-@pytest.fixture(autouse=True)
-def no_proxy_from_outside(monkeypatch: pytest.MonkeyPatch) -> None:
-    without_proxies(monkeypatch)
 
 
 @pytest.fixture
