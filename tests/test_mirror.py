@@ -52,7 +52,7 @@ from rich.console import Console
 
 from tests.backends.test_s3 import raw_client
 from tests.catalogs.test_linuxcontainers import generate
-from tests.servers import need_program
+from tests.servers import need_program, small_tmpfs
 from tests.servers.appmarket import Appmarket, running_appmarket
 from tests.servers.httpd import StaticHttpServer, truncated
 from tests.servers.mirror_web import MirrorWeb, running_mirror_web
@@ -485,17 +485,6 @@ def test_a_signal_mid_run_leaves_the_previous_mirror_and_keeps_verified_files(
     assert leftovers(dest) == []
 
 
-def _tmpfs(folder: Path, size_bytes: int) -> bool:
-    folder.mkdir(parents=True)
-    if os.geteuid() != 0:
-        return False
-    opts = f"size={size_bytes},mode=0755"
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(folder)], capture_output=True
-    )
-    return done.returncode == 0
-
-
 def test_a_failed_rename_while_publishing_leaves_no_new_file(tmp_path: Path) -> None:
     """The catalogs are written as hidden '.new' files, then renamed: one rename failing (a
     folder in the way) removes those not renamed yet."""
@@ -515,21 +504,20 @@ def test_disk_full_fails_the_run_and_leaves_the_previous_mirror(
 ) -> None:
     dest = tmp_path / "small"
     room = 400 * 1024
-    mounted = _tmpfs(dest, room)
-    if not mounted:  # no mount here: the same ENOSPC from the writes, once the room is used
-        from onemarket.transfer import streamcopy
+    with small_tmpfs(dest, room) as mounted:
+        if not mounted:  # no mount here: the same ENOSPC from the writes, once the room is used
+            from onemarket.transfer import streamcopy
 
-        real = streamcopy._pwrite_all
-        used = {"n": 0}
+            real = streamcopy._pwrite_all
+            used = {"n": 0}
 
-        def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-            used["n"] += len(view)
-            if used["n"] > room:
-                raise OSError(28, "No space left on device")
-            real(fd, view, offset)
+            def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+                used["n"] += len(view)
+                if used["n"] > room:
+                    raise OSError(28, "No space left on device")
+                real(fd, view, offset)
 
-        monkeypatch.setattr(streamcopy, "_pwrite_all", pwrite_all)
-    try:
+            monkeypatch.setattr(streamcopy, "_pwrite_all", pwrite_all)
         source = template_file(tmp_path, "Community", "one", appmarket.url + "/")
         code, summary = mirror_json(installation, str(source), str(dest), "--include", "NixOS")
         assert code == 0, summary
@@ -543,9 +531,6 @@ def test_disk_full_fails_the_run_and_leaves_the_previous_mirror(
         assert len(listed) < len(appmarket.appliances)
         assert (dest / "appliance.json").read_bytes() == before or "FAILED" in err
         assert not [p for p in tree_files(dest) if p.endswith((".part", ".new"))]
-    finally:
-        if mounted:
-            subprocess.run(["umount", "-l", str(dest)], check=False)
 
 
 # --------------------------------------------------------------------------- simplestreams

@@ -39,7 +39,7 @@ from onemarket.template import parse_template
 
 from tests.payloads import app_xml, import_info_xml, import_payload
 from tests.qemu_img import qemu_img_virtual_size
-from tests.servers import need, need_program
+from tests.servers import need, need_program, small_tmpfs
 from tests.servers.httpd import StaticHttpServer, truncated
 from tests.servers.nginx import Nginx
 from tests.servers.sshd import Sshd
@@ -147,14 +147,9 @@ def image(tmp_path: Path) -> Path:
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs, to fill up (needs root to mount)."""
-    need(os.geteuid() == 0, "mounting a small tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with small_tmpfs(tmp_path / "small", 4 * MIB) as mounted:
+        need(mounted, "mounting a small tmpfs needs root")
+        yield tmp_path / "small"
 
 
 def sparse_image(path: Path) -> bytes:

@@ -118,6 +118,21 @@ PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 """The proxy settings requests and curl read from the environment (either case)."""
 
 
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, size_bytes: int) -> Iterator[bool]:
+    """``folder`` made and, as root, a tmpfs of ``size_bytes`` mounted on it (a disk to fill
+    up); yields whether it is mounted, and unmounts it at the end."""
+    folder.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size_bytes},mode=0755"
+    argv = ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(folder)]
+    mounted = os.geteuid() == 0 and subprocess.run(argv, capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
 def without_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
     """Loopback traffic must not go through a proxy configured on the machine running the tests."""
     for name in PROXY_VARS:
