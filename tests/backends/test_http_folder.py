@@ -629,15 +629,18 @@ def test_bridge_list_parsing_and_choice() -> None:
         parse_bridge_list("good -oProxyCommand=evil")
 
 
-def leftovers(folder: Path) -> tuple[Path, Path, Path]:
-    """An old temporary file of ours, a fresh one and an old file that is not ours."""
+def leftovers(folder: Path) -> tuple[Path, Path, list[Path]]:
+    """An old temporary file of ours, a fresh one, and old entries that are not ours (the
+    administrator's, even when named like ours: PUBLIC_DIR is shared)."""
     old = folder / f".app-3-{'a' * 32}.part"
     fresh = folder / f".app-4-{'b' * 32}.part"
-    foreign = folder / ".other.part"
-    for p in (old, fresh, foreign):
+    foreign = [folder / ".other.part", folder / ".app-notes.part", folder / ".app-dir.part"]
+    for p in (old, fresh, *foreign[:2]):
         p.write_bytes(b"partial")
+    foreign[2].mkdir()
+    (foreign[2] / "keep.txt").write_bytes(b"mine")
     two_days_ago = time.time() - 2 * 86400
-    for p in (old, foreign):
+    for p in (old, *foreign):
         os.utime(p, (two_days_ago, two_days_ago))
     return old, fresh, foreign
 
@@ -650,7 +653,8 @@ def test_monitor_removes_only_old_leftovers_of_ours(nginx: Nginx, sshd: Sshd, br
         attrs["BRIDGE_LIST"] = "bridge2"
     backend(attrs).monitor()
     assert not old.exists()
-    assert fresh.exists() and foreign.exists()
+    assert fresh.exists() and all(p.exists() for p in foreign)
+    assert (foreign[2] / "keep.txt").exists()
 
 
 def test_concurrent_bridge_imports_never_collide(

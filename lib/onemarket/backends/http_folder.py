@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import re
 import secrets
 import shlex
 import stat
@@ -74,6 +75,8 @@ find "$d" -maxdepth 1 -type f -name '.app-[0-9]*-*.part' -mmin +{stale_min} -del
 STALE_TEMP_S = 24 * 3600
 """Age after which a temporary file of ours is a leftover (its import was SIGKILLed or its
 host unreachable at clean-up) and monitor removes it; no import runs that long."""
+TEMP_RE = re.compile(r"\.app-\d+-[0-9a-f]{32}\.part")
+"""The temporary name of an import (``temp_name`` of ``HttpLocation.new_name``), nothing else."""
 
 
 def _base_url(text: str) -> str:
@@ -371,7 +374,10 @@ class HttpFolderBackend(Backend):
                 st = os.statvfs(folder)
             except OSError as exc:
                 raise from_os_error(exc, f"cannot read the size of PUBLIC_DIR {folder}") from None
-            sweep_temps(folder, ".app-", max_age_s=STALE_TEMP_S, left_by="a killed import")
+            # PUBLIC_DIR holds the administrator's files too: only our exact names go
+            sweep_temps(
+                folder, ".app-", max_age_s=STALE_TEMP_S, left_by="a killed import", name_re=TEMP_RE
+            )
             return _sizes(st.f_frsize, st.f_blocks, st.f_bfree, st.f_bavail)
         hosts = available_hosts(cfg.bridge_list)
         last: Exception | None = None

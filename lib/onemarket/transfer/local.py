@@ -67,17 +67,24 @@ def sweep_temps(
     *,
     max_age_s: float | None = None,
     left_by: str = "",
+    name_re: re.Pattern[str] | None = None,
 ) -> list[Path]:
     """Remove what killed writers left in ``folder`` (a SIGKILL skips every clean-up): the
-    entries named ``prefix...suffix``, files or work folders, whose :func:`owner_tag` (the
+    entries named ``prefix...suffix`` (and matching ``name_re`` whole, where a folder is shared
+    with other people's files), files or work folders, whose :func:`owner_tag` (the
     dot-separated word before the random one) names a dead process of this host, or, untagged,
-    older than ``max_age_s`` (None: only tagged ones go). Another host's tag is never removed.
-    Best effort, never fails; with ``left_by`` each removal is an INFO line."""
+    regular files older than ``max_age_s`` (None: only tagged ones go; an untagged folder's
+    mtime says nothing of the writes inside it). Another host's tag is never removed. Best
+    effort, never fails; with ``left_by`` each removal is an INFO line."""
     host = owner_tag().rsplit("-", 1)[0]
     now = time.time()
     removed: list[Path] = []
     try:
-        entries = [e for e in os.scandir(folder) if e.name.startswith(prefix)]
+        entries = [
+            e
+            for e in os.scandir(folder)
+            if e.name.startswith(prefix) and (name_re is None or name_re.fullmatch(e.name))
+        ]
     except OSError:
         return removed
     for entry in entries:
@@ -88,9 +95,10 @@ def sweep_temps(
         try:
             if tag is not None:
                 stale = tag.group(1) == host and not _pid_alive(int(tag.group(2)))
+            elif max_age_s is None or not entry.is_file(follow_symlinks=False):
+                stale = False
             else:
-                age_s = now - entry.stat(follow_symlinks=False).st_mtime
-                stale = max_age_s is not None and age_s > max_age_s
+                stale = now - entry.stat(follow_symlinks=False).st_mtime > max_age_s
             if not stale:
                 continue
             if entry.is_dir(follow_symlinks=False):
