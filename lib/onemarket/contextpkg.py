@@ -157,7 +157,7 @@ def list_candidates(source: str, session: Any, timeouts: tuple[float, float]) ->
 
 
 def _version_key(name: str) -> list[object]:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+    return [int(p) if p.isascii() and p.isdigit() else p for p in re.split(r"([0-9]+)", name)]
 
 
 def choose(candidates: Mapping[str, str], family: Family) -> str | None:

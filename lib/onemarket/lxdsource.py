@@ -62,7 +62,8 @@ class LxdSource:
             raise ConfigError(f"lxd:// source {one_line(source, 200)!r} has no http(s) URL")
         args = dict(parse_qsl(query, keep_blank_values=False))
         size_text = args.get("size", str(DEFAULT_IMAGE_SIZE_MB)).strip()
-        if not size_text.isdigit() or not 0 < int(size_text) <= MAX_IMAGE_SIZE_MB:
+        digits = size_text.isascii() and size_text.isdigit()  # not "²"
+        if not digits or not 0 < int(size_text) <= MAX_IMAGE_SIZE_MB:
             raise ConfigError(
                 f"lxd:// source: size={one_line(size_text, 40)!r} is not a size in MB "
                 f"(1 to {MAX_IMAGE_SIZE_MB})"

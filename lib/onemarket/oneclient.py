@@ -399,7 +399,7 @@ def _find(
     ref = ref.strip()
     what = f"cannot read {kind} '{ref}' from oned"
     try:
-        if ref.isdigit():
+        if ref.isascii() and ref.isdigit():
             return convert(call(what, lambda: info(int(ref))))
         listed = getattr(call(what, pool), members, None) or []
     except pyone.OneNoExistsException:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import sys
+import types
 
 import pytest
 from onemarket.errors import SourceError
-from onemarket.transfer.sources import ProcessSource
+from onemarket.transfer.sources import HttpBody, ProcessSource
 
 LOUD = "import sys; sys.stderr.write('x' * 300_000 + 'the cause'); sys.stdout.write('hello')"
 
@@ -48,3 +49,10 @@ def test_a_password_in_a_source_url_is_masked() -> None:
     with pytest.raises(SourceError) as caught, open_source(url):
         pass
     assert "s3cr3t-pw" not in driverlog.scrub(str(caught.value))
+
+
+def test_a_content_length_of_unicode_digits_is_no_size() -> None:
+    """'²' is a digit to str.isdigit() and no number to int(): the size is unknown, no crash."""
+
+    response = types.SimpleNamespace(headers={"Content-Length": "\u00b2"})
+    assert HttpBody(response).size_bytes is None  # type: ignore[arg-type]

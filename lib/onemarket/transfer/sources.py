@@ -398,7 +398,8 @@ class HttpBody:
         self._resp = resp
         length = resp.headers.get("Content-Length", "")
         self._decode = resp.headers.get("Content-Encoding", "identity") != "identity"
-        self.size_bytes = int(length) if length.isdigit() and not self._decode else None
+        plain = length.isascii() and length.isdigit()  # "²" is a digit to isdigit()
+        self.size_bytes = int(length) if plain and not self._decode else None
 
     def read(self, n: int) -> bytes:
         return self._resp.raw.read(n, decode_content=self._decode)
