@@ -8,13 +8,14 @@ the code that reads them (``s3config``), before any request or message.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 from . import oneclient
 from .action import Market
-from .backends.attributes import missing
-from .errors import ConfigError, TemplateError
+from .backends.attributes import missing, redact
+from .errors import ConfigError, MarketError, TemplateError
 from .registry import backend_class
 from .template import parse_template
 
@@ -79,9 +80,10 @@ def load_market(ref: str, timeout_s: float = oneclient.CONNECT_TIMEOUT_S) -> Mar
     """The marketplace named by ``ref``: a template file path, or an oned id or name."""
     if not ref.strip():
         raise ConfigError("no marketplace given")
-    if looks_like_path(ref):
-        return market_from_file(ref)
-    return market_from_oned(ref, timeout_s=timeout_s)
+    market = market_from_file(ref) if looks_like_path(ref) else market_from_oned(ref, timeout_s)
+    with contextlib.suppress(MarketError):  # an unknown driver is reported where it is used
+        redact(market, backend_class(market.driver).attributes)
+    return market
 
 
 def missing_attrs(market: Market) -> list[str]:

@@ -33,7 +33,7 @@ from botocore.config import Config
 
 from . import driverlog
 from .action import Market
-from .backends.attributes import Attr, flag, read
+from .backends.attributes import Attr, flag, read, redact
 from .errors import (
     ActionTimeout,
     ChecksumError,
@@ -66,9 +66,6 @@ METADATA_IMPORTING = "onemarket-importing"
 """Metadata key marking the empty placeholder an import stores to claim its key (deleted, or
 replaced by the image, when the import ends)."""
 
-SECRET_ATTRS = ("ACCESS_KEY_ID", "SECRET_ACCESS_KEY")
-"""Attributes masked in every message: the secret, and the key id naming the account it
-belongs to (with the secret, what a leaked debug line would give away)."""
 
 SIGNATURE_VERSIONS = {"v4": "s3v4", "s3v4": "s3v4", "s3": "s3", "v2": "s3"}
 _AWS_HOST_RE = re.compile(r"(^|\.)amazonaws\.com(\.cn)?$", re.IGNORECASE)
@@ -95,8 +92,13 @@ def _bucket(text: str) -> str:
 
 
 ATTRIBUTES = (
-    Attr("ACCESS_KEY_ID", "access key id (masked in every message)", required=True),
-    Attr("SECRET_ACCESS_KEY", "secret access key (masked in every message)", required=True),
+    Attr("ACCESS_KEY_ID", "access key id (masked in every message)", required=True, secret=True),
+    Attr(
+        "SECRET_ACCESS_KEY",
+        "secret access key (masked in every message)",
+        required=True,
+        secret=True,
+    ),
     Attr("REGION", "region", required=True),
     Attr("BUCKET", "bucket (created when missing)", required=True, parse=_bucket),
     Attr("ENDPOINT", "URL of an S3-compatible service (default AWS)", parse=_endpoint),
@@ -131,8 +133,7 @@ class S3Settings:
 
     @classmethod
     def from_market(cls, market: Market, need_bucket: bool = True) -> S3Settings:
-        for name in SECRET_ATTRS:  # before anything can fail and say why
-            driverlog.redact(market.attrs.get(name, "").strip())
+        redact(market, ATTRIBUTES)  # before anything can fail and say why
         table = [a if need_bucket or a.name != "BUCKET" else replace(a, required=False)
                  for a in ATTRIBUTES]  # fmt: skip
         v = read(market, table)

@@ -7,10 +7,11 @@ validator's ``ValueError`` into one ConfigError naming the market and the attrib
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .. import driverlog
 from ..action import Market
 from ..errors import ConfigError
 
@@ -28,6 +29,16 @@ class Attr:
     parse: Callable[[str], Any] = str.strip
     """Text (stripped, never empty) to value; raises ValueError with the end of a sentence
     that starts with the attribute name (``must be ..., not 'x'``)."""
+    secret: bool = False
+    """Masked in every message of the process once the market is read (:func:`redact`)."""
+
+
+def redact(market: Market, attributes: Sequence[Attr]) -> None:
+    """Mask the values of ``market``'s secret attributes in every later message and log line,
+    before anything can fail and quote them."""
+    for attr in attributes:
+        if attr.secret:
+            driverlog.redact(market.attrs.get(attr.name, "").strip())
 
 
 def flag(text: str) -> bool:
