@@ -170,7 +170,7 @@ downloader_wrapper() {
 # $MARKER: installed by install.sh; reads s3:// and lxd:// sources itself, hands others to downloader.sh.orig
 if [ -x "$PY" ]; then
   # the original beside this script, wherever it was run from (by hand, no ONE_LOCATION)
-  ONE_MARKET_STOCK_DOWNLOADER=\${ONE_MARKET_STOCK_DOWNLOADER:-\$(cd "\$(dirname "\$0")" && pwd)/downloader.sh.orig}
+  ONE_MARKET_STOCK_DOWNLOADER=\${ONE_MARKET_STOCK_DOWNLOADER:-\$(CDPATH= cd -P -- "\$(dirname -- "\$0")" >/dev/null && pwd)/downloader.sh.orig}
   export ONE_MARKET_STOCK_DOWNLOADER
   exec "$PY" -I -m onemarket.downloader "\$@"
 fi
