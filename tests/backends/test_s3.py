@@ -484,7 +484,9 @@ def test_server_read_timeout_aborts(rgw: CephRgw, s3, httpd, bucket: str, tmp_pa
 def test_radosgw_killed_mid_upload_then_monitor_cleans(
     rgw: CephRgw, s3, httpd, bucket: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    httpd.routes["/img"] = pattern_stream(48 * MIB, hook_at=16 * MIB, hook=rgw.kill_rgw)
+    # killed once the multipart upload surely exists: the sink trails the read by the copy's
+    # queue (a few MiB)
+    httpd.routes["/img"] = pattern_stream(48 * MIB, hook_at=32 * MIB, hook=rgw.kill_rgw)
     backend = make_backend(
         market_attrs(rgw, bucket, READ_LENGTH="5"), tmp_path, max_attempts=2, read_timeout_s=5
     )
@@ -934,15 +936,15 @@ def test_large_parts_are_sent_fewer_at_a_time(
     md5, _ = write_random(image, 31 * MIB)
     alive: set[int] = set()
     peak = {"buffers": 0}
-    real_read_part = s3mod._Reader.read_part
+    real_part_buffer = s3mod.S3Upload._part_buffer
 
-    def tracking_read_part(self, size, buf=None):
-        out = real_read_part(self, size, buf)
+    def tracking_part_buffer(self, size, buf=None):
+        out = real_part_buffer(self, size, buf)
         alive.add(id(out))
         peak["buffers"] = max(peak["buffers"], len(alive))
         return out
 
-    monkeypatch.setattr(s3mod._Reader, "read_part", tracking_read_part)
+    monkeypatch.setattr(s3mod.S3Upload, "_part_buffer", tracking_part_buffer)
     backend = make_backend(market_attrs(rgw, bucket, READ_LENGTH="5"), tmp_path)
     spy = UploadPartSpy(backend)
     result = do_import(backend, str(image), md5=md5)
@@ -999,13 +1001,13 @@ def test_small_source_not_read_into_a_whole_part(
     image = tmp_path / "img"
     md5, _ = write_random(image, 1000)
     asked: list[int] = []
-    real_read_part = s3mod._Reader.read_part
+    real_part_buffer = s3mod.S3Upload._part_buffer
 
-    def recording_read_part(self, size, buf=None):
+    def recording_part_buffer(self, size, buf=None):
         asked.append(size)
-        return real_read_part(self, size, buf)
+        return real_part_buffer(self, size, buf)
 
-    monkeypatch.setattr(s3mod._Reader, "read_part", recording_read_part)
+    monkeypatch.setattr(s3mod.S3Upload, "_part_buffer", recording_part_buffer)
     backend = make_backend(market_attrs(rgw, bucket, READ_LENGTH="4096"), tmp_path)
     assert do_import(backend, str(image), md5=md5).md5 == md5
     assert asked == [1001]

@@ -2,12 +2,12 @@
 service (Ceph RGW, MinIO...), named ``<APP_PREFIX or "marketapp">-<app id>``.
 
 Import first claims the key (an empty placeholder stored with ``If-None-Match: *``, see
-``_claim``), then reads the source once, sequentially, into part buffers. A source smaller than
-one part goes up in a single PUT; a larger one as a multipart upload: while the next part is
-read, one thread feeds the parts in order to the whole-stream MD5 (the one MD5 pass: what oned
-stores), and a small pool of threads sends them, so reading, hashing and sending overlap and
-memory is bounded by the (reused) part buffers, whatever the image size
-(PART_MEMORY_BUDGET_BYTES).
+``_claim``), then copies the source once, sequentially, with ``copy_stream`` (which computes
+the whole-stream MD5, the one MD5 pass: what oned stores) into an :class:`S3Upload`, the
+transfer layer's sink protocol. A source smaller than one part goes up in a single PUT; a
+larger one as a multipart upload: the sink fills part buffers and a small pool of threads
+sends them, so reading, hashing and sending overlap and memory is bounded by the (reused)
+part buffers, whatever the image size (PART_MEMORY_BUDGET_BYTES).
 Every body is a SigV4 signed payload: the server checks each part against the SHA-256 in the
 signed ``x-amz-content-sha256`` header and refuses a corrupted one, which costs one SHA-256 pass
 (fast with the CPU's SHA extensions) instead of a second MD5 for Content-MD5. Any failure
@@ -65,7 +65,8 @@ from ..s3config import (
 )
 from ..transfer.hashing import Digests, Expected
 from ..transfer.interrupt import interruptible
-from ..transfer.sources import CHUNK_BYTES, Source, open_source
+from ..transfer.sources import Source, open_source
+from ..transfer.streamcopy import copy_stream, write_zeros
 from ..units import MIB, mb_bytes, size_mb
 from .attributes import Attr, count, read
 from .base import (
@@ -110,6 +111,9 @@ CHECK_CLIENT_OPTIONS = {"connect_timeout_s": 5.0, "read_timeout_s": 20.0, "max_a
 """``one-market check`` answers within seconds: short timeouts, one retry."""
 CLAIM_TOKEN_BYTES = 8
 """Random bytes naming one import's placeholder (16 hex digits)."""
+COPY_BUFFERS = 2
+"""Read buffers of a local file's copy into the part buffers (2 x 4 MiB): MD5 sets the pace,
+not the read, and the part buffers already absorb the network's jitter."""
 SLOT_POLL_S = 0.2
 """How often the reader checks for a failed part while waiting for a free slot."""
 ABORT_ATTEMPTS = 3
@@ -192,54 +196,6 @@ def multipart_etag(part_md5s: list[bytes]) -> str:
     return f"{joined}-{len(part_md5s)}"
 
 
-@dataclass
-class _Reader:
-    """The source, read once and sequentially into part buffers (hashing is done elsewhere,
-    in order, so reading, hashing and sending overlap)."""
-
-    source: Source
-    what: str
-    size_bytes: int = 0
-    eof: bool = False
-
-    def read_part(self, size: int, buf: bytearray | None = None) -> bytearray:
-        """Fill ``buf`` (reused, resized to ``size``) or a new buffer with the next part."""
-        if buf is None or len(buf) != size:
-            buf = bytearray(size)
-        view = memoryview(buf)
-        filled = 0
-        # a local file is read straight into the part buffer, without a chunk copy in between
-        readinto = getattr(self.source, "readinto", None)
-        try:
-            while filled < size:
-                if readinto is not None:
-                    got = readinto(view[filled:size])
-                else:
-                    chunk = self.source.read(min(CHUNK_BYTES, size - filled))
-                    got = len(chunk)
-                    view[filled : filled + got] = chunk
-                if not got:
-                    self.eof = True
-                    break
-                filled += got
-        finally:
-            view.release()
-        self.size_bytes += filled
-        expected = self.source.size_bytes
-        if expected is not None and self.size_bytes > expected:
-            raise SourceError(f"{self.what}: source grew beyond its size of {expected} bytes")
-        if filled < size:
-            del buf[filled:]
-        return buf
-
-    def check_complete(self) -> None:
-        expected = self.source.size_bytes
-        if expected is not None and self.size_bytes != expected:
-            raise SourceError(
-                f"{self.what}: source ended after {self.size_bytes} of {expected} bytes"
-            )
-
-
 def _part_etag(answer: dict[str, Any], number: int) -> str:
     """The hex ETag (the server's MD5 of the part) an UploadPart answer carries."""
     etag = str(answer.get("ETag", "")).strip('"').lower()
@@ -259,56 +215,32 @@ class _PartPlan:
         return part_size_for(number, self.base, self.exact)
 
 
-@dataclass
-class _Upload:
-    """One stream on its way to one key."""
-
-    key: str
-    uri: str
-    reader: _Reader
-    digests: Digests
-    progress: Progress
-
-
 class _PartSender:
-    """Back-pressure as one object (as s3transfer's BoundedExecutor): each part goes, in
-    order, to one hashing thread (the whole-stream MD5) and to one of ``workers`` sending
-    threads; at most :func:`buffers_for` part buffers exist at once, reused (large buffers
-    freed and re-allocated per part fragment the heap across threads and let the RSS creep
-    up), and :meth:`buffer` waits for a free one, collecting finished parts meanwhile. A
-    context manager: leaving it on an exception cancels what is queued."""
+    """Back-pressure as one object (as s3transfer's BoundedExecutor): each part goes to one
+    of ``workers`` sending threads; at most :func:`buffers_for` part buffers exist at once,
+    reused (large buffers freed and re-allocated per part fragment the heap across threads
+    and let the RSS creep up), and :meth:`buffer` waits for a free one, collecting finished
+    parts meanwhile. :meth:`stop` cancels what is queued and refuses more."""
 
     def __init__(
         self,
         workers: int,
         part_size: int,
         send: Callable[[int, bytearray], str],
-        hash_part: Callable[[bytearray], None],
         on_sent: Callable[[int], None],
         error: Callable[[BaseException, int], MarketError],
     ) -> None:
         self._workers = workers
         self._slots = buffers_for(part_size, workers)
-        self._room = threading.Semaphore(self._slots - 1)  # the first part is read already
+        self._room = threading.Semaphore(self._slots - 1)  # the first part is filled already
         self._free: list[bytearray] = []
         self._lock = threading.Lock()
-        self._send, self._hash, self._on_sent, self._error = send, hash_part, on_sent, error
+        self._send, self._on_sent, self._error = send, on_sent, error
         self._stop = threading.Event()
         self._etags: dict[int, str] = {}
         self._pending: dict[Future[tuple[int, str]], int] = {}
-        self._hashed: list[Future[None]] = []
-        self.inflight: list[Future[Any]] = []
+        self._inflight: list[Future[Any]] = []
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3-part")
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3-hash")
-
-    def __enter__(self) -> _PartSender:
-        return self
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        if exc_type is not None:
-            self._stop.set()
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._hasher.shutdown(wait=False, cancel_futures=True)
 
     def buffer(self, size: int) -> bytearray | None:
         """Wait for room for a part of ``size`` bytes: a free buffer, or None for a new one.
@@ -323,43 +255,41 @@ class _PartSender:
         with self._lock:
             return self._free.pop() if self._free else None
 
-    def unused(self) -> None:
-        """Give back the room :meth:`buffer` made for a part that was not read."""
-        self._room.release()
-
     def submit(self, number: int, body: bytearray) -> None:
-        left = [2]  # the buffer is free once the part is both hashed and sent
-
         def done(_future: Future[Any]) -> None:
             with self._lock:
-                left[0] -= 1
-                if left[0]:
-                    return
                 self._free.append(body)
             self._room.release()
 
-        hashed = self._hasher.submit(self._hash, body)
-        hashed.add_done_callback(done)
-        self._hashed.append(hashed)
-        upload = self._pool.submit(self._send_one, number, body)
+        with self._lock:  # not while stop() cancels: it sees every part that may be sent
+            if self._stop.is_set():
+                raise StorageError("cancelled")
+            upload = self._pool.submit(self._send_one, number, body)
+            self._inflight.append(upload)
         upload.add_done_callback(done)
         self._pending[upload] = number
-        self.inflight.append(upload)
         self._collect(block=False)
 
     def finish(self) -> list[str]:
         """Wait for every part; their ETags in part order."""
         while self._pending:
             self._collect(block=True)
-        for fut in self._hashed:
-            fut.result()
         self._pool.shutdown(wait=True)
-        self._hasher.shutdown(wait=True)
         return [self._etags[n] for n in sorted(self._etags)]
+
+    def stop(self) -> list[Future[Any]]:
+        """Cancel the queued parts and refuse more; the parts that may still be sent."""
+        with self._lock:
+            self._stop.set()
+            inflight = list(self._inflight)
+        self._pool.shutdown(wait=False, cancel_futures=True)  # runs their callbacks: unlocked
+        return [f for f in inflight if not f.done()]
 
     def _wait_for_room(self) -> None:
         """Take a slot, collecting finished parts (a failed one raises) while none is free."""
         while not self._room.acquire(timeout=SLOT_POLL_S):
+            if self._stop.is_set():
+                raise StorageError("cancelled")
             self._collect(block=False)
 
     def _send_one(self, number: int, body: bytearray) -> tuple[int, str]:
@@ -368,8 +298,6 @@ class _PartSender:
         return len(body), self._send(number, body)
 
     def _collect(self, block: bool) -> None:
-        while self._hashed and self._hashed[0].done():
-            self._hashed.pop(0).result()
         if not self._pending:
             return
         done, _ = wait(
@@ -383,6 +311,159 @@ class _PartSender:
             sent, etag = fut.result()
             self._etags[number] = etag
             self._on_sent(sent)
+
+
+class S3Upload:
+    """The s3 sink (the :class:`~onemarket.transfer.sinks.Sink` protocol of the local and
+    remote atomic files): :meth:`write` fills the part buffer and hands each full one to a
+    :class:`_PartSender`, which bounds them; :meth:`commit` stores the object, in one PUT
+    when it all fit the first buffer, else by completing the multipart upload, checked
+    against the server's ETag; :meth:`abort` (any thread, any time, twice) leaves nothing.
+    The multipart upload is created with the first full part and its abort registered right
+    there (as s3transfer's ``CreateMultipartUploadTask._main``)."""
+
+    def __init__(
+        self,
+        backend: S3Backend,
+        key: str,
+        plan: _PartPlan,
+        first_bytes: int,
+        digests: Digests,
+        progress: Progress,
+        announce: str = "",
+    ) -> None:
+        self._backend, self.key, self.uri = backend, key, backend.uri(key)
+        self._plan, self._digests, self._progress = plan, digests, progress
+        self._announce = announce
+        """What is read (its description), logged when the multipart upload starts; "": no log."""
+        self._number = 1
+        self._buf = self._part_buffer(first_bytes)
+        self._filled = 0
+        self._sender: _PartSender | None = None
+        self._upload_id = ""
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+
+    def _part_buffer(self, size: int, free: bytearray | None = None) -> bytearray:
+        """``free`` (a sent part's buffer) when it has the size, else a new one."""
+        return free if free is not None and len(free) == size else bytearray(size)
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            if self._filled == len(self._buf):
+                self._hand_over()
+            room = min(len(self._buf) - self._filled, len(view))
+            self._buf[self._filled : self._filled + room] = view[:room]
+            self._filled += room
+            view = view[room:]
+
+    def skip(self, count: int) -> None:
+        write_zeros(self.write, count)
+
+    def _hand_over(self) -> None:
+        """Send the full part, then wait for room for the next one."""
+        sender = self._sender or self._start()
+        sender.submit(self._number, self._buf)
+        self._number += 1
+        if self._number > MAX_PARTS:
+            raise SourceError(f"import to {self.uri}: more than {MAX_PARTS} parts needed")
+        size = self._plan.size(self._number)
+        self._buf, self._filled = self._part_buffer(size, sender.buffer(size)), 0
+
+    def _start(self) -> _PartSender:
+        backend, key = self._backend, self.key
+        try:
+            upload_id = backend.client.create_multipart_upload(
+                Bucket=backend.bucket, Key=key, ContentType=CONTENT_TYPE
+            )["UploadId"]
+        except Exception as exc:  # noqa: BLE001 - mapped to one line below
+            raise backend._error(exc, f"start of multipart upload to {self.uri}") from None
+        workers = max(backend.upload_workers, 1)
+        sender = _PartSender(
+            workers,
+            self._plan.base,
+            send=lambda number, body: backend._upload_part(key, upload_id, number, body),
+            on_sent=self._progress.update,
+            error=lambda exc, number: backend._error(exc, f"upload of part {number} of {self.uri}"),
+        )
+        with self._lock:
+            self._upload_id, self._sender = upload_id, sender
+        if self._stopped.is_set():  # aborted from another thread meanwhile
+            self.abort()
+            raise StorageError("cancelled")
+        if self._announce:
+            driverlog.info(
+                f"uploading {self._announce} to {self.uri} in parts of {self._plan.base // MIB} "
+                f"MiB, {buffers_for(self._plan.base, workers) - 1} at a time"
+            )
+        return sender
+
+    def commit(self) -> None:
+        """Store what was written, with its checksum (``digests``, complete and verified)."""
+        backend, key, uri = self._backend, self.key, self.uri
+        del self._buf[self._filled :]
+        if self._sender is None:
+            try:
+                backend.data_client.put_object(
+                    Bucket=backend.bucket,
+                    Key=key,
+                    Body=self._buf,
+                    ContentLength=len(self._buf),
+                    ContentMD5=content_md5(self._digests.md5),  # the whole object's, known
+                    ContentType=CONTENT_TYPE,
+                    Metadata=backend._metadata(self._digests),
+                )
+            except Exception as exc:  # noqa: BLE001 - mapped to one line; the caller cleans up
+                raise backend._error(exc, f"upload of {uri}") from None
+            self._progress.update(len(self._buf))
+            return
+        self._sender.submit(self._number, self._buf)
+        part_etags = self._sender.finish()
+        try:
+            answer = backend.client.complete_multipart_upload(
+                Bucket=backend.bucket,
+                Key=key,
+                UploadId=self._upload_id,
+                MultipartUpload={
+                    "Parts": [
+                        {"PartNumber": n, "ETag": f'"{etag}"'}
+                        for n, etag in enumerate(part_etags, start=1)
+                    ]
+                },
+            )
+        except Exception as exc:  # noqa: BLE001 - mapped to one line; the caller aborts
+            raise backend._error(exc, f"completion of multipart upload to {uri}") from None
+        with self._lock:
+            self._upload_id = ""  # completed: no upload left to abort
+        try:
+            etag = str(answer.get("ETag", "")).strip('"') or backend._etag_of(key, uri)
+            wanted = multipart_etag([bytes.fromhex(e) for e in part_etags])
+            if etag != wanted:
+                raise ChecksumError(f"{uri}: server assembled ETag {etag}, expected {wanted}")
+            backend._set_metadata(key, uri, etag, self._digests)
+        except BaseException:  # stored but not verified: never left (an import deletes its key)
+            backend._delete_quietly(key)
+            raise
+
+    def abort(self) -> None:
+        """Abort at once (a SIGTERM'd import should not wait for parts in flight first), let
+        the parts in flight end (bounded by the client's timeouts), and abort once more if one
+        of them still got stored: S3 may keep a part that was being received during an abort.
+        """
+        self._stopped.set()
+        with self._lock:
+            upload_id, self._upload_id = self._upload_id, ""
+            sender = self._sender
+        running = sender.stop() if sender is not None else []
+        if not upload_id:
+            return
+        self._backend._abort(self.key, upload_id)
+        if not running:
+            return
+        wait(running)
+        if any(not f.cancelled() and f.exception() is None for f in running):
+            self._backend._abort(self.key, upload_id)
 
 
 class S3Backend(Backend):
@@ -578,107 +659,26 @@ class S3Backend(Backend):
         progress: Progress,
         announce: bool,
     ) -> Digests:
-        """Read ``src`` once into ``key``: one PUT when it fits a part, else a multipart upload
-        checked against the server's ETag; ``expected_bytes`` sizes the parts of a source of
-        unknown size."""
+        """Copy ``src`` into an :class:`S3Upload` of ``key``, check its MD5, commit it;
+        ``expected_bytes`` sizes the parts of a source of unknown size."""
         exact = src.size_bytes is not None
         part_size = plan_part_size(self.read_length_mb, src.size_bytes if exact else expected_bytes)
-        up = _Upload(key, self.uri(key), _Reader(src, what), Digests(sha256=False), progress)
-        # a source known to be smaller than a part is read into a buffer of its size (plus
-        # the byte that shows its end), not of a whole part
-        first = up.reader.read_part(min(part_size, src.size_bytes + 1) if exact else part_size)
-        if up.reader.eof:
-            up.reader.check_complete()
-            up.digests.update(first)
-            up.digests.verify_md5(expected_md5, what)
-            self._put_single(up, first)
-            progress.update(len(first))
-            return up.digests
-        workers = max(self.upload_workers, 1)
-        if announce:
-            driverlog.info(
-                f"uploading {src.description} to {up.uri} in parts of {part_size // MIB} MiB, "
-                f"{buffers_for(part_size, workers) - 1} at a time"
-            )
-        self._put_multipart(up, first, _PartPlan(part_size, exact), expected_md5)
-        return up.digests
-
-    def _put_single(self, up: _Upload, body: bytearray) -> None:
+        # a source known to be smaller than a part fills a buffer of its size (plus the byte
+        # that would show it grew), not a whole part
+        first = min(part_size, src.size_bytes + 1) if exact else part_size
+        digests = Digests(sha256=False)
+        sink = S3Upload(
+            self, key, _PartPlan(part_size, exact), first, digests, progress,
+            src.description if announce else "",
+        )  # fmt: skip
         try:
-            self.data_client.put_object(
-                Bucket=self.bucket,
-                Key=up.key,
-                Body=body,
-                ContentLength=len(body),
-                ContentMD5=content_md5(up.digests.md5),  # the whole object's, known already
-                ContentType=CONTENT_TYPE,
-                Metadata=self._metadata(up.digests),
-            )
-        except Exception as exc:  # noqa: BLE001 - mapped to one line; the caller cleans up
-            raise self._error(exc, f"upload of {up.uri}") from None
-
-    def _put_multipart(
-        self, up: _Upload, first: bytearray, plan: _PartPlan, expected_md5: Expected
-    ) -> None:
-        key, uri = up.key, up.uri
-        try:
-            upload_id = self.client.create_multipart_upload(
-                Bucket=self.bucket, Key=key, ContentType=CONTENT_TYPE
-            )["UploadId"]
-        except Exception as exc:  # noqa: BLE001 - mapped to one line below
-            raise self._error(exc, f"start of multipart upload to {uri}") from None
-        completed = False
-        sender = _PartSender(
-            max(self.upload_workers, 1),
-            plan.base,
-            send=lambda number, body: self._upload_part(key, upload_id, number, body),
-            hash_part=up.digests.update,
-            on_sent=up.progress.update,
-            error=lambda exc, number: self._error(exc, f"upload of part {number} of {uri}"),
-        )
-        try:
-            part_etags = self._send_parts(up, first, plan, sender)
-            up.reader.check_complete()
-            up.digests.verify_md5(expected_md5, f"import to {uri}")
-            try:
-                answer = self.client.complete_multipart_upload(
-                    Bucket=self.bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    MultipartUpload={
-                        "Parts": [
-                            {"PartNumber": n, "ETag": f'"{etag}"'}
-                            for n, etag in enumerate(part_etags, start=1)
-                        ]
-                    },
-                )
-            except Exception as exc:  # noqa: BLE001 - mapped to one line
-                raise self._error(exc, f"completion of multipart upload to {uri}") from None
-            completed = True
-            etag = str(answer.get("ETag", "")).strip('"') or self._etag_of(key, uri)
-            wanted = multipart_etag([bytes.fromhex(e) for e in part_etags])
-            if etag != wanted:
-                raise ChecksumError(f"{uri}: server assembled ETag {etag}, expected {wanted}")
-            self._set_metadata(key, uri, etag, up.digests)
+            copy_stream(src, sink, digests=digests, file_buffers=COPY_BUFFERS)
+            digests.verify_md5(expected_md5, what)
+            sink.commit()
         except BaseException:
-            if not completed:
-                self._abort_with_inflight(key, upload_id, sender.inflight)
-            else:  # stored but not verified: never leave it (an import deletes its key again)
-                self._delete_quietly(key)
+            sink.abort()
             raise
-
-    def _abort_with_inflight(self, key: str, upload_id: str, inflight: list[Future[Any]]) -> None:
-        """Abort at once (a SIGTERM'd import should not wait for parts in flight first), let
-        the parts in flight end (bounded by the client's timeouts), and abort once more if one
-        of them still got stored: S3 may keep a part that was being received during an abort.
-        """
-        self._abort(key, upload_id)
-        running = [f for f in inflight if not f.done()]
-        if not running:
-            return
-        wait(running)
-        if any(not f.cancelled() and f.exception() is None for f in running):
-            self._abort(key, upload_id)
+        return digests
 
     def _upload_part(self, key: str, upload_id: str, number: int, body: bytearray) -> str:
         extra: dict[str, str] = {}
@@ -696,33 +696,6 @@ class S3Backend(Backend):
             **extra,
         )
         return _part_etag(answer, number)
-
-    @staticmethod
-    def _send_parts(
-        up: _Upload, first: bytearray, plan: _PartPlan, sender: _PartSender
-    ) -> list[str]:
-        """Read parts in order and hand each to ``sender``, which bounds the buffers and
-        collects the parts' ETags (the server's MD5 of each), returned in order. On failure
-        the sender cancels queued parts; the ones being sent stay in ``sender.inflight`` for
-        the caller, which aborts the upload without waiting for them first."""
-        with sender:
-            body: bytearray | None = first
-            number = 1
-            while True:
-                if body is None:
-                    size = plan.size(number)
-                    free = sender.buffer(size)
-                    body = bytearray() if up.reader.eof else up.reader.read_part(size, free)
-                    if not body:
-                        sender.unused()
-                        break
-                if number > MAX_PARTS:
-                    sender.unused()
-                    raise SourceError(f"import to {up.uri}: more than {MAX_PARTS} parts needed")
-                sender.submit(number, body)
-                body = None
-                number += 1
-            return sender.finish()
 
     def _etag_of(self, key: str, uri: str) -> str:
         """ETag of an object (Ceph RGW 16 answers CompleteMultipartUpload with an empty one)."""

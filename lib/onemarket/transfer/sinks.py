@@ -3,7 +3,8 @@
 A sink has three methods, as simplestreams' object store has three: ``write(data)`` appends,
 ``commit()`` publishes what was written (atomically where the destination allows), ``abort()``
 removes it and is safe to call at any point, twice included. :class:`local.AtomicFile` is the
-local atomic sink, :class:`remote.RemoteAtomicFile` its ssh twin; :class:`FileSink` adds what
+local atomic sink, :class:`remote.RemoteAtomicFile` its ssh twin, ``backends.s3.S3Upload``
+the s3 one (a PUT, or a multipart upload completed or aborted); :class:`FileSink` adds what
 ``downloader.sh`` does with a path (a device or FIFO written in place, tar and zip unpacked) and
 :class:`StdoutSink` writes to fd 1.
 """

@@ -192,9 +192,9 @@ class _BufferPool:
         self._free.put(buf)
 
 
-def _file_segments(fd: int, description: str, users: int, check: Callable[[], None]):
+def _file_segments(fd: int, description: str, users: int, check: Callable[[], None], buffers: int):
     """Segments of a local regular file, data read into pooled buffers (see file_extents)."""
-    pool = _BufferPool(FILE_BUFFERS, FILE_CHUNK_BYTES)
+    pool = _BufferPool(buffers, FILE_CHUNK_BYTES)
     for offset, length, is_data in file_extents(fd, description):
         if not is_data:
             yield length
@@ -281,13 +281,19 @@ class _Worker(threading.Thread):
         self.join(WORKER_JOIN_S)
 
 
+def write_zeros(write: Callable[[memoryview], None], count: int) -> None:
+    """A hole as ``count`` zero bytes, a shared chunk at a time (for a hash, or a sink that
+    cannot seek)."""
+    while count > 0:
+        piece = min(count, CHUNK_BYTES)
+        write(_ZERO_VIEW[:piece])
+        count -= piece
+
+
 def _hash_segment(update: Callable[[bytes | memoryview], None]) -> Callable[[Segment], None]:
     def apply(segment: Segment) -> None:
         if isinstance(segment, int):
-            while segment > 0:
-                piece = min(segment, CHUNK_BYTES)
-                update(_ZERO_VIEW[:piece])
-                segment -= piece
+            write_zeros(update, segment)
         else:
             update(segment.view)
 
@@ -318,14 +324,17 @@ def copy_stream(
     *,
     progress: Progress | None = None,
     sha256: bool = False,
+    digests: Digests | None = None,
+    file_buffers: int = FILE_BUFFERS,
 ) -> Digests:
     """Copy every byte of ``source`` to ``sink``; returns the digests of what was read (MD5,
-    and SHA-256 with ``sha256``).
+    and SHA-256 with ``sha256``), in ``digests`` when given (a sink that stores them). A
+    local file is read into ``file_buffers`` reused buffers of FILE_CHUNK_BYTES.
 
     The calling thread reads; each hash and the sink run in their own thread, fed the same
     chunks in order. Fails when a source that announced its size delivers another.
     """
-    digests = Digests(sha256=sha256)
+    digests = digests or Digests(sha256=sha256)
     workers = [
         _Worker(f"hash{i}", _hash_segment(update), _nothing)
         for i, update in enumerate(digests.feeders())
@@ -341,7 +350,7 @@ def copy_stream(
     try:
         fd = _local_fd(source)
         if fd is not None:
-            segments = _file_segments(fd, source.description, len(workers), check)
+            segments = _file_segments(fd, source.description, len(workers), check, file_buffers)
         else:
             segments = _stream_segments(source, len(workers))
         for segment in segments:
@@ -457,10 +466,7 @@ class PipeSink:
             view = view[written:]
 
     def skip(self, count: int) -> None:
-        while count > 0:
-            piece = min(count, CHUNK_BYTES)
-            self.write(memoryview(_ZERO_CHUNK)[:piece])
-            count -= piece
+        write_zeros(self.write, count)
 
     def abort(self) -> None:
         """Nothing here: the pipe's reader is its owner's to end."""
