@@ -354,7 +354,8 @@ class S3Upload:
             if self._filled == len(self._buf):
                 self._hand_over()
             room = min(len(self._buf) - self._filled, len(view))
-            self._buf[self._filled : self._filled + room] = view[:room]
+            with memoryview(self._buf) as part:  # one memcpy (a bytearray slice copies twice)
+                part[self._filled : self._filled + room] = view[:room]
             self._filled += room
             view = view[room:]
 
