@@ -511,6 +511,25 @@ def test_radosgw_killed_mid_upload_then_monitor_cleans(
     assert_nothing_left(s3, bucket)
 
 
+def test_monitor_removes_old_claims_of_killed_imports_only(
+    rgw: CephRgw, s3, bucket: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An import SIGKILLed during its single PUT leaves its empty claim and no upload: the
+    monitor removes it once old; an empty object that is no claim, and a fresh claim, stay."""
+    monitor = make_backend(market_attrs(rgw, bucket), tmp_path)
+    s3.create_bucket(Bucket=bucket)
+    claim = {"onemarket-importing": "0123456789abcdef"}
+    s3.put_object(Bucket=bucket, Key="marketapp-9", Body=b"", Metadata=claim)
+    s3.put_object(Bucket=bucket, Key="marketapp-10", Body=b"")  # empty, but no claim
+    monitor.monitor()
+    assert object_exists(s3, bucket, "marketapp-9"), "a fresh claim may be a running import"
+    monitor.stale_upload_age_s = 0
+    monitor.monitor()
+    assert not object_exists(s3, bucket, "marketapp-9")
+    assert object_exists(s3, bucket, "marketapp-10")
+    assert "marketapp-9, the claim of a killed import" in capsys.readouterr().err
+
+
 # ---- configuration and permission faults: one line, no secret -------------------------------
 
 

@@ -777,16 +777,18 @@ class S3Backend(Backend):
         except Exception as exc:  # noqa: BLE001 - reported, the import already failed
             driverlog.warn(f"could not remove {self.uri(key)}: {self._error(exc, 'delete')}")
 
-    def _remove_placeholder(self, key: str) -> None:
+    def _remove_placeholder(self, key: str) -> bool:
         """Delete the claim of a killed import (an empty object marked as importing), which
-        would otherwise stay beside its aborted upload; anything else is left alone."""
+        would otherwise stay; anything else is left alone. True when it was deleted."""
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=key)
             if head.get("ContentLength") == 0 and METADATA_IMPORTING in head.get("Metadata", {}):
                 self.client.delete_object(Bucket=self.bucket, Key=key)
+                return True
         except Exception as exc:  # noqa: BLE001 - best effort, monitor goes on
             if not is_missing(exc):
                 driverlog.warn(f"could not check {self.uri(key)}: {self._error(exc, 'check')}")
+        return False
 
     # ---- check -------------------------------------------------------------------------------
 
@@ -869,6 +871,7 @@ class S3Backend(Backend):
         if used_bytes is None:
             return MonitorResult(used_mb=0, free_mb=total_mb, total_mb=total_mb)
         self.abort_stale_uploads()
+        self.remove_stale_claims()
         used_mb = size_mb(used_bytes)
         return MonitorResult(used_mb=used_mb, free_mb=max(total_mb - used_mb, 0), total_mb=total_mb)
 
@@ -894,6 +897,30 @@ class S3Backend(Backend):
         except Exception as exc:  # noqa: BLE001 - mapped below
             raise self._error(exc, what) from None
         return total
+
+    def remove_stale_claims(self) -> int:
+        """Delete the empty claims of imports killed before any upload was open (a SIGKILL
+        during a single PUT) once older than ``stale_upload_age_s``: nothing else would. One
+        listing of our keys per monitor (a request per 1,000 apps); failures are WARN lines."""
+        now = datetime.now(UTC)
+        removed = 0
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=f"{self.prefix}-"
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    stored = obj.get("LastModified")
+                    if obj.get("Size") != 0 or not isinstance(stored, datetime):
+                        continue
+                    if (now - stored).total_seconds() >= self.stale_upload_age_s:
+                        key = str(obj.get("Key", ""))
+                        if self._remove_placeholder(key):
+                            removed += 1
+                            driverlog.info(f"removed {self.uri(key)}, the claim of a killed import")
+        except Exception as exc:  # noqa: BLE001 - the usage is still worth reporting
+            driverlog.warn(f"could not list the bucket's objects: {self._error(exc, 'list')}")
+        return removed
 
     def abort_stale_uploads(self) -> int:
         """Abort multipart uploads under our prefix older than ``stale_upload_age_s`` (crash
