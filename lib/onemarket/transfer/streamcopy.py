@@ -97,7 +97,9 @@ Segment = Chunk | int
 
 
 class Sink(Protocol):
-    """Where the bytes go: sequential writes and skips, plus a way to unblock a stuck write."""
+    """What the copy engine writes to: sequential writes, skips over holes, and a way to
+    unblock a stuck write. Publishing is not its business: the sinks of :mod:`.sinks` (atomic
+    file, ssh, s3) add ``commit`` on top of a writer like this one."""
 
     def write(self, data: memoryview) -> None: ...
 
