@@ -898,26 +898,31 @@ class S3Backend(Backend):
             raise self._error(exc, what) from None
         return total
 
+    def _stale(self, listing: str, items: str, stamp: str) -> Iterator[dict[str, Any]]:
+        """The entries of ``listing`` under our prefix whose ``stamp`` is older than
+        ``stale_upload_age_s`` (list errors propagate)."""
+        now = datetime.now(UTC)
+        pages = self.client.get_paginator(listing).paginate(
+            Bucket=self.bucket, Prefix=f"{self.prefix}-"
+        )
+        for page in pages:
+            for item in page.get(items, []):
+                when = item.get(stamp)
+                age_s = (now - when).total_seconds() if isinstance(when, datetime) else -1.0
+                if age_s >= self.stale_upload_age_s:
+                    yield item
+
     def remove_stale_claims(self) -> int:
         """Delete the empty claims of imports killed before any upload was open (a SIGKILL
-        during a single PUT) once older than ``stale_upload_age_s``: nothing else would. One
-        listing of our keys per monitor (a request per 1,000 apps); failures are WARN lines."""
-        now = datetime.now(UTC)
+        during a single PUT) once stale: nothing else would. One listing of our keys per
+        monitor (a request per 1,000 apps); failures are WARN lines."""
         removed = 0
         try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=f"{self.prefix}-"
-            )
-            for page in pages:
-                for obj in page.get("Contents", []):
-                    stored = obj.get("LastModified")
-                    if obj.get("Size") != 0 or not isinstance(stored, datetime):
-                        continue
-                    if (now - stored).total_seconds() >= self.stale_upload_age_s:
-                        key = str(obj.get("Key", ""))
-                        if self._remove_placeholder(key):
-                            removed += 1
-                            driverlog.info(f"removed {self.uri(key)}, the claim of a killed import")
+            for obj in self._stale("list_objects_v2", "Contents", "LastModified"):
+                key = str(obj.get("Key", ""))
+                if obj.get("Size") == 0 and self._remove_placeholder(key):
+                    removed += 1
+                    driverlog.info(f"removed {self.uri(key)}, the claim of a killed import")
         except Exception as exc:  # noqa: BLE001 - the usage is still worth reporting
             driverlog.warn(f"could not list the bucket's objects: {self._error(exc, 'list')}")
         return removed
@@ -925,37 +930,27 @@ class S3Backend(Backend):
     def abort_stale_uploads(self) -> int:
         """Abort multipart uploads under our prefix older than ``stale_upload_age_s`` (crash
         leftovers: their parts take space and cost money). Failures are WARN lines."""
-        now = datetime.now(UTC)
         aborted = 0
         try:
-            pages = self.client.get_paginator("list_multipart_uploads").paginate(
-                Bucket=self.bucket, Prefix=f"{self.prefix}-"
-            )
-            for page in pages:
-                for upload in page.get("Uploads", []):
-                    started = upload.get("Initiated")
-                    key = str(upload.get("Key", ""))
-                    if not isinstance(started, datetime):
-                        continue
-                    age_s = (now - started).total_seconds()
-                    if age_s < self.stale_upload_age_s:
-                        continue
-                    try:
-                        self.client.abort_multipart_upload(
-                            Bucket=self.bucket, Key=key, UploadId=upload["UploadId"]
-                        )
-                    except Exception as exc:  # noqa: BLE001 - one WARN, keep going
-                        driverlog.warn(
-                            f"could not abort stale upload of {self.uri(key)}: "
-                            f"{self._error(exc, 'abort')}"
-                        )
-                        continue
-                    aborted += 1
-                    driverlog.info(
-                        f"aborted multipart upload of {self.uri(key)} started "
-                        f"{started.isoformat(timespec='seconds')} (left by a failed import)"
+            for upload in self._stale("list_multipart_uploads", "Uploads", "Initiated"):
+                key = str(upload.get("Key", ""))
+                try:
+                    self.client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=key, UploadId=upload["UploadId"]
                     )
-                    self._remove_placeholder(key)
+                except Exception as exc:  # noqa: BLE001 - one WARN, keep going
+                    driverlog.warn(
+                        f"could not abort stale upload of {self.uri(key)}: "
+                        f"{self._error(exc, 'abort')}"
+                    )
+                    continue
+                aborted += 1
+                started = upload["Initiated"].isoformat(timespec="seconds")
+                driverlog.info(
+                    f"aborted multipart upload of {self.uri(key)} started {started} "
+                    "(left by a failed import)"
+                )
+                self._remove_placeholder(key)
         except Exception as exc:  # noqa: BLE001 - the usage is still worth reporting
             driverlog.warn(f"could not list multipart uploads: {self._error(exc, 'list')}")
         return aborted
