@@ -1031,3 +1031,16 @@ def test_small_source_not_read_into_a_whole_part(
     assert do_import(backend, str(image), md5=md5).md5 == md5
     assert asked == [1001]
     assert s3.head_object(Bucket=bucket, Key="marketapp-7")["ContentLength"] == 1000
+
+
+def test_part_sender_lets_go_of_sent_parts() -> None:
+    """A sent part's buffer is reused or freed, never held to the end of the upload (a done
+    future keeps its callbacks): memory stays bounded however many parts a stream needs."""
+    sender = s3mod._PartSender(
+        2, MIB, send=lambda n, body: f"etag{n}", on_sent=lambda n: None, error=lambda e, n: e
+    )
+    for number in range(1, 41):
+        buf = sender.buffer(MIB) or bytearray(MIB)
+        sender.submit(number, buf)
+        assert len(sender._inflight) <= 4
+    assert len(sender.finish()) == 40

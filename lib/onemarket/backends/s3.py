@@ -265,6 +265,9 @@ class _PartSender:
             if self._stop.is_set():
                 raise StorageError("cancelled")
             upload = self._pool.submit(self._send_one, number, body)
+            # a done future keeps its callbacks, and ``done`` holds its buffer: drop them, or
+            # buffers given up when parts grow would stay alive to the end
+            self._inflight = [f for f in self._inflight if not f.done()]
             self._inflight.append(upload)
         upload.add_done_callback(done)
         self._pending[upload] = number
@@ -374,6 +377,8 @@ class S3Upload:
 
     def _start(self) -> _PartSender:
         backend, key = self._backend, self.key
+        if self._stopped.is_set():  # aborted while the writer was still mid-chunk
+            raise StorageError("cancelled")
         try:
             upload_id = backend.client.create_multipart_upload(
                 Bucket=backend.bucket, Key=key, ContentType=CONTENT_TYPE
@@ -686,7 +691,7 @@ class S3Backend(Backend):
         if self.settings.signature_version == "s3":
             # SigV2 signs no payload: the part's Content-MD5 is then what the server checks (a
             # second MD5 pass, paid only on legacy gateways)
-            extra["ContentMD5"] = content_md5(hashlib.md5(body).hexdigest())
+            extra["ContentMD5"] = content_md5(hashlib.md5(body, usedforsecurity=False).hexdigest())
         answer = self.data_client.upload_part(
             Bucket=self.bucket,
             Key=key,
@@ -778,11 +783,16 @@ class S3Backend(Backend):
             driverlog.warn(f"could not remove {self.uri(key)}: {self._error(exc, 'delete')}")
 
     def _remove_placeholder(self, key: str) -> bool:
-        """Delete the claim of a killed import (an empty object marked as importing), which
-        would otherwise stay; anything else is left alone. True when it was deleted."""
+        """Delete the stale claim of a killed import (an empty object marked as importing, as
+        old as a stale upload), which would otherwise stay; anything else, a newer import's
+        claim too, is left alone. True when it was deleted."""
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=key)
-            if head.get("ContentLength") == 0 and METADATA_IMPORTING in head.get("Metadata", {}):
+            stored = head.get("LastModified")
+            age_s = (datetime.now(UTC) - stored).total_seconds() if stored else 0.0
+            marked = METADATA_IMPORTING in head.get("Metadata", {})
+            claim = head.get("ContentLength") == 0 and marked
+            if claim and age_s >= self.stale_upload_age_s:  # a fresh one: a running import's
                 self.client.delete_object(Bucket=self.bucket, Key=key)
                 return True
         except Exception as exc:  # noqa: BLE001 - best effort, monitor goes on
