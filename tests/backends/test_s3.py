@@ -56,6 +56,7 @@ from onemarket.installation import Installation
 from onemarket.progress import ProgressEvent
 from onemarket.s3config import S3Settings, client_config, s3_error
 from onemarket.template import parse_template
+from onemarket.transfer.interrupt import Interrupted
 
 from tests.payloads import (
     app_xml,
@@ -1044,3 +1045,32 @@ def test_part_sender_lets_go_of_sent_parts() -> None:
         sender.submit(number, buf)
         assert len(sender._inflight) <= 4
     assert len(sender.finish()) == 40
+
+
+@pytest.mark.parametrize("completed", [True, False], ids=["after-completion", "before-it"])
+def test_put_file_stopped_at_completion_leaves_no_unchecked_object(
+    rgw: CephRgw, s3, bucket: str, tmp_path: Path, completed: bool
+) -> None:
+    """The mirror's put_file has no claim to delete. A stop signal once the server has
+    completed the upload, before its ETag check: the unchecked object goes. One before the
+    completion: the previous object stays, and no upload is left."""
+    image = tmp_path / "img"
+    write_random(image, 12 * MIB)
+    backend = make_backend(market_attrs(rgw, bucket, READ_LENGTH="5"), tmp_path)
+    backend._ensure_bucket()
+    s3.put_object(Bucket=bucket, Key="mirror/x", Body=b"previous")
+    real = backend.client.complete_multipart_upload
+
+    def complete(**kwargs):
+        if completed:
+            real(**kwargs)
+        raise Interrupted("mirror stopped by SIGTERM", signal.SIGTERM)
+
+    backend.client.complete_multipart_upload = complete
+    with pytest.raises(MarketError):
+        backend.put_file("mirror/x", str(image))
+    assert uploads_left(s3, bucket) == []
+    if completed:
+        assert not object_exists(s3, bucket, "mirror/x")
+    else:
+        assert s3.get_object(Bucket=bucket, Key="mirror/x")["Body"].read() == b"previous"

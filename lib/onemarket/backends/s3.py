@@ -426,30 +426,33 @@ class S3Upload:
             return
         self._sender.submit(self._number, self._buf)
         part_etags = self._sender.finish()
+        wanted = multipart_etag([bytes.fromhex(e) for e in part_etags])
         try:
-            answer = backend.client.complete_multipart_upload(
-                Bucket=backend.bucket,
-                Key=key,
-                UploadId=self._upload_id,
-                MultipartUpload={
-                    "Parts": [
-                        {"PartNumber": n, "ETag": f'"{etag}"'}
-                        for n, etag in enumerate(part_etags, start=1)
-                    ]
-                },
-            )
-        except Exception as exc:  # noqa: BLE001 - mapped to one line; the caller aborts
-            raise backend._error(exc, f"completion of multipart upload to {uri}") from None
-        with self._lock:
-            self._upload_id = ""  # completed: no upload left to abort
-        try:
+            try:
+                answer = backend.client.complete_multipart_upload(
+                    Bucket=backend.bucket,
+                    Key=key,
+                    UploadId=self._upload_id,
+                    MultipartUpload={
+                        "Parts": [
+                            {"PartNumber": n, "ETag": f'"{etag}"'}
+                            for n, etag in enumerate(part_etags, start=1)
+                        ]
+                    },
+                )
+            except Exception as exc:  # noqa: BLE001 - mapped to one line; the caller aborts
+                raise backend._error(exc, f"completion of multipart upload to {uri}") from None
+            with self._lock:
+                self._upload_id = ""  # completed: no upload left to abort
             etag = str(answer.get("ETag", "")).strip('"') or backend._etag_of(key, uri)
-            wanted = multipart_etag([bytes.fromhex(e) for e in part_etags])
             if etag != wanted:
+                backend._delete_quietly(key)  # assembled wrongly: ours, but not what was sent
                 raise ChecksumError(f"{uri}: server assembled ETag {etag}, expected {wanted}")
             backend._set_metadata(key, uri, etag, self._digests)
-        except BaseException:  # stored but not verified: never left (an import deletes its key)
-            backend._delete_quietly(key)
+        except BaseException:
+            # stored but not verified (a signal during or right after the completion, a failed
+            # metadata copy): never left, for the mirror's put_file as for an import
+            backend._delete_if_etag(key, wanted)
             raise
 
     def abort(self) -> None:
@@ -775,6 +778,16 @@ class S3Backend(Backend):
             f"could not abort the multipart upload of {self.uri(key)} ({reason}); the marketplace "
             f"monitor aborts it once it is {self.stale_upload_age_s / 3600:g} h old"
         )
+
+    def _delete_if_etag(self, key: str, etag: str) -> None:
+        """Delete ``key`` if it holds the object with ``etag`` (what this upload assembled),
+        never a previous object that the completion did not replace."""
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
+        except Exception:  # noqa: BLE001 - missing, or not to be told: nothing of ours to delete
+            return
+        if str(head.get("ETag", "")).strip('"') == etag:
+            self._delete_quietly(key)
 
     def _delete_quietly(self, key: str) -> None:
         try:
