@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import os
 import statistics
 import subprocess
@@ -21,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WRITE_CHUNK_BYTES = 8 << 20
-"""Chunk used to write random test files (8 MiB of memory)."""
+sys.path.insert(0, str(REPO))
+from tests.randomdata import write_random  # noqa: E402 - after the repository is on the path
+
 STDERR_TAIL_CHARS = 800
 """How much of a failed command's stderr the benchmark prints before it stops."""
 
@@ -56,25 +56,11 @@ def timed(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Run:
     return Run(seconds, usage.ru_maxrss / 1024, out, usage.ru_utime + usage.ru_stime)
 
 
-def random_file(path: Path, size_bytes: int) -> tuple[str, str]:
-    """Write ``size_bytes`` random bytes to ``path``; their (md5, sha256)."""
-    md5, sha = hashlib.md5(usedforsecurity=False), hashlib.sha256()
-    with path.open("wb") as f:
-        left = size_bytes
-        while left > 0:
-            chunk = os.urandom(min(left, WRITE_CHUNK_BYTES))
-            md5.update(chunk)
-            sha.update(chunk)
-            f.write(chunk)
-            left -= len(chunk)
-    return md5.hexdigest(), sha.hexdigest()
-
-
 def random_image(path: Path, size_mib: int) -> None:
     """A random file of ``size_mib`` MiB, read once so that every command finds it in the page
     cache (the baselines and our action then read the same cached bytes)."""
     print(f"writing {size_mib} MiB of random data to {path}")
-    random_file(path, size_mib << 20)
+    write_random(path, size_mib << 20)
     subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _common import random_file, timed  # noqa: E402
+from _common import timed, write_random  # noqa: E402
 
 from tests.servers.mirror_web import MirrorWeb  # noqa: E402
 
@@ -43,7 +43,7 @@ def make_source(tree: Path, files: int, size_bytes: int) -> list[str]:
         app_id = f"bench-{i}"
         path = tree / "appliance" / app_id / "download" / "0"
         path.parent.mkdir(parents=True)
-        md5, sha = random_file(path, size_bytes)
+        md5, sha = write_random(path, size_bytes)
         appliances.append(
             {
                 "_id": {"$oid": app_id},

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "lib"))
 
-from _common import load_average, machine_line, random_file  # noqa: E402
+from _common import load_average, machine_line, write_random  # noqa: E402
 
 MIB = 1 << 20
 TARGET_RATIO = 1.0
@@ -139,7 +139,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="onemarket-bench-") as tmp:
         image = Path(tmp) / "image.raw"
-        random_file(image, args.size_mb * MIB)
+        write_random(image, args.size_mb * MIB)
         server = CephRgw(store=args.store, store_bytes=max(32 << 30, 8 * args.size_mb * MIB))
         server.start()
         print(f"Ceph RGW ({args.store}) ready in {server.startup_s:.1f} s at {server.endpoint}")

@@ -65,6 +65,7 @@ from tests.payloads import (
     import_payload,
     monitor_payload,
 )
+from tests.randomdata import write_random
 from tests.servers import free_port
 from tests.servers.rgw import (
     NOBUCKETS_ACCESS_KEY,
@@ -131,20 +132,6 @@ def raw_client(rgw: CephRgw, access_key: str | None = None, secret: str | None =
             max_pool_connections=20,
         ),
     )
-
-
-def write_random(path: Path, size: int) -> tuple[str, str]:
-    """Write ``size`` random bytes; return their md5 and sha256."""
-    md5, sha = hashlib.md5(), hashlib.sha256()
-    with path.open("wb") as f:
-        left = size
-        while left:
-            chunk = os.urandom(min(MIB, left))
-            f.write(chunk)
-            md5.update(chunk)
-            sha.update(chunk)
-            left -= len(chunk)
-    return md5.hexdigest(), sha.hexdigest()
 
 
 def app(app_id: int = 7) -> App:
