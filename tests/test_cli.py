@@ -350,19 +350,24 @@ def test_linuxcontainers_check_and_apps(capfd, tmp_path: Path, httpd: StaticHttp
 # --------------------------------------------------------------------------- s3 + Ceph RGW
 
 
-@pytest.fixture
-def s3_market(tmp_path: Path, rgw) -> str:
+def s3_template(tmp_path: Path, rgw, bucket: str, **extra: str) -> str:
+    """A template file of an s3 marketplace on the test RGW."""
     return template_file(
         tmp_path,
         "ceph",
         MARKET_MAD="s3",
         ENDPOINT=rgw.endpoint,
         ACCESS_KEY_ID=rgw.access_key,
-        SECRET_ACCESS_KEY=rgw.secret_key,
         REGION="default",
-        BUCKET=f"cli-{os.urandom(4).hex()}",
+        BUCKET=bucket,
         AWS="no",
+        **{"SECRET_ACCESS_KEY": rgw.secret_key, **extra},
     )
+
+
+@pytest.fixture
+def s3_market(tmp_path: Path, rgw) -> str:
+    return s3_template(tmp_path, rgw, f"cli-{os.urandom(4).hex()}")
 
 
 def test_s3_check_push_apps_rm(capfd, tmp_path: Path, s3_market: str, rgw) -> None:
@@ -395,17 +400,7 @@ def test_s3_check_push_apps_rm(capfd, tmp_path: Path, s3_market: str, rgw) -> No
 
 def test_s3_check_wrong_secret(capfd, tmp_path: Path, rgw) -> None:
     secret = "Wrong-Secret-Key-0123456789"
-    market = template_file(
-        tmp_path,
-        "ceph",
-        MARKET_MAD="s3",
-        ENDPOINT=rgw.endpoint,
-        ACCESS_KEY_ID=rgw.access_key,
-        SECRET_ACCESS_KEY=secret,
-        REGION="default",
-        BUCKET="cli-wrong",
-        AWS="no",
-    )
+    market = s3_template(tmp_path, rgw, "cli-wrong", SECRET_ACCESS_KEY=secret)
     code, out, err = run(capfd, "check", market)
     assert code == 1
     assert "FAIL  credentials" in out
@@ -1086,18 +1081,7 @@ def test_s3_push_stopped_by_sighup_leaves_no_upload(tmp_path: Path, rgw) -> None
     """A dropped ssh session during a multipart push (issue 13, 7): exit 129, one line, and
     neither an object nor an open multipart upload in the bucket."""
     bucket = f"cli-hup-{os.urandom(4).hex()}"
-    market = template_file(
-        tmp_path,
-        "ceph",
-        MARKET_MAD="s3",
-        ENDPOINT=rgw.endpoint,
-        ACCESS_KEY_ID=rgw.access_key,
-        SECRET_ACCESS_KEY=rgw.secret_key,
-        REGION="default",
-        BUCKET=bucket,
-        AWS="no",
-        READ_LENGTH="5",
-    )
+    market = s3_template(tmp_path, rgw, bucket, READ_LENGTH="5")
     client = raw_client(rgw)
     exe = Path(sys.executable).parent / "one-market"
     fifo = tmp_path / "image.fifo"
