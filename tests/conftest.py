@@ -1,5 +1,7 @@
 """Shared fixtures. Server fixtures live in tests/servers/ and are imported here."""
 
+import signal
+
 import pytest
 
 from tests.servers import without_proxies
@@ -18,3 +20,13 @@ def _no_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests reach only loopback: no proxy of the machine running them is in the way (a test
     of proxies sets its own)."""
     without_proxies(monkeypatch)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The stop-signal tests send SIGINT and SIGHUP to the programs they start, which inherit
+    an ignored disposition: run under nohup or as a background job (SIGINT ignored), they
+    would wait for ever. The suite's processes get the defaults back."""
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
