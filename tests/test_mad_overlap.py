@@ -195,11 +195,18 @@ def test_a_guess_that_cannot_be_read_costs_nothing(
 def test_the_answer_is_sent_only_when_the_export_agrees() -> None:
     guess = ImportInfo("/d/img", size_mb=7, format="raw")
     same = ImportInfo("/d/img", md5="ab" * 16, size_mb=8, format="qcow2")
-    assert json.loads(confirms(guess, same)) == {"md5": "ab" * 16, "size_mb": 8, "format": "qcow2"}
-    assert confirms(guess, ImportInfo("ssh://h:/d/img", md5="ab" * 16)) == b""
-    assert confirms(guess, ImportInfo("/d/img", md5="ab" * 16, dispose=True)) == b""
-    assert confirms(guess, ImportInfo("/d/img", md5="")) == b""  # nothing to check against
-    assert confirms(guess, ImportInfo("/d/img", md5="ab" * 16, format="x" * 5000)) == b""
+    assert json.loads(confirms(guess, same).answer) == {
+        "md5": "ab" * 16, "size_mb": 8, "format": "qcow2"
+    }  # fmt: skip
+    declined = {
+        "another source": ImportInfo("ssh://h:/d/img", md5="ab" * 16),
+        "DISPOSE": ImportInfo("/d/img", md5="ab" * 16, dispose=True),
+        "no MD5": ImportInfo("/d/img", md5=""),  # nothing to check against
+        "one pipe write": ImportInfo("/d/img", md5="ab" * 16, format="x" * 5000),
+    }
+    for why, exported in declined.items():
+        verdict = confirms(guess, exported)
+        assert verdict.answer == b"" and why in verdict.declined
 
 
 def test_export_answer_read_in_the_child() -> None:

@@ -91,17 +91,30 @@ def overlap_guess(data: ActionData) -> ImportInfo | None:
     return ImportInfo(source=image.source, size_mb=image.size_mb, format=image.format)
 
 
-def confirms(guess: ImportInfo, exported: ImportInfo) -> bytes:
-    """What the MAD sends the overlapped import when the export agrees with its guess, or b"".
-    A DISPOSE=YES export made a copy to import instead: the guess was not it; an export with
-    no MD5 gives nothing to publish the copy on."""
-    if exported.source != guess.source or exported.dispose or exported.dispose_cmd:
-        return b""
-    if not MD5_RE.fullmatch(exported.md5):  # nothing to check the copy against
-        return b""
+@dataclass(frozen=True)
+class Confirmation:
+    """The export's verdict on the guess: the answer the overlapped import publishes on, or
+    why its copy is discarded (for the MAD's log)."""
+
+    answer: bytes = b""
+    declined: str = ""
+
+
+def confirms(guess: ImportInfo, exported: ImportInfo) -> Confirmation:
+    """What the MAD sends the overlapped import when the export agrees with its guess. A
+    DISPOSE=YES export made a copy to import instead: the guess was not it; an export with no
+    MD5 gives nothing to publish the copy on."""
+    if exported.source != guess.source:
+        return Confirmation(declined="the export named another source")
+    if exported.dispose or exported.dispose_cmd:
+        return Confirmation(declined="the export made a copy to import (DISPOSE)")
+    if not MD5_RE.fullmatch(exported.md5):
+        return Confirmation(declined="the export gave no MD5 to check the copy against")
     answer = {"md5": exported.md5, "size_mb": exported.size_mb, "format": exported.format}
     encoded = json.dumps(answer).encode()
-    return encoded if len(encoded) <= MAX_ANSWER_BYTES else b""
+    if len(encoded) > MAX_ANSWER_BYTES:
+        return Confirmation(declined="the export's answer is longer than one pipe write")
+    return Confirmation(answer=encoded)
 
 
 class ExportAnswer:

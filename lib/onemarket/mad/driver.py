@@ -27,6 +27,7 @@ from ..registry import DRIVERS, backend_class
 from ..template import parse_template
 from ..workflow import (
     SAFE_NAME_RE,
+    Confirmation,
     confirms,
     export_step,
     overlap_guess,
@@ -361,12 +362,13 @@ class Mad:
                     error = str(exc)
             if copy is not None and guess is not None:
                 info = full.import_info if full is not None else None
-                answer = confirms(guess, info) if info is not None else b""
-                copied = await copy.finish(answer)
-                if answer and copied.spawned:
+                verdict = confirms(guess, info) if info is not None else Confirmation()
+                copied = await copy.finish(verdict.answer)
+                if verdict.answer and copied.spawned:
                     return await self._imported(pending, data, driver, copied)
                 if info is not None:
-                    log(f"import {req.id}: the export named another source, copied after it")
+                    why = verdict.declined or "the copy beside the export did not start"
+                    log(f"import {req.id}: {why}, copied after it")
         finally:
             if copy is not None:  # once; again when the export step raised (the MAD's stop)
                 await copy.finish(b"")
