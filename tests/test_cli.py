@@ -1007,6 +1007,31 @@ def test_signal_while_oned_still_copies_names_what_is_left(
     assert list(oned_http.images) == [1]
 
 
+def test_a_second_signal_ends_the_clean_up_wait(capfd, tmp_path: Path, oned_http: FakeOned) -> None:
+    """SIGTERM while oned copies, then Ctrl-C during the clean-up's wait for that copy: the
+    wait ends there (the copy would be done at the fourth poll and the image then removed),
+    the image is left and named, and the exit status is the first signal's."""
+    oned_http.image_copy_infos = 4
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def hook(called: str) -> None:
+        if called == "one.image.info" and oned_http.calls.count(called) in (1, 2):
+            signals = {1: signal.SIGTERM, 2: signal.SIGINT}  # the step's poll, the clean-up's
+            signal.pthread_kill(main, signals[oned_http.calls.count(called)])
+
+    oned_http.on_call = hook
+    image = image_file(tmp_path, 100)
+    code, out, err = run(capfd, "push", "100", str(image), "--datastore", "1", "--quiet")
+    assert code == cli.EXIT_TERMINATED and out == ""
+    line = one_line_error(err)
+    assert line.startswith("one-market: push stopped by SIGTERM")
+    assert line.endswith(
+        "; oned goes on with image 1 (oneimage delete 1): remove what you do not want"
+    )
+    assert list(oned_http.images) == [1] and oned_http.calls.count("one.image.info") == 2
+
+
 def test_rm_refuses_a_source_an_app_of_oned_uses(
     capfd, tmp_path: Path, oned_http: FakeOned, http_market: str, nginx: Nginx
 ) -> None:

@@ -82,7 +82,7 @@ from .oneclient import OnedApp, OnedMarket
 from .progress import ProgressEvent, human_bytes
 from .registry import DRIVERS, backend_class, load_backend
 from .template import write_template
-from .transfer.interrupt import Interrupted, interruptible
+from .transfer.interrupt import Interrupted, cut_short, interruptible
 from .units import mb_bytes
 from .units import size_mb as size_mb_of
 
@@ -604,7 +604,8 @@ class OnedPush:
         oned cannot stop a copy or an import it runs, and removing the object meanwhile leaves
         the file being written behind, listed nowhere (oned only logs it). So an object still
         LOCKED is waited for, up to ``wait_s`` in all (after a stop signal; not after a
-        failure), then left and named with the command that removes it.
+        failure), then left and named with the command that removes it. A second stop signal
+        ends the wait at once (transfer/interrupt.cut_short): what is still busy is left.
         """
         deadline = time.monotonic() + min(wait_s, self.limit_s)
         removed: list[str] = []
@@ -631,13 +632,17 @@ class OnedPush:
             if obj_id < 0:
                 continue
             what = f"{kind} {obj_id}"
-            if self._remove(
-                what,
-                partial(read, self.server, obj_id),
-                busy,
-                partial(delete, self.server, obj_id),
-                deadline,
-            ):
+            with cut_short() as cut:
+                gone = self._remove(
+                    what,
+                    partial(read, self.server, obj_id),
+                    busy,
+                    partial(delete, self.server, obj_id),
+                    deadline,
+                )
+            if cut.happened:  # asked again to stop: no more waiting for oned
+                deadline, gone = time.monotonic(), False
+            if gone:
                 removed.append(what)
             else:
                 left.append(f"{what} ({command} delete {obj_id})")
@@ -660,7 +665,7 @@ class OnedPush:
             obj = wait_for(
                 read,
                 lambda o: o is None or o.state != busy,
-                lambda o: f"{what}: " + ("gone" if o is None else f"{o.state_name}, to remove"),
+                partial(_removal_state, what, busy),
                 self.steps,
                 max(deadline - time.monotonic(), 0.0),
                 what,
@@ -670,6 +675,16 @@ class OnedPush:
         except MarketError:
             return False
         return True
+
+
+def _removal_state(what: str, busy: int, obj: Any) -> str:
+    """One step line of push's clean-up: an object oned still works on is waited for, which a
+    second Ctrl-C (or any stop signal) ends."""
+    if obj is None:
+        return f"{what}: gone"
+    if obj.state == busy:
+        return f"{what}: {obj.state_name}, waiting for oned to remove it (Ctrl-C again leaves it)"
+    return f"{what}: {obj.state_name}, to remove"
 
 
 # ---------------------------------------------------------------------------- apps

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 from onemarket.errors import ActionTimeout, MarketError
-from onemarket.transfer.interrupt import Interrupted, interruptible
+from onemarket.transfer.interrupt import Interrupted, cut_short, interruptible
 
 WAIT_S = 5.0
 """Bound on waiting for a signal to arrive (it arrives at once; the wait never ends normally)."""
@@ -50,6 +50,32 @@ def test_a_second_signal_during_clean_up_is_ignored() -> None:
             os.kill(os.getpid(), signal.SIGHUP)  # ignored: clean-up runs to its end
             cleaned = True
     assert cleaned
+
+
+def test_a_second_signal_ends_only_a_wait_that_may_be_cut_short() -> None:
+    """The clean-up's wait ends at the second signal; the rest of the clean-up still runs
+    (a third signal is ignored again), and the first signal is what leaves the block."""
+    steps: list[str] = []
+    with pytest.raises(Interrupted, match="SIGTERM"), interruptible("outer"):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            _wait()
+        finally:
+            with cut_short() as cut:
+                os.kill(os.getpid(), signal.SIGINT)
+                _wait()
+                steps.append("waited to the end")
+            steps.append(f"cut: {cut.happened}")
+            os.kill(os.getpid(), signal.SIGHUP)
+            steps.append("cleaned")
+    assert steps == ["cut: True", "cleaned"]
+
+
+def test_cut_short_changes_nothing_before_a_signal() -> None:
+    with pytest.raises(Interrupted), interruptible("t"), cut_short() as cut:
+        os.kill(os.getpid(), signal.SIGTERM)
+        _wait()
+    assert not cut.happened
 
 
 def test_an_ignored_sighup_stays_ignored() -> None:

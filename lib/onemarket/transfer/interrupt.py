@@ -9,7 +9,9 @@ it). Python's default for SIGTERM and SIGHUP is to die at once, skipping every `
   alone when they were ignored on entry (``nohup``, a background job of a non-interactive
   shell): ignoring them was asked for.
 - Only the first signal raises; later ones are ignored until the outermost block is left, so
-  the clean-up cannot be interrupted half-way.
+  the clean-up cannot be interrupted half-way, except inside :func:`cut_short`: a clean-up's
+  wait that the person may end (push waiting up to a minute for oned) lets the next signal
+  end that wait, and only it.
 - What is raised inside is a BaseException, like KeyboardInterrupt, so that no
   ``except Exception`` on the way (a reader turning any failure into a SourceError) swallows
   it. It leaves the outermost block as :class:`Interrupted`, a :class:`MarketError` carrying
@@ -34,6 +36,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import FrameType
 
 from ..errors import ActionTimeout
@@ -114,3 +117,30 @@ def interruptible(what: str) -> Iterator[None]:
             signal.signal(sig, old)  # type: ignore[arg-type]
         if _depth == 0:
             _fired = False
+
+
+@dataclass
+class Cut:
+    """Whether a further stop signal ended a :func:`cut_short` block."""
+
+    happened: bool = False
+
+
+@contextmanager
+def cut_short() -> Iterator[Cut]:
+    """A wait in a clean-up that a further stop signal ends: inside, after the first signal
+    has fired, the next one raises once more and is swallowed at the block's end (``happened``
+    tells); outside, later signals stay ignored. Elsewhere (no signal yet, another thread)
+    nothing changes."""
+    global _fired
+    cut = Cut()
+    if threading.current_thread() is not threading.main_thread() or not _fired:
+        yield cut
+        return
+    _fired = False
+    try:
+        yield cut
+    except _Signalled:
+        cut.happened = True
+    finally:
+        _fired = True
