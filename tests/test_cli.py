@@ -1007,6 +1007,44 @@ def test_signal_while_oned_still_copies_names_what_is_left(
     assert list(oned_http.images) == [1]
 
 
+@pytest.mark.parametrize(
+    ("method", "removed"),
+    [
+        ("one.image.allocate", "removed image 1 it made"),
+        ("one.marketapp.allocate", "removed app 2"),
+    ],
+)
+def test_a_signal_during_an_allocate_call_still_removes_what_oned_made(
+    capfd, tmp_path: Path, oned_http: FakeOned, nginx: Nginx, method: str, removed: str
+) -> None:
+    """The signal lands while oned makes the object, before its id reaches us: the clean-up
+    finds it (the image by its unique name, the app by its ORIGIN_ID) and removes it."""
+    stop_at(oned_http, method)
+    code, out, err = run(capfd, "push", "100", str(image_file(tmp_path, 100)), "--datastore", "1")
+    assert code == cli.EXIT_TERMINATED and out == ""
+    last = err.splitlines()[-1]
+    assert last.startswith("one-market: push stopped by SIGTERM") and removed in last, err
+    assert "oned goes on" not in last
+    assert oned_http.images == {} and all(a.deleting for a in oned_http.apps.values())
+    assert list(nginx.public_dir.iterdir()) == []
+
+
+def test_an_allocated_object_not_found_is_named_for_the_administrator(
+    capfd, tmp_path: Path, oned_http: FakeOned
+) -> None:
+    """The signal lands during the allocate call and oned made no image (here its stat of
+    the file fails): nothing is found to remove, and what to look for is said."""
+    image = image_file(tmp_path, 100)
+    stop_at(oned_http, "one.image.allocate")
+    oned_http.unreadable_paths.add(str(image.resolve()))
+    code, _, err = run(capfd, "push", "100", str(image), "--datastore", "1")
+    assert code == cli.EXIT_TERMINATED
+    last = err.splitlines()[-1]
+    assert "oned goes on with an image named 'disk.img (one-market " in last, err
+    assert last.endswith("if oned made it (oneimage list): remove what you do not want")
+    assert oned_http.images == {} and "one.imagepool.info" in oned_http.calls
+
+
 def test_a_second_signal_ends_the_clean_up_wait(capfd, tmp_path: Path, oned_http: FakeOned) -> None:
     """SIGTERM while oned copies, then Ctrl-C during the clean-up's wait for that copy: the
     wait ends there (the copy would be done at the fourth poll and the image then removed),

@@ -514,30 +514,50 @@ class OnedPush:
     limit_s: float
     image_id: int = -1
     app_id: int = -1
+    image_name: str = ""
+    unanswered: str = ""
+    """"image" or "app" when a stop signal came during that allocate call: oned may have made
+    the object without our knowing its id, so the clean-up looks it up."""
 
     def run(
         self, local: LocalImage, name: str, datastore_ref: str, delete_image: bool
     ) -> tuple[OnedApp, bool]:
         ds = oneclient.find_datastore(self.server, datastore_ref)
         size = human_bytes(local.size_bytes)
+        self.image_name = f"{name} (one-market {secrets.token_hex(3)})"
         template = [
-            ("NAME", f"{name} (one-market {secrets.token_hex(3)})"),
+            ("NAME", self.image_name),
             ("PATH", str(local.path)),
             ("TYPE", "OS"),
             ("DESCRIPTION", f"uploaded by one-market for marketplace app '{name}'"),
         ]
         self.steps.show(f"image: asking oned to copy {local.path.name} ({size}) into '{ds.name}'")
         try:
-            self.image_id = oneclient.allocate_image(self.server, write_template(template), ds.id)
-        except RemoteError as exc:  # the usual cause: FILE is not on oned's host
-            raise RemoteError(
-                f"{exc} (oned's datastore driver reads {local.path} on oned's host, as oneadmin)"
-            ) from None
-        try:
+            self.image_id = self._allocate(
+                "image", lambda: self._allocate_image(write_template(template), ds, local)
+            )
             return self._image_to_app(local, name, ds, delete_image)
         except BaseException as exc:  # a failure, or a stop signal (transfer/interrupt)
             stopped = not isinstance(exc, Exception)
             exc.add_note(self._clean_up(CLEANUP_WAIT_S if stopped else 0.0))
+            raise
+
+    def _allocate_image(self, template: str, ds: oneclient.OnedDatastore, local: LocalImage) -> int:
+        try:
+            return oneclient.allocate_image(self.server, template, ds.id)
+        except RemoteError as exc:  # the usual cause: FILE is not on oned's host
+            raise RemoteError(
+                f"{exc} (oned's datastore driver reads {local.path} on oned's host, as oneadmin)"
+            ) from None
+
+    def _allocate(self, kind: str, allocate: Callable[[], int]) -> int:
+        """The id ``allocate`` returns. A stop signal during the call may come after oned made
+        the object: remembered (``unanswered``) for the clean-up to look it up."""
+        try:
+            return allocate()
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                self.unanswered = kind
             raise
 
     def _image_to_app(
@@ -565,8 +585,11 @@ class OnedPush:
         app_template = [("NAME", name), ("ORIGIN_ID", str(self.image_id)), ("TYPE", "IMAGE")]
         market = f"marketplace {self.market.id} '{self.market.name}'"
         self.steps.show(f"app '{name}': asking oned to make it in {market}")
-        self.app_id = oneclient.allocate_app(
-            self.server, write_template(app_template), self.market.id
+        self.app_id = self._allocate(
+            "app",
+            lambda: oneclient.allocate_app(
+                self.server, write_template(app_template), self.market.id
+            ),
         )
         what = f"app {self.app_id} '{name}'"
         app = wait_for(
@@ -610,6 +633,9 @@ class OnedPush:
         deadline = time.monotonic() + min(wait_s, self.limit_s)
         removed: list[str] = []
         left: list[str] = []
+        unknown = self._look_up_unanswered()
+        if unknown:
+            left.append(unknown)
         made = [  # the app first: while it imports, oned keeps its image LOCKED
             (
                 "app",
@@ -650,6 +676,24 @@ class OnedPush:
             return f"removed {' and '.join(removed)} it made in oned" if removed else ""
         told = "oned goes on with " + " and ".join(left) + ": remove what you do not want"
         return told + (f" (removed {' and '.join(removed)})" if removed else "")
+
+    def _look_up_unanswered(self) -> str:
+        """Find the object of an allocate call a stop signal cut (:meth:`_allocate`): the
+        image by its unique name, the app by its image (ORIGIN_ID). What cannot be found is
+        named for the administrator to look for, as oned may still have made it."""
+        if self.unanswered == "image":
+            with contextlib.suppress(MarketError):
+                found = oneclient.image_named(self.server, self.image_name)
+                self.image_id = -1 if found is None else found
+            if self.image_id < 0:
+                return f"an image named '{self.image_name}' if oned made it (oneimage list)"
+        elif self.unanswered == "app" and self.app_id < 0:
+            with contextlib.suppress(MarketError):
+                found = oneclient.app_made_from(self.server, self.image_id, self.market.id)
+                self.app_id = -1 if found is None else found
+            if self.app_id < 0:
+                return f"an app from image {self.image_id} if oned made it (onemarketapp list)"
+        return ""
 
     def _remove(
         self,
