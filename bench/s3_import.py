@@ -100,6 +100,18 @@ def split_cpus(server: object) -> str:
     return f"Ceph on CPU {cpus[-1]}, clients on CPU {','.join(map(str, cpus[:-1]))}"
 
 
+def ceph_cpu_s(server: object) -> float:
+    """User + system CPU seconds the Ceph daemons (mon, osd, rgw) have used so far: what the
+    server spends on an upload is the difference around it."""
+    total = 0
+    for pid_file in Path(server.run_dir).glob("*.pid"):  # type: ignore[attr-defined]
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pid = int(pid_file.read_text().split()[0])
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def run_child(mode: str, attrs: dict[str, str], path: Path, app_id: int) -> dict[str, float]:
     argv = [sys.executable, __file__, "--child", mode, "--path", str(path), "--app-id", str(app_id)]
     proc = subprocess.run(
@@ -160,14 +172,17 @@ def main() -> None:
                 subprocess.run(["md5sum", str(image)], check=True, capture_output=True)
                 md5sum.append(time.monotonic() - start)
                 for mode, results in (("baseline", base), ("ours", ours)):
+                    server_before = ceph_cpu_s(server)
                     r = run_child(mode, attrs, image, n)
+                    r["server_cpu_s"] = ceph_cpu_s(server) - server_before
                     for key in (f"marketapp-{n}", f"baseline-{n}"):
                         client.delete_object(Bucket="bench", Key=key)
                     results.append(r)
                     rate = args.size_mb / r["seconds"]
                     print(
                         f"round {n + 1} {mode:8s} {r['seconds']:6.2f} s  {rate:7.1f} MiB/s  "
-                        f"peak RSS {r['rss_mb']:.0f} MB  client CPU {r['cpu_s']:.1f} s"
+                        f"peak RSS {r['rss_mb']:.0f} MB  client CPU {r['cpu_s']:.1f} s  "
+                        f"server CPU {r['server_cpu_s']:.1f} s"
                     )
         finally:
             server.stop()
@@ -182,6 +197,12 @@ def main() -> None:
         f"RSS {max(r['rss_mb'] for r in base):.0f} MB) | ours {t_ours:.2f} s "
         f"({args.size_mb / t_ours:.0f} MiB/s, CPU {med(r['cpu_s'] for r in ours):.1f} s, "
         f"RSS {rss:.0f} MB)"
+    )
+    print(
+        f"  client + server CPU: upload_file "
+        f"{med(r['cpu_s'] + r['server_cpu_s'] for r in base):.1f} s, ours "
+        f"{med(r['cpu_s'] + r['server_cpu_s'] for r in ours):.1f} s "
+        f"(the machine offers {os.cpu_count()} CPU-seconds per second of wall time)"
     )
     print(
         f"  throughput ours / upload_file = {ratio:.2f} (median of rounds; target >= "
