@@ -8,7 +8,8 @@ the same way: it sends no checksum of the whole object) and with the s3 backend
 (``S3Backend.import_app``, default READ_LENGTH: whole-object MD5, signed payload per part,
 metadata), and runs ``md5sum`` on it (the floor: one MD5 of every byte). Each upload runs in
 its own child process so its peak RSS is its own. Prints each round, then medians: throughput
-ratio ours / upload_file (target >= 1.0), client CPU, our peak RSS (target <= 150 MB).
+ratio ours / upload_file (target >= 1.0), client CPU, the Ceph daemons' CPU during each upload
+(read from /proc), our peak RSS (target <= 150 MB).
 RGW runs on the same machine: its CPU (it MD5s every part for the ETag and checks each
 signed payload) competes with the client's, so the load average is printed too. With
 ``--split-cpus`` the Ceph daemons run on the last CPU and the clients (and md5sum) on the
