@@ -962,16 +962,33 @@ def test_sigterm_while_oned_copies_removes_the_image_once_copied(
     assert out == b""
 
 
-def stop_at(oned: FakeOned, method: str, signum: int = signal.SIGTERM) -> None:
-    """Send ``signum`` to this process's main thread (the one-market command run in-process)
-    when oned first receives ``method``, so the signal lands mid-step without timing."""
+def stop_at(oned: FakeOned, method: str, *signums: int) -> None:
+    """Send the n-th of ``signums`` (SIGTERM alone by default) to this process's main thread
+    (the one-market command run in-process) when oned receives ``method`` the n-th time, so
+    each signal lands mid-step without timing."""
     main = threading.main_thread().ident
+    sent = signums or (signal.SIGTERM,)
 
     def hook(called: str) -> None:
-        if called == method and oned.calls.count(method) == 1 and main is not None:
-            signal.pthread_kill(main, signum)
+        count = oned.calls.count(method)
+        if called == method and count <= len(sent) and main is not None:
+            signal.pthread_kill(main, sent[count - 1])
 
     oned.on_call = hook
+
+
+def assert_push_leaves_image_1(capfd, tmp_path: Path, oned: FakeOned) -> None:
+    """A push stopped by SIGTERM while oned copies: image 1 is left to oned, named with the
+    command that removes it."""
+    image = image_file(tmp_path, 100)
+    code, out, err = run(capfd, "push", "100", str(image), "--datastore", "1", "--quiet")
+    assert code == cli.EXIT_TERMINATED and out == ""
+    line = one_line_error(err)
+    assert line.startswith("one-market: push stopped by SIGTERM")
+    assert line.endswith(
+        "; oned goes on with image 1 (oneimage delete 1): remove what you do not want"
+    )
+    assert list(oned.images) == [1]
 
 
 def test_signal_during_the_app_import_removes_the_app_and_the_image(
@@ -996,15 +1013,7 @@ def test_signal_while_oned_still_copies_names_what_is_left(
     monkeypatch.setattr(cli, "CLEANUP_WAIT_S", 0.05)
     oned_http.image_copy_infos = 10**9  # never done
     stop_at(oned_http, "one.image.info")
-    image = image_file(tmp_path, 100)
-    code, out, err = run(capfd, "push", "100", str(image), "--datastore", "1", "--quiet")
-    assert code == cli.EXIT_TERMINATED and out == ""
-    line = one_line_error(err)
-    assert line.startswith("one-market: push stopped by SIGTERM")
-    assert line.endswith(
-        "; oned goes on with image 1 (oneimage delete 1): remove what you do not want"
-    )
-    assert list(oned_http.images) == [1]
+    assert_push_leaves_image_1(capfd, tmp_path, oned_http)
 
 
 @pytest.mark.parametrize(
@@ -1050,24 +1059,9 @@ def test_a_second_signal_ends_the_clean_up_wait(capfd, tmp_path: Path, oned_http
     wait ends there (the copy would be done at the fourth poll and the image then removed),
     the image is left and named, and the exit status is the first signal's."""
     oned_http.image_copy_infos = 4
-    main = threading.main_thread().ident
-    assert main is not None
-
-    def hook(called: str) -> None:
-        if called == "one.image.info" and oned_http.calls.count(called) in (1, 2):
-            signals = {1: signal.SIGTERM, 2: signal.SIGINT}  # the step's poll, the clean-up's
-            signal.pthread_kill(main, signals[oned_http.calls.count(called)])
-
-    oned_http.on_call = hook
-    image = image_file(tmp_path, 100)
-    code, out, err = run(capfd, "push", "100", str(image), "--datastore", "1", "--quiet")
-    assert code == cli.EXIT_TERMINATED and out == ""
-    line = one_line_error(err)
-    assert line.startswith("one-market: push stopped by SIGTERM")
-    assert line.endswith(
-        "; oned goes on with image 1 (oneimage delete 1): remove what you do not want"
-    )
-    assert list(oned_http.images) == [1] and oned_http.calls.count("one.image.info") == 2
+    stop_at(oned_http, "one.image.info", signal.SIGTERM, signal.SIGINT)  # the step's, the wait's
+    assert_push_leaves_image_1(capfd, tmp_path, oned_http)
+    assert oned_http.calls.count("one.image.info") == 2
 
 
 def test_rm_refuses_a_source_an_app_of_oned_uses(
