@@ -112,6 +112,21 @@ def test_malformed_lines_are_skipped_and_logged(oned: OneLocation) -> None:
     assert secret_b64 not in log and secret_b64[:20] not in log
 
 
+def test_an_id_past_the_int_conversion_limit_is_a_malformed_line(oned: OneLocation) -> None:
+    """5,000 digits once raised int()'s ValueError in the reader: the lines after it were lost."""
+    mad = oned.start("-m", "http")
+    huge = b"1" * 5000
+    bad = b"MONITOR  " + huge + b" x\nDRIVER_CANCEL " + huge + b"\n"
+    mad.send_raw(bad + b"MONITOR  7 eA==\nMONITOR  8 eA==\n")
+    replies = {r.id: r for r in mad.replies(2)}
+    assert sorted(replies) == [7, 8] and not replies[7].ok and "XML" in replies[8].info
+    assert mad.finalize() == 0
+    assert mad.rest() == []
+    log = mad.log_text()
+    assert log.count("ignored a line from oned") == 2 and "5000 chars" in log
+    assert "Traceback" not in log and "Exception" not in log
+
+
 def test_unknown_option_answers_init_failure_and_logs_why(oned: OneLocation) -> None:
     with pytest.raises(DriverInitError, match="INIT FAILURE wrong ARGUMENTS"):
         oned.start("--bogus")

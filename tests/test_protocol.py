@@ -35,6 +35,13 @@ def test_malformed_requests(line: str) -> None:
         parse_request(line)
 
 
+@pytest.mark.parametrize("action", ["MONITOR  ", "DRIVER_CANCEL ", "IMPORT - "])
+def test_an_id_too_long_for_int_is_a_protocol_error(action: str) -> None:
+    with pytest.raises(ProtocolError, match="id of 5000 chars"):
+        parse_request(f"{action}{'1' * 5000} x")
+    assert parse_request(f"{action}{'9' * protocol.MAX_ID_DIGITS} x").id == int("9" * 18)
+
+
 def test_unknown_action_message_never_echoes_payload_bytes() -> None:
     payload = "PE1BUktFVF9EUklWRVJfQUNUSU9OX0RBVEE+c2VjcmV0PC8+"
     with pytest.raises(ProtocolError) as exc:

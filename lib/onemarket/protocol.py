@@ -17,7 +17,10 @@ LOG_SEVERITIES = {"INFO": "I", "ERROR": "E", "WARN": "W", "WARNING": "W", "DEBUG
 MAX_FAILURE_CHARS = 1000
 """Longest failure text sent to oned (it ends up in the app's error message)."""
 
-_INT_RE = re.compile(r"-?\d+")
+MAX_ID_DIGITS = 18
+"""Longest id accepted: oned's ids are C ints (10 digits); 18 still fits an int64 and keeps
+``int()`` far from Python's 4,300-digit conversion limit, whose ValueError is no ProtocolError."""
+_INT_RE = re.compile(r"-?[0-9]+")
 _WORD_RE = re.compile(r"[A-Za-z_]{1,24}")
 
 
@@ -50,6 +53,9 @@ def parse_request(line: str) -> Request:
         rest = rest[1:]
     if not rest or not _INT_RE.fullmatch(rest[0]):
         raise ProtocolError(f"{action} without a numeric id")
+    if len(rest[0].lstrip("-")) > MAX_ID_DIGITS:
+        shown = f"{len(rest[0])} chars (at most {MAX_ID_DIGITS} digits)"
+        raise ProtocolError(f"{action} with an id of {shown}")
     payload = rest[1] if len(rest) > 1 else ""
     return Request(action, int(rest[0]), payload)
 

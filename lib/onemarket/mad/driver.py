@@ -243,6 +243,9 @@ class Mad:
         except protocol.ProtocolError as exc:
             log(f"ignored a line from oned: {exc}")
             return
+        except Exception as exc:  # noqa: BLE001 - a parse bug must not drop the lines after it
+            log(f"ignored a line from oned: internal error ({type(exc).__name__})")
+            return
         if req.action == "INIT":
             self.reply(protocol.init_success())
             if not self._preloaded:  # after the answer: oned waits only 10 s for it
