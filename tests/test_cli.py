@@ -1023,11 +1023,11 @@ def test_signal_while_oned_still_copies_names_what_is_left(
         ("one.marketapp.allocate", "removed app 2"),
     ],
 )
-def test_a_signal_during_an_allocate_call_still_removes_what_oned_made(
+def test_a_signal_during_an_allocate_call_waits_for_its_answer(
     capfd, tmp_path: Path, oned_http: FakeOned, nginx: Nginx, method: str, removed: str
 ) -> None:
-    """The signal lands while oned makes the object, before its id reaches us: the clean-up
-    finds it (the image by its unique name, the app by its ORIGIN_ID) and removes it."""
+    """The signal lands while oned makes the object: it is held until oned's answer gives
+    the id (transfer/interrupt.deferred), so the clean-up removes the object."""
     stop_at(oned_http, method)
     code, out, err = run(capfd, "push", "100", str(image_file(tmp_path, 100)), "--datastore", "1")
     assert code == cli.EXIT_TERMINATED and out == ""
@@ -1038,20 +1038,21 @@ def test_a_signal_during_an_allocate_call_still_removes_what_oned_made(
     assert list(nginx.public_dir.iterdir()) == []
 
 
-def test_an_allocated_object_not_found_is_named_for_the_administrator(
+def test_a_signal_during_a_refused_allocate_call_is_the_failure_shown(
     capfd, tmp_path: Path, oned_http: FakeOned
 ) -> None:
-    """The signal lands during the allocate call and oned made no image (here its stat of
-    the file fails): nothing is found to remove, and what to look for is said."""
+    """oned refuses the image (its stat of the file fails) while the signal is held: the stop
+    is what the administrator reads, and nothing was made."""
     image = image_file(tmp_path, 100)
     stop_at(oned_http, "one.image.allocate")
     oned_http.unreadable_paths.add(str(image.resolve()))
     code, _, err = run(capfd, "push", "100", str(image), "--datastore", "1")
     assert code == cli.EXIT_TERMINATED
-    last = err.splitlines()[-1]
-    assert "oned goes on with an image named 'disk.img (one-market " in last, err
-    assert last.endswith("if oned made it (oneimage list): remove what you do not want")
-    assert oned_http.images == {} and "one.imagepool.info" in oned_http.calls
+    assert err.splitlines()[-1] == (
+        "one-market: push stopped by SIGTERM (sent by kill, timeout, a service manager or a "
+        "shutdown)"
+    )
+    assert oned_http.images == {}
 
 
 def test_a_second_signal_ends_the_clean_up_wait(capfd, tmp_path: Path, oned_http: FakeOned) -> None:

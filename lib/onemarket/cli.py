@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import enum
 import io
 import json
 import logging
@@ -82,7 +83,7 @@ from .oneclient import OnedApp, OnedMarket
 from .progress import ProgressEvent, human_bytes
 from .registry import DRIVERS, backend_class, load_backend
 from .template import write_template
-from .transfer.interrupt import Interrupted, cut_short, interruptible
+from .transfer.interrupt import CutShort, Interrupted, cut_short, deferred, interruptible
 from .units import mb_bytes
 from .units import size_mb as size_mb_of
 
@@ -514,28 +515,22 @@ class OnedPush:
     limit_s: float
     image_id: int = -1
     app_id: int = -1
-    image_name: str = ""
-    unanswered: str = ""
-    """"image" or "app" when a stop signal came during that allocate call: oned may have made
-    the object without our knowing its id, so the clean-up looks it up."""
 
     def run(
         self, local: LocalImage, name: str, datastore_ref: str, delete_image: bool
     ) -> tuple[OnedApp, bool]:
         ds = oneclient.find_datastore(self.server, datastore_ref)
         size = human_bytes(local.size_bytes)
-        self.image_name = f"{name} (one-market {secrets.token_hex(3)})"
         template = [
-            ("NAME", self.image_name),
+            ("NAME", f"{name} (one-market {secrets.token_hex(3)})"),
             ("PATH", str(local.path)),
             ("TYPE", "OS"),
             ("DESCRIPTION", f"uploaded by one-market for marketplace app '{name}'"),
         ]
         self.steps.show(f"image: asking oned to copy {local.path.name} ({size}) into '{ds.name}'")
         try:
-            self.image_id = self._allocate(
-                "image", lambda: self._allocate_image(write_template(template), ds, local)
-            )
+            with deferred():  # a signal waits for oned's answer: its id is what we remove
+                self.image_id = self._allocate_image(write_template(template), ds, local)
             return self._image_to_app(local, name, ds, delete_image)
         except BaseException as exc:  # a failure, or a stop signal (transfer/interrupt)
             stopped = not isinstance(exc, Exception)
@@ -549,16 +544,6 @@ class OnedPush:
             raise RemoteError(
                 f"{exc} (oned's datastore driver reads {local.path} on oned's host, as oneadmin)"
             ) from None
-
-    def _allocate(self, kind: str, allocate: Callable[[], int]) -> int:
-        """The id ``allocate`` returns. A stop signal during the call may come after oned made
-        the object: remembered (``unanswered``) for the clean-up to look it up."""
-        try:
-            return allocate()
-        except BaseException as exc:
-            if not isinstance(exc, Exception):
-                self.unanswered = kind
-            raise
 
     def _image_to_app(
         self, local: LocalImage, name: str, ds: oneclient.OnedDatastore, delete_image: bool
@@ -585,12 +570,10 @@ class OnedPush:
         app_template = [("NAME", name), ("ORIGIN_ID", str(self.image_id)), ("TYPE", "IMAGE")]
         market = f"marketplace {self.market.id} '{self.market.name}'"
         self.steps.show(f"app '{name}': asking oned to make it in {market}")
-        self.app_id = self._allocate(
-            "app",
-            lambda: oneclient.allocate_app(
+        with deferred():
+            self.app_id = oneclient.allocate_app(
                 self.server, write_template(app_template), self.market.id
-            ),
-        )
+            )
         what = f"app {self.app_id} '{name}'"
         app = wait_for(
             lambda: oneclient.app_info(self.server, self.app_id),
@@ -633,9 +616,6 @@ class OnedPush:
         deadline = time.monotonic() + min(wait_s, self.limit_s)
         removed: list[str] = []
         left: list[str] = []
-        unknown = self._look_up_unanswered()
-        if unknown:
-            left.append(unknown)
         made = [  # the app first: while it imports, oned keeps its image LOCKED
             (
                 "app",
@@ -654,21 +634,21 @@ class OnedPush:
                 oneclient.delete_image,
             ),
         ]
+        cut = False
         for kind, obj_id, command, read, busy, delete in made:
             if obj_id < 0:
                 continue
             what = f"{kind} {obj_id}"
-            with cut_short() as cut:
-                gone = self._remove(
-                    what,
-                    partial(read, self.server, obj_id),
-                    busy,
-                    partial(delete, self.server, obj_id),
-                    deadline,
-                )
-            if cut.happened:  # asked again to stop: no more waiting for oned
-                deadline, gone = time.monotonic(), False
-            if gone:
+            outcome = self._remove(
+                what,
+                partial(read, self.server, obj_id),
+                busy,
+                partial(delete, self.server, obj_id),
+                time.monotonic() if cut else deadline,
+                cuttable=wait_s > 0 and not cut,
+            )
+            cut = cut or outcome is _Removal.CUT
+            if outcome is _Removal.GONE:
                 removed.append(what)
             else:
                 left.append(f"{what} ({command} delete {obj_id})")
@@ -677,24 +657,6 @@ class OnedPush:
         told = "oned goes on with " + " and ".join(left) + ": remove what you do not want"
         return told + (f" (removed {' and '.join(removed)})" if removed else "")
 
-    def _look_up_unanswered(self) -> str:
-        """Find the object of an allocate call a stop signal cut (:meth:`_allocate`): the
-        image by its unique name, the app by its image (ORIGIN_ID). What cannot be found is
-        named for the administrator to look for, as oned may still have made it."""
-        if self.unanswered == "image":
-            with contextlib.suppress(MarketError):
-                found = oneclient.image_named(self.server, self.image_name)
-                self.image_id = -1 if found is None else found
-            if self.image_id < 0:
-                return f"an image named '{self.image_name}' if oned made it (oneimage list)"
-        elif self.unanswered == "app" and self.app_id < 0:
-            with contextlib.suppress(MarketError):
-                found = oneclient.app_made_from(self.server, self.image_id, self.market.id)
-                self.app_id = -1 if found is None else found
-            if self.app_id < 0:
-                return f"an app from image {self.image_id} if oned made it (onemarketapp list)"
-        return ""
-
     def _remove(
         self,
         what: str,
@@ -702,33 +664,50 @@ class OnedPush:
         busy: int,
         delete: Callable[[], None],
         deadline: float,
-    ) -> bool:
-        """Delete one object once oned no longer works on it (by ``deadline``): True when it
-        is gone, False when it stays (still busy, or oned failed)."""
+        cuttable: bool,
+    ) -> _Removal:
+        """Delete one object once oned no longer works on it (state ``busy``), by ``deadline``;
+        a further stop signal ends that wait (transfer/interrupt.cut_short), not the delete."""
         try:
-            obj = wait_for(
-                read,
-                lambda o: o is None or o.state != busy,
-                partial(_removal_state, what, busy),
-                self.steps,
-                max(deadline - time.monotonic(), 0.0),
-                what,
-            )
+            with cut_short():
+                obj = wait_for(
+                    read,
+                    lambda o: o is None or o.state != busy,
+                    partial(_removal_state, what, busy, cuttable),
+                    self.steps,
+                    max(deadline - time.monotonic(), 0.0),
+                    what,
+                )
+        except CutShort:
+            return _Removal.CUT
+        except MarketError:
+            return _Removal.LEFT
+        try:
             if obj is not None:
                 delete()
         except MarketError:
-            return False
-        return True
+            return _Removal.LEFT
+        return _Removal.GONE
 
 
-def _removal_state(what: str, busy: int, obj: Any) -> str:
-    """One step line of push's clean-up: an object oned still works on is waited for, which a
-    second Ctrl-C (or any stop signal) ends."""
+class _Removal(enum.Enum):
+    """What push's clean-up did with one object it made."""
+
+    GONE = "removed (or oned had dropped it)"
+    LEFT = "still busy at the deadline, or oned refused"
+    CUT = "left: a further stop signal ended the wait"
+
+
+def _removal_state(what: str, busy: int, cuttable: bool, obj: Any) -> str:
+    """One step line of push's clean-up; while it waits after a stop signal, it says that a
+    second one ends the wait."""
     if obj is None:
         return f"{what}: gone"
-    if obj.state == busy:
-        return f"{what}: {obj.state_name}, waiting for oned to remove it (Ctrl-C again leaves it)"
-    return f"{what}: {obj.state_name}, to remove"
+    if obj.state != busy:
+        return f"{what}: {obj.state_name}, to remove"
+    return f"{what}: {obj.state_name}, waiting for oned" + (
+        " (Ctrl-C again leaves it)" if cuttable else ""
+    )
 
 
 # ---------------------------------------------------------------------------- apps

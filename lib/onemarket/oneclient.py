@@ -439,14 +439,6 @@ def allocate_image(server: Any, template: str, datastore_id: int) -> int:
     )
 
 
-def image_named(server: Any, name: str) -> int | None:
-    """The id of the one image called ``name`` (push names each uniquely), or None."""
-    pool = call("image pool", lambda: server.imagepool.info(POOL_ALL, -1, -1))
-    listed = getattr(pool, "IMAGE", None) or []
-    ids = [_int(o, "ID") for o in listed if _str(o, "NAME") == name]
-    return ids[0] if len(ids) == 1 else None
-
-
 def image_info(server: Any, image_id: int) -> OnedImage | None:
     """The image, or None once oned no longer has it."""
     try:
@@ -470,19 +462,6 @@ def allocate_app(server: Any, template: str, market_id: int) -> int:
             lambda: server.marketapp.allocate(template, market_id),
         )
     )
-
-
-def app_made_from(server: Any, image_id: int, market_id: int) -> int | None:
-    """The id of the one app of marketplace ``market_id`` made from image ``image_id``
-    (its ORIGIN_ID), or None."""
-    pool = call("app pool", lambda: server.marketapppool.info(POOL_ALL, -1, -1))
-    listed = getattr(pool, "MARKETPLACEAPP", None) or []
-    ids = [
-        _int(a, "ID")
-        for a in listed
-        if _int(a, "ORIGIN_ID") == image_id and _int(a, "MARKETPLACE_ID") == market_id
-    ]
-    return ids[0] if len(ids) == 1 else None
 
 
 def app_info(server: Any, app_id: int) -> OnedApp | None:

@@ -336,7 +336,6 @@ class FakeOned:
             "image.allocate",
             "image.info",
             "image.delete",
-            "imagepool.info",
             "marketapp.allocate",
             "marketapp.info",
             "marketapp.delete",
@@ -439,9 +438,6 @@ class FakeOned:
 
     def _image(self, image_id: int) -> FakeImage:
         return _existing(self.images.get(image_id), "image", image_id)
-
-    def _imagepool_info(self, *_: object) -> etree._Element:
-        return pool_element("IMAGE_POOL", [image_element(i) for i in self.images.values()])
 
     def _image_info(self, image_id: int, *_: object) -> etree._Element:
         image = self._image(image_id)

@@ -8,7 +8,13 @@ import threading
 
 import pytest
 from onemarket.errors import ActionTimeout, MarketError
-from onemarket.transfer.interrupt import Interrupted, cut_short, interruptible
+from onemarket.transfer.interrupt import (
+    CutShort,
+    Interrupted,
+    cut_short,
+    deferred,
+    interruptible,
+)
 
 WAIT_S = 5.0
 """Bound on waiting for a signal to arrive (it arrives at once; the wait never ends normally)."""
@@ -53,29 +59,71 @@ def test_a_second_signal_during_clean_up_is_ignored() -> None:
 
 
 def test_a_second_signal_ends_only_a_wait_that_may_be_cut_short() -> None:
-    """The clean-up's wait ends at the second signal; the rest of the clean-up still runs
-    (a third signal is ignored again), and the first signal is what leaves the block."""
+    """The clean-up's wait ends at the second signal (CutShort, caught around the block); the
+    rest of the clean-up still runs, no later wait is cut (a third signal is ignored), and
+    the first signal is what leaves the block."""
     steps: list[str] = []
     with pytest.raises(Interrupted, match="SIGTERM"), interruptible("outer"):
         try:
             os.kill(os.getpid(), signal.SIGTERM)
             _wait()
         finally:
-            with cut_short() as cut:
-                os.kill(os.getpid(), signal.SIGINT)
-                _wait()
-                steps.append("waited to the end")
-            steps.append(f"cut: {cut.happened}")
-            os.kill(os.getpid(), signal.SIGHUP)
+            try:
+                with cut_short():
+                    os.kill(os.getpid(), signal.SIGINT)
+                    _wait()
+                    steps.append("waited to the end")
+            except CutShort:
+                steps.append("cut")
+            with cut_short():  # inert now: the wait was cut once
+                os.kill(os.getpid(), signal.SIGHUP)
+                steps.append("not cut again")
             steps.append("cleaned")
-    assert steps == ["cut: True", "cleaned"]
+    assert steps == ["cut", "not cut again", "cleaned"]
 
 
-def test_cut_short_changes_nothing_before_a_signal() -> None:
-    with pytest.raises(Interrupted), interruptible("t"), cut_short() as cut:
+def test_cut_short_changes_nothing_before_a_signal_or_after_an_error() -> None:
+    # no signal yet: the first one raises as usual
+    with pytest.raises(Interrupted, match="SIGTERM"), interruptible("t"), cut_short():
         os.kill(os.getpid(), signal.SIGTERM)
         _wait()
-    assert not cut.happened
+    with pytest.raises(Interrupted, match="SIGTERM"), interruptible("t"):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            _wait()
+        finally:
+            with pytest.raises(ValueError), cut_short():
+                raise ValueError("a failure inside the wait")
+            os.kill(os.getpid(), signal.SIGINT)  # ignored: the block is left, not armed
+
+
+def test_a_signal_inside_deferred_is_raised_when_the_call_is_done() -> None:
+    steps: list[str] = []
+    with pytest.raises(Interrupted, match="SIGTERM"), interruptible("t"):
+        with deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            steps.append("the call's answer is stored")
+        steps.append("not reached")
+    assert steps == ["the call's answer is stored"]
+
+
+def test_a_signal_held_by_deferred_wins_over_the_call_failing() -> None:
+    with pytest.raises(Interrupted, match="SIGHUP"), interruptible("t"), deferred():
+        os.kill(os.getpid(), signal.SIGHUP)
+        raise ValueError("oned refused")
+
+
+def test_cut_short_and_deferred_do_nothing_outside_the_main_thread() -> None:
+    seen: list[str] = []
+
+    def work() -> None:
+        with interruptible("thread"), deferred(), cut_short():
+            seen.append("ran")
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join(WAIT_S)
+    assert seen == ["ran"]
 
 
 def test_an_ignored_sighup_stays_ignored() -> None:

@@ -11,7 +11,10 @@ it). Python's default for SIGTERM and SIGHUP is to die at once, skipping every `
 - Only the first signal raises; later ones are ignored until the outermost block is left, so
   the clean-up cannot be interrupted half-way, except inside :func:`cut_short`: a clean-up's
   wait that the person may end (push waiting up to a minute for oned) lets the next signal
-  end that wait, and only it.
+  raise :class:`CutShort` there, once.
+- Inside :func:`deferred` the first signal is held until the block ends: a call whose answer
+  must not be lost (oned's id of an object it has just made) completes, bounded by its own
+  time limit, then the signal is raised.
 - What is raised inside is a BaseException, like KeyboardInterrupt, so that no
   ``except Exception`` on the way (a reader turning any failure into a SourceError) swallows
   it. It leaves the outermost block as :class:`Interrupted`, a :class:`MarketError` carrying
@@ -36,7 +39,6 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from types import FrameType
 
 from ..errors import ActionTimeout
@@ -76,28 +78,46 @@ class _Signalled(BaseException):
         self.signum = signum
 
 
+class CutShort(_Signalled):
+    """A further stop signal inside :func:`cut_short`: the wait it is in should end."""
+
+
 _depth = 0
 """Interruptible blocks entered in the main thread and not yet left."""
 _fired = False
 """A signal already raised in the current outermost block: later ones are ignored."""
+_cuttable = False
+"""Inside :func:`cut_short` after the first signal: the next one raises :class:`CutShort`."""
+_was_cut = False
+"""A :class:`CutShort` was raised in the current outermost block: no wait is cut again."""
+_deferring = False
+"""Inside :func:`deferred`: the first signal is held in ``_held`` instead of raised."""
+_held: _Signalled | None = None
 
 
 @contextmanager
 def interruptible(what: str) -> Iterator[None]:
     """Within the block, SIGTERM/SIGINT/SIGHUP raise, naming ``what``; :class:`Interrupted`
     leaves the outermost block. Handlers are restored on exit."""
-    global _depth, _fired
+    global _depth, _fired, _was_cut
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, _frame: FrameType | None) -> None:
-        global _fired
+        global _fired, _cuttable, _was_cut, _held
+        name = signal.Signals(signum).name
         if _fired:
+            if _cuttable:
+                _cuttable, _was_cut = False, True
+                raise CutShort(f"{what}: {name} again, the wait ended", signum)
             return
         _fired = True
-        name = signal.Signals(signum).name
-        raise _Signalled(f"{what} stopped by {name} ({_REASONS[signum]})", signum)
+        stop = _Signalled(f"{what} stopped by {name} ({_REASONS[signum]})", signum)
+        if _deferring:
+            _held = stop
+            return
+        raise stop
 
     previous: dict[int, object] = {}
     for sig in STOP_SIGNALS:
@@ -117,30 +137,41 @@ def interruptible(what: str) -> Iterator[None]:
             signal.signal(sig, old)  # type: ignore[arg-type]
         if _depth == 0:
             _fired = False
-
-
-@dataclass
-class Cut:
-    """Whether a further stop signal ended a :func:`cut_short` block."""
-
-    happened: bool = False
+            _was_cut = False
 
 
 @contextmanager
-def cut_short() -> Iterator[Cut]:
-    """A wait in a clean-up that a further stop signal ends: inside, after the first signal
-    has fired, the next one raises once more and is swallowed at the block's end (``happened``
-    tells); outside, later signals stay ignored. Elsewhere (no signal yet, another thread)
-    nothing changes."""
-    global _fired
-    cut = Cut()
-    if threading.current_thread() is not threading.main_thread() or not _fired:
-        yield cut
+def cut_short() -> Iterator[None]:
+    """A clean-up's wait that a further stop signal ends: inside, once the first signal has
+    fired, the next one raises :class:`CutShort` (once per outermost block; later blocks are
+    inert). Catch it around the ``with`` statement, not inside: the signal may land on the
+    block's edges. Elsewhere (no signal yet, another thread) nothing changes."""
+    global _cuttable
+    if threading.current_thread() is not threading.main_thread() or not _fired or _was_cut:
+        yield
         return
-    _fired = False
+    _cuttable = True
     try:
-        yield cut
-    except _Signalled:
-        cut.happened = True
+        yield
     finally:
-        _fired = True
+        _cuttable = False
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """A call whose answer must not be lost: a first stop signal during the block is held
+    and raised when it ends (after the answer is stored), so the wait is the call's own
+    time limit. Outside an interruptible block, or in another thread, nothing changes."""
+    global _deferring, _held
+    main = threading.current_thread() is threading.main_thread()
+    if not main or _depth == 0 or _deferring:
+        yield
+        return
+    _deferring = True
+    try:
+        yield
+    finally:
+        _deferring = False
+        held, _held = _held, None
+        if held is not None:
+            raise held
