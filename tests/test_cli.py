@@ -564,6 +564,16 @@ def test_check_lines_are_coloured_on_a_terminal_only(tmp_path: Path) -> None:
     assert lines[1].count("\x1b[2J") == 0  # catalog or error text never drives the terminal
 
 
+def test_a_market_mad_with_a_newline_cannot_forge_a_check_line(capfd, tmp_path: Path) -> None:
+    """MARKET_MAD comes from the template file: printed, it stays on its own line, escapes
+    and all."""
+    forged = "bogus\nPASS  everything: forged line\x1b[31mRED"
+    code, out, _ = run(capfd, "check", template_file(tmp_path, "m", MARKET_MAD=forged))
+    assert code == 1
+    assert not any(line.startswith("PASS") for line in out.splitlines()), out
+    assert "\x1b" not in out
+
+
 def test_steps_are_spinner_lines_on_a_terminal() -> None:
     out, buf = terminal()
     with cli.Steps(False, out) as steps:

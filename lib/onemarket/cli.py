@@ -866,7 +866,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     market = load_market(args.market)
     checker = Checker(market, context(), echo=not args.json)
     if not args.json:
-        print(f"marketplace '{printable(market.name)}' (MARKET_MAD={market.driver})", flush=True)
+        driver = printable(market.driver)
+        print(f"marketplace '{printable(market.name)}' (MARKET_MAD={driver})", flush=True)
     checker.run()
     failed = sum(1 for c in checker.checks if not c.ok)
     if args.json:
@@ -893,7 +894,8 @@ def cmd_apps(args: argparse.Namespace) -> int:
     if result.apps:
         print_table([app_row(a) for a in result.apps])
     elif market.driver not in PUBLIC_DRIVERS:
-        print(f"no apps listed: the apps of a private '{market.driver}' marketplace live in oned")
+        driver = printable(market.driver)
+        print(f"no apps listed: the apps of a private '{driver}' marketplace live in oned")
     usage = f"USED_MB={result.used_mb} FREE_MB={result.free_mb} TOTAL_MB={result.total_mb}"
     print(f"{counted(len(result.apps), 'app')}, {usage}")
     return EXIT_OK
