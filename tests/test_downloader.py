@@ -128,6 +128,24 @@ def test_bad_command_lines_are_one_line(argv: list[str]) -> None:
     one_line_error(proc)
 
 
+HUGE = "9" * 5000
+"""Past int()'s 4,300-digit limit: its ValueError once ended these in '... failed (ValueError)'."""
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["-c", HUGE, "s3://b/k", "out"], "invalid --max-size: '9999"),
+        (["-l", HUGE, "s3://b/k", "out"], "invalid --limit rate '9999"),
+        ([f"lxd://http://127.0.0.1:1/images/x/rootfs.tar.xz?size={HUGE}", "out"], "size='9999"),
+    ],
+)
+def test_numbers_of_thousands_of_digits_are_named_in_one_line(argv: list[str], says: str) -> None:
+    line = one_line_error(run_downloader(*argv))
+    assert says in line and "(5000 chars)" in line and "ValueError" not in line
+    assert len(line) < 200
+
+
 def test_hash_with_partial_read_refused_like_stock() -> None:
     line = one_line_error(run_downloader("--md5", "x", "-c", "10", "s3://b/k", "-"))
     assert "Hash check not supported for partial downloads" in line

@@ -63,6 +63,7 @@ from .transfer.sources import (
     s3_stream_errors,
 )
 from .transfer.stages import PumpResult, pump
+from .units import MAX_INT_DIGITS, parse_int, shown
 
 EXIT_FAILURE = 255
 """Exit status of every failure (the stock script exits -1, seen by callers as 255)."""
@@ -78,8 +79,8 @@ DRV_ACTION_ENV = "DRV_ACTION"
 
 _SHORT_OPTS = "m:s:l:c:no"
 _LONG_OPTS = ["md5=", "sha1=", "limit=", "max-size=", "nodecomp", "noretry"]
-_RATE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:/s)?")
-_SIZE_RE = re.compile(r"(\d+)\s*(b|[kKmMgGtT](?:iB|B)?)?")
+_RATE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kKmMgGtT]?)(?:/s)?")
+_SIZE_RE = re.compile(r"([0-9]+)\s*(b|[kKmMgGtT](?:iB|B)?)?")
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 
@@ -109,8 +110,8 @@ class Options:
 def parse_rate(text: str) -> float:
     """Bytes per second from a curl ``--limit-rate`` value (``500k``, ``10M``, ``1G``)."""
     m = _RATE_RE.fullmatch(text.strip())
-    if not m or float(m.group(1)) <= 0:
-        raise UsageError(f"invalid --limit rate {text!r} (bytes per second, suffix k, m or g)")
+    if not m or len(m.group(1)) > MAX_INT_DIGITS or float(m.group(1)) <= 0:
+        raise UsageError(f"invalid --limit rate {shown(text)} (bytes per second, suffix k, m or g)")
     return float(m.group(1)) * 1024 ** _POWERS[m.group(2).lower()]
 
 
@@ -118,12 +119,16 @@ def parse_size(text: str) -> int:
     """Bytes from a ``head -c`` count (``4096``, ``10K``, ``1MB``, ``2MiB``)."""
     m = _SIZE_RE.fullmatch(text.strip())
     if not m:
-        raise UsageError(f"invalid --max-size {text!r} (a number of bytes)")
+        raise UsageError(f"invalid --max-size {shown(text)} (a number of bytes)")
+    try:
+        count = parse_int(m.group(1))
+    except ValueError as exc:
+        raise UsageError(f"invalid --max-size: {exc}") from None
     suffix = m.group(2) or ""
     if suffix == "b":
-        return int(m.group(1)) * 512
+        return count * 512
     base = 1000 if suffix.endswith("B") and not suffix.endswith("iB") else 1024
-    return int(m.group(1)) * base ** _POWERS[suffix[:1].lower()]
+    return count * base ** _POWERS[suffix[:1].lower()]
 
 
 def parse_args(argv: list[str]) -> Options:

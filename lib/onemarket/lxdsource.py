@@ -34,6 +34,7 @@ from .catalogs.linuxcontainers import (
 from .errors import ChecksumError, ConfigError, RemoteError, SourceError, one_line
 from .transfer.hashing import Verifier
 from .transfer.sources import CHUNK_BYTES
+from .units import parse_int, shown
 
 SCHEME = "lxd://"
 MAX_ENDPOINT_GUESSES = 4
@@ -62,10 +63,13 @@ class LxdSource:
             raise ConfigError(f"lxd:// source {one_line(source, 200)!r} has no http(s) URL")
         args = dict(parse_qsl(query, keep_blank_values=False))
         size_text = args.get("size", str(DEFAULT_IMAGE_SIZE_MB)).strip()
-        digits = size_text.isascii() and size_text.isdigit()  # not "²"
-        if not digits or not 0 < int(size_text) <= MAX_IMAGE_SIZE_MB:
+        try:
+            size_mb = parse_int(size_text)
+        except ValueError:
+            size_mb = 0
+        if not 0 < size_mb <= MAX_IMAGE_SIZE_MB:
             raise ConfigError(
-                f"lxd:// source: size={one_line(size_text, 40)!r} is not a size in MB "
+                f"lxd:// source: size={shown(size_text)} is not a size in MB "
                 f"(1 to {MAX_IMAGE_SIZE_MB})"
             )
         filesystem = args.get("filesystem", DEFAULT_FILESYSTEM).strip().lower()
@@ -74,7 +78,7 @@ class LxdSource:
         fmt = args.get("format", DEFAULT_FORMAT).strip().lower()
         if fmt not in CONTAINER_FORMATS:
             raise ConfigError(f"lxd:// source: format={one_line(fmt, 40)!r} is not raw or qcow2")
-        return cls(url=url, size_mb=int(size_text), filesystem=filesystem, format=fmt)
+        return cls(url=url, size_mb=size_mb, filesystem=filesystem, format=fmt)
 
     def splits(self, market_endpoint: str | None) -> list[tuple[str, str]]:
         """(endpoint, path) candidates, most likely first."""
