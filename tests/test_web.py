@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import math
 import os
 import threading
 import time
@@ -483,6 +484,15 @@ def test_body_bound_per_fetcher(httpd: StaticHttpServer) -> None:
     with pytest.raises(RemoteError, match="answered more than 1000 bytes"):
         CachedFetcher(make_session("ua"), None, max_body_bytes=1000).get(f"{httpd.url}/big")
     assert fetcher().get(f"{httpd.url}/big").body == b"x" * 5000
+
+
+def test_integers_past_the_digit_bound_read_as_floats_not_a_failed_document() -> None:
+    """int() raises past 4,300 digits; one such field must not fail the whole catalog."""
+    exact = "1" * web.MAX_INT_DIGITS
+    body = f"[{'9' * 5000}, -{'9' * 5000}, {exact}, -{exact}0, 7]".encode()
+    doc = web.loads_bounded(body, "http://127.0.0.1:1/a")
+    assert doc == [math.inf, -math.inf, int(exact), -float(exact + "0"), 7]
+    assert [type(v) for v in doc] == [float, float, int, float, int]
 
 
 def test_deeply_nested_json_is_one_line_failure() -> None:

@@ -39,6 +39,7 @@ from urllib3.util.retry import Retry
 
 from .errors import RemoteError, StorageError
 from .transfer.local import PRIVATE_FILE_MODE, UNIQUE_PREFIX, atomic_file, sweep_temps, unique_temp
+from .units import MAX_INT_DIGITS
 
 CONNECT_TIMEOUT_S = 10.0
 """Longest wait for a TCP connection to a catalog server."""
@@ -324,16 +325,27 @@ def json_value_bound(body: bytes) -> int:
     return 1 + sum(body.count(b) for b in JSON_VALUE_STARTS)
 
 
+def json_int(text: str) -> int | float:
+    """A JSON integer as ``json.loads`` reads it, except that one of more than MAX_INT_DIGITS
+    digits becomes what its float spelling already gives (``1e5000``: a float, infinite past
+    308 digits). ``int()`` raised ValueError past 4,300 digits, which failed the whole document
+    for one bad field; a float is a value every entry check already handles (a size must be
+    finite, a count an int), so only the entry holding it is refused."""
+    if len(text) - text.startswith("-") > MAX_INT_DIGITS:
+        return float(text)
+    return int(text)
+
+
 def loads_bounded(body: bytes, url: str, max_values: int = DEFAULT_MAX_JSON_VALUES) -> object:
-    """``body`` decoded as JSON; RemoteError if it is not JSON or may hold more than
-    ``max_values`` values (checked before anything is built)."""
+    """``body`` decoded as JSON (integers by :func:`json_int`); RemoteError if it is not JSON
+    or may hold more than ``max_values`` values (checked before anything is built)."""
     if json_value_bound(body) > max_values:
         raise RemoteError(
             f"{display_url(url)} answered a JSON document of more than {max_values} values, "
             "far beyond any real catalog: refused (memory bound)"
         )
     try:
-        return json.loads(decode_text(body))
+        return json.loads(decode_text(body), parse_int=json_int)
     except ValueError as exc:
         raise RemoteError(
             f"{display_url(url)} did not answer valid JSON ({exc.__class__.__name__})"

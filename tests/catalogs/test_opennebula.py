@@ -514,6 +514,28 @@ def test_skip_lines_name_the_appliance(httpd, installation, log):
     ]
 
 
+def test_a_size_of_thousands_of_digits_skips_only_its_appliance(httpd, installation, log):
+    """int() refuses 4,300 digits: a JSON size that long once failed the whole catalog."""
+    huge = "9" * 5000
+
+    def sized(oid: str, size: object) -> dict:
+        raw = variant(_id={"$oid": oid}, name=f"sized {oid}")
+        raw["files"] = [{**raw["files"][0], "size": size}]
+        return raw
+
+    entries = [APPLIANCES[0], sized("n1", "HUGE"), sized("s1", huge), sized("f1", "1e999")]
+    body = catalog_bytes(entries).replace(b'"HUGE"', huge.encode())
+    httpd.routes[ROUTE] = body
+    _, apps = parse_output(run(installation, httpd.url))
+    assert len(apps) == 1
+    assert warns(log) == [
+        "WARN: skipping appliance #1 'sized n1' (n1): files[0].size is not a finite number",
+        "WARN: skipping appliance #2 'sized s1' (s1): files[0].size "
+        "'999999999999999999999999'... (5000 chars) has more than 30 digits",
+        "WARN: skipping appliance #3 'sized f1' (f1): files[0].size '1e999' is not a finite number",
+    ]
+
+
 # --------------------------------------------------------------------------- server faults
 
 

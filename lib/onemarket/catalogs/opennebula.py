@@ -87,7 +87,7 @@ from ..backends.base import AppEntry, Backend, MonitorResult
 from ..errors import ConfigError, MarketError, RemoteError, one_line
 from ..installation import ReleaseLine
 from ..template import write_template
-from ..units import MIB
+from ..units import MAX_INT_DIGITS, MIB, shown
 from ..web import CachedFetcher, display_url, fetch_json, make_session, public_url
 from .vmtemplate import convert
 
@@ -276,27 +276,37 @@ def _number(raw: Mapping[str, object], key: str, where: str = "") -> int | None:
     return int(value)
 
 
-def _ruby_numbers(value: object) -> tuple[int, float]:
-    """Ruby's ``value.to_i`` and ``value.to_f`` (leading number of a string, else 0)."""
+def _ruby_numbers(value: object, what: str) -> tuple[int, float]:
+    """Ruby's ``value.to_i`` and ``value.to_f`` (leading number of a string, else 0);
+    BadAppliance where Ruby's would fail (``Infinity.to_i``, ``Infinity.ceil``: stock's
+    FloatDomainError ends its whole monitor) or the number is absurd (a run of more than
+    MAX_INT_DIGITS digits; JSON integers that long arrive as floats, web.loads_bounded)."""
     if isinstance(value, bool) or value is None:
         return 0, 0.0
     if isinstance(value, int):
         return value, float(value)
     if isinstance(value, float):
-        return (int(value), value) if math.isfinite(value) else (0, 0.0)
+        if not math.isfinite(value):
+            raise BadAppliance(f"{what} is not a finite number")
+        return int(value), value
     if isinstance(value, str):
         whole = _RUBY_INT_RE.match(value)
+        digits = whole.group().strip().lstrip("+-").replace("_", "") if whole else "0"
+        if len(digits) > MAX_INT_DIGITS:
+            raise BadAppliance(f"{what} {shown(value)} has more than {MAX_INT_DIGITS} digits")
         real = _RUBY_FLOAT_RE.match(value)
-        as_int = int(whole.group().replace("_", "")) if whole else 0
         as_float = float(real.group().replace("_", "")) if real else 0.0
-        return as_int, as_float if math.isfinite(as_float) else 0.0
+        if not math.isfinite(as_float):
+            raise BadAppliance(f"{what} {shown(value)} is not a finite number")
+        return int(whole.group().replace("_", "")) if whole else 0, as_float
     return 0, 0.0
 
 
 def stock_size_mb(value: object) -> int:
     """``files[0].size`` in MiB as stock: ``(size.to_f / 2**20).ceil if size.to_i != 0``, else
-    0 (6.10:86-88): 0 for a missing, zero or non-numeric size, never negative."""
-    as_int, as_float = _ruby_numbers(value)
+    0 (6.10:86-88): 0 for a missing, zero or non-numeric size, never negative; BadAppliance
+    for an infinite or absurdly long one (:func:`_ruby_numbers`)."""
+    as_int, as_float = _ruby_numbers(value, "files[0].size")
     if as_int == 0:
         return 0
     return max(0, math.ceil(as_float / MIB))

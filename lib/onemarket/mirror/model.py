@@ -133,7 +133,7 @@ def positive(value: object) -> int | None:
         return None
     try:
         number = int(float(value))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: inf (JSON 1e999, 5000 digits)
         return None
     return number if number > 0 else None
 
