@@ -7,6 +7,7 @@ behaviour is chosen by the market attribute ``MODE``.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import subprocess
@@ -360,6 +361,17 @@ def test_subprocess_payload_on_stdin(tmp_path) -> None:
     assert parse_template(proc.stdout).get("USED_MB") == "1"
     proc = _spawn(script, [], tmp_path, stdin=monitor_payload("fake"))
     assert proc.returncode == 0, proc.stderr
+
+
+def test_stdin_past_the_bound_is_refused_after_reading_one_byte_more(monkeypatch, capsys) -> None:
+    """Read whole, 300 MB of stdin peaked at 610 MB before this same refusal."""
+    monkeypatch.setattr(runner, "MAX_STDIN_BYTES", 100)
+    stdin = io.BytesIO(b"A" * 10_000)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(stdin))
+    assert runner.main(["one-market-action", "fake", "monitor", "-", "1"]) == runner.EXIT_FAILED
+    assert stdin.tell() == 100 + 1  # never read to the end
+    err = capsys.readouterr().err
+    assert err == f"action data larger than {runner.MAX_PAYLOAD_BYTES} bytes\n"
 
 
 def test_subprocess_failure_secret_and_traceback(tmp_path) -> None:
