@@ -34,7 +34,8 @@ def test_one_line_joins_and_cuts() -> None:
 
 
 def test_one_line_removes_control_characters() -> None:
-    assert one_line("nul\x00bell\x07esc\x1b[31m tab\tok") == "nul bell esc [31m tab\tok"
+    assert one_line("nul\x00bell\x07esc\x1b[31m tab\tok") == "nul bell esc [31m tab ok"
+    assert one_line("csi\x9b31m nel\x85 del\x7f") == "csi 31m nel  del"
     assert one_line("a\x85b\u2028c") == "a b c"
     assert "\n" not in one_line("\x0b\x0c\x1c\x1d\x1e")
 

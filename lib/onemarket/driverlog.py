@@ -5,13 +5,18 @@ flushed at once. Stdout is reserved for the action's result. Every message is ex
 line, whatever its origin: control characters (newlines included) are written as escapes
 (:func:`escape_controls`), so text from a catalog or a server can never start a line of its
 own (``LOG E ...`` forged from a key with a newline). Secrets registered with
-:func:`redact` are masked in every line, and the standard ``logging`` module (boto3, urllib3)
-is routed here at WARNING level so that no library writes to stdout.
+:func:`redact` and the password of any ``scheme://user:password@`` URL are masked in every
+line (:func:`scrub`), and the standard ``logging`` module (boto3, urllib3) is routed here at
+WARNING level so that no library writes to stdout.
+
+This module imports nothing of the package: ``errors.one_line`` uses :func:`scrub` and
+:data:`CONTROL_RE`, so every exception message is masked by the same rule as a log line.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
@@ -29,12 +34,14 @@ stream: TextIO | None = None
 
 
 def redact(secret: str | None) -> None:
-    """Mask ``secret`` in every line written from now on."""
+    """Mask ``secret`` in every line written from now on, also as ``repr()`` and JSON show it
+    (a backslash doubled, a quote escaped), since messages quote values with ``!r``."""
     global _secrets
     if secret and len(secret) >= 4:
+        forms = {secret, repr(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]}
         with _lock:
-            if secret not in _secrets:
-                _secrets = tuple(sorted({*_secrets, secret}, key=len, reverse=True))
+            if not forms <= set(_secrets):
+                _secrets = tuple(sorted({*_secrets, *forms}, key=len, reverse=True))
 
 
 def redact_url(url: str) -> None:
@@ -46,11 +53,31 @@ def redact_url(url: str) -> None:
     redact(password)
 
 
+URL_PASSWORD_RE = re.compile(r"(?<![A-Za-z0-9+.-])(?P<keep>[A-Za-z0-9+.-]+://[^\s/?#@:]*:)[^\s/]*@")
+"""The password of a ``scheme://user:password@`` URL: everything from the first ``:`` after
+the user to the last ``@`` before a ``/`` or a blank, whatever it holds (backslashes, quotes,
+``:``, ``@``, ``%``); an unencoded ``/`` or blank would end the URL's authority anyway. A port
+(``http://host:8080/x``) or ``ssh://host:/path`` has no ``@`` there and is left alone, and so is
+a bare ``scheme://name@`` (RFC 3986's user name: ``ssh://root@host`` must stay readable).
+The scheme is matched from the start of its run of scheme characters only, so a long run of
+them (base64 in a line) is scanned once, not once per character."""
+
+
+def mask_url_passwords(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@`` URL written ``****``."""
+    if "://" not in text:
+        return text
+    return URL_PASSWORD_RE.sub(lambda m: m.group("keep") + "****@", text)
+
+
 def scrub(text: str) -> str:
-    """``text`` with every registered secret masked (longest first, so none leaks partly)."""
+    """``text`` safe to show: every registered secret masked (longest first, so none leaks
+    partly), then every URL password (:data:`URL_PASSWORD_RE`). The one masking rule of
+    the package: log lines, ``errors.one_line`` (every exception message, before it is cut)
+    and the CLI's output all go through it."""
     for secret in _secrets:
         text = text.replace(secret, "****")
-    return text
+    return mask_url_passwords(text)
 
 
 DEBUG_ENV = "ONE_MARKET_DEBUG"
@@ -67,7 +94,10 @@ def set_debug(enabled: bool) -> None:
     _debug = enabled
 
 
-_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""Characters that must not reach a line as they are: C0 and C1 controls (U+009B is a CSI a
+terminal obeys, U+0085 a line break to some readers), DEL, and the Unicode line and paragraph
+separators. Log lines escape them (:func:`escape_controls`), ``errors.one_line`` blanks them."""
 _NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -81,7 +111,7 @@ def _escape(match: re.Match[str]) -> str:
 def escape_controls(text: str) -> str:
     """``text`` as one line: C0/C1 controls, DEL and U+2028/U+2029 written as ``\\n``,
     ``\\r``, ``\\t``, ``\\xNN`` or ``\\uNNNN``."""
-    return _CONTROL_RE.sub(_escape, text)
+    return CONTROL_RE.sub(_escape, text)
 
 
 def _write(prefix: str, message: str) -> None:

@@ -1,13 +1,17 @@
 """One exception hierarchy; every message is one line written for an administrator.
 
 The MAD sends ``str(error)`` to oned as the failure text, so messages name the object and the
-cause and never carry secrets, payloads or tracebacks.
+cause and never carry secrets, payloads or tracebacks. Every message goes through
+:func:`one_line` when the error is made: registered secrets and URL passwords are masked there
+by ``driverlog.scrub``, the same rule as log lines (driverlog imports nothing of the package,
+so this import makes no cycle).
 """
 
 from __future__ import annotations
 
 import errno
-import re
+
+from .driverlog import CONTROL_RE, scrub
 
 
 class MarketError(Exception):
@@ -63,13 +67,14 @@ class ActionTimeout(MarketError):
 
 MAX_MESSAGE_CHARS = 2000
 """Longest failure line sent to oned (it ends up in the app's error message)."""
-_CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f\x85\u2028\u2029]")
 
 
 def one_line(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
-    """Collapse ``text`` to one line (lines joined with ``; ``), cut to ``limit`` characters."""
-    text = _CONTROL_RE.sub(" ", str(text).replace("\r", "\n"))
-    parts = [p.strip() for p in text.split("\n")]
+    """``text`` safe to show as one line: secrets and URL passwords masked (``driverlog.scrub``)
+    before the cut, so a cut never leaves part of one; lines joined with ``; ``; other control
+    characters (``driverlog.CONTROL_RE``) blanked; cut to ``limit`` characters."""
+    lines = scrub(str(text)).replace("\r", "\n").split("\n")
+    parts = [CONTROL_RE.sub(" ", p).strip() for p in lines]
     line = "; ".join(p for p in parts if p)
     if len(line) > limit:
         line = line[: limit - 3] + "..."
