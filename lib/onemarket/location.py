@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import unquote
 
-from .errors import UnsafePathError
+from .errors import UnsafePathError, one_line
 
 S3_SCHEME = "s3://"
 _SAFE_COMPONENT = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-+~")
@@ -67,7 +67,7 @@ class HttpLocation:
     @classmethod
     def parse(cls, source: str, base_url: str) -> HttpLocation:
         """The path of ``source`` below ``base_url``, refusing anything that could leave it."""
-        what = f"SOURCE {source[:200]!r}"
+        what = f"SOURCE {one_line(source, 200)!r}"  # masked before the cut
         base = base_url.rstrip("/") + "/"
         if not source.startswith(base):
             raise UnsafePathError(f"{what} is not under BASE_URL {base_url!r}")

@@ -23,7 +23,14 @@ from urllib.parse import urlsplit
 from .. import driverlog
 from ..action import App, Market
 from ..bridge import available_hosts, host_for_app, hosts_in_turn, parse_bridge_list
-from ..errors import MarketError, RemoteError, StorageError, UnsafePathError, from_os_error
+from ..errors import (
+    MarketError,
+    RemoteError,
+    StorageError,
+    UnsafePathError,
+    from_os_error,
+    one_line,
+)
 from ..location import HttpLocation
 from ..progress import Progress
 from ..transfer.local import sweep_temps, write_atomically
@@ -82,7 +89,7 @@ TEMP_RE = re.compile(r"\.app-\d+-[0-9a-f]{32}\.part")
 def _base_url(text: str) -> str:
     parts = urlsplit(text)
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"must be an http(s) URL, not {text[:100]!r}")
+        raise ValueError(f"must be an http(s) URL, not {one_line(text, 100)!r}")
     return text.rstrip("/")
 
 
