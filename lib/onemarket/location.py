@@ -11,9 +11,9 @@ import re
 import secrets
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from urllib.parse import unquote
+from urllib.parse import SplitResult, unquote, urlsplit
 
-from .errors import UnsafePathError, one_line
+from .errors import ConfigError, MarketError, UnsafePathError, one_line
 
 S3_SCHEME = "s3://"
 _SAFE_COMPONENT = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-+~")
@@ -26,6 +26,31 @@ def app_id_from_source(source: str) -> int:
     id picks the host holding the file)."""
     m = _APP_ID_RE.match(source.rstrip("/").rsplit("/", 1)[-1])
     return int(m.group(1)) if m else -1
+
+
+def split_url(url: str, what: str, error: type[MarketError] = ConfigError) -> SplitResult:
+    """``urlsplit`` of a URL from outside (an attribute, IMPORT_SOURCE), its port checked too.
+
+    urllib raises ValueError for an unclosed ``[``, a bad port or a host NFKC would change;
+    that becomes one ``error`` naming ``what`` and the reason, never the URL nor urllib's text
+    (both may carry the ``user:password@`` part).
+    """
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError as exc:
+        raise error(f"{what} is not a valid URL ({_url_problem(str(exc))})") from None
+    return parts
+
+
+def _url_problem(text: str) -> str:
+    if "IPv6" in text:
+        return "unbalanced '[' or ']' around an IPv6 address"
+    if "NFKC" in text:
+        return "its host holds characters that NFKC normalization changes"
+    if "Port" in text or "digits" in text:
+        return "its port is not a number from 0 to 65535"
+    return "malformed"
 
 
 @dataclass(frozen=True)
@@ -44,7 +69,7 @@ class S3Location:
         """The bucket and (percent-decoded) key; the key may contain ``/`` (the stock
         downloader's basename rule only covers keys without one, which is all we write)."""
         if source[: len(S3_SCHEME)].lower() != S3_SCHEME:
-            raise UnsafePathError(f"SOURCE {source[:200]!r} is not an s3:// URL")
+            raise UnsafePathError(f"SOURCE {one_line(source, 200)!r} is not an s3:// URL")
         bucket, _, key = source[len(S3_SCHEME) :].partition("/")
         key = unquote(key) if "%" in key else key
         if not bucket or not key or "\0" in key:
