@@ -162,6 +162,15 @@ def test_a_registered_secret_is_masked_before_the_message_is_cut() -> None:
     assert "sss" not in str(exc) and str(exc).endswith("token ****")
 
 
+def test_an_action_failure_is_masked_before_the_mad_cuts_it() -> None:
+    """The MAD keeps the end of a long failure (stock scripts' lines are not masked)."""
+    from onemarket.mad.failures import Outcome
+
+    outcome = Outcome(status=1, errors=[f"curl: cannot get http://u:{'p' * 1200}@h/x"])
+    line = protocol.failure("IMPORT", 4, outcome.failure_text("import"))
+    assert "ppp" not in line and "u:****@h/x" in line
+
+
 # ------------------------------------------------------------------------ (d) repr()
 
 

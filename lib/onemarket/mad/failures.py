@@ -7,7 +7,7 @@ import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .. import protocol
+from .. import driverlog, protocol
 
 ERROR_BLOCK_START = "ERROR MESSAGE --8<------"
 ERROR_BLOCK_END = "ERROR MESSAGE ------>8--"
@@ -49,7 +49,8 @@ class Outcome:
         if self.killed:
             return self.killed
         if self.errors:
-            text = "; ".join(error_block(self.errors))
+            # masked before the cut: a cut through a URL's password would hide its scheme
+            text = driverlog.scrub("; ".join(error_block(self.errors)))
             limit = protocol.MAX_FAILURE_CHARS
             return text if len(text) <= limit else "..." + text[-(limit - 3) :]
         if self.status < 0:
