@@ -146,6 +146,12 @@ def test_numbers_of_thousands_of_digits_are_named_in_one_line(argv: list[str], s
     assert len(line) < 200
 
 
+def test_a_malformed_lxd_image_url_is_one_line_without_its_password() -> None:
+    line = one_line_error(run_downloader("lxd://http://u:s3cr3t-pw@[::1/x?size=1", "out"))
+    assert "the lxd:// source's image address is not a valid URL (unbalanced '['" in line
+    assert "s3cr3t-pw" not in line
+
+
 def test_hash_with_partial_read_refused_like_stock() -> None:
     line = one_line_error(run_downloader("--md5", "x", "-c", "10", "s3://b/k", "-"))
     assert "Hash check not supported for partial downloads" in line

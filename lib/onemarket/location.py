@@ -28,29 +28,34 @@ def app_id_from_source(source: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def split_url(url: str, what: str, error: type[MarketError] = ConfigError) -> SplitResult:
-    """``urlsplit`` of a URL from outside (an attribute, IMPORT_SOURCE), its port checked too.
+def url_problem(url: str) -> str | None:
+    """Why urllib cannot split ``url`` (from outside: an attribute, IMPORT_SOURCE), or None.
 
-    urllib raises ValueError for an unclosed ``[``, a bad port or a host NFKC would change;
-    that becomes one ``error`` naming ``what`` and the reason, never the URL nor urllib's text
-    (both may carry the ``user:password@`` part).
+    urllib raises ValueError for an unclosed ``[``, a bad port or a host NFKC would change,
+    at the split or later at ``.port``; the reason given here never quotes the URL nor
+    urllib's text (both may carry the ``user:password@`` part).
     """
     try:
-        parts = urlsplit(url)
-        _ = parts.port
+        _ = urlsplit(url).port
     except ValueError as exc:
-        raise error(f"{what} is not a valid URL ({_url_problem(str(exc))})") from None
-    return parts
+        text = str(exc)
+        if "IPv6" in text:
+            return "unbalanced '[' or ']' around an IPv6 address"
+        if "NFKC" in text:
+            return "its host holds characters that NFKC normalization changes"
+        if "Port" in text or "digits" in text:
+            return "its port is not a number from 0 to 65535"
+        return "malformed"
+    return None
 
 
-def _url_problem(text: str) -> str:
-    if "IPv6" in text:
-        return "unbalanced '[' or ']' around an IPv6 address"
-    if "NFKC" in text:
-        return "its host holds characters that NFKC normalization changes"
-    if "Port" in text or "digits" in text:
-        return "its port is not a number from 0 to 65535"
-    return "malformed"
+def split_url(url: str, what: str, error: type[MarketError] = ConfigError) -> SplitResult:
+    """``urlsplit`` of a URL from outside, or one ``error`` line: ``<what> is not a valid URL
+    (<reason>)`` (:func:`url_problem`)."""
+    problem = url_problem(url)
+    if problem is not None:
+        raise error(f"{what} is not a valid URL ({problem})")
+    return urlsplit(url)
 
 
 @dataclass(frozen=True)

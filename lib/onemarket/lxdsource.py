@@ -32,6 +32,7 @@ from .catalogs.linuxcontainers import (
     SIMPLESTREAMS_TO_ONE_ARCH,
 )
 from .errors import ChecksumError, ConfigError, RemoteError, SourceError, one_line
+from .location import split_url
 from .transfer.hashing import Verifier
 from .transfer.sources import CHUNK_BYTES
 from .units import parse_int, shown
@@ -61,6 +62,7 @@ class LxdSource:
         driverlog.redact_url(url)  # ENDPOINT's user:password@ stays in SOURCE only, never logged
         if not re.fullmatch(r"https?://[^\s?#]+", url):
             raise ConfigError(f"lxd:// source {one_line(source, 200)!r} has no http(s) URL")
+        split_url(url, "the lxd:// source's image address")
         args = dict(parse_qsl(query, keep_blank_values=False))
         size_text = args.get("size", str(DEFAULT_IMAGE_SIZE_MB)).strip()
         try:

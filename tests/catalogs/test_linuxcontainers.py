@@ -936,6 +936,16 @@ def test_bad_options_are_one_line_config_errors(attr: str, value: str) -> None:
     assert "\n" not in msg and attr in msg and "'lxc'" in msg
 
 
+def test_a_malformed_endpoint_is_a_config_error_without_its_password() -> None:
+    market = Market(1, "lxc", "linuxcontainers", {"ENDPOINT": "http://u:s3cr3t-pw@[::1/"})
+    with pytest.raises(ConfigError) as err:
+        LxcOptions.from_market(market)
+    assert str(err.value) == (
+        "marketplace 'lxc': ENDPOINT is not a valid URL "
+        "(unbalanced '[' or ']' around an IPv6 address)"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # End to end through the action script
 # --------------------------------------------------------------------------------------------

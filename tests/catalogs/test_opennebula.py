@@ -676,6 +676,20 @@ def test_bad_endpoint_and_unsupported_actions(installation, log):
         backend.delete_app(App(id=1, name="x"))
 
 
+@pytest.mark.parametrize(
+    ("endpoint", "reason"),
+    [
+        ("http://u:s3cr3t-pw@[::1/", "unbalanced '[' or ']' around an IPv6 address"),
+        (f"http://u:s3cr3t-pw@h:{'9' * 5000}/", "its port is not a number from 0 to 65535"),
+    ],
+)
+def test_a_malformed_endpoint_is_a_config_error_without_it(installation, log, endpoint, reason):
+    """urllib's ValueError used to end the monitor as 'internal error ...: Invalid IPv6 URL'."""
+    with pytest.raises(ConfigError) as exc:
+        run(installation, endpoint)
+    assert str(exc.value) == f"ENDPOINT is not a valid URL ({reason})"
+
+
 # --------------------------------------------------------------------------- end to end
 
 

@@ -56,3 +56,34 @@ def test_a_content_length_of_unicode_digits_is_no_size() -> None:
 
     response = types.SimpleNamespace(headers={"Content-Length": "\u00b2"})
     assert HttpBody(response).size_bytes is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("length", "size"), [("9" * 5000, None), ("-1", None), ("42", 42)])
+def test_a_content_length_of_thousands_of_digits_is_no_size(length: str, size: int | None) -> None:
+    response = types.SimpleNamespace(headers={"Content-Length": length})
+    assert HttpBody(response).size_bytes == size  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://u:s3cr3t-pw@[::1/x", "unbalanced '[' or ']' around an IPv6 address"),
+        ("http://[::1/x", "unbalanced '[' or ']' around an IPv6 address"),
+        ("https://u:s3cr3t-pw@h:99x/x", "its port is not a number from 0 to 65535"),
+        ("https://h:70000/x", "its port is not a number from 0 to 65535"),
+        (f"https://h:{'9' * 5000}/x", "its port is not a number from 0 to 65535"),
+        (
+            "http://u:s3cr3t-pw@h\uff03x/",
+            "its host holds characters that NFKC normalization changes",
+        ),
+    ],
+)
+def test_a_malformed_import_source_url_is_one_source_error_without_it(
+    url: str, reason: str
+) -> None:
+    """urllib's ValueError used to end the import as 'internal error ...: Invalid IPv6 URL'."""
+    from onemarket.transfer.sources import open_source
+
+    with pytest.raises(SourceError) as caught, open_source(url):
+        pass
+    assert str(caught.value) == f"IMPORT_SOURCE is not a valid URL ({reason})"

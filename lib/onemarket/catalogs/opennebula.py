@@ -79,13 +79,13 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from urllib.parse import urlsplit
 
 from .. import driverlog
 from ..backends.attributes import Attr, read
 from ..backends.base import AppEntry, Backend, MonitorResult
 from ..errors import ConfigError, MarketError, RemoteError, one_line
 from ..installation import ReleaseLine
+from ..location import split_url
 from ..template import write_template
 from ..units import MAX_INT_DIGITS, MIB, shown
 from ..web import CachedFetcher, display_url, fetch_json, make_session, public_url
@@ -655,7 +655,7 @@ def user_agent(version: str, edition: str = "") -> str:
 
 def base_url_of(endpoint: str) -> str:
     """The endpoint without trailing slashes; ConfigError unless it is an http(s) URL."""
-    parts = urlsplit(endpoint.strip())
+    parts = split_url(endpoint.strip(), "ENDPOINT")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(
             f"ENDPOINT must be an http:// or https:// URL, not {display_url(endpoint)[:100]!r}"

@@ -17,11 +17,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
-from urllib.parse import urlsplit
 
 from .. import driverlog
 from ..errors import ChecksumError, RemoteError, SourceError, StorageError, one_line
 from ..installation import Installation
+from ..location import split_url
+from ..units import parse_int
 
 if TYPE_CHECKING:
     import requests
@@ -167,7 +168,8 @@ def parse_ssh_source(source: str) -> tuple[str, str]:
 def open_source(source: str, installation: Installation | None = None) -> Iterator[Source]:
     """Open IMPORT_SOURCE for sequential reading; always closed on exit."""
     driverlog.redact_url(source)  # credentials in a source URL stay out of every message
-    scheme = urlsplit(source).scheme.lower() if "://" in source else ""
+    parts = split_url(source, "IMPORT_SOURCE", SourceError) if "://" in source else None
+    scheme = parts.scheme.lower() if parts else ""
     if scheme in ("", "file"):
         path = Path(source[len("file://") :] if scheme == "file" else source)
         try:
@@ -390,6 +392,17 @@ class HttpSource:
         return body
 
 
+def _content_length(text: str) -> int | None:
+    """A Content-Length, or None when absent or not a plain count (a 5,000-digit one included:
+    urllib3 ignores it too, then the copy counts the bytes)."""
+    if text[:1] in ("+", "-"):
+        return None
+    try:
+        return parse_int(text)
+    except ValueError:
+        return None
+
+
 class HttpBody:
     """A streamed answer's bytes, decoded only when the server encoded them despite
     ``identity``; ``size_bytes`` from Content-Length, None when absent or encoded."""
@@ -398,8 +411,7 @@ class HttpBody:
         self._resp = resp
         length = resp.headers.get("Content-Length", "")
         self._decode = resp.headers.get("Content-Encoding", "identity") != "identity"
-        plain = length.isascii() and length.isdigit()  # "²" is a digit to isdigit()
-        self.size_bytes = int(length) if plain and not self._decode else None
+        self.size_bytes = None if self._decode else _content_length(length)
 
     def read(self, n: int) -> bytes:
         return self._resp.raw.read(n, decode_content=self._decode)
