@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import types
 
 import pytest
 from onemarket.errors import SourceError
-from onemarket.transfer.sources import HttpBody, ProcessSource
+from onemarket.transfer.sources import HttpBody, ProcessSource, read_pipe
 
 LOUD = "import sys; sys.stderr.write('x' * 300_000 + 'the cause'); sys.stdout.write('hello')"
 
@@ -87,3 +89,40 @@ def test_a_malformed_import_source_url_is_one_source_error_without_it(
     with pytest.raises(SourceError) as caught, open_source(url):
         pass
     assert str(caught.value) == f"IMPORT_SOURCE is not a valid URL ({reason})"
+
+
+def test_a_pipe_read_takes_what_has_come_and_ends_at_eof() -> None:
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"abc")
+        assert read_pipe(read_end, 1 << 20) == b"abc"  # does not wait to fill 1 MiB
+        os.write(write_end, b"x" * 10)
+        assert read_pipe(read_end, 4) == b"xxxx"
+        os.close(write_end)
+        write_end = -1
+        assert read_pipe(read_end, 100) == b"xxxxxx"
+        assert read_pipe(read_end, 100) == b""
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+
+
+def _raise_timeout(*_: object) -> None:
+    raise TimeoutError
+
+
+def test_a_silent_pipe_lets_a_stop_signal_through() -> None:
+    """The wait for a silent writer is in pieces, so the handler runs (it did before too when
+    the signal interrupted the read; a signal landing just before the read did not)."""
+    read_end, write_end = os.pipe()
+    previous = signal.signal(signal.SIGALRM, _raise_timeout)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(TimeoutError):
+            read_pipe(read_end, 10)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        os.close(read_end)
+        os.close(write_end)

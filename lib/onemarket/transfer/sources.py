@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shlex
 import stat
 import subprocess
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 
 CHUNK_BYTES = 1 << 20
 """Read size for every source: 1 MiB keeps syscalls few and memory flat."""
+SIGNAL_POLL_S = 0.5
+"""Longest wait in one piece for a pipe's next bytes (see :func:`read_pipe`): how late a stop
+signal that lands just before a read can be acted on."""
 PROCESS_EXIT_TIMEOUT_S = 30
 """Time a reader process gets to exit once it has closed its output."""
 ERROR_CHARS = 300
@@ -66,6 +70,29 @@ class Source(Protocol):
     def read(self, n: int = CHUNK_BYTES) -> bytes: ...
 
 
+def read_pipe(fd: int, n: int) -> bytes:
+    """Up to ``n`` bytes from a pipe, FIFO or socket (b"" at its end), as many as are there
+    once the first arrive. A stop signal landing just before a blocking ``read()`` does not
+    interrupt it, and Python runs handlers only between bytecodes, so a silent writer kept the
+    process from stopping (transfer/interrupt): the wait is in SIGNAL_POLL_S pieces instead,
+    as long as the writer stays silent (as the blocking read was)."""
+    parts: list[bytes] = []
+    got = 0
+    wait_s: float = SIGNAL_POLL_S
+    while got < n:
+        if not select.select([fd], [], [], wait_s)[0]:
+            if parts:  # what has come, rather than wait for more
+                break
+            continue
+        data = os.read(fd, n - got)
+        if not data:
+            break
+        parts.append(data)
+        got += len(data)
+        wait_s = 0.0
+    return b"".join(parts)
+
+
 @dataclass
 class FileSource:
     stream: IO[bytes]
@@ -74,14 +101,9 @@ class FileSource:
 
     def read(self, n: int = CHUNK_BYTES) -> bytes:
         try:
+            if self.size_bytes is None:  # not a regular file: a pipe, FIFO or device
+                return read_pipe(self.stream.fileno(), n)
             return self.stream.read(n)
-        except OSError as exc:
-            raise SourceError(f"cannot read {self.description}: {exc.strerror or exc}") from None
-
-    def readinto(self, buf: memoryview) -> int:
-        """Read into ``buf`` (no intermediate chunk); 0 at the end."""
-        try:
-            return self.stream.readinto(buf) or 0
         except OSError as exc:
             raise SourceError(f"cannot read {self.description}: {exc.strerror or exc}") from None
 
@@ -123,7 +145,7 @@ class ProcessSource:
         self._out = self.proc.stdout
 
     def read(self, n: int = CHUNK_BYTES) -> bytes:
-        data = self._out.read(n)
+        data = read_pipe(self._out.fileno(), n)
         if not data:
             self._check()
         return data
