@@ -83,7 +83,14 @@ from .oneclient import OnedApp, OnedMarket
 from .progress import ProgressEvent, human_bytes
 from .registry import DRIVERS, backend_class, load_backend
 from .template import write_template
-from .transfer.interrupt import CutShort, Interrupted, cut_short, deferred, interruptible
+from .transfer.interrupt import (
+    CutShort,
+    Interrupted,
+    cut_short,
+    deferred,
+    interruptible,
+    signals_to_main_thread,
+)
 from .units import mb_bytes
 from .units import size_mb as size_mb_of
 
@@ -327,7 +334,8 @@ class TransferBar:
 
     def __call__(self, event: ProgressEvent) -> None:
         if self.task is None:
-            self.progress.start()
+            with signals_to_main_thread():  # rich's refresh thread
+                self.progress.start()
             # a file name is text, not markup: '[/x]' in it must not break the bar
             self.task = self.progress.add_task(escape(self.label), total=event.total_bytes)
         self.progress.update(self.task, completed=event.done_bytes, total=event.total_bytes)
@@ -364,7 +372,8 @@ class Steps:
 
     def __enter__(self) -> Steps:
         if self.live:
-            self.progress.start()
+            with signals_to_main_thread():  # rich's refresh thread
+                self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:

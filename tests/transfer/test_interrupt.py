@@ -9,11 +9,13 @@ import threading
 import pytest
 from onemarket.errors import ActionTimeout, MarketError
 from onemarket.transfer.interrupt import (
+    STOP_SIGNALS,
     CutShort,
     Interrupted,
     cut_short,
     deferred,
     interruptible,
+    signals_to_main_thread,
 )
 
 WAIT_S = 5.0
@@ -148,3 +150,16 @@ def test_outside_the_main_thread_it_does_nothing() -> None:
     t.start()
     t.join(WAIT_S)
     assert seen == [signal.getsignal(signal.SIGTERM)]
+
+
+def test_threads_started_inside_block_the_stop_signals() -> None:
+    masks: list[set[int]] = []
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with signals_to_main_thread():
+        t = threading.Thread(
+            target=lambda: masks.append(set(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+        )
+        t.start()
+    t.join(WAIT_S)
+    assert set(STOP_SIGNALS) <= masks[0]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before

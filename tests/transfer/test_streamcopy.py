@@ -6,12 +6,14 @@ import contextlib
 import hashlib
 import io
 import os
+import signal
 from pathlib import Path
 
 import pytest
 from onemarket.errors import SourceError
 from onemarket.progress import Progress, ProgressEvent
 from onemarket.transfer.hashing import Digests
+from onemarket.transfer.interrupt import STOP_SIGNALS
 from onemarket.transfer.sources import CHUNK_BYTES, FileSource, open_source
 from onemarket.transfer.streamcopy import (
     SPARSE_BLOCK_BYTES,
@@ -213,3 +215,25 @@ def test_progress_reports_bytes_and_final_event(tmp_path: Path) -> None:
     copy_to(tmp_path / "dst", Stream(os.urandom(2 * MIB)), progress=progress)
     assert events[-1].final and events[-1].done_bytes == 2 * MIB
     assert len(events) > 1
+
+
+def test_the_copy_threads_leave_stop_signals_to_the_main_thread() -> None:
+    """The writer (and the hashers) block SIGTERM/SIGINT/SIGHUP: the kernel then hands a stop
+    signal to the main thread, whose blocking read of a pipe it interrupts (delivered to a
+    worker, it only set Python's flag and a push reading a silent pipe never stopped)."""
+    masks: list[set[int]] = []
+
+    class Recording:
+        def write(self, data: bytes) -> None:
+            masks.append(set(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+
+        def skip(self, count: int) -> None:
+            pass
+
+        def abort(self) -> None:
+            pass
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    copy_stream(Stream(os.urandom(MIB)), Recording())
+    assert masks and all(set(STOP_SIGNALS) <= mask for mask in masks)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # the main thread's own

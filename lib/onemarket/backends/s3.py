@@ -64,7 +64,7 @@ from ..s3config import (
     s3_error,
 )
 from ..transfer.hashing import Digests, Expected
-from ..transfer.interrupt import interruptible
+from ..transfer.interrupt import interruptible, signals_to_main_thread
 from ..transfer.sources import Source, open_source
 from ..transfer.streamcopy import copy_stream, write_zeros
 from ..units import MIB, mb_bytes, size_mb
@@ -264,7 +264,8 @@ class _PartSender:
         with self._lock:  # not while stop() cancels: it sees every part that may be sent
             if self._stop.is_set():
                 raise StorageError("cancelled")
-            upload = self._pool.submit(self._send_one, number, body)
+            with signals_to_main_thread():  # the pool may start a thread here
+                upload = self._pool.submit(self._send_one, number, body)
             # a done future keeps its callbacks, and ``done`` holds its buffer: drop them, or
             # buffers given up when parts grow would stay alive to the end
             self._inflight = [f for f in self._inflight if not f.done()]

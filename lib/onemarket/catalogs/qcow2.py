@@ -25,6 +25,7 @@ import requests
 
 from .. import web
 from ..errors import RemoteError, StorageError
+from ..transfer.interrupt import signals_to_main_thread
 from ..transfer.local import (
     PRIVATE_FILE_MODE,
     UNIQUE_PREFIX,
@@ -229,7 +230,9 @@ def virtual_sizes(
             return sha, None, str(exc)
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        for sha, size, error in pool.map(one, missing):
+        with signals_to_main_thread():  # map() submits every job, starting the threads
+            answers = pool.map(one, missing)
+        for sha, size, error in answers:
             if size is not None:
                 out.sizes[sha] = size
                 cache.put(sha, size)

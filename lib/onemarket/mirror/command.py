@@ -26,7 +26,7 @@ from ..catalogs.opennebula import user_agent as one_user_agent
 from ..errors import ConfigError, one_line
 from ..installation import Installation
 from ..markets import load_market
-from ..transfer.interrupt import interruptible
+from ..transfer.interrupt import interruptible, signals_to_main_thread
 from ..web import make_session
 from .fetch import EntryResult, Fetcher
 from .model import MirrorEntry, Plan, Previous, Selection
@@ -219,9 +219,10 @@ def mirror(args: argparse.Namespace, plan: Plan, store: LocalStore, agent: str) 
 
     try:
         with ThreadPoolExecutor(max_workers=args.jobs, thread_name_prefix="mirror") as pool:
-            futures: dict[Future[EntryResult], MirrorEntry] = {
-                pool.submit(fetcher.fetch_entry, e): e for e in todo
-            }
+            with signals_to_main_thread():  # the pool starts its threads here
+                futures: dict[Future[EntryResult], MirrorEntry] = {
+                    pool.submit(fetcher.fetch_entry, e): e for e in todo
+                }
             try:
                 pending = set(futures)
                 while pending:

@@ -21,7 +21,11 @@ it). Python's default for SIGTERM and SIGHUP is to die at once, skipping every `
   the signal number and the shell's exit status for it (143 for SIGTERM, 130, 129), so callers
   handle it like any other failure or pick the exit status.
 - Blocks nest (a backend inside one-market's block); outside the main thread it does nothing
-  (Python delivers signals to the main thread only).
+  (Python runs handlers in the main thread only).
+- Threads are started inside :func:`signals_to_main_thread`, which blocks the stop signals in
+  them: the kernel may hand a process's signal to any thread that does not block it, and
+  there it only sets Python's flag, so a main thread blocked in a read (a pipe that sends
+  nothing more) would never run the handler and the process would not stop.
 
 A command wraps its whole run once, and maps the outcome::
 
@@ -175,3 +179,16 @@ def deferred() -> Iterator[None]:
         held, _held = _held, None
         if held is not None:
             raise held
+
+
+@contextmanager
+def signals_to_main_thread() -> Iterator[None]:
+    """Start threads inside (``Thread.start``, an executor's ``submit``): they inherit a mask
+    that blocks the stop signals, so each signal goes to the main thread and interrupts what
+    it waits in. Only the start belongs inside: a signal meanwhile waits until the block
+    ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

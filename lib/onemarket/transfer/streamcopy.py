@@ -32,6 +32,7 @@ from typing import Protocol
 from ..errors import SourceError
 from ..progress import Progress
 from .hashing import Digests
+from .interrupt import signals_to_main_thread
 from .sources import CHUNK_BYTES, Source
 
 SPARSE_BLOCK_BYTES = 4096
@@ -347,8 +348,9 @@ def copy_stream(
         for worker in workers:
             worker.check()
 
-    for worker in workers:
-        worker.start()
+    with signals_to_main_thread():
+        for worker in workers:
+            worker.start()
     try:
         fd = _local_fd(source)
         if fd is not None:
