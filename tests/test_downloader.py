@@ -568,6 +568,10 @@ def env_with(action: str | None) -> dict[str, str]:
             drv_action(market_attrs("ftp://x", "AK", "SECRETSECRET")),
             "ENDPOINT must be an http(s) URL",
         ),
+        (
+            drv_action(market_attrs("http://[::1:9000", "AK", "SECRETSECRET")),
+            "ENDPOINT is not a valid URL (unbalanced",
+        ),
     ],
 )
 def test_market_problems_are_one_line(action: str | None, expected: str) -> None:

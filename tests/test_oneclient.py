@@ -217,6 +217,19 @@ def test_connection_failure_names_the_endpoint(
     assert str(info.value).startswith("cannot read datastore 'default' from oned: cannot connect")
 
 
+def test_a_malformed_endpoint_is_a_config_error_without_its_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_one_auth(monkeypatch, tmp_path / "auth", "oneadmin:pw-malformed")
+    monkeypatch.setenv("ONE_XMLRPC", "http://u:Rpc-Secret-7@[::1/RPC2")
+    with pytest.raises(ConfigError, match=r"ONE_XMLRPC is not a valid URL \(unbalanced") as info:
+        oneclient.connect()
+    assert "Rpc-Secret-7" not in str(info.value)
+    monkeypatch.setenv("ONE_XMLRPC", "http://127.0.0.1:99999/RPC2")
+    with pytest.raises(ConfigError, match="its port is not a number"):
+        oneclient.connect()
+
+
 def test_market_state(fake_oned: FakeOned) -> None:
     fake_oned.markets = [FakeMarket(3, "off", "http", app_ids=[1, 2], state=1), HTTP_MARKET]
     server = oneclient.connect()

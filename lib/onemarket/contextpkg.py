@@ -43,6 +43,7 @@ from urllib.parse import urljoin
 
 from . import driverlog
 from .errors import ConfigError, RemoteError, SourceError, one_line
+from .location import url_problem
 from .transfer.stages import Decompressor
 
 CONTEXT_ATTR = "CONTEXT_PACKAGES"
@@ -151,8 +152,8 @@ def list_candidates(source: str, session: Any, timeouts: tuple[float, float]) ->
     base = url if url.endswith("/") else url + "/"
     for href in _HREF_RE.findall(body.decode("utf-8", "replace")):
         name = href.rstrip("/").rsplit("/", 1)[-1]
-        if name and not href.endswith("/"):
-            out[name] = urljoin(base, href)
+        if name and not href.endswith("/") and url_problem(href) is None:
+            out[name] = urljoin(base, href)  # an href urllib cannot split is no package
     return out
 
 

@@ -33,6 +33,7 @@ import requests
 from . import driverlog
 from .action import Market
 from .errors import ConfigError, RemoteError, one_line
+from .location import url_problem
 
 DEFAULT_ENDPOINT = "http://localhost:2633/RPC2"
 USER_AGENT = "onemarket"
@@ -179,6 +180,9 @@ def connect(
     uri = endpoint(environ)
     if not uri.startswith(("http://", "https://")):
         return None
+    problem = url_problem(uri)
+    if problem is not None:
+        raise ConfigError(f"ONE_XMLRPC is not a valid URL ({problem})")
     # timeout=None: pyone would otherwise set the process-wide socket default timeout
     server = pyone.OneServer(uri, session=session, timeout=None)
     if not isinstance(server, xmlrpc.client.ServerProxy):

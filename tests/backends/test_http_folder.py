@@ -342,6 +342,9 @@ def test_configuration_errors_are_one_line(tmp_path: Path, image: Path) -> None:
         backend({"BASE_URL": "http://127.0.0.1/m", "PUBLIC_DIR": "relative/dir"})
     with pytest.raises(ConfigError, match="http"):
         backend({"BASE_URL": "ftp://127.0.0.1/m", "PUBLIC_DIR": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"BASE_URL is not a valid URL \(unbalanced") as bad:
+        backend({"BASE_URL": "http://u:Base-Secret-1@[::1/m", "PUBLIC_DIR": str(tmp_path)})
+    assert "Base-Secret-1" not in str(bad.value)
     missing = backend({"BASE_URL": "http://127.0.0.1/m", "PUBLIC_DIR": str(tmp_path / "no")})
     with pytest.raises(StorageError, match="PUBLIC_DIR"):
         do_import(missing, str(image))

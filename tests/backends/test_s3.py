@@ -633,6 +633,18 @@ def test_usage_over_1200_objects_exact(rgw: CephRgw, s3, bucket: str, tmp_path: 
     assert backend.used_bytes() == sum(sizes)  # listed, 1,000 keys a page
     assert calls == ["list_objects_v2"]
     assert sum(sizes[:1000]) < sum(sizes)
+    backend.use_usage_header = True
+    real_head = backend.client.head_bucket
+    for reported in ("9" * 5000, "\u00b2", "-5"):  # no count: the listing is used instead
+
+        def head(reported: str = reported, **kw: object) -> dict:
+            answer = real_head(**kw)
+            answer["ResponseMetadata"]["HTTPHeaders"]["x-rgw-bytes-used"] = reported
+            return answer
+
+        backend.client.head_bucket = head
+        assert backend.used_bytes() == sum(sizes)
+    backend.client.head_bucket = real_head
 
     result = backend.monitor()
     used_mb = -(-sum(sizes) // MIB)

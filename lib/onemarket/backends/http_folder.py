@@ -31,7 +31,7 @@ from ..errors import (
     from_os_error,
     one_line,
 )
-from ..location import HttpLocation
+from ..location import HttpLocation, url_problem
 from ..progress import Progress
 from ..transfer.local import sweep_temps, write_atomically
 from ..transfer.remote import run_remote, write_remote_atomically
@@ -87,6 +87,9 @@ TEMP_RE = re.compile(r"\.app-\d+-[0-9a-f]{32}\.part")
 
 
 def _base_url(text: str) -> str:
+    problem = url_problem(text)
+    if problem is not None:
+        raise ValueError(f"is not a valid URL ({problem})")
     parts = urlsplit(text)
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
         raise ValueError(f"must be an http(s) URL, not {one_line(text, 100)!r}")

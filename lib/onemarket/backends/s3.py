@@ -29,6 +29,7 @@ carry a ``sha256``; the downloader checks it when present.)
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import math
 import secrets
@@ -67,7 +68,7 @@ from ..transfer.hashing import Digests, Expected
 from ..transfer.interrupt import interruptible, signals_to_main_thread
 from ..transfer.sources import Source, open_source
 from ..transfer.streamcopy import copy_stream, write_zeros
-from ..units import MIB, mb_bytes, size_mb
+from ..units import MIB, mb_bytes, parse_int, size_mb
 from .attributes import Attr, count, read
 from .base import (
     Backend,
@@ -911,8 +912,11 @@ class S3Backend(Backend):
             raise self._error(exc, what) from None
         headers = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {})
         reported = str(headers.get(USAGE_HEADER, "")).strip()
-        if self.use_usage_header and reported.isdigit():
-            return int(reported)
+        if self.use_usage_header:
+            with contextlib.suppress(ValueError):  # a header that is no count: list instead
+                used = parse_int(reported)
+                if used >= 0:
+                    return used
         total = 0
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
