@@ -71,25 +71,21 @@ class Source(Protocol):
 
 
 def read_pipe(fd: int, n: int) -> bytes:
-    """Up to ``n`` bytes from a pipe, FIFO or socket (b"" at its end), as many as are there
-    once the first arrive. A stop signal landing just before a blocking ``read()`` does not
+    """``n`` bytes from a pipe, FIFO or socket, fewer only at its end (b"" then), as a
+    buffered read gives them. A stop signal landing just before a blocking ``read()`` does not
     interrupt it, and Python runs handlers only between bytecodes, so a silent writer kept the
-    process from stopping (transfer/interrupt): the wait is in SIGNAL_POLL_S pieces instead,
-    as long as the writer stays silent (as the blocking read was)."""
+    process from stopping (transfer/interrupt): each wait is at most SIGNAL_POLL_S, and the
+    loop goes on as long as the writer stays silent (as the blocking read did)."""
     parts: list[bytes] = []
     got = 0
-    wait_s: float = SIGNAL_POLL_S
     while got < n:
-        if not select.select([fd], [], [], wait_s)[0]:
-            if parts:  # what has come, rather than wait for more
-                break
-            continue
+        if not select.select([fd], [], [], SIGNAL_POLL_S)[0]:
+            continue  # a pending signal's handler runs here, between two waits
         data = os.read(fd, n - got)
         if not data:
             break
         parts.append(data)
         got += len(data)
-        wait_s = 0.0
     return b"".join(parts)
 
 
