@@ -564,7 +564,8 @@ def test_parse_args() -> None:
     opts = options.parse_args(["-t", "4", "-m", "http, s3,", "-w", "7200", "-p", "http://p:3128"])
     assert opts == options.Options(4, ("http", "s3"), 7200.0, "http://p:3128")
     assert options.parse_args(["--timeout", "0"]).timeout_s is None
-    for bad in (["-t", "0"], ["-t", "x"], ["-w", "-1"], ["-w", "nan"], ["--what"], ["extra"]):
+    bad_args = (["-t", "0"], ["-t", "x"], ["-w", "-1"], ["-w", "nan"], ["-w", "inf"], ["--what"])
+    for bad in (*bad_args, ["extra"], ["-w", "9" * 5000]):
         with pytest.raises(options.UsageError):
             options.parse_args(bad)
 

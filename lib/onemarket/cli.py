@@ -91,7 +91,7 @@ from .transfer.interrupt import (
     interruptible,
     signals_to_main_thread,
 )
-from .units import mb_bytes
+from .units import mb_bytes, shown
 from .units import size_mb as size_mb_of
 
 EXIT_OK = 0
@@ -1034,7 +1034,7 @@ def positive_seconds(text: str) -> float:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a positive number of seconds")
     return value
 
 

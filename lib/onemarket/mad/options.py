@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
+
+from ..units import shown
 
 DEFAULT_CONCURRENCY = 15
 """Actions run at once (``-t``); each is a process, so this bounds processes and memory."""
@@ -42,9 +45,9 @@ def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if value < 0 or value != value:
-        raise argparse.ArgumentTypeError(f"must be 0 (no timeout) or more: {text}")
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {shown(text)}") from None
+    if not math.isfinite(value) or value < 0:  # "inf" or "nan": 0 is the way to say none
+        raise argparse.ArgumentTypeError(f"must be 0 (no timeout) or more: {shown(text)}")
     return value
 
 
