@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .action import APP_TYPE_IMAGE, ActionData, ImportInfo
 from .errors import MarketError, NotSupportedError, PayloadError, one_line
+from .transfer.sources import read_pipe
 
 SAFE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}")
 """A driver or datastore name that is also a safe single path component."""
@@ -137,17 +138,12 @@ class ExportAnswer:
         return self._answer
 
     def _read(self) -> ImportInfo:
-        chunks: list[bytes] = []
-        size = 0
-        while size <= MAX_ANSWER_BYTES:  # bounded: the MAD writes at most that, then closes
-            chunk = os.read(self._fd, MAX_ANSWER_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
+        # the MAD writes at most MAX_ANSWER_BYTES, then closes (more is cut, and fails to
+        # parse); read_pipe, so that a stop signal is not held up by the wait for the export
+        text = read_pipe(self._fd, MAX_ANSWER_BYTES + 1)
         os.close(self._fd)
         try:
-            answer = json.loads(b"".join(chunks)) if chunks else None
+            answer = json.loads(text) if text else None
             if answer is None:
                 raise ExportDeclined("the datastore export did not confirm the image's SOURCE")
             return replace(
