@@ -230,15 +230,19 @@ def virtual_sizes(
             return sha, None, str(exc)
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        with signals_to_main_thread():  # map() submits every job, starting the threads
-            answers = pool.map(one, missing)
-        for sha, size, error in answers:
-            if size is not None:
-                out.sizes[sha] = size
-                cache.put(sha, size)
-            elif error:
-                out.failures[sha] = error
-            else:
-                out.not_tried += 1
+        try:
+            with signals_to_main_thread():  # map() submits every job, starting the threads
+                answers = pool.map(one, missing)
+            for sha, size, error in answers:
+                if size is not None:
+                    out.sizes[sha] = size
+                    cache.put(sha, size)
+                elif error:
+                    out.failures[sha] = error
+                else:
+                    out.not_tried += 1
+        except BaseException:  # a stop signal: the queued fetches are dropped, not waited for
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     cache.save()
     return out

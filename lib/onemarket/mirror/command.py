@@ -219,11 +219,11 @@ def mirror(args: argparse.Namespace, plan: Plan, store: LocalStore, agent: str) 
 
     try:
         with ThreadPoolExecutor(max_workers=args.jobs, thread_name_prefix="mirror") as pool:
-            with signals_to_main_thread():  # the pool starts its threads here
-                futures: dict[Future[EntryResult], MirrorEntry] = {
-                    pool.submit(fetcher.fetch_entry, e): e for e in todo
-                }
-            try:
+            futures: dict[Future[EntryResult], MirrorEntry] = {}
+            try:  # a signal held while the threads start is raised inside: the jobs are ended
+                with signals_to_main_thread():  # the pool starts its threads here
+                    for e in todo:
+                        futures[pool.submit(fetcher.fetch_entry, e)] = e
                 pending = set(futures)
                 while pending:
                     done, pending = wait(pending, timeout=POLL_S, return_when=FIRST_COMPLETED)

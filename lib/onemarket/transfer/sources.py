@@ -33,6 +33,7 @@ CHUNK_BYTES = 1 << 20
 SIGNAL_POLL_S = 0.5
 """Longest wait in one piece for a pipe's next bytes (see :func:`read_pipe`): how late a stop
 signal that lands just before a read can be acted on."""
+SIGNAL_POLL_MS = int(SIGNAL_POLL_S * 1000)
 PROCESS_EXIT_TIMEOUT_S = 30
 """Time a reader process gets to exit once it has closed its output."""
 ERROR_CHARS = 300
@@ -75,11 +76,14 @@ def read_pipe(fd: int, n: int) -> bytes:
     buffered read gives them. A stop signal landing just before a blocking ``read()`` does not
     interrupt it, and Python runs handlers only between bytecodes, so a silent writer kept the
     process from stopping (transfer/interrupt): each wait is at most SIGNAL_POLL_S, and the
-    loop goes on as long as the writer stays silent (as the blocking read did)."""
+    loop goes on as long as the writer stays silent, as the blocking read did (the action's
+    time limit, a SIGTERM, ends it)."""
     parts: list[bytes] = []
     got = 0
+    poller = select.poll()  # not select(): it refuses descriptors past 1023
+    poller.register(fd, select.POLLIN)
     while got < n:
-        if not select.select([fd], [], [], SIGNAL_POLL_S)[0]:
+        if not poller.poll(SIGNAL_POLL_MS):
             continue  # a pending signal's handler runs here, between two waits
         data = os.read(fd, n - got)
         if not data:
@@ -108,11 +112,23 @@ class FileSource:
         return self.stream.fileno()
 
 
+def tail_lines(data: bytes, limit: int) -> bytes:
+    """The last ``limit`` bytes of a helper's output (the cause of a failure is last), from
+    the start of a line when cut: half a URL would no longer show the masking its password."""
+    return data if len(data) <= limit else _from_a_line(data[-limit:])
+
+
 def file_tail(f: IO[bytes], limit: int) -> bytes:
-    """The last ``limit`` bytes of a helper's output file (the cause of a failure is last)."""
+    """:func:`tail_lines` of a helper's output file, reading only the tail."""
     f.flush()
-    f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
-    return f.read()
+    start = max(0, os.fstat(f.fileno()).st_size - limit)
+    f.seek(start)
+    data = f.read()
+    return data if start == 0 else _from_a_line(data)
+
+
+def _from_a_line(cut: bytes) -> bytes:
+    return cut.split(b"\n", 1)[1] if b"\n" in cut else cut
 
 
 class ProcessSource:

@@ -281,7 +281,8 @@ class _Worker(threading.Thread):
         """Stop soon, whatever is queued; bounded wait (the thread is a daemon anyway)."""
         self.cancelled.set()
         self.abort()
-        self.join(WORKER_JOIN_S)
+        if self.ident is not None:  # started (a signal may come before every one is)
+            self.join(WORKER_JOIN_S)
 
 
 def write_zeros(write: Callable[[memoryview], None], count: int) -> None:
@@ -348,10 +349,10 @@ def copy_stream(
         for worker in workers:
             worker.check()
 
-    with signals_to_main_thread():
-        for worker in workers:
-            worker.start()
-    try:
+    try:  # a signal held while the threads start is raised here, inside: they are cancelled
+        with signals_to_main_thread():
+            for worker in workers:
+                worker.start()
         fd = _local_fd(source)
         if fd is not None:
             segments = _file_segments(fd, source.description, len(workers), check, file_buffers)
