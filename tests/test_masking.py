@@ -51,6 +51,10 @@ def _closed_port() -> int:
         ("git+ssh://u:pw@h/r and s3+http://k:v@h", "git+ssh://u:****@h/r and s3+http://k:****@h"),
         ("'lxd:http://u:pw@127.0.0.1/x'", "'lxd:http://u:****@127.0.0.1/x'"),
         ("x2http://u:pw@h", "x2http://u:****@h"),
+        (
+            "http://me@corp.com:hunter2pw@files.example/apps",
+            "http://me@corp.com:****@files.example/apps",
+        ),
     ],
 )
 def test_url_passwords_are_masked_whatever_they_hold(text: str, masked: str) -> None:

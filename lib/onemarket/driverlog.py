@@ -53,14 +53,15 @@ def redact_url(url: str) -> None:
     redact(password)
 
 
-URL_PASSWORD_RE = re.compile(r"(?<![A-Za-z0-9+.-])(?P<keep>[A-Za-z0-9+.-]+://[^\s/?#@:]*:)[^\s/]*@")
+URL_PASSWORD_RE = re.compile(r"(?<![A-Za-z0-9+.-])(?P<keep>[A-Za-z0-9+.-]+://[^\s/?#:]*:)[^\s/]*@")
 """The password of a ``scheme://user:password@`` URL: everything from the first ``:`` after
-the user to the last ``@`` before a ``/`` or a blank, whatever it holds (backslashes, quotes,
-``:``, ``@``, ``%``); an unencoded ``/`` or blank would end the URL's authority anyway. A port
-(``http://host:8080/x``) or ``ssh://host:/path`` has no ``@`` there and is left alone, and so is
-a bare ``scheme://name@`` (RFC 3986's user name: ``ssh://root@host`` must stay readable).
-The scheme is matched from the start of its run of scheme characters only, so a long run of
-them (base64 in a line) is scanned once, not once per character."""
+the user (which may hold an ``@``: an e-mail login) to the last ``@`` before a ``/`` or a
+blank, whatever it holds (backslashes, quotes, ``:``, ``@``, ``%``); an unencoded ``/`` or
+blank would end the URL's authority anyway. A port (``http://host:8080/x``) or
+``ssh://host:/path`` has no ``@`` there and is left alone, and so is a bare
+``scheme://name@`` (RFC 3986's user name: ``ssh://root@host`` must stay readable). The scheme
+is matched from the start of its run of scheme characters only, so a long run of them
+(base64 in a line) is scanned once, not once per character."""
 
 
 def mask_url_passwords(text: str) -> str:

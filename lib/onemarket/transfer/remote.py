@@ -22,7 +22,7 @@ from ..progress import Progress
 from .hashing import Digests, Expected
 from .interrupt import interruptible
 from .local import temp_name
-from .sources import Source, file_tail, ssh_argv
+from .sources import Source, file_tail, ssh_argv, tail_lines
 from .streamcopy import SPARSE_BLOCK_BYTES, PipeSink, copy_stream
 
 REMOTE_COMMAND_TIMEOUT_S = 120.0
@@ -66,7 +66,7 @@ def run_remote(host: str, script: str, timeout_s: float = REMOTE_COMMAND_TIMEOUT
     except OSError as exc:
         raise RemoteError(f"cannot run ssh to reach bridge host {host}: {exc.strerror}") from None
     if proc.returncode != 0:
-        raise remote_failure(host, proc.returncode, proc.stderr[-MAX_STDERR_BYTES:])
+        raise remote_failure(host, proc.returncode, tail_lines(proc.stderr, MAX_STDERR_BYTES))
     return proc.stdout.decode("utf-8", "replace")
 
 
