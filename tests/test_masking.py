@@ -21,6 +21,7 @@ from onemarket.backends.http_folder import HttpFolderBackend
 from onemarket.errors import MAX_MESSAGE_CHARS, ConfigError, RemoteError, UnsafePathError, one_line
 from onemarket.installation import Installation
 from onemarket.location import HttpLocation
+from onemarket.units import shown
 
 PASSWORD = "S3cretPassw0rd"
 
@@ -231,3 +232,8 @@ def test_log_lines_mask_url_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
     s = driverlog.ScrubbingStream(target)
     s.write(f"print http://alice:{PASSWORD}@h/\n")
     assert target.getvalue() == "print http://alice:****@h/\n"
+
+
+def test_a_shortened_value_is_masked_before_it_is_cut() -> None:
+    value = "http://u:" + "Long-Secret-Password-1" * 3 + "@h/x"
+    assert "Long-Secret" not in shown(value) and shown(value).startswith("'http://u:****@h/x'")

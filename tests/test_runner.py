@@ -365,7 +365,7 @@ def test_subprocess_payload_on_stdin(tmp_path) -> None:
 
 def test_stdin_past_the_bound_is_refused_after_reading_one_byte_more(monkeypatch, capsys) -> None:
     """Read whole, 300 MB of stdin peaked at 610 MB before this same refusal."""
-    monkeypatch.setattr(runner, "MAX_STDIN_BYTES", 100)
+    monkeypatch.setattr(runner, "MAX_BASE64_BYTES", 100)
     stdin = io.BytesIO(b"A" * 10_000)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(stdin))
     assert runner.main(["one-market-action", "fake", "monitor", "-", "1"]) == runner.EXIT_FAILED

@@ -22,6 +22,8 @@ from .errors import PayloadError
 
 MAX_PAYLOAD_BYTES = 32 * 1024 * 1024
 """Largest decoded action document accepted (an app template is a few KB; this bounds memory)."""
+MAX_BASE64_BYTES = MAX_PAYLOAD_BYTES * 4 // 3 + 16
+"""Longest base64 text of action data taken (the largest payload, plus line breaks' slack)."""
 
 APP_TYPE_IMAGE = 1
 APP_TYPE_VMTEMPLATE = 2
@@ -57,7 +59,7 @@ def _parser() -> etree.XMLParser:
 def decode_base64(payload: str | bytes) -> bytes:
     """Strict base64 decoding with a size bound; a clear error otherwise."""
     raw = payload.encode("ascii", "replace") if isinstance(payload, str) else payload
-    if len(raw) > MAX_PAYLOAD_BYTES * 4 // 3 + 16:
+    if len(raw) > MAX_BASE64_BYTES:
         raise PayloadError(f"action data larger than {MAX_PAYLOAD_BYTES} bytes")
     if not _B64_RE.fullmatch(raw):
         raise PayloadError("action data is not valid base64")

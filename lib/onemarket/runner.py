@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 
 from . import driverlog
-from .action import MAX_PAYLOAD_BYTES, ActionData, decode_action
+from .action import MAX_BASE64_BYTES, MAX_PAYLOAD_BYTES, ActionData, decode_action
 from .backends.base import Context, ImportRequest
 from .errors import MarketError, NotSupportedError, PayloadError, one_line
 from .installation import Installation
@@ -30,9 +30,6 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 DISPOSE_TIMEOUT_S = 600
-MAX_STDIN_BYTES = MAX_PAYLOAD_BYTES * 4 // 3 + 16
-"""Longest action data read from stdin: the base64 of the largest payload the decoder takes
-(action.decode_base64 refuses a longer text with the same message)."""
 
 
 def _perform(
@@ -156,12 +153,12 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _read_payload(arg: str | None) -> str:
-    """The argument, or with ``-`` (or none) stdin: at most MAX_STDIN_BYTES of it, a longer one
+    """The argument, or with ``-`` (or none) stdin: at most MAX_BASE64_BYTES of it, a longer one
     refused before more is read (read whole, 300 MB peaked at 610 MB before being refused)."""
     if arg is not None and arg != "-":
         return arg
-    data = sys.stdin.buffer.read(MAX_STDIN_BYTES + 1)
-    if len(data) > MAX_STDIN_BYTES:
+    data = sys.stdin.buffer.read(MAX_BASE64_BYTES + 1)
+    if len(data) > MAX_BASE64_BYTES:
         raise PayloadError(f"action data larger than {MAX_PAYLOAD_BYTES} bytes")
     return data.decode("utf-8")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .driverlog import scrub
+
 MIB = 1 << 20
 """Bytes in one of oned's MB."""
 
@@ -25,7 +27,9 @@ SHOWN_CHARS = 24
 
 
 def shown(text: str, limit: int = SHOWN_CHARS) -> str:
-    """``text`` quoted for a message, cut to ``limit`` characters with its length when cut."""
+    """``text`` quoted for a message, cut to ``limit`` characters with its length when cut;
+    masked first (driverlog.scrub), as a cut URL would no longer show its password."""
+    text = scrub(text)
     if len(text) <= limit:
         return repr(text)
     return f"{text[:limit]!r}... ({len(text)} chars)"

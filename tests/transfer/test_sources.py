@@ -145,3 +145,16 @@ def test_a_cut_helper_output_starts_at_a_line() -> None:
         f.write(out)
         assert file_tail(f, 40) == tail
         assert file_tail(f, 1000) == out
+
+
+def test_a_source_for_the_stock_downloader_is_passed_as_it_is(tmp_path) -> None:
+    """Only the schemes read here are split: 'docker://alpine:3.19' has no port, and urllib
+    would call '3.19' a bad one; downloader.sh gets it unchanged."""
+    from onemarket.transfer.sources import open_source
+
+    fake = tmp_path / "downloader.sh"
+    fake.write_text('#!/bin/sh\nprintf "%s" "$1"\n')
+    fake.chmod(0o755)
+    inst = types.SimpleNamespace(stock_downloader=lambda: fake)
+    with open_source("docker://alpine:3.19", inst) as src:  # type: ignore[arg-type]
+        assert src.read(100) == b"docker://alpine:3.19"

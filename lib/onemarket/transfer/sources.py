@@ -202,8 +202,9 @@ def parse_ssh_source(source: str) -> tuple[str, str]:
 def open_source(source: str, installation: Installation | None = None) -> Iterator[Source]:
     """Open IMPORT_SOURCE for sequential reading; always closed on exit."""
     driverlog.redact_url(source)  # credentials in a source URL stay out of every message
-    parts = split_url(source, "IMPORT_SOURCE", SourceError) if "://" in source else None
-    scheme = parts.scheme.lower() if parts else ""
+    scheme = source.partition("://")[0].lower() if "://" in source else ""
+    if scheme in ("file", "http", "https", "ssh"):  # others go to downloader.sh as they are
+        split_url(source, "IMPORT_SOURCE", SourceError)
     if scheme in ("", "file"):
         path = Path(source[len("file://") :] if scheme == "file" else source)
         try:
