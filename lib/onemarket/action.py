@@ -19,6 +19,7 @@ from decimal import Decimal
 from lxml import etree
 
 from .errors import PayloadError
+from .units import parse_int, shown
 
 MAX_PAYLOAD_BYTES = 32 * 1024 * 1024
 """Largest decoded action document accepted (an app template is a few KB; this bounds memory)."""
@@ -106,9 +107,9 @@ def _int(el: etree._Element | None, tag: str, default: int = -1) -> int:
     if not value:
         return default
     try:
-        return int(value)
+        return parse_int(value)
     except ValueError:
-        raise PayloadError(f"{tag} is not an integer: {value[:40]!r}") from None
+        raise PayloadError(f"{tag} is not an integer: {shown(value)}") from None
 
 
 def _size_mb(el: etree._Element | None, tag: str) -> int:

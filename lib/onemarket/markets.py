@@ -18,6 +18,7 @@ from .backends.attributes import missing, redact
 from .errors import ConfigError, MarketError, TemplateError
 from .registry import backend_class
 from .template import parse_template
+from .units import parse_int, shown
 
 MAX_TEMPLATE_BYTES = 1024 * 1024
 """Largest market template file read (a definition is a few hundred bytes)."""
@@ -43,9 +44,9 @@ def market_from_template(text: str | bytes, what: str, default_name: str = "") -
         raise ConfigError(f"{what}: MARKET_MAD is missing (http, s3, one or linuxcontainers)")
     raw_id = attrs.get("ID", "-1").strip()
     try:
-        market_id = int(raw_id)
+        market_id = parse_int(raw_id)
     except ValueError:
-        raise ConfigError(f"{what}: ID must be an integer, not {raw_id[:40]!r}") from None
+        raise ConfigError(f"{what}: ID must be an integer, not {shown(raw_id)}") from None
     name = attrs.get("NAME", "").strip() or default_name
     return Market(id=market_id, name=name, driver=driver, attrs=attrs)
 

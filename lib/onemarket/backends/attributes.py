@@ -14,6 +14,7 @@ from typing import Any
 from .. import driverlog
 from ..action import Market
 from ..errors import ConfigError
+from ..units import parse_int, shown
 
 YES = frozenset({"yes", "true", "1", "on"})
 
@@ -74,9 +75,9 @@ def positive(kind: Callable[[str], float]) -> Callable[[str], str]:
 def count(text: str) -> int:
     """A non-negative integer."""
     try:
-        value = int(text)
+        value = parse_int(text)
     except ValueError:
-        raise ValueError(f"must be an integer, not {text[:40]!r}") from None
+        raise ValueError(f"must be an integer, not {shown(text)}") from None
     if value < 0:
         raise ValueError("is negative")
     return value
