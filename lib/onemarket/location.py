@@ -49,13 +49,21 @@ def url_problem(url: str) -> str | None:
     return None
 
 
-def split_url(url: str, what: str, error: type[MarketError] = ConfigError) -> SplitResult:
-    """``urlsplit`` of a URL from outside, or one ``error`` line: ``<what> is not a valid URL
-    (<reason>)`` (:func:`url_problem`)."""
+def url_parts(url: str) -> SplitResult:
+    """``urlsplit`` of a URL from outside, or ValueError ``is not a valid URL (<reason>)``
+    (:func:`url_problem`): what an attribute's parser raises, named by ``attributes.read``."""
     problem = url_problem(url)
     if problem is not None:
-        raise error(f"{what} is not a valid URL ({problem})")
+        raise ValueError(f"is not a valid URL ({problem})")
     return urlsplit(url)
+
+
+def split_url(url: str, what: str, error: type[MarketError] = ConfigError) -> SplitResult:
+    """:func:`url_parts`, or one ``error`` line: ``<what> is not a valid URL (<reason>)``."""
+    try:
+        return url_parts(url)
+    except ValueError as exc:
+        raise error(f"{what} {exc}") from None
 
 
 @dataclass(frozen=True)

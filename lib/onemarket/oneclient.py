@@ -33,7 +33,7 @@ import requests
 from . import driverlog
 from .action import Market
 from .errors import ConfigError, RemoteError, one_line
-from .location import url_problem
+from .location import split_url
 
 DEFAULT_ENDPOINT = "http://localhost:2633/RPC2"
 USER_AGENT = "onemarket"
@@ -180,9 +180,7 @@ def connect(
     uri = endpoint(environ)
     if not uri.startswith(("http://", "https://")):
         return None
-    problem = url_problem(uri)
-    if problem is not None:
-        raise ConfigError(f"ONE_XMLRPC is not a valid URL ({problem})")
+    split_url(uri, "ONE_XMLRPC")
     # timeout=None: pyone would otherwise set the process-wide socket default timeout
     server = pyone.OneServer(uri, session=session, timeout=None)
     if not isinstance(server, xmlrpc.client.ServerProxy):

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import one_line
+from .units import parse_int
 
 ACTIONS = ("INIT", "IMPORT", "DELETE", "MONITOR", "DRIVER_CANCEL", "FINALIZE")
 LOG_SEVERITIES = {"INFO": "I", "ERROR": "E", "WARN": "W", "WARNING": "W", "DEBUG": "D"}
@@ -19,7 +20,7 @@ MAX_FAILURE_CHARS = 1000
 
 MAX_ID_DIGITS = 18
 """Longest id accepted: oned's ids are C ints (10 digits); 18 still fits an int64 and keeps
-``int()`` far from Python's 4,300-digit conversion limit, whose ValueError is no ProtocolError."""
+``int()`` far from Python's 4,300-digit conversion limit (units.parse_int checks it)."""
 _INT_RE = re.compile(r"-?[0-9]+")
 _WORD_RE = re.compile(r"[A-Za-z_]{1,24}")
 
@@ -53,11 +54,13 @@ def parse_request(line: str) -> Request:
         rest = rest[1:]
     if not rest or not _INT_RE.fullmatch(rest[0]):
         raise ProtocolError(f"{action} without a numeric id")
-    if len(rest[0].lstrip("-")) > MAX_ID_DIGITS:
-        shown = f"{len(rest[0])} chars (at most {MAX_ID_DIGITS} digits)"
-        raise ProtocolError(f"{action} with an id of {shown}")
+    try:
+        request_id = parse_int(rest[0], MAX_ID_DIGITS)
+    except ValueError:
+        too_long = f"{len(rest[0])} chars (at most {MAX_ID_DIGITS} digits)"
+        raise ProtocolError(f"{action} with an id of {too_long}") from None
     payload = rest[1] if len(rest) > 1 else ""
-    return Request(action, int(rest[0]), payload)
+    return Request(action, request_id, payload)
 
 
 def _clean(text: str, limit: int) -> str:

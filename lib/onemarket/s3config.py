@@ -43,7 +43,7 @@ from .errors import (
     StorageError,
     StorageFullError,
 )
-from .location import url_problem
+from .location import url_parts
 
 CONNECT_TIMEOUT_S = 15.0
 """Time allowed to open a TCP connection to the endpoint."""
@@ -74,10 +74,7 @@ _AWS_HOST_RE = re.compile(r"(^|\.)amazonaws\.com(\.cn)?$", re.IGNORECASE)
 
 def _endpoint(text: str) -> str:
     driverlog.redact_url(text)  # a password in it is shown in every message
-    problem = url_problem(text)
-    if problem is not None:
-        raise ValueError(f"is not a valid URL ({problem})")
-    parts = urlsplit(text)
+    parts = url_parts(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"must be an http(s) URL, not {text!r}")
     return text.rstrip("/")

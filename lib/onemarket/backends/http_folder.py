@@ -18,7 +18,6 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlsplit
 
 from .. import driverlog
 from ..action import App, Market
@@ -31,7 +30,7 @@ from ..errors import (
     from_os_error,
     one_line,
 )
-from ..location import HttpLocation, url_problem
+from ..location import HttpLocation, url_parts
 from ..progress import Progress
 from ..transfer.local import sweep_temps, write_atomically
 from ..transfer.remote import run_remote, write_remote_atomically
@@ -87,10 +86,7 @@ TEMP_RE = re.compile(r"\.app-\d+-[0-9a-f]{32}\.part")
 
 
 def _base_url(text: str) -> str:
-    problem = url_problem(text)
-    if problem is not None:
-        raise ValueError(f"is not a valid URL ({problem})")
-    parts = urlsplit(text)
+    parts = url_parts(text)
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
         raise ValueError(f"must be an http(s) URL, not {one_line(text, 100)!r}")
     return text.rstrip("/")

@@ -92,7 +92,7 @@ from ..backends.attributes import Attr, positive, read, yes_no
 from ..backends.base import AppEntry, Backend, MonitorResult
 from ..errors import ConfigError, RemoteError, one_line
 from ..installation import DEFAULT_ONE_VERSION, ReleaseLine
-from ..location import url_problem
+from ..location import url_parts
 from ..template import write_template
 from ..units import size_mb
 from ..web import CachedFetcher, fetch_json, make_session, public_url
@@ -280,9 +280,7 @@ def _endpoint(text: str) -> str:
         raise ValueError(
             f"{one_line(text, 80)!r} is invalid: expected an http(s) URL without query"
         )
-    problem = url_problem(text)
-    if problem is not None:
-        raise ValueError(f"is not a valid URL ({problem})")
+    url_parts(text)
     return text if text.endswith("/") else text + "/"
 
 
