@@ -363,7 +363,71 @@ def test_partial_read_and_nodecomp(tmp_path: Path) -> None:
     assert copy_to(tmp_path, raw, "-c", str(len(PAYLOAD) * 2)).read_bytes() == PAYLOAD
 
 
-def test_archives_unpacked_into_the_destination(tmp_path: Path) -> None:
+@pytest.fixture(params=["data filter", "checks of our own"])
+def tar_extraction(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a tar is unpacked: Python's 'data' filter (3.11.4 on) and the same checks
+    made by sinks.extract_data where Python lacks it (Debian 12's 3.11.2)."""
+    if request.param != "data filter":
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    return str(request.param)
+
+
+def tar_of(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for info, data in members:
+            info.size = len(data) if info.isreg() else 0
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return buf.getvalue()
+
+
+def tar_member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "", mode: int = 0o644):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode = kind, link, mode
+    return info
+
+
+@pytest.mark.parametrize(
+    ("member", "why"),
+    [
+        (tar_member("a", tarfile.SYMTYPE, "../../etc"), "symlink leaving the folder"),
+        (tar_member("a", tarfile.SYMTYPE, "/etc"), "absolute symlink"),
+        (tar_member("a", tarfile.LNKTYPE, "../x"), "hard link leaving the folder"),
+        (tar_member("dev", tarfile.CHRTYPE), "device"),
+        (tar_member("fifo", tarfile.FIFOTYPE), "FIFO"),
+    ],
+)
+def test_hostile_tar_members_are_refused(
+    tmp_path: Path, tar_extraction: str, member: tarfile.TarInfo, why: str
+) -> None:
+    (tmp_path / "d").mkdir()
+    with pytest.raises(StorageError, match="cannot unpack the tar archive"):
+        copy_to(tmp_path / "d", tar_of((member, b"")))
+    assert list((tmp_path / "d").iterdir()) == [], why
+
+
+def test_a_symlink_then_a_file_through_it_cannot_leave_the_folder(
+    tmp_path: Path, tar_extraction: str
+) -> None:
+    """A link inside the folder to '.', then a name through it that climbs out."""
+    raw = tar_of(
+        (tar_member("up", tarfile.SYMTYPE, "."), b""),
+        (tar_member("up/../../escaped"), b"x"),
+    )
+    (tmp_path / "d").mkdir()
+    with pytest.raises(StorageError, match="cannot unpack the tar archive"):
+        copy_to(tmp_path / "d", raw)
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "d" / "escaped").exists()
+
+
+def test_set_id_and_group_write_bits_are_dropped(tmp_path: Path, tar_extraction: str) -> None:
+    raw = tar_of((tar_member("tool", mode=0o6777), b"#!/bin/sh\n"), (tar_member("data"), b"d"))
+    dest = copy_to(tmp_path, raw)
+    assert (dest / "tool").stat().st_mode & 0o7777 == 0o755
+    assert (dest / "data").stat().st_mode & 0o7777 == 0o644
+
+
+def test_archives_unpacked_into_the_destination(tmp_path: Path, tar_extraction: str) -> None:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, data in (("disk.img", b"disk"), ("meta/info.txt", b"info")):
@@ -389,7 +453,7 @@ def test_archives_unpacked_into_the_destination(tmp_path: Path) -> None:
     assert copy_to(tmp_path / "z", zbuf.getvalue(), "-n").read_bytes() == zbuf.getvalue()
 
 
-def test_archive_escaping_its_folder_is_refused(tmp_path: Path) -> None:
+def test_archive_escaping_its_folder_is_refused(tmp_path: Path, tar_extraction: str) -> None:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         info = tarfile.TarInfo("../escaped")

@@ -12,12 +12,13 @@ the s3 one (a PUT, or a multipart upload completed or aborted); :class:`FileSink
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -145,7 +146,7 @@ class FileSink:
         try:
             if kind == "tar":
                 with tarfile.open(tmp, "r:") as tar:
-                    tar.extractall(out, filter="data")
+                    extract_data(tar, out)
             else:
                 with zipfile.ZipFile(tmp) as zf:
                     zf.extractall(out)
@@ -171,3 +172,42 @@ class FileSink:
                     self.dest.unlink()
             except OSError:
                 pass
+
+
+def extract_data(tar: tarfile.TarFile, out: Path) -> None:
+    """``extractall`` under tarfile's ``data`` filter: no absolute or escaping name or link, no
+    device or FIFO, no owner, no set-id or group/other write bits. Python has that filter from
+    3.11.4 on; Debian 12's python3 (3.11.2) has not, and there :func:`_data_members` makes the
+    same checks member by member, as the extraction goes (a symlink extracted earlier counts)."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(out, filter="data")
+    else:
+        tar.extractall(out, members=_data_members(tar, out))
+
+
+def _data_members(tar: tarfile.TarFile, out: Path) -> Iterator[tarfile.TarInfo]:
+    root = os.path.realpath(out)
+
+    def inside(path: str) -> bool:
+        return os.path.commonpath([root, os.path.realpath(path)]) == root
+
+    for member in tar:
+        name = member.name.lstrip("/")
+        dest = os.path.join(root, name)
+        if not inside(dest):
+            raise tarfile.TarError(f"{member.name!r} would be outside the destination")
+        if member.issym() or member.islnk():
+            base = os.path.dirname(dest) if member.issym() else root
+            if os.path.isabs(member.linkname) or not inside(os.path.join(base, member.linkname)):
+                raise tarfile.TarError(f"{member.name!r} links outside the destination")
+        elif not (member.isreg() or member.isdir()):
+            raise tarfile.TarError(f"{member.name!r} is a special file")
+        safe = copy.copy(member)
+        safe.name = name
+        safe.uid, safe.gid, safe.uname, safe.gname = os.getuid(), os.getgid(), "", ""
+        if member.isreg() or member.islnk():
+            mode = member.mode & 0o755 | 0o600
+            safe.mode = mode if member.mode & 0o100 else mode & ~0o111
+        elif member.isdir():
+            safe.mode = member.mode & 0o755 | 0o700
+        yield safe
